@@ -1,0 +1,124 @@
+"""The mixloop command line: parse, validate, call the library. User mistakes print one
+clear message and exit non-zero; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixloop import __version__
+from mixloop.errors import MixloopError
+
+
+def _workdir(target: str) -> str:
+    """A workdir given directly, or the one a spec file names."""
+    if Path(target).is_file():
+        from mixloop.spec import load_spec
+
+        return load_spec(target).workdir
+    if not Path(target).is_dir():
+        raise MixloopError(f"{target}: neither a pipeline spec nor a run directory")
+    return str(Path(target).resolve())
+
+
+def cmd_validate(args) -> int:
+    from mixloop.spec import load_spec
+
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: valid pipeline {spec.pipeline.name!r} with stages {', '.join(spec.stage_names())}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.spec import load_spec
+
+    spec = load_spec(args.spec)
+    init_ray(args.address)
+    Pipeline(spec).run()
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from mixloop.registry import list_versions
+
+    versions = list_versions(_workdir(args.target))
+    if not versions:
+        print("no versions yet")
+    for lineage in versions:
+        tokens = sum((lineage.get("tokens_per_corpus") or {}).values())
+        print(f"{lineage['version']:<20} parent={str(lineage['parent']):<20} tokens={tokens:>12,.0f} "
+              f"finished={lineage['finished']}")
+    return 0
+
+
+def cmd_models_show(args) -> int:
+    from mixloop.registry import read_lineage
+
+    lineage = read_lineage(_workdir(args.target), args.version)
+    if lineage is None:
+        raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
+    print(json.dumps(lineage, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.spec import load_spec
+
+    from mixloop.evaluate import format_matrix
+
+    pipeline = Pipeline(load_spec(args.spec))
+    init_ray(args.address)
+    pipeline.prepare_all(pipeline.tokenizer_dir())
+    print(format_matrix(pipeline.evaluate()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixloop", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"mixloop {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run or continue a pipeline")
+    run.add_argument("spec", help="pipeline YAML")
+    run.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a pipeline spec; every problem at once")
+    validate.add_argument("spec")
+    validate.set_defaults(func=cmd_validate)
+
+    models = commands.add_parser("models", help="list and inspect versions")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="versions of a run, oldest first")
+    listing.add_argument("target", help="pipeline YAML or run directory")
+    listing.set_defaults(func=cmd_models_list)
+    show = models_commands.add_parser("show", help="a version's lineage")
+    show.add_argument("target", help="pipeline YAML or run directory")
+    show.add_argument("version")
+    show.set_defaults(func=cmd_models_show)
+
+    evaluate = commands.add_parser("eval", help="evaluate every version on every eval split and print the table")
+    evaluate.add_argument("spec")
+    evaluate.add_argument("--address")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MixloopError as exc:
+        print(f"mixloop: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mixloop: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

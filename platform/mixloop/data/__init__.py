@@ -1,0 +1,1 @@
+"""Data: validate, tokenize and pack corpora (Ray Data), and mix them by plan."""

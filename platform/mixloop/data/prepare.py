@@ -1,0 +1,254 @@
+"""Prepare a corpus once: read, validate, tokenize and pack it with Ray Data.
+
+Files are cut into chunks (byte ranges of jsonl, row groups of parquet); a pool
+of Ray Data actors, each holding the tokenizer, turns one chunk at a time into
+a shard of packed rows written straight to the cache, and sends back only a
+small summary. Memory therefore depends on the chunk size, never on the corpus
+size, and no data passes through the driver.
+
+The result is content-addressed by the files' identities, the tokenizer, the
+sequence length and the packing rules, so every later stage, iteration or
+tuning trial that needs the same corpus reuses it. Every preparation that did
+tokenize is appended to cache/prepare.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from mixloop.data import records
+from mixloop.data.packing import Packer
+from mixloop.data.store import MANIFEST, append_line, join, read_manifest, write_json, write_shard
+from mixloop.errors import DataError
+from mixloop.spec import expand_files, file_format
+from mixloop.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
+
+FORMAT_VERSION = 1
+CHUNK_BYTES = 32 * 1024 * 1024
+TOKENIZE_BATCH = 512
+REJECT_PREVIEW_CHARS = 500
+
+
+def corpus_key(files: list[str], kind: str, tokenizer_fp: str, seq_len: int) -> str:
+    identities = []
+    for path in files:
+        fs, inner = fsspec.core.url_to_fs(path)
+        identities.append([path, fs.ukey(inner)])
+    payload = {"files": identities, "kind": kind, "tokenizer": tokenizer_fp, "seq_len": seq_len, "format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
+    chunks = []
+    for file_index, path in enumerate(files):
+        kind = fmt or file_format(path)
+        fs, inner = fsspec.core.url_to_fs(path)
+        if kind == "parquet":
+            with fs.open(inner, "rb") as f:
+                groups = pq.ParquetFile(f).num_row_groups
+            spans = [(g, g + 1) for g in range(groups)]
+        elif path.endswith(".gz"):
+            spans = [(0, -1)]
+        else:
+            size = fs.size(inner)
+            spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, max(size, 1), CHUNK_BYTES)]
+        for chunk_index, (start, end) in enumerate(spans):
+            chunks.append(
+                {"file": path, "format": kind, "start": start, "end": end, "shard": f"{file_index:05d}-{chunk_index:05d}"}
+            )
+    return chunks
+
+
+def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
+    """(where, raw record or BadRecord) for each record of one chunk."""
+    fs, inner = fsspec.core.url_to_fs(chunk["file"])
+    if chunk["format"] == "parquet":
+        with fs.open(inner, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(chunk["start"])
+        for index, row in enumerate(table.to_pylist()):
+            yield f"{chunk['file']}:row-group {chunk['start']} row {index}", row
+        return
+    compression = "gzip" if chunk["file"].endswith(".gz") else None
+    with fs.open(inner, "rb", compression=compression) as f:
+        start, end = chunk["start"], chunk["end"]
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the line that straddles the boundary belongs to the previous chunk
+        position = f.tell()
+        line_number = 0
+        for raw in iter(f.readline, b""):
+            if end >= 0 and position >= end:
+                break
+            line_number += 1
+            where = f"{chunk['file']}:{line_number}" if start == 0 else f"{chunk['file']}@byte {position}"
+            position += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                yield where, records.parse_json_line(raw.rstrip(b"\r\n"))
+            except records.BadRecord as exc:
+                exc.raw = raw.decode("utf-8", "replace")
+                yield where, exc
+
+
+class ChunkPacker:
+    """A Ray Data actor: one chunk in, one shard of packed rows out (plus rejects)."""
+
+    def __init__(self, tokenizer_dir: str):
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        summaries = [self.pack_chunk({key: batch[key][i] for key in batch}) for i in range(len(batch["file"]))]
+        return {key: [s[key] for s in summaries] for key in summaries[0]}
+
+    def pack_chunk(self, chunk: dict) -> dict:
+        kind = chunk["kind"]
+        packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text")
+        check = records.check_text if kind == "text" else records.check_chat
+        rows, rejects, pending = [], [], []
+        stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0}
+
+        def flush_pending():
+            encode = encode_texts if kind == "text" else encode_chats
+            for ids, supervised in encode(self.tokenizer, pending):
+                stats["documents"] += 1
+                stats["tokens"] += len(ids)
+                stats["supervised_tokens"] += int(supervised.sum())
+                rows.extend(packer.add(ids, supervised))
+            pending.clear()
+
+        for where, record in iter_records(chunk):
+            try:
+                if isinstance(record, records.BadRecord):
+                    raise record
+                pending.append(check(record))
+            except records.BadRecord as exc:
+                rejects.append({"where": where, "reason": str(exc), "record": _preview(record)})
+            if len(pending) >= TOKENIZE_BATCH:
+                flush_pending()
+        flush_pending()
+        rows.extend(packer.flush())
+        if rows:
+            write_shard(chunk["out_dir"], chunk["shard"], rows)
+        if rejects:
+            _write_rejects(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"), rejects)
+        return {"request": chunk["request"], "shard": chunk["shard"], "rows": len(rows), "rejected": len(rejects),
+                "first_rejects": json.dumps(rejects[:3]), **stats}
+
+
+def _preview(record: object) -> str:
+    if isinstance(record, records.BadRecord):
+        text = getattr(record, "raw", "")
+    else:
+        text = json.dumps(record, ensure_ascii=False, default=str)
+    return text[:REJECT_PREVIEW_CHARS]
+
+
+def _write_rejects(path: str, rejects: list[dict]) -> None:
+    fs, inner = fsspec.core.url_to_fs(path)
+    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(inner, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+
+
+class CorpusRequest(NamedTuple):
+    """One corpus split to prepare at one sequence length."""
+
+    name: str
+    split: str
+    pattern: str
+    fmt: str | None
+    kind: str
+    max_bad_fraction: float
+    seq_len: int
+
+
+def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:
+    """The packed folder of each request; those the cache lacks are prepared in one Ray Data job."""
+    tokenizer_fp = tokenizer_fingerprint(tokenizer_dir)
+    folders, todo = {}, {}
+    for request in dict.fromkeys(requests):
+        files = expand_files(request.pattern)
+        if not files:
+            raise DataError(f"corpus {request.name!r} ({request.split}): no file matches {request.pattern!r}")
+        key = corpus_key(files, request.kind, tokenizer_fp, request.seq_len)
+        folders[request] = join(workdir, "cache", f"{request.name}-{request.split}-{key}")
+        if read_manifest(folders[request]) is None:
+            todo[request] = (key, files)
+    if not todo:
+        return folders
+    started = time.time()
+    chunks = []
+    for index, (request, (key, files)) in enumerate(todo.items()):
+        for chunk in list_chunks(files, request.fmt):
+            chunk.update(request=index, kind=request.kind, seq_len=request.seq_len, out_dir=folders[request],
+                         rejects_dir=_rejects_dir(workdir, request))
+            chunks.append(chunk)
+    summaries = _run_packers(chunks, tokenizer_dir)
+    for index, (request, (key, files)) in enumerate(todo.items()):
+        mine = [s for s in summaries if s["request"] == index]
+        manifest = _manifest(request, key, files, mine)
+        _check_quality(request, manifest, mine, _rejects_dir(workdir, request))
+        write_json(join(folders[request], MANIFEST), manifest)
+        _log_preparation(workdir, manifest, time.time() - started)
+    return folders
+
+
+def _rejects_dir(workdir: str, request: CorpusRequest) -> str:
+    return join(workdir, "rejects", f"{request.name}-{request.split}")
+
+
+def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
+    import ray
+
+    parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
+    dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        ChunkPacker,
+        fn_constructor_kwargs=dict(tokenizer_dir=tokenizer_dir),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parallel),
+        num_cpus=1,
+    )
+    return sorted(dataset.take_all(), key=lambda s: s["shard"])
+
+
+def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: list[dict]) -> dict:
+    totals = {k: int(sum(s[k] for s in summaries)) for k in ("rows", "documents", "tokens", "supervised_tokens", "rejected")}
+    return {
+        "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
+        "shards": [{"name": s["shard"], "rows": int(s["rows"])} for s in summaries if s["rows"]],
+        **totals,
+    }
+
+
+def _check_quality(request: CorpusRequest, manifest: dict, summaries: list[dict], rejects_dir: str) -> None:
+    name, max_bad_fraction = request.name, request.max_bad_fraction
+    seen = manifest["documents"] + manifest["rejected"]
+    if manifest["documents"] == 0:
+        raise DataError(f"corpus {name!r} ({manifest['split']}): no usable document in {len(manifest['files'])} file(s)"
+                        f"{_examples(summaries)}. Rejects: {rejects_dir}")
+    if manifest["rejected"] / seen > max_bad_fraction:
+        raise DataError(
+            f"corpus {name!r} ({manifest['split']}): {manifest['rejected']} of {seen} records are bad "
+            f"({manifest['rejected'] / seen:.1%} > max_bad_fraction {max_bad_fraction:.1%}){_examples(summaries)}. "
+            f"All of them, with reasons, are in {rejects_dir}. Fix the data or raise max_bad_fraction."
+        )
+
+
+def _examples(summaries) -> str:
+    examples = [r for s in summaries for r in json.loads(s["first_rejects"])][:3]
+    return "".join(f"\n    {r['where']}: {r['reason']}" for r in examples)
+
+
+def _log_preparation(workdir: str, manifest: dict, seconds: float) -> None:
+    entry = {k: manifest[k] for k in ("corpus", "split", "key", "documents", "tokens", "rows", "rejected")}
+    entry.update(seconds=round(seconds, 2), finished=time.time())
+    append_line(join(workdir, "cache", "prepare.jsonl"), json.dumps(entry))

@@ -1,0 +1,91 @@
+"""Evaluate versions on every corpus's held-out split: token-mean loss and perplexity.
+
+Chat sets count assistant tokens only (their labels carry that mask). Each
+(version, eval set) pair is computed once, as a Ray task, and stored under
+<workdir>/eval/<version>/<corpus>.json keyed by the packed eval set and the row
+count, so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import fsspec
+import numpy as np
+import torch
+
+from mixloop.data.packing import model_inputs
+from mixloop.data.store import PackedCorpus, join, read_manifest, write_json
+from mixloop.model import load_model
+from mixloop.train.loss import token_ce
+
+BATCH_ROWS = 8
+
+
+@torch.no_grad()
+def evaluate_model(model, eval_dir: str, max_rows: int, device: str = "cpu") -> dict:
+    """Token-mean loss over the supervised tokens of the first `max_rows` packed rows."""
+    corpus = PackedCorpus(eval_dir)
+    rows = np.arange(min(max_rows, len(corpus)))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), BATCH_ROWS):
+        inputs = model_inputs(*corpus.read(rows[start:start + BATCH_ROWS]))
+        labels = inputs.pop("labels").to(device)
+        ce = token_ce(model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels)
+        total += float(ce.sum())
+        count += int((labels != -100).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count, "rows": len(rows)}
+
+
+def _evaluate_version(model_dir: str, eval_dirs: dict[str, str], max_rows: int) -> dict[str, dict]:
+    torch.set_num_threads(1)
+    model = load_model(model_dir).eval()
+    return {name: evaluate_model(model, folder, max_rows) for name, folder in eval_dirs.items()}
+
+
+def _result_path(workdir: str, version: str, corpus: str) -> str:
+    return join(workdir, "eval", version, f"{corpus}.json")
+
+
+def _cached(workdir: str, version: str, corpus: str, key: str) -> dict | None:
+    fs, inner = fsspec.core.url_to_fs(_result_path(workdir, version, corpus))
+    if not fs.exists(inner):
+        return None
+    with fs.open(inner) as f:
+        result = json.load(f)
+    return result if result.get("key") == key else None
+
+
+def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, str], max_rows: int) -> dict:
+    """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet."""
+    import ray
+
+    from mixloop.registry import version_dir
+
+    keys = {name: f"{read_manifest(folder)['key']}-{max_rows}" for name, folder in eval_dirs.items()}
+    matrix = {v: {c: _cached(workdir, v, c, keys[c]) for c in eval_dirs} for v in versions}
+    remote = ray.remote(num_cpus=1)(_evaluate_version)
+    pending = {}
+    for version, row in matrix.items():
+        missing = {c: eval_dirs[c] for c, result in row.items() if result is None}
+        if missing:
+            pending[version] = remote.remote(version_dir(workdir, version), missing, max_rows)
+    for version, ref in pending.items():
+        for corpus, result in ray.get(ref).items():
+            result["key"] = keys[corpus]
+            write_json(_result_path(workdir, version, corpus), result)
+            matrix[version][corpus] = result
+    return matrix
+
+
+def format_matrix(matrix: dict, metric: str = "loss") -> str:
+    """A plain-text table: versions down, eval sets across."""
+    sets = sorted({c for row in matrix.values() for c in row})
+    width = max([len(v) for v in matrix] + [7])
+    lines = [f"{'version':<{width}}  " + "  ".join(f"{s:>12}" for s in sets)]
+    for version, row in matrix.items():
+        cells = [f"{row[s][metric]:>12.4f}" if row.get(s) else f"{'-':>12}" for s in sets]
+        lines.append(f"{version:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Build and load the models mixloop trains: transformers' Qwen3ForCausalLM.
+
+MiniMind-3 exports to this architecture, so every version loads with
+AutoModelForCausalLM.from_pretrained. Weights are read and written as
+safetensors only.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from mixloop.errors import MixloopError
+
+PRESETS: dict[str, dict] = {
+    "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                       intermediate_size=2432, vocab_size=6400, rope_theta=1e6, max_position_embeddings=32768),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=768, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192, max_position_embeddings=2048),
+    "micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=64, max_position_embeddings=2048),
+}
+
+
+def model_config(preset: str | None, overrides: dict | None, tokenizer) -> Qwen3Config:
+    """The Qwen3 config of a preset plus overrides, with the tokenizer's vocabulary and special ids."""
+    fields = dict(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attention_dropout=0.0)
+    fields.update(PRESETS[preset] if preset else {})
+    fields.update(overrides or {})
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(**fields)
+    check_vocabulary(config.vocab_size, tokenizer)
+    return config
+
+
+def check_vocabulary(vocab_size: int, tokenizer) -> None:
+    if len(tokenizer) > vocab_size:
+        raise MixloopError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds {vocab_size}. "
+            "Fix: use the model's own tokenizer or raise model.config.vocab_size."
+        )
+
+
+def new_model(config: Qwen3Config, seed: int) -> Qwen3ForCausalLM:
+    """A freshly initialised model; the same seed gives the same weights in every process."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(config).float()
+
+
+def load_model(path: str, trust_remote_code: bool = False):
+    """A causal LM from a Hugging Face directory, in fp32, with SDPA attention (it takes our 4D masks)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise MixloopError(f"cannot load a causal LM from {path}: {exc}") from None
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

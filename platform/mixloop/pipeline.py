@@ -1,0 +1,241 @@
+"""Run or continue a pipeline: every stage whose version is missing, in order.
+
+A finished stage is recognised by its content hash (its resolved settings and
+its parent's hash), so re-running a spec trains nothing and an appended stage
+trains alone, from the newest version. A stage that was edited after it
+produced its version is refused rather than silently retrained or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from mixloop.data import synthetic
+from mixloop.data.prepare import CorpusRequest, prepare_corpora
+from mixloop.data.store import is_local, join, write_json
+from mixloop.errors import MixloopError, StageConflictError
+from mixloop.evaluate import evaluate_versions, format_matrix
+from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
+from mixloop.registry import list_versions, now, publish, read_lineage, version_dir
+from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, Spec, resolve_stage, stage_hash
+from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+
+Log = Callable[[str], None]
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to a cluster, or start a private local one bound to 127.0.0.1 without a dashboard."""
+    import ray
+    import ray.data
+
+    # Ray Train's reports wait for the controller's poll; the default 2 s interval makes them slow.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
+    if ray.is_initialized():
+        return
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
+
+
+class Pipeline:
+    def __init__(self, spec: Spec, log: Log = print):
+        self.spec = spec
+        self.pipeline = spec.pipeline
+        self.workdir = spec.workdir
+        self.log = log
+        if not is_local(self.workdir):
+            raise MixloopError("a remote workdir is not supported yet; use a local path")
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ inputs
+
+    def corpus_files(self, name: str) -> dict[str, str]:
+        """{'train': pattern, 'eval': pattern?}, generating the corpus first if the spec asks for it."""
+        corpus: CorpusSpec = self.pipeline.corpora[name]
+        if corpus.generate is not None:
+            g = corpus.generate
+            return synthetic.write_corpus(join(self.workdir, "generated", name), corpus.kind, g.topic,
+                                          g.documents, g.eval_documents, g.seed)
+        files = {"train": self.spec.path(corpus.path)}
+        if corpus.eval:
+            files["eval"] = self.spec.path(corpus.eval)
+        return files
+
+    def tokenizer_dir(self) -> str:
+        """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora."""
+        target = join(self.workdir, "tokenizer")
+        spec = self.pipeline.tokenizer
+        if Path(target, "tokenizer.json").exists():
+            return target
+        staging = tempfile.mkdtemp(dir=self.workdir, prefix=".tokenizer-")
+        try:
+            if spec.path:
+                load_tokenizer(self.spec.path(spec.path)).save_pretrained(staging)
+            else:
+                self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
+                train_tokenizer(self._tokenizer_texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _tokenizer_texts(self, budget: int):
+        from mixloop.data.prepare import iter_records, list_chunks
+        from mixloop.spec import expand_files
+
+        for name, corpus in self.pipeline.corpora.items():
+            share = budget // len(self.pipeline.corpora)
+            for chunk in list_chunks(expand_files(self.corpus_files(name)["train"]), corpus.format):
+                for _, record in iter_records(chunk):
+                    if share <= 0:
+                        break
+                    text = _record_text(record)
+                    share -= len(text.encode())
+                    yield text
+
+    def prepare_all(self, tokenizer_dir: str) -> None:
+        """Pack, in one Ray Data job, every corpus split the spec uses that the cache lacks, so bad
+        or missing data stops the run before any training."""
+        requests = [self._request(n, "train", s["seq_len"]) for s in self.spec.resolved_stages() for n in s["mixture"]]
+        requests += [self._request(n, "eval", self._default("seq_len"))
+                     for n in self.pipeline.corpora if "eval" in self.corpus_files(n)]
+        self.folders = prepare_corpora(requests, tokenizer_dir, self.workdir)
+
+    def _request(self, name: str, split: str, seq_len: int) -> CorpusRequest:
+        corpus = self.pipeline.corpora[name]
+        return CorpusRequest(name, split, self.corpus_files(name)[split], corpus.format, corpus.kind,
+                             corpus.max_bad_fraction, seq_len)
+
+    def packed(self, name: str, split: str, seq_len: int) -> str:
+        return self.folders[self._request(name, split, seq_len)]
+
+    # ------------------------------------------------------------ versions
+
+    def ensure_base(self, tokenizer_dir: str) -> dict:
+        """The starting weights as version `base`: a seeded new model, or a copy of model.path."""
+        model_spec = self.pipeline.model
+        tokenizer = load_tokenizer(tokenizer_dir)
+        base_hash = stage_hash({"model": model_spec.model_dump(), "seed": self.pipeline.seed},
+                               tokenizer_fingerprint(tokenizer_dir))
+        existing = read_lineage(self.workdir, BASE_VERSION)
+        if existing:
+            if existing["stage_hash"] != base_hash:
+                raise StageConflictError(
+                    f"{version_dir(self.workdir, BASE_VERSION)} was made from another model, tokenizer or seed. "
+                    "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed.")
+            return existing
+        if model_spec.path:
+            path = self.spec.path(model_spec.path)
+            check_vocabulary(load_config(path, model_spec.trust_remote_code).vocab_size, tokenizer)
+            model = load_model(path, model_spec.trust_remote_code)
+        else:
+            model = new_model(model_config(model_spec.preset, model_spec.config, tokenizer), self.pipeline.seed)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder, safe_serialization=True)
+            lineage = {"parent": None, "stage": None, "stage_hash": base_hash, "started": now(),
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "metrics": {"final_lr": 0.0}}
+            publish(self.workdir, BASE_VERSION, folder, tokenizer_dir, lineage)
+        self.log(f"published version {BASE_VERSION} ({lineage['parameters']:,} parameters)")
+        return read_lineage(self.workdir, BASE_VERSION)
+
+    def run(self) -> dict:
+        """Train every missing stage, evaluate, print and store the eval matrix."""
+        write_json(join(self.workdir, "pipeline.json"), self.pipeline.model_dump(mode="json", by_alias=True))
+        Path(self.workdir, "pipeline.yaml").write_text(
+            yaml.safe_dump(self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
+        tokenizer_dir = self.tokenizer_dir()
+        previous = self.ensure_base(tokenizer_dir)
+        self.prepare_all(tokenizer_dir)
+        trained = []
+        for stage in self.pipeline.stages:
+            resolved = resolve_stage(self.pipeline, stage)
+            parent = read_lineage(self.workdir, stage.start_from) if stage.start_from else previous
+            digest = stage_hash(resolved, parent["stage_hash"])
+            existing = read_lineage(self.workdir, stage.name)
+            if existing is not None:
+                if existing["stage_hash"] != digest:
+                    raise StageConflictError(
+                        f"stage {stage.name!r} changed after it produced version {stage.name} "
+                        f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: give the "
+                        f"changed stage a new name, or delete {version_dir(self.workdir, stage.name)} to retrain it.")
+                self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
+                previous = existing
+                continue
+            previous = self.train_stage(resolved, parent, digest, tokenizer_dir)
+            trained.append(stage.name)
+        matrix = self.evaluate()  # new versions only: the other pairs are stored
+        table = format_matrix(matrix)
+        Path(self.workdir, "eval").mkdir(exist_ok=True)
+        Path(self.workdir, "eval", "table.txt").write_text(table + "\n")
+        write_json(join(self.workdir, "eval", "matrix.json"), matrix)
+        if not trained:
+            self.log("every stage is done; nothing to train")
+        self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
+        return {"trained": trained, "matrix": matrix}
+
+    def train_stage(self, stage: dict, parent: dict, digest: str, tokenizer_dir: str) -> dict:
+        from mixloop.train.launch import fit_stage
+        from mixloop.train.loop import STATE_FILE
+
+        corpus_dirs = {n: self.packed(n, "train", stage["seq_len"]) for n in stage["mixture"]}
+        rows_per_step = stage["global_batch_tokens"] // stage["seq_len"]
+        total_steps = math.ceil(stage["tokens"] / stage["global_batch_tokens"])
+        start_lr = parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0
+        job = {
+            "pipeline": self.pipeline.name, "stage": stage, "corpus_dirs": corpus_dirs,
+            "parent_dir": version_dir(self.workdir, parent["version"]), "start_lr": start_lr,
+            "total_steps": total_steps, "rows_per_step": rows_per_step,
+            "metrics_path": join(self.workdir, "metrics.jsonl"),
+            "trust_remote_code": self.pipeline.model.trust_remote_code,
+        }
+        self.log(f"stage {stage['name']}: training {total_steps} steps of {stage['global_batch_tokens']} tokens "
+                 f"from version {parent['version']} on {stage['max_workers']} worker(s)")
+        started, clock = now(), time.time()
+        result = fit_stage(job, self.workdir, digest)
+        with result.checkpoint.as_directory() as folder:
+            state = json.loads(Path(folder, STATE_FILE).read_text())
+            if state["step"] != total_steps:
+                raise MixloopError(f"stage {stage['name']}: the last checkpoint is at step {state['step']}, "
+                                   f"not {total_steps}; run again to finish it")
+            lineage = {
+                "parent": parent["version"], "stage": stage, "stage_hash": digest, "started": started,
+                "tokens_per_corpus": dict(zip(stage["mixture"], state["tokens"])),
+                "data_fingerprints": {n: Path(d).name for n, d in corpus_dirs.items()},
+                "metrics": {**(result.metrics or {}), "final_lr": state["lr"], "steps": state["step"],
+                            "wall_seconds": round(time.time() - clock, 1)},
+            }
+            publish(self.workdir, stage["name"], folder, tokenizer_dir, lineage)
+        self.log(f"stage {stage['name']}: published version {stage['name']}")
+        return read_lineage(self.workdir, stage["name"])
+
+    def evaluate(self) -> dict:
+        """Every version on every eval split, packed at the pipeline's default sequence length."""
+        seq_len, rows = self._default("seq_len"), self._default("eval_rows")
+        eval_dirs = {n: self.packed(n, "eval", seq_len) for n in self.pipeline.corpora if "eval" in self.corpus_files(n)}
+        versions = [v["version"] for v in list_versions(self.workdir)]
+        return evaluate_versions(self.workdir, versions, eval_dirs, rows)
+
+    def _default(self, field: str):
+        value = getattr(self.pipeline.defaults, field)
+        return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
+
+
+def _record_text(record) -> str:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("conversations"), list):
+        return "\n".join(str(t.get("content", "")) for t in record["conversations"] if isinstance(t, dict))
+    return ""

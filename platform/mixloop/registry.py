@@ -1,0 +1,85 @@
+"""Versions: immutable Hugging Face model directories with a lineage record.
+
+`<workdir>/models/<version>/` holds config.json, model.safetensors, the
+tokenizer files with their chat template, and lineage.json. A version exists
+only once it is complete: locally it is assembled in a hidden folder and
+renamed into place; on object stores lineage.json is uploaded last, and
+readers treat a folder without it as absent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+from mixloop import __version__
+from mixloop.data.store import is_local, join, write_json
+
+LINEAGE = "lineage.json"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
+
+
+def version_dir(workdir: str, version: str) -> str:
+    return join(workdir, "models", version)
+
+
+def read_lineage(workdir: str, version: str) -> dict | None:
+    fs, inner = fsspec.core.url_to_fs(join(version_dir(workdir, version), LINEAGE))
+    if not fs.exists(inner):
+        return None
+    with fs.open(inner, "r") as f:
+        return json.load(f)
+
+
+def list_versions(workdir: str) -> list[dict]:
+    """Lineage of every complete version, oldest first."""
+    fs, inner = fsspec.core.url_to_fs(join(workdir, "models"))
+    if not fs.exists(inner):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
+    found = [read_lineage(workdir, n) for n in names if not n.startswith(".")]
+    return sorted((f for f in found if f), key=lambda lineage: lineage["finished"])
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, lineage: dict) -> str:
+    """Assemble model weights, tokenizer and lineage into models/<version>, atomically."""
+    lineage = {**lineage, "version": version, "mixloop_version": __version__, "finished": now()}
+    with tempfile.TemporaryDirectory() as staging:
+        for name in MODEL_FILES:
+            if Path(model_dir, name).exists():
+                shutil.copy2(Path(model_dir, name), Path(staging, name))
+        for file in Path(tokenizer_dir).iterdir():
+            shutil.copy2(file, Path(staging, file.name))
+        write_json(str(Path(staging, LINEAGE)), lineage)
+        target = version_dir(workdir, version)
+        if is_local(target):
+            _move_into_place(staging, target.removeprefix("file://"))
+        else:
+            _upload(staging, target)
+    return target
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    hidden = Path(target).parent / f".{Path(target).name}.partial-{os.getpid()}"
+    shutil.rmtree(hidden, ignore_errors=True)
+    shutil.copytree(staging, hidden)
+    if Path(target).exists():  # an incomplete leftover (no lineage): readers already ignore it
+        shutil.rmtree(target)
+    os.replace(hidden, target)
+
+
+def _upload(staging: str, target: str) -> None:
+    fs, inner = fsspec.core.url_to_fs(target)
+    files = sorted(Path(staging).iterdir(), key=lambda f: f.name == LINEAGE)  # lineage.json last
+    for file in files:
+        fs.put_file(str(file), f"{inner}/{file.name}")

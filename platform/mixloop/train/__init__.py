@@ -1,0 +1,1 @@
+"""Training: learning-rate schedules, the balanced loss, the per-worker loop and the stage launcher."""

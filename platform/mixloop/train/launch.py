@@ -1,0 +1,55 @@
+"""Run one stage's training on Ray Train and hand back its final checkpoint."""
+
+from __future__ import annotations
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mixloop.data.store import join
+from mixloop.errors import MixloopError
+from mixloop.train.loop import train_stage
+
+
+def run_name(pipeline: str, stage: str, stage_hash: str) -> str:
+    """Deterministic, so a restarted driver resumes the stage; the hash keeps an edited stage from
+    resuming the old one's checkpoints."""
+    return f"{pipeline}.{stage}.{stage_hash}"
+
+
+def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
+    stage = job["stage"]
+    workers = stage["min_workers"] if stage["min_workers"] == stage["max_workers"] else (
+        stage["min_workers"], stage["max_workers"])
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=stage["use_gpu"], resources_per_worker={"CPU": stage["cpus_per_worker"]}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(job["pipeline"], stage["name"], stage_hash),
+            storage_path=join(workdir, "train"),
+            failure_config=ray.train.FailureConfig(max_failures=stage["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (one per report and rank) would drown the progress lines,
+            # and its print patch would show each of them twice.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        for failure in getattr(exc, "worker_failures", {}).values():
+            user_error = _find_user_error(failure)
+            if user_error is not None:
+                raise user_error from None
+        raise
+
+
+def _find_user_error(error: BaseException | None) -> MixloopError | None:
+    while error is not None:
+        if isinstance(error, MixloopError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None

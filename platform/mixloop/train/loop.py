@@ -1,0 +1,224 @@
+"""The one training loop every stage runs, on each Ray Train worker.
+
+A step trains one global batch of `rows_per_step` packed rows chosen by the mix
+plan. The batch is cut into micro-batches; worker r of W takes micro-batches
+r, r+W, ... and accumulates, so the trajectory does not depend on W. The
+loop's position is the step alone: a restart at any world size reads the same
+rows from the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from mixloop.data.mixplan import MixPlan
+from mixloop.data.packing import model_inputs
+from mixloop.data.store import PackedCorpus, append_line
+from mixloop.model import load_model
+from mixloop.train.loss import corpus_token_weights, token_ce
+from mixloop.train.schedule import learning_rate
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class StageJob(BaseModel):
+    """What the driver hands every worker, as plain JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str
+    stage: dict
+    corpus_dirs: dict[str, str]
+    parent_dir: str
+    start_lr: float
+    total_steps: int
+    rows_per_step: int
+    metrics_path: str
+    trust_remote_code: bool = False
+
+
+class Progress:
+    """Sums that are all-reduced at each report: loss and supervised tokens per corpus, tokens seen."""
+
+    def __init__(self, corpora: int):
+        self.loss = torch.zeros(corpora, dtype=torch.float64)
+        self.supervised = torch.zeros(corpora, dtype=torch.float64)
+        self.tokens = torch.zeros(corpora, dtype=torch.float64)
+
+    def reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        packed = torch.stack([self.loss, self.supervised, self.tokens])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+        self.__init__(len(self.loss))
+        return packed[0], packed[1], packed[2]
+
+
+def train_stage(config: dict) -> dict:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import ray.train.torch
+
+    job = StageJob.model_validate(config)
+    stage = job.stage
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(stage["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    names = list(stage["mixture"])
+    corpora = [PackedCorpus(job.corpus_dirs[name]) for name in names]
+    plan = MixPlan(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
+                   [len(c) for c in corpora], job.total_steps * job.rows_per_step, stage["seed"])
+
+    model, optimizer, state = _start(job, device)
+    model = ray.train.torch.prepare_model(model)
+    loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
+    progress = Progress(len(names))
+    micro = stage["micro_batch_rows"]
+    mine = list(range(rank, job.rows_per_step // micro, world))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
+    if rank == 0 and state["step"]:
+        print(f"[{stage['name']}] resumed from checkpoint at step {state['step']}/{job.total_steps}", flush=True)
+    window_start, window_step = time.time(), state["step"]
+
+    for step in range(state["step"], job.total_steps):
+        lr = learning_rate(step, job.total_steps, stage["lr"], job.start_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        corpus_of_row, row_index = plan.rows(step * job.rows_per_step, (step + 1) * job.rows_per_step)
+        batches = [MicroBatch(corpora, corpus_of_row[i * micro:(i + 1) * micro], row_index[i * micro:(i + 1) * micro])
+                   for i in mine]
+        weights = _token_weights(batches, corpus_of_row, len(names), loss_weights, stage["balance"], device)
+        for position, batch in enumerate(batches):
+            sync = position == len(batches) - 1
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
+            labels = inputs.pop("labels")
+            with (nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()), autocast:
+                ce = token_ce(model(**inputs).logits, labels)
+                per_token = weights[batch.corpus.to(device)][:, None] * (labels != -100)
+                # DDP averages gradients over workers; the loss is a sum over all of them.
+                (ce * per_token).sum().mul(world).backward()
+            _accumulate(progress, ce.detach().double().cpu(), batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["lr"] = lr
+
+        last = state["step"] == job.total_steps
+        if state["step"] % stage["log_every"] == 0 or state["step"] % stage["checkpoint_every"] == 0 or last:
+            metrics = _metrics(job, names, progress, state, lr, float(grad_norm), window_start, window_step)
+            window_start, window_step = time.time(), state["step"]
+            if rank == 0:
+                append_line(job.metrics_path, json.dumps(metrics))
+                print(_progress_line(metrics, job.total_steps), flush=True)
+            if state["step"] % stage["checkpoint_every"] == 0 or last:
+                _checkpoint(model, optimizer, state, metrics, rank)
+    return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),
+            "resumed_from": state["resumed_from"]}
+
+
+class MicroBatch:
+    def __init__(self, corpora, corpus_of_row: np.ndarray, row_index: np.ndarray):
+        length = corpora[0].seq_len
+        tokens = np.empty((len(row_index), length), np.int32)
+        supervised = np.empty((len(row_index), length), bool)
+        segments = np.empty((len(row_index), length), np.int16)
+        for c in np.unique(corpus_of_row):
+            picked = corpus_of_row == c
+            tokens[picked], supervised[picked], segments[picked] = corpora[c].read(row_index[picked])
+        self.inputs = model_inputs(tokens, supervised, segments)
+        self.corpus = torch.as_tensor(corpus_of_row, dtype=torch.long)
+        self.real_tokens = torch.as_tensor((segments > 0).sum(1), dtype=torch.float64)
+
+
+def _token_weights(batches, corpus_of_row, corpora: int, loss_weights, balance, device) -> torch.Tensor:
+    """Per-corpus token weights from global counts: supervised tokens are summed across workers."""
+    supervised = torch.zeros(corpora, dtype=torch.float64)
+    for batch in batches:
+        supervised.index_add_(0, batch.corpus, (batch.inputs["labels"] != -100).sum(1).double())
+    if dist.is_initialized():
+        dist.all_reduce(supervised)
+    rows = torch.bincount(torch.as_tensor(corpus_of_row), minlength=corpora)
+    return corpus_token_weights(supervised, rows, loss_weights, balance).float().to(device)
+
+
+def _accumulate(progress: Progress, ce: torch.Tensor, batch: "MicroBatch") -> None:
+    progress.loss.index_add_(0, batch.corpus, ce.sum(1))
+    progress.supervised.index_add_(0, batch.corpus, (batch.inputs["labels"] != -100).sum(1).double())
+    progress.tokens.index_add_(0, batch.corpus, batch.real_tokens)
+
+
+def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_step) -> dict:
+    loss, supervised, tokens = progress.reduced()
+    state["tokens"] = [a + float(b) for a, b in zip(state["tokens"], tokens)]
+    elapsed = time.time() - window_start
+    steps = max(state["step"] - window_step, 1)
+    per_corpus = {n: float(l / s) for n, l, s in zip(names, loss, supervised) if s > 0}
+    return {
+        "stage": job.stage["name"], "step": state["step"], "total_steps": job.total_steps, "lr": lr,
+        "loss": float(loss.sum() / supervised.sum().clamp(min=1)), "loss_per_corpus": per_corpus,
+        "grad_norm": grad_norm, "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
+        "step_seconds": elapsed / steps, "tokens": dict(zip(names, state["tokens"])), "time": time.time(),
+    }
+
+
+def _progress_line(m: dict, total: int) -> str:
+    eta = int(m["step_seconds"] * (total - m["step"]))
+    corpora = " ".join(f"{n} {v:.3f}" for n, v in m["loss_per_corpus"].items())
+    return (f"[{m['stage']}] step {m['step']}/{total} loss {m['loss']:.3f} ({corpora}) lr {m['lr']:.2e} "
+            f"{m['tokens_per_s']:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}")
+
+
+def _start(job: StageJob, device):
+    """From the stage's latest checkpoint if Ray hands one, else from the parent version."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    source = None
+    if checkpoint is not None:
+        source = checkpoint.to_directory()
+        state = json.loads((Path(source) / STATE_FILE).read_text())
+        state["resumed_from"] = state["step"]
+    else:
+        state = {"step": 0, "lr": job.start_lr, "tokens": [0.0] * len(job.stage["mixture"]), "resumed_from": None}
+    model = load_model(source or job.parent_dir, job.trust_remote_code).to(device)
+    optimizer = _optimizer(model, job.stage, device)
+    if source is not None:
+        optimizer.load_state_dict(torch.load(Path(source) / OPTIMIZER_FILE, weights_only=True, map_location=device))
+        torch.set_rng_state(torch.load(Path(source) / "rng.pt", weights_only=True))
+    return model, optimizer, state
+
+
+def _optimizer(model, stage: dict, device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": stage["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=stage["lr"]["peak"], betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _checkpoint(model, optimizer, state: dict, metrics: dict, rank: int) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, in fp32, HF format."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.save_pretrained(folder, safe_serialization=True)
+        torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
+        torch.save(torch.get_rng_state(), os.path.join(folder, "rng.pt"))
+        Path(folder, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"step-{state['step']:07d}")

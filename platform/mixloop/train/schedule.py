@@ -1,0 +1,41 @@
+"""Learning-rate schedules: warm up (or re-warm) to the peak, then decay to a floor.
+
+A pure function of the step, so a resumed stage needs only its step to be back
+on its curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_steps(total_steps: int, warmup_share: float) -> int:
+    return int(round(total_steps * warmup_share))
+
+
+def learning_rate(step: int, total_steps: int, lr: dict, start_lr: float) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a stage of `total_steps`.
+
+    lr: peak, warmup (share of steps), decay (cosine|linear|wsd|constant), floor
+    (fraction of peak), wsd_decay (share of steps). start_lr is where warmup begins:
+    the parent's final learning rate when re-warming, or 0.
+    """
+    peak, floor = lr["peak"], lr["peak"] * lr["floor"]
+    warm = warmup_steps(total_steps, lr["warmup"])
+    if step < warm:
+        return start_lr + (peak - start_lr) * (step + 1) / warm
+    decay_steps = max(total_steps - warm, 1)
+    progress = min((step - warm + 1) / decay_steps, 1.0)
+    kind = lr["decay"]
+    if kind == "constant":
+        return peak
+    if kind == "linear":
+        return peak + (floor - peak) * progress
+    if kind == "cosine":
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "wsd":
+        stable = 1.0 - lr["wsd_decay"]
+        if progress <= stable:
+            return peak
+        return peak + (floor - peak) * (progress - stable) / lr["wsd_decay"]
+    raise ValueError(f"unknown decay {kind!r}")
