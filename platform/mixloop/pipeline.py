@@ -21,7 +21,8 @@ import yaml
 
 from mixloop.data import synthetic
 from mixloop.data.prepare import CorpusRequest, prepare_corpora
-from mixloop.data.store import is_local, join, write_json
+from mixloop.data.mixplan import MixPlan
+from mixloop.data.store import is_local, join, read_manifest, write_json
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions, format_matrix
 from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
@@ -32,7 +33,7 @@ from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_token
 Log = Callable[[str], None]
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster, or start a private local one bound to 127.0.0.1 without a dashboard."""
     import ray
     import ray.data
@@ -46,7 +47,8 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
+        # The dashboard process also serves the state API that Ray Train polls; it listens on loopback only.
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, num_cpus=num_cpus)
 
 
 class Pipeline:
@@ -210,11 +212,14 @@ class Pipeline:
             if state["step"] != total_steps:
                 raise MixloopError(f"stage {stage['name']}: the last checkpoint is at step {state['step']}, "
                                    f"not {total_steps}; run again to finish it")
+            plan = _stage_plan(stage, corpus_dirs, total_steps * rows_per_step)
             lineage = {
                 "parent": parent["version"], "stage": stage, "stage_hash": digest, "started": started,
                 "tokens_per_corpus": dict(zip(stage["mixture"], state["tokens"])),
+                "rows_per_corpus": plan.rows_per_corpus(), "epochs_per_corpus": plan.epochs(),
                 "data_fingerprints": {n: Path(d).name for n, d in corpus_dirs.items()},
                 "metrics": {**(result.metrics or {}), "final_lr": state["lr"], "steps": state["step"],
+                            "resumed_from": (result.return_value or {}).get("resumed_from"),
                             "wall_seconds": round(time.time() - clock, 1)},
             }
             publish(self.workdir, stage["name"], folder, tokenizer_dir, lineage)
@@ -231,6 +236,12 @@ class Pipeline:
     def _default(self, field: str):
         value = getattr(self.pipeline.defaults, field)
         return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
+
+
+def _stage_plan(stage: dict, corpus_dirs: dict[str, str], total_rows: int) -> MixPlan:
+    names = list(stage["mixture"])
+    return MixPlan(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
+                   [read_manifest(corpus_dirs[n])["rows"] for n in names], total_rows, stage["seed"])
 
 
 def _record_text(record) -> str:

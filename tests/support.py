@@ -1,0 +1,36 @@
+"""Helpers for tests that build pipelines (imported as `support`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_spec(folder: Path, spec: dict, name: str = "pipeline.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
+    """A small pipeline on generated corpora: general text and chats, micro model, 2 workers."""
+    settings = {"seq_len": 64, "global_batch_tokens": 1024, "micro_batch_rows": 4, "workers": 2,
+                "cpus_per_worker": 1, "checkpoint_every": 5, "log_every": 5, "eval_rows": 8,
+                "lr": {"peak": 0.003, "warmup": 0.1}}
+    settings.update(defaults)
+    return {
+        "name": "test", "workdir": str(workdir), "seed": 0,
+        "tokenizer": {"train": {"vocab_size": 384}},
+        "model": {"preset": "micro"},
+        "corpora": {
+            "facts": {"kind": "text", "generate": {"topic": "general", "documents": 400, "eval_documents": 40}},
+            "chats": {"kind": "chat", "generate": {"topic": "general", "documents": 300, "eval_documents": 40}},
+        },
+        "defaults": settings,
+        "stages": stages,
+    }
