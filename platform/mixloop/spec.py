@@ -163,7 +163,9 @@ class StageSpec(StageSettings):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Stage name, which is also the name of the version it produces."""
     mixture: dict[str, Ramp]
-    """Corpus name to weight (relative share of trained tokens), or {from, to} to ramp it."""
+    """Corpus name to weight (share of trained tokens), or {from, to} to ramp it linearly over the
+    stage. Weights are normalised to sum 1 at every point, so ramp the other corpora too when a
+    share should end at an exact value."""
     tokens: int = Field(gt=0)
     """Token budget of the stage (rounded up to whole optimizer steps)."""
     start_from: str | None = Field(default=None, alias="from")
@@ -365,6 +367,9 @@ def _semantic_problems(spec: Spec) -> list[str]:
     problems = _tokenizer_problems(spec) + _model_problems(spec)
     for name, corpus in pipeline.corpora.items():
         problems += _corpus_problems(spec, name, corpus)
+    for corpus in pipeline.defaults.loss_weights or {}:
+        if corpus not in pipeline.corpora:
+            problems.append(f"defaults.loss_weights.{corpus}: unknown corpus. Fix: use one of {', '.join(pipeline.corpora)}.")
     seen: list[str] = []
     for index, stage in enumerate(pipeline.stages):
         problems += _stage_problems(spec, index, stage, seen)

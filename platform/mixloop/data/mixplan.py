@@ -81,7 +81,7 @@ class MixPlan:
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(corpus index, row index within that corpus) for global rows [start, stop)."""
-        if not 0 <= start <= stop <= len(self._cumulative[:-1]) * BLOCK:
+        if not 0 <= start <= stop <= self.total_rows:
             raise IndexError(f"rows [{start}, {stop}) outside the plan of {self.total_rows} rows")
         corpus_parts, occurrence_parts = [], []
         for block in range(start // BLOCK, -(-stop // BLOCK)):

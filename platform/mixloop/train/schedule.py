@@ -33,9 +33,9 @@ def learning_rate(step: int, total_steps: int, lr: dict, start_lr: float) -> flo
         return peak + (floor - peak) * progress
     if kind == "cosine":
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "wsd":
-        stable = 1.0 - lr["wsd_decay"]
-        if progress <= stable:
+    if kind == "wsd":  # the decay phase is the last wsd_decay share of the whole stage
+        decay_start = total_steps - max(1, round(total_steps * lr["wsd_decay"]))
+        if step < max(decay_start, warm):
             return peak
-        return peak + (floor - peak) * (progress - stable) / lr["wsd_decay"]
+        return peak + (floor - peak) * (step - max(decay_start, warm) + 1) / (total_steps - max(decay_start, warm))
     raise ValueError(f"unknown decay {kind!r}")
