@@ -1,0 +1,124 @@
+"""Which tokens a conversation trains on: the assistant's answers and their end-of-turn token, nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixloop.tokenizer import CHATML_TEMPLATE, encode_chats, encode_texts
+
+CONVERSATIONS = {
+    "one turn": [
+        {"role": "user", "content": "hello cat"},
+        {"role": "assistant", "content": "the cat sat on a mat."},
+    ],
+    "system and two turns": [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "why is the sun far?"},
+        {"role": "assistant", "content": " 42 planets!"},
+        {"role": "user", "content": "how"},
+        {"role": "assistant", "content": "orbit light\nmoon  "},
+    ],
+    "non-ascii": [
+        {"role": "user", "content": "héllo ✨"},
+        {"role": "assistant", "content": "日本 star"},
+    ],
+    "empty assistant turn first": [
+        {"role": "user", "content": "yes?"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "no!"},
+        {"role": "assistant", "content": "dark moon"},
+    ],
+    "ends with a user turn": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b c"},
+        {"role": "user", "content": "what is 7?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
+def test_mask_matches_transformers_generation_mask(trained_tokenizer, conversation):
+    assert trained_tokenizer.chat_template == CHATML_TEMPLATE
+    [(ids, supervised)] = encode_chats(trained_tokenizer, [conversation])
+    reference = trained_tokenizer.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ids.tolist() == list(reference["input_ids"])
+    assert supervised.astype(int).tolist() == list(reference["assistant_masks"])
+
+
+def test_batch_encoding_equals_one_by_one(trained_tokenizer):
+    batch = encode_chats(trained_tokenizer, list(CONVERSATIONS.values()))
+    for (ids, mask), conversation in zip(batch, CONVERSATIONS.values()):
+        [(one_ids, one_mask)] = encode_chats(trained_tokenizer, [conversation])
+        assert np.array_equal(ids, one_ids) and np.array_equal(mask, one_mask)
+
+
+def _supervised_runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    """Maximal runs of consecutive supervised tokens."""
+    runs, current = [], []
+    for token, supervised in zip(ids.tolist(), mask.tolist()):
+        if supervised:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+MINIMIND_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome is the capital of Italy."},
+]
+
+
+def test_minimind_supervises_exactly_each_answer_and_its_end_token(minimind_tokenizer):
+    tok = minimind_tokenizer
+    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    rendered = tok.decode(ids.tolist(), skip_special_tokens=False)
+    assert "<think>\n\n</think>\n\n" in rendered  # the template's empty thinking block is there...
+
+    runs = [tok.decode(run, skip_special_tokens=False) for run in _supervised_runs(ids, mask)]
+    answers = [m["content"] for m in MINIMIND_CHAT if m["role"] == "assistant"]
+    # ...but is not supervised: each answer is trained on from its first token to <|im_end|>.
+    assert runs == [answer + "<|im_end|>" for answer in answers]
+
+
+def test_minimind_supervises_no_prompt_text(minimind_tokenizer):
+    tok = minimind_tokenizer
+    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    unsupervised = tok.decode(ids[~mask].tolist(), skip_special_tokens=False)
+    for message in MINIMIND_CHAT:
+        if message["role"] != "assistant":
+            assert message["content"] in unsupervised
+    supervised = tok.decode(ids[mask].tolist(), skip_special_tokens=False)
+    for text in ("France?", "Italy?", "helpful", "<|im_start|>", "user", "system", "<think>"):
+        assert text not in supervised
+
+
+def test_minimind_newline_after_end_of_turn_is_not_supervised(minimind_tokenizer):
+    tok = minimind_tokenizer
+    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    end_positions = np.flatnonzero(ids == tok.convert_tokens_to_ids("<|im_end|>"))
+    answer_ends = [p for p in end_positions if mask[p]]
+    assert len(answer_ends) == 2
+    for position in answer_ends:
+        assert tok.decode([int(ids[position + 1])]) == "\n"
+        assert not mask[position + 1]
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["trained_tokenizer", "minimind_tokenizer"])
+def test_text_documents_end_with_eos_and_train_on_every_token(request, tokenizer_fixture):
+    tok = request.getfixturevalue(tokenizer_fixture)
+    texts = ["the cat sat on a mat.", "hello world", "x"]
+    encoded = encode_texts(tok, texts)
+    assert len(encoded) == len(texts)
+    for text, (ids, mask) in zip(texts, encoded):
+        assert ids[-1] == tok.eos_token_id
+        assert (ids[:-1] != tok.eos_token_id).all()
+        assert tok.decode(ids[:-1].tolist()) == text
+        assert mask.dtype == bool and mask.all() and len(mask) == len(ids)

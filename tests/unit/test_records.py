@@ -1,0 +1,87 @@
+"""Bad records get a reason (written to rejects/), never a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixloop.data.records import BadRecord, check_chat, check_text, parse_json_line
+
+
+def test_good_records_pass():
+    assert check_text(parse_json_line(b'{"text": "hello"}')) == "hello"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "extra": 1}]
+    assert check_chat({"conversations": turns}) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert parse_json_line('{"text": "héllo ✨"}'.encode()) == {"text": "héllo ✨"}
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b'{"text": "unterminated', "malformed JSON"),
+        (b'{"text": "a",}', "malformed JSON"),
+        (b"", "malformed JSON"),
+        (b'{"text": "caf\xe9"}', "not UTF-8"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
+def test_unreadable_lines(raw, reason):
+    with pytest.raises(BadRecord, match=reason):
+        parse_json_line(raw)
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"txt": "hello"}, "missing field 'text'"),
+        ({"text": ""}, "'text' is empty"),
+        ({"text": "  \n\t"}, "'text' is empty"),
+        ({"text": 42}, "must be a string, got int"),
+        ({"text": None}, "must be a string, got NoneType"),
+        (["hello"], "expected an object with a 'text' field, got list"),
+        ("hello", "expected an object with a 'text' field, got str"),
+    ],
+)
+def test_bad_text_records(record, reason):
+    with pytest.raises(BadRecord, match=reason):
+        check_text(record)
+
+
+USER = {"role": "user", "content": "hi"}
+ASSISTANT = {"role": "assistant", "content": "hello"}
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"messages": [USER, ASSISTANT]}, "missing field 'conversations'"),
+        ({"conversations": []}, "non-empty list"),
+        ({"conversations": "hi"}, "non-empty list"),
+        ({"conversations": [USER, "hello"]}, "turn 1 must be an object"),
+        ({"conversations": [{"content": "hi"}, ASSISTANT]}, "turn 0 must be an object with 'role'"),
+        ({"conversations": [USER, {"role": "bot", "content": "x"}]}, "turn 1 has unknown role 'bot'"),
+        ({"conversations": [{"role": "user", "content": 3}, ASSISTANT]}, "turn 0 content must be a string, got int"),
+        ({"conversations": [USER, {"role": "assistant"}]}, "turn 1 content must be a string, got NoneType"),
+        ({"conversations": [USER]}, "no assistant turn with content"),
+        ({"conversations": [USER, {"role": "assistant", "content": "  "}]}, "no assistant turn with content"),
+        ([USER, ASSISTANT], "expected an object with a 'conversations' field, got list"),
+    ],
+)
+def test_bad_chat_records(record, reason):
+    with pytest.raises(BadRecord, match=reason):
+        check_chat(record)
+
+
+def test_unknown_role_reason_lists_the_allowed_roles():
+    with pytest.raises(BadRecord) as info:
+        check_chat({"conversations": [{"role": "tool", "content": "x"}, ASSISTANT]})
+    for role in ("system", "user", "assistant"):
+        assert role in str(info.value)
+
+
+def test_bad_record_is_a_value_error_with_its_reason_as_message():
+    with pytest.raises(ValueError) as info:
+        check_text({})
+    assert str(info.value) == "missing field 'text'"

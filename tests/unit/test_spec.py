@@ -1,0 +1,291 @@
+"""The pipeline spec: every mistake reported at once, with its YAML path and a fix; settings layered."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixloop.cli import main
+from mixloop.errors import SpecError
+from mixloop.spec import BUILTIN_DEFAULTS, load_spec
+
+JOBS = sorted((Path(__file__).parents[2] / "jobs").glob("*.yaml"))
+
+BASE = {
+    "name": "unit",
+    "workdir": "runs",
+    "tokenizer": {"train": {"vocab_size": 300}},
+    "model": {"preset": "micro"},
+    "corpora": {
+        "web": {"kind": "text", "path": "data/web-*.jsonl"},
+        "chat": {"kind": "chat", "path": "data/chat.jsonl"},
+    },
+    "defaults": {"seq_len": 64, "global_batch_tokens": 2048, "micro_batch_rows": 8},
+    "stages": [
+        {"name": "pretrain", "mixture": {"web": 1.0}, "tokens": 100_000},
+        {"name": "sft", "mixture": {"chat": 0.8, "web": 0.2}, "tokens": 50_000},
+    ],
+}
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write BASE, changed by `edit`, as tmp_path/spec.yaml next to a few data files."""
+    (tmp_path / "data").mkdir()
+    for name in ("web-0.jsonl", "web-1.jsonl"):
+        (tmp_path / "data" / name).write_text('{"text": "hello"}\n')
+    (tmp_path / "data" / "chat.jsonl").write_text(
+        '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
+
+    def write(edit=None) -> Path:
+        data = copy.deepcopy(BASE)
+        if edit:
+            edit(data)
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def _problems(write_spec, edit) -> tuple[str, list[str]]:
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(edit))
+    message = str(info.value)
+    return message, [line[4:] for line in message.splitlines() if line.startswith("  - ")]
+
+
+def _only_problem(write_spec, edit) -> str:
+    _, problems = _problems(write_spec, edit)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_base_spec_is_valid(write_spec):
+    spec = load_spec(write_spec())
+    assert spec.stage_names() == ["pretrain", "sft"]
+
+
+def test_misspelt_key_names_its_path_and_suggests_the_right_one(write_spec):
+    def edit(data):
+        stage = data["stages"][0]
+        stage["mixtrue"] = stage.pop("mixture")
+
+    message, problems = _problems(write_spec, edit)
+    unknown = [p for p in problems if p.startswith("stages[0].mixtrue")]
+    assert len(unknown) == 1
+    assert "unknown key" in unknown[0] and "did you mean 'mixture'?" in unknown[0]
+    assert "spec.yaml" in message
+
+
+def test_misspelt_nested_key_suggests_the_field(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["defaults"].update(lr={"warmpu": 0.1}))
+    assert problem.startswith("defaults.lr.warmpu:") and "did you mean 'warmup'?" in problem
+
+
+def test_wrong_type_names_the_path_the_value_and_what_the_field_is(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(tokens="many"))
+    assert problem.startswith("stages[1].tokens:") and "'many'" in problem and "Fix:" in problem
+    assert "Token budget" in problem
+
+
+def test_missing_required_field_is_named(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].pop("tokens"))
+    assert problem.startswith("stages[1].tokens: required but missing") and "Fix: add it" in problem
+
+
+def test_mixture_naming_an_unknown_corpus(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1]["mixture"].update(books=0.5))
+    assert problem.startswith("stages[1].mixture.books: unknown corpus")
+    assert "Fix:" in problem and "web" in problem and "chat" in problem
+
+
+def test_duplicate_stage_names(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(name="pretrain"))
+    assert problem.startswith("stages[1].name:") and "'pretrain'" in problem and "unique" in problem
+
+
+def test_global_batch_not_a_multiple_of_seq_len(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][0].update(global_batch_tokens=2000))
+    assert problem.startswith("stages[0].global_batch_tokens:")
+    assert "2000" in problem and "seq_len 64" in problem and "Fix:" in problem
+
+
+def test_global_batch_from_defaults_is_checked_for_every_stage(write_spec):
+    _, problems = _problems(write_spec, lambda d: d["defaults"].update(global_batch_tokens=2000))
+    assert [p.split(":")[0] for p in problems] == [
+        "stages[0].global_batch_tokens",
+        "stages[1].global_batch_tokens",
+    ]
+
+
+def test_corpus_path_matching_no_file(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["corpora"]["web"].update(path="data/missing-*.jsonl"))
+    assert problem.startswith("corpora.web.path: no file matches")
+    assert "missing-*.jsonl" in problem and "Fix:" in problem
+
+
+def test_loss_weights_naming_an_unknown_corpus(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(loss_weights={"books": 2.0}))
+    assert problem.startswith("stages[1].loss_weights.books:") and "Fix:" in problem
+
+
+def test_default_loss_weights_naming_an_unknown_corpus(write_spec):
+    # A typo here would otherwise be dropped silently when stages are resolved.
+    _, problems = _problems(write_spec, lambda d: d["defaults"].update(loss_weights={"wbe": 2.0}))
+    assert len(problems) == 1 and problems[0].startswith("defaults.loss_weights.wbe:"), problems
+
+
+def test_from_naming_a_later_stage(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][0].update({"from": "sft"}))
+    assert problem.startswith("stages[0].from:") and "'sft'" in problem and "earlier stage" in problem
+    assert "Fix: use base" in problem
+
+
+def test_from_an_earlier_stage_or_base_is_fine(write_spec):
+    def edit(data):
+        data["stages"][0]["from"] = "base"
+        data["stages"][1]["from"] = "pretrain"
+
+    assert [s.start_from for s in load_spec(write_spec(edit)).pipeline.stages] == ["base", "pretrain"]
+
+
+def test_several_semantic_problems_are_reported_in_one_error(write_spec):
+    def edit(data):
+        data["corpora"]["web"]["path"] = "data/nothing.jsonl"
+        data["stages"][0]["mixture"]["books"] = 1.0
+        data["stages"][0]["from"] = "sft"
+        data["stages"][1]["name"] = "pretrain"
+        data["stages"][1]["global_batch_tokens"] = 1000
+
+    message, problems = _problems(write_spec, edit)
+    assert len(problems) == 5, problems
+    assert message.splitlines()[0].endswith("5 problem(s) in the pipeline spec:")
+    paths = {p.split(":")[0] for p in problems}
+    assert paths == {
+        "corpora.web.path",
+        "stages[0].mixture.books",
+        "stages[0].from",
+        "stages[1].name",
+        "stages[1].global_batch_tokens",
+    }
+    assert all("Fix:" in p for p in problems)
+
+
+def test_several_structural_problems_are_reported_in_one_error(write_spec):
+    def edit(data):
+        data["modle"] = data.pop("model")
+        data["stages"][0]["tokens"] = -5
+        data["corpora"]["web"]["kind"] = "audio"
+
+    _, problems = _problems(write_spec, edit)
+    paths = sorted(p.split(":")[0] for p in problems)
+    assert paths == ["corpora.web.kind", "model", "modle", "stages[0].tokens"]
+    assert "did you mean 'model'?" in next(p for p in problems if p.startswith("modle"))
+
+
+def test_missing_spec_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_validate_exits_2_with_the_message_and_no_traceback(write_spec, capsys):
+    path = write_spec(lambda d: d["stages"][1]["mixture"].update(books=0.5))
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("mixloop: error: ")
+    assert "stages[1].mixture.books: unknown corpus" in err
+    assert "Traceback" not in err
+
+
+def test_cli_validate_accepts_a_valid_spec(write_spec, capsys):
+    assert main(["validate", str(write_spec())]) == 0
+    out, err = capsys.readouterr()
+    assert "valid" in out and "pretrain, sft" in out and err == ""
+
+
+# ---------------------------------------------------------------- resolved stages
+
+
+def test_stage_settings_layer_builtin_then_defaults_then_stage(write_spec):
+    def edit(data):
+        data["defaults"].update(lr={"peak": 0.003, "warmup": 0.1}, workers=2, weight_decay=0.05)
+        data["stages"][1].update(lr={"peak": 0.001}, seq_len=128, workers={"min": 1, "max": 2})
+
+    pretrain, sft = load_spec(write_spec(edit)).resolved_stages()
+    builtin = BUILTIN_DEFAULTS
+    # builtin defaults fill what nobody sets
+    assert pretrain["grad_clip"] == sft["grad_clip"] == builtin.grad_clip
+    assert pretrain["checkpoint_every"] == builtin.checkpoint_every
+    # defaults: override builtin
+    assert pretrain["seq_len"] == 64 and pretrain["weight_decay"] == sft["weight_decay"] == 0.05
+    assert (pretrain["min_workers"], pretrain["max_workers"]) == (2, 2)
+    # the stage overrides defaults
+    assert sft["seq_len"] == 128 and (sft["min_workers"], sft["max_workers"]) == (1, 2)
+    # lr merges field by field: stage peak, defaults warmup, builtin decay and floor
+    assert pretrain["lr"] == {**builtin.lr.model_dump(), "peak": 0.003, "warmup": 0.1}
+    assert sft["lr"] == {**builtin.lr.model_dump(), "peak": 0.001, "warmup": 0.1}
+    assert None not in sft["lr"].values()
+    assert (sft["name"], sft["tokens"]) == ("sft", 50_000)
+
+
+def test_mixture_weights_are_normalised_and_loss_weights_filled(write_spec):
+    def edit(data):
+        data["stages"][1]["mixture"] = {"chat": 3, "web": 1}
+        data["stages"][1]["loss_weights"] = {"chat": 2.0}
+
+    _, sft = load_spec(write_spec(edit)).resolved_stages()
+    assert sft["mixture"] == {
+        "chat": {"from": pytest.approx(0.75), "to": pytest.approx(0.75)},
+        "web": {"from": pytest.approx(0.25), "to": pytest.approx(0.25)},
+    }
+    assert sft["loss_weights"] == {"chat": 2.0, "web": 1.0}
+
+
+def test_ramped_weight_is_normalised_at_each_end(write_spec):
+    def edit(data):
+        data["stages"][1]["mixture"] = {"chat": 0.7, "web": {"from": 0.3, "to": 0.1}}
+
+    _, sft = load_spec(write_spec(edit)).resolved_stages()
+    mixture = sft["mixture"]
+    assert sum(w["from"] for w in mixture.values()) == pytest.approx(1.0)
+    assert sum(w["to"] for w in mixture.values()) == pytest.approx(1.0)
+    assert mixture["web"]["from"] == pytest.approx(0.3)
+    assert mixture["web"]["to"] == pytest.approx(0.1 / 0.8)
+    assert mixture["web"]["to"] < mixture["web"]["from"]
+
+
+def test_resolved_stage_is_plain_json(write_spec):
+    for stage in load_spec(write_spec()).resolved_stages():
+        assert json.loads(json.dumps(stage)) == stage
+
+
+# ---------------------------------------------------------------- every shipped spec
+
+
+def test_there_are_shipped_specs():
+    assert JOBS, "jobs/ should hold at least the quickstart"
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    stages = spec.resolved_stages()
+    assert stages and all(re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", s["name"]) for s in stages)
+    for stage in stages:
+        assert sum(w["from"] for w in stage["mixture"].values()) == pytest.approx(1.0)
+        assert stage["global_batch_tokens"] % stage["seq_len"] == 0
