@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from support import generated_spec, write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mixloop.cli import main
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
@@ -27,7 +28,7 @@ def metrics(workdir: Path, stage: str) -> list[dict]:
     return [m for m in map(json.loads, lines) if m["stage"] == stage]
 
 
-def test_one_stage_on_two_workers(ray_address, tmp_path):
+def test_one_stage_on_two_workers(ray_address, tmp_path, capsys):
     workdir = tmp_path / "run"
     spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED])))
     result = Pipeline(spec, log=lambda line: None).run()
@@ -47,6 +48,12 @@ def test_one_stage_on_two_workers(ray_address, tmp_path):
     for loss in result["matrix"]["mixed"].values():
         assert loss is not None
     assert all(result["matrix"]["mixed"][c]["loss"] < result["matrix"]["base"][c]["loss"] for c in ("facts", "chats"))
+
+    assert main(["models", "list", str(workdir)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == ["base", "mixed"]
+    assert main(["models", "show", str(workdir), "mixed"]) == 0
+    assert json.loads(capsys.readouterr().out)["parent"] == "base"
 
     # The version is an ordinary Hugging Face model with a chat template.
     model = AutoModelForCausalLM.from_pretrained(version)

@@ -1,0 +1,80 @@
+"""A continual pipeline over the real corpora in ../shared/data with MiniMind's tokenizer.
+
+pretrain on Shakespeare -> SFT on GSM8K chats -> continue pretraining on medical text with
+Shakespeare replayed; then a re-run is a no-op and an appended stage trains alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support import SHARED_DATA, write_spec
+
+from mixloop.pipeline import Pipeline
+from mixloop.registry import list_versions
+from mixloop.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    {"name": "pretrain", "mixture": {"shakespeare": 1.0}, "tokens": 163840},
+    {"name": "sft", "mixture": {"gsm8k": 0.8, "shakespeare": 0.2}, "tokens": 65536, "lr": {"peak": 0.001}},
+    {"name": "medical", "mixture": {"medical": {"from": 0.7, "to": 0.9}, "shakespeare": {"from": 0.3, "to": 0.1}}, "tokens": 98304,
+     "lr": {"peak": 0.002, "decay": "wsd"}},
+]
+MEDICAL_SFT = {"name": "medical-sft", "mixture": {"medical_chat": 0.6, "gsm8k": 0.4}, "tokens": 32768,
+               "lr": {"peak": 0.001}}
+
+
+def spec_dict(workdir, stages):
+    data = SHARED_DATA
+    return {
+        "name": "shared-data", "workdir": str(workdir), "seed": 1,
+        "tokenizer": {"path": str(data / "tokenizer")},
+        "model": {"preset": "tiny"},
+        "corpora": {
+            "shakespeare": {"kind": "text", "path": str(data / "pretrain/en_tinyshakespeare.jsonl"),
+                            "eval": str(data / "eval/pretrain_en.jsonl")},
+            "gsm8k": {"kind": "chat", "path": str(data / "sft/en_gsm8k.jsonl"), "eval": str(data / "eval/sft_en.jsonl")},
+            "medical": {"kind": "text", "path": str(data / "domain/medical_en_medquad.jsonl"),
+                        "eval": str(data / "eval/domain_medical_en.jsonl")},
+            "medical_chat": {"kind": "chat", "path": str(data / "sft/en_medical_medquad.jsonl"),
+                             "eval": str(data / "eval/sft_medical_en.jsonl")},
+        },
+        "defaults": {"seq_len": 256, "global_batch_tokens": 8192, "micro_batch_rows": 8, "workers": 1,
+                     "cpus_per_worker": 2, "checkpoint_every": 10, "log_every": 5, "eval_rows": 16,
+                     "lr": {"peak": 0.004, "warmup": 0.1}},
+        "stages": stages,
+    }
+
+
+def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
+    workdir = tmp_path / "run"
+    spec_path = write_spec(tmp_path, spec_dict(workdir, STAGES))
+    first = Pipeline(load_spec(spec_path), log=lambda line: None).run()
+    assert first["trained"] == ["pretrain", "sft", "medical"]
+    matrix = first["matrix"]
+    for version in ("pretrain", "sft", "medical"):
+        for corpus in ("shakespeare", "gsm8k", "medical"):
+            assert matrix[version][corpus]["loss"] < matrix["base"][corpus]["loss"], (version, corpus)
+    # Uptake: the medical stage lowers medical loss against its parent.
+    assert matrix["medical"]["medical"]["loss"] < matrix["sft"]["medical"]["loss"]
+    assert (workdir / "eval" / "table.txt").read_text().startswith("version")
+    lineage = json.loads((workdir / "models" / "medical" / "lineage.json").read_text())
+    assert lineage["parent"] == "sft"
+    assert lineage["stage"]["mixture"]["shakespeare"] == {"from": 0.3, "to": 0.1}
+
+    trained_before = sorted(p.name for p in (workdir / "train").iterdir())
+    prepared_before = (workdir / "cache" / "prepare.jsonl").read_text()
+    again = Pipeline(load_spec(spec_path), log=lambda line: None).run()
+    assert again["trained"] == []
+    assert sorted(p.name for p in (workdir / "train").iterdir()) == trained_before
+    assert (workdir / "cache" / "prepare.jsonl").read_text() == prepared_before, "a re-run tokenized again"
+
+    appended = write_spec(tmp_path, spec_dict(workdir, STAGES + [MEDICAL_SFT]))
+    third = Pipeline(load_spec(appended), log=lambda line: None).run()
+    assert third["trained"] == ["medical-sft"]
+    assert [v["version"] for v in list_versions(str(workdir))] == ["base", "pretrain", "sft", "medical", "medical-sft"]
+    assert json.loads((workdir / "models" / "medical-sft" / "lineage.json").read_text())["parent"] == "medical"
+    assert third["matrix"]["medical-sft"]["medical_chat"]["loss"] < third["matrix"]["medical"]["medical_chat"]["loss"]

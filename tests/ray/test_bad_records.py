@@ -1,0 +1,79 @@
+"""Bad records are counted, quarantined with file, line and reason, and stop the run past the limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support import write_spec
+
+from mixloop.errors import DataError
+from mixloop.pipeline import Pipeline
+from mixloop.spec import load_spec
+
+GOOD_TEXT = [json.dumps({"text": f"document number {i} is fine."}).encode() for i in range(12)]
+BAD_TEXT = [
+    (b'{"text": "unterminated', "malformed JSON"),
+    (b'{"text": "caf\xe9"}', "not UTF-8"),
+    (b'{"body": "wrong field"}', "missing field 'text'"),
+    (b'{"text": "   "}', "is empty"),
+    (b'{"text": 42}', "must be a string"),
+]
+GOOD_CHAT = [json.dumps({"conversations": [{"role": "user", "content": f"q{i}"},
+                                           {"role": "assistant", "content": f"a{i}"}]}).encode() for i in range(8)]
+BAD_CHAT = [
+    (json.dumps({"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
+     "unknown role 'robot'"),
+    (json.dumps({"conversations": [{"role": "user", "content": "only a question"}]}).encode(), "no assistant turn"),
+]
+
+
+def corpus_file(path, good, bad):
+    lines = good[:3] + [line for line, _ in bad] + good[3:]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return {reason: 4 + index for index, (_, reason) in enumerate(bad)}  # 1-based line numbers
+
+
+def spec_for(tmp_path, max_bad_fraction):
+    text_lines = corpus_file(tmp_path / "text.jsonl", GOOD_TEXT, BAD_TEXT)
+    chat_lines = corpus_file(tmp_path / "chat.jsonl", GOOD_CHAT, BAD_CHAT)
+    spec = {
+        "name": "bad", "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
+        "corpora": {
+            "text": {"kind": "text", "path": str(tmp_path / "text.jsonl"), "max_bad_fraction": max_bad_fraction},
+            "chat": {"kind": "chat", "path": str(tmp_path / "chat.jsonl"), "max_bad_fraction": max_bad_fraction},
+        },
+        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+        "stages": [{"name": "s", "mixture": {"text": 1, "chat": 1}, "tokens": 128}],
+    }
+    return load_spec(write_spec(tmp_path, spec)), text_lines, chat_lines
+
+
+def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, tmp_path):
+    spec, text_lines, chat_lines = spec_for(tmp_path, max_bad_fraction=0.5)
+    pipeline = Pipeline(spec, log=lambda line: None)
+    pipeline.prepare_all(pipeline.tokenizer_dir())
+    for corpus, expected, good in (("text", text_lines, GOOD_TEXT), ("chat", chat_lines, GOOD_CHAT)):
+        rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects" / f"{corpus}-train").glob("*.jsonl")
+                   for line in f.read_text().splitlines()]
+        assert len(rejects) == len(expected)
+        for reason, line in expected.items():
+            match = [r for r in rejects if reason in r["reason"]]
+            assert len(match) == 1, (reason, rejects)
+            assert match[0]["where"].endswith(f"{corpus}.jsonl:{line}")
+        manifest = json.loads(next((tmp_path / "run" / "cache").glob(f"{corpus}-train-*/manifest.json")).read_text())
+        assert manifest["documents"] == len(good)
+        assert manifest["rejected"] == len(expected)
+
+
+def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
+    spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.1)
+    with pytest.raises(DataError) as error:
+        Pipeline(spec, log=lambda line: None).run()
+    message = str(error.value)
+    assert "corpus 'text'" in message or "corpus 'chat'" in message
+    assert "max_bad_fraction" in message and "rejects" in message
+    assert "text.jsonl:4" in message or "chat.jsonl:4" in message  # first examples with their lines
+    assert not (tmp_path / "run" / "train").exists()
+    assert not list((tmp_path / "run" / "cache").glob("*/manifest.json")), "a rejected corpus must not be cached"
