@@ -20,7 +20,7 @@ def write_spec(folder: Path, spec: dict, name: str = "pipeline.yaml") -> Path:
 def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
     """A small pipeline on generated corpora: general text and chats, micro model, 2 workers."""
     settings = {"seq_len": 64, "global_batch_tokens": 1024, "micro_batch_rows": 4, "workers": 2,
-                "cpus_per_worker": 1, "checkpoint_every": 5, "log_every": 5, "eval_rows": 8,
+                "cpus_per_worker": 1, "checkpoint_every": 5, "log_every": 5,
                 "lr": {"peak": 0.003, "warmup": 0.1}}
     settings.update(defaults)
     return {
@@ -33,4 +33,5 @@ def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
         },
         "defaults": settings,
         "stages": stages,
+        "eval_rows": 8,
     }

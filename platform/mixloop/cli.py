@@ -77,6 +77,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_data_preview(args) -> int:
+    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.spec import load_spec
+
+    pipeline = Pipeline(load_spec(args.spec))
+    if args.stage and args.stage not in pipeline.spec.stage_names():
+        raise MixloopError(f"no stage {args.stage!r}; stages: {', '.join(pipeline.spec.stage_names())}")
+    init_ray(args.address)
+    print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'share':>8}{'passes':>8}")
+    for r in pipeline.preview(args.stage):
+        print(f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
+              f"{r['rejected']:>9,}{r['share']:>8.1%}{r['epochs']:>8.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixloop", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mixloop {__version__}")
@@ -100,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("target", help="pipeline YAML or run directory")
     show.add_argument("version")
     show.set_defaults(func=cmd_models_show)
+
+    data = commands.add_parser("data", help="look at the data before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    preview = data_commands.add_parser("preview", help="per corpus: documents, tokens, rows, rejects, shares, passes")
+    preview.add_argument("spec")
+    preview.add_argument("--stage", help="only this stage")
+    preview.add_argument("--address")
+    preview.set_defaults(func=cmd_data_preview)
 
     evaluate = commands.add_parser("eval", help="evaluate every version on every eval split and print the table")
     evaluate.add_argument("spec")

@@ -64,8 +64,12 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
 
     from mixloop.registry import version_dir
 
+    from mixloop.registry import read_lineage
+
+    # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
+    models = {v: "{stage_hash}@{finished}".format(**read_lineage(workdir, v)) for v in versions}
     keys = {name: f"{read_manifest(folder)['key']}-{max_rows}" for name, folder in eval_dirs.items()}
-    matrix = {v: {c: _cached(workdir, v, c, keys[c]) for c in eval_dirs} for v in versions}
+    matrix = {v: {c: _cached(workdir, v, c, f"{models[v]}/{keys[c]}") for c in eval_dirs} for v in versions}
     remote = ray.remote(num_cpus=1)(_evaluate_version)
     pending = {}
     for version, row in matrix.items():
@@ -74,7 +78,7 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
             pending[version] = remote.remote(version_dir(workdir, version), missing, max_rows)
     for version, ref in pending.items():
         for corpus, result in ray.get(ref).items():
-            result["key"] = keys[corpus]
+            result["key"] = f"{models[version]}/{keys[corpus]}"
             write_json(_result_path(workdir, version, corpus), result)
             matrix[version][corpus] = result
     return matrix

@@ -20,14 +20,14 @@ from pathlib import Path
 import yaml
 
 from mixloop.data import synthetic
-from mixloop.data.prepare import CorpusRequest, prepare_corpora
+from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
 from mixloop.data.mixplan import MixPlan
-from mixloop.data.store import is_local, join, read_manifest, write_json
+from mixloop.data.store import join, read_manifest, write_json
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions, format_matrix
 from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
 from mixloop.registry import list_versions, now, publish, read_lineage, version_dir
-from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, Spec, resolve_stage, stage_hash
+from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, Spec, expand_files, resolve_stage, stage_hash
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 Log = Callable[[str], None]
@@ -57,8 +57,6 @@ class Pipeline:
         self.pipeline = spec.pipeline
         self.workdir = spec.workdir
         self.log = log
-        if not is_local(self.workdir):
-            raise MixloopError("a remote workdir is not supported yet; use a local path")
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ inputs
@@ -76,10 +74,18 @@ class Pipeline:
         return files
 
     def tokenizer_dir(self) -> str:
-        """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora."""
+        """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
+        Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
         target = join(self.workdir, "tokenizer")
         spec = self.pipeline.tokenizer
+        source = {"spec": spec.model_dump(),
+                  "files": tokenizer_fingerprint(self.spec.path(spec.path)) if spec.path else None}
+        record = Path(self.workdir, "tokenizer-source.json")
         if Path(target, "tokenizer.json").exists():
+            if not record.exists() or json.loads(record.read_text()) != source:
+                raise StageConflictError(
+                    f"{target} was made from another tokenizer spec or files, and the versions here use it. "
+                    "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section.")
             return target
         staging = tempfile.mkdtemp(dir=self.workdir, prefix=".tokenizer-")
         try:
@@ -88,24 +94,22 @@ class Pipeline:
             else:
                 self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 train_tokenizer(self._tokenizer_texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
+            record.write_text(json.dumps(source))
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _tokenizer_texts(self, budget: int):
-        from mixloop.data.prepare import iter_records, list_chunks
-        from mixloop.spec import expand_files
-
+        """Text of every corpus, an equal share of `budget` bytes from each."""
         for name, corpus in self.pipeline.corpora.items():
             share = budget // len(self.pipeline.corpora)
-            for chunk in list_chunks(expand_files(self.corpus_files(name)["train"]), corpus.format):
-                for _, record in iter_records(chunk):
-                    if share <= 0:
-                        break
-                    text = _record_text(record)
-                    share -= len(text.encode())
-                    yield text
+            chunks = list_chunks(expand_files(self.corpus_files(name)["train"]), corpus.format)
+            for text in (_record_text(record) for chunk in chunks for _, record in iter_records(chunk)):
+                if share <= 0:
+                    break
+                share -= len(text.encode())
+                yield text
 
     def prepare_all(self, tokenizer_dir: str) -> None:
         """Pack, in one Ray Data job, every corpus split the spec uses that the cache lacks, so bad
@@ -155,7 +159,6 @@ class Pipeline:
 
     def run(self) -> dict:
         """Train every missing stage, evaluate, print and store the eval matrix."""
-        write_json(join(self.workdir, "pipeline.json"), self.pipeline.model_dump(mode="json", by_alias=True))
         Path(self.workdir, "pipeline.yaml").write_text(
             yaml.safe_dump(self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
         tokenizer_dir = self.tokenizer_dir()
@@ -193,8 +196,7 @@ class Pipeline:
         from mixloop.train.loop import STATE_FILE
 
         corpus_dirs = {n: self.packed(n, "train", stage["seq_len"]) for n in stage["mixture"]}
-        rows_per_step = stage["global_batch_tokens"] // stage["seq_len"]
-        total_steps = math.ceil(stage["tokens"] / stage["global_batch_tokens"])
+        rows_per_step, total_steps = _steps(stage)
         start_lr = parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0
         job = {
             "pipeline": self.pipeline.name, "stage": stage, "corpus_dirs": corpus_dirs,
@@ -226,9 +228,29 @@ class Pipeline:
         self.log(f"stage {stage['name']}: published version {stage['name']}")
         return read_lineage(self.workdir, stage["name"])
 
+    def preview(self, stage_name: str | None = None) -> list[dict]:
+        """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""
+        self.prepare_all(self.tokenizer_dir())
+        report = []
+        for stage in self.spec.resolved_stages():
+            if stage_name not in (None, stage["name"]):
+                continue
+            folders = {n: self.packed(n, "train", stage["seq_len"]) for n in stage["mixture"]}
+            rows_per_step, total_steps = _steps(stage)
+            plan = _stage_plan(stage, folders, rows_per_step * total_steps)
+            realised, epochs = plan.rows_per_corpus(), plan.epochs()
+            for name, folder in folders.items():
+                manifest = read_manifest(folder)
+                report.append({
+                    "stage": stage["name"], "corpus": name, "documents": manifest["documents"],
+                    "tokens": manifest["tokens"], "rows": manifest["rows"], "rejected": manifest["rejected"],
+                    "share": realised[name] / (rows_per_step * total_steps), "epochs": epochs[name],
+                })
+        return report
+
     def evaluate(self) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""
-        seq_len, rows = self._default("seq_len"), self._default("eval_rows")
+        seq_len, rows = self._default("seq_len"), self.pipeline.eval_rows
         eval_dirs = {n: self.packed(n, "eval", seq_len) for n in self.pipeline.corpora if "eval" in self.corpus_files(n)}
         versions = [v["version"] for v in list_versions(self.workdir)]
         return evaluate_versions(self.workdir, versions, eval_dirs, rows)
@@ -238,10 +260,13 @@ class Pipeline:
         return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
 
 
+def _steps(stage: dict) -> tuple[int, int]:
+    """Rows per optimizer step and the stage's steps (its token budget rounded up to whole steps)."""
+    return stage["global_batch_tokens"] // stage["seq_len"], math.ceil(stage["tokens"] / stage["global_batch_tokens"])
+
+
 def _stage_plan(stage: dict, corpus_dirs: dict[str, str], total_rows: int) -> MixPlan:
-    names = list(stage["mixture"])
-    return MixPlan(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
-                   [read_manifest(corpus_dirs[n])["rows"] for n in names], total_rows, stage["seed"])
+    return MixPlan.for_stage(stage, {n: read_manifest(d)["rows"] for n, d in corpus_dirs.items()}, total_rows)
 
 
 def _record_text(record) -> str:

@@ -73,6 +73,9 @@ def _move_into_place(staging: str, target: str) -> None:
     hidden = Path(target).parent / f".{Path(target).name}.partial-{os.getpid()}"
     shutil.rmtree(hidden, ignore_errors=True)
     shutil.copytree(staging, hidden)
+    if Path(target, LINEAGE).exists():
+        shutil.rmtree(hidden)
+        raise FileExistsError(f"version {Path(target).name} was published meanwhile by another run")
     if Path(target).exists():  # an incomplete leftover (no lineage): readers already ignore it
         shutil.rmtree(target)
     os.replace(hidden, target)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
@@ -134,8 +134,8 @@ class StageSettings(Strict):
     """Rows per forward pass on one worker; gradient accumulation makes up the rest."""
     lr: LRSpec = Field(default_factory=LRSpec)
     """Learning-rate schedule; unset fields come from defaults."""
-    loss_weights: dict[str, float] | None = None
-    """Corpus name to a factor on its share of the loss (default 1)."""
+    loss_weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    """Corpus name to a factor on its share of the loss (default 1; balance: corpus only)."""
     balance: Literal["corpus", "token"] | None = None
     """corpus: average the loss within each corpus, then weight by its share of rows;
     token: a plain mean over supervised tokens."""
@@ -155,8 +155,6 @@ class StageSettings(Strict):
     """Train on one GPU per worker (NCCL, bf16 autocast)."""
     max_failures: int | None = Field(default=None, ge=0)
     """Worker-group restarts allowed before the stage fails."""
-    eval_rows: int | None = Field(default=None, gt=0)
-    """Packed rows of each eval split used to evaluate a version."""
 
 
 class StageSpec(StageSettings):
@@ -189,6 +187,8 @@ class PipelineSpec(Strict):
     """Settings every stage inherits unless it sets its own."""
     stages: list[StageSpec] = Field(min_length=1)
     """The ordered stages of the model's life."""
+    eval_rows: int = Field(default=64, gt=0)
+    """Packed rows of each eval split used to evaluate a version (at the defaults' seq_len)."""
 
 
 BUILTIN_DEFAULTS = StageSettings(
@@ -206,7 +206,6 @@ BUILTIN_DEFAULTS = StageSettings(
     cpus_per_worker=1.0,
     use_gpu=False,
     max_failures=2,
-    eval_rows=64,
 )
 
 
@@ -261,9 +260,17 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
     return json.loads(json.dumps(settings))
 
 
+# The settings that decide what a stage trains: its rows, their order and the updates. The others
+# (workers, CPUs, GPU, micro-batch size, logging and checkpoint intervals, restarts) may change between
+# runs, so a finished stage stays finished and an unfinished one resumes on another machine.
+TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "global_batch_tokens", "lr", "loss_weights", "balance",
+                     "weight_decay", "grad_clip", "seed", "start_from")
+
+
 def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
-    """Content hash of a stage: its resolved settings and everything it starts from."""
-    payload = json.dumps({"stage": resolved_stage, "parent": parent_hash}, sort_keys=True)
+    """Content hash of a stage: the settings that decide its training, and what it starts from."""
+    trajectory = {key: resolved_stage[key] for key in TRAJECTORY_FIELDS if key in resolved_stage}
+    payload = json.dumps({"stage": trajectory, "parent": parent_hash}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -365,6 +372,9 @@ def _field_doc(loc: tuple) -> str | None:
 def _semantic_problems(spec: Spec) -> list[str]:
     pipeline = spec.pipeline
     problems = _tokenizer_problems(spec) + _model_problems(spec)
+    if "://" in pipeline.workdir and not pipeline.workdir.startswith("file://"):
+        problems.append("workdir: a remote run directory is not supported yet (corpora may be remote). "
+                        "Fix: use a local or shared-filesystem path.")
     for name, corpus in pipeline.corpora.items():
         problems += _corpus_problems(spec, name, corpus)
     for corpus in pipeline.defaults.loss_weights or {}:
@@ -434,9 +444,13 @@ def _stage_problems(spec: Spec, index: int, stage: StageSpec, earlier: list[str]
     for corpus in stage.loss_weights or {}:
         if corpus not in stage.mixture:
             problems.append(f"{where}.loss_weights.{corpus}: not in this stage's mixture. Fix: remove it or add the corpus to the mixture.")
+    resolved = resolve_stage(spec.pipeline, stage)
+    if stage.mixture and not any(resolved["loss_weights"][c] > 0 for c in stage.mixture):
+        problems.append(f"{where}.loss_weights: every corpus of the stage has loss weight 0, so it would learn nothing. Fix: give one a positive weight.")
+    if resolved["balance"] == "token" and any(w != 1.0 for w in resolved["loss_weights"].values()):
+        problems.append(f"{where}.loss_weights: ignored with balance: token. Fix: use balance: corpus or remove loss_weights.")
     if stage.start_from is not None and stage.start_from not in earlier + [BASE_VERSION]:
         problems.append(f"{where}.from: {stage.start_from!r} is not an earlier stage. Fix: use base or one of: {', '.join(earlier) or '(none)'}.")
-    resolved = resolve_stage(spec.pipeline, stage)
     rows_per_step, rem = divmod(resolved["global_batch_tokens"], resolved["seq_len"])
     if rem or rows_per_step == 0:
         problems.append(f"{where}.global_batch_tokens: {resolved['global_batch_tokens']} is not a multiple of seq_len {resolved['seq_len']}. Fix: make it one.")

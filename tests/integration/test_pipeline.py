@@ -43,9 +43,10 @@ def spec_dict(workdir, stages):
                              "eval": str(data / "eval/sft_medical_en.jsonl")},
         },
         "defaults": {"seq_len": 256, "global_batch_tokens": 8192, "micro_batch_rows": 8, "workers": 1,
-                     "cpus_per_worker": 2, "checkpoint_every": 10, "log_every": 5, "eval_rows": 16,
+                     "cpus_per_worker": 2, "checkpoint_every": 10, "log_every": 5,
                      "lr": {"peak": 0.004, "warmup": 0.1}},
         "stages": stages,
+        "eval_rows": 16,
     }
 
 

@@ -30,7 +30,8 @@ BAD_CHAT = [
 
 def corpus_file(path, good, bad):
     lines = good[:3] + [line for line, _ in bad] + good[3:]
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    if not path.exists():  # rewriting would change the files' identity and so the packed cache key
+        path.write_bytes(b"\n".join(lines) + b"\n")
     return {reason: 4 + index for index, (_, reason) in enumerate(bad)}  # 1-based line numbers
 
 
@@ -55,7 +56,7 @@ def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, t
     pipeline = Pipeline(spec, log=lambda line: None)
     pipeline.prepare_all(pipeline.tokenizer_dir())
     for corpus, expected, good in (("text", text_lines, GOOD_TEXT), ("chat", chat_lines, GOOD_CHAT)):
-        rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects" / f"{corpus}-train").glob("*.jsonl")
+        rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects").glob(f"{corpus}-train-*/*.jsonl")
                    for line in f.read_text().splitlines()]
         assert len(rejects) == len(expected)
         for reason, line in expected.items():
@@ -76,4 +77,12 @@ def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
     assert "max_bad_fraction" in message and "rejects" in message
     assert "text.jsonl:4" in message or "chat.jsonl:4" in message  # first examples with their lines
     assert not (tmp_path / "run" / "train").exists()
-    assert not list((tmp_path / "run" / "cache").glob("*/manifest.json")), "a rejected corpus must not be cached"
+
+    # The limit is checked on every run, also when the packed corpus comes from the cache.
+    spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.1)
+    with pytest.raises(DataError):
+        Pipeline(spec, log=lambda line: None).run()
+    spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.5)
+    pipeline = Pipeline(spec, log=lambda line: None)
+    pipeline.prepare_all(pipeline.tokenizer_dir())
+    assert len((tmp_path / "run" / "cache" / "prepare.jsonl").read_text().splitlines()) == 2, "tokenized twice"

@@ -20,7 +20,7 @@ from mixloop.cli import main
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
-MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 20480}
+MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
 
 
 def metrics(workdir: Path, stage: str) -> list[dict]:
@@ -28,32 +28,40 @@ def metrics(workdir: Path, stage: str) -> list[dict]:
     return [m for m in map(json.loads, lines) if m["stage"] == stage]
 
 
-def test_one_stage_on_two_workers(ray_address, tmp_path, capsys):
-    workdir = tmp_path / "run"
-    spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED])))
-    result = Pipeline(spec, log=lambda line: None).run()
+@pytest.fixture(scope="module")
+def uninterrupted(ray_address, tmp_path_factory):
+    """One stage run start to finish on two workers: (workdir, run result)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    spec = load_spec(write_spec(folder, generated_spec(folder / "run", [MIXED])))
+    return folder / "run", Pipeline(spec, log=lambda line: None).run()
+
+
+def test_one_stage_on_two_workers(uninterrupted, capsys):
+    workdir, result = uninterrupted
     assert result["trained"] == ["mixed"]
 
     version = workdir / "models" / "mixed"
     lineage = json.loads((version / "lineage.json").read_text())
     assert lineage["parent"] == "base"
-    assert lineage["metrics"]["steps"] == 20
+    assert lineage["metrics"]["steps"] == 40
     rows = lineage["rows_per_corpus"]
     assert abs(rows["facts"] / (rows["facts"] + rows["chats"]) - 0.75) <= 0.01
     assert set(lineage["tokens_per_corpus"]) == {"facts", "chats"}
 
     logged = metrics(workdir, "mixed")
-    assert [m["step"] for m in logged] == [5, 10, 15, 20]
+    assert [m["step"] for m in logged] == list(range(5, 41, 5))
     assert logged[-1]["loss"] < logged[0]["loss"]
     for loss in result["matrix"]["mixed"].values():
         assert loss is not None
     assert all(result["matrix"]["mixed"][c]["loss"] < result["matrix"]["base"][c]["loss"] for c in ("facts", "chats"))
 
+    capsys.readouterr()  # Ray's log monitor may still print worker lines: read only our own below
     assert main(["models", "list", str(workdir)]) == 0
-    listing = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listing] == ["base", "mixed"]
+    listing = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "parent=" in line]
+    assert listing == ["base", "mixed"]
     assert main(["models", "show", str(workdir), "mixed"]) == 0
-    assert json.loads(capsys.readouterr().out)["parent"] == "base"
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["parent"] == "base"
 
     # The version is an ordinary Hugging Face model with a chat template.
     model = AutoModelForCausalLM.from_pretrained(version)
@@ -66,10 +74,9 @@ def test_one_stage_on_two_workers(ray_address, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, tmp_path):
-    stage = {**MIXED, "tokens": 40960}  # 40 steps, a checkpoint every 5
+def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, uninterrupted, tmp_path):
     interrupted = tmp_path / "interrupted"
-    spec_path = write_spec(tmp_path / "a", generated_spec(interrupted, [stage]))
+    spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED]))
     driver = subprocess.Popen(
         [sys.executable, "-m", "mixloop.cli", "run", str(spec_path), "--address", ray_address],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -90,10 +97,8 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     assert lineage["metrics"]["resumed_from"] >= 10
     assert [m["step"] for m in metrics(interrupted, "mixed")].count(5) == 1, "the resumed run started again at step 0"
 
-    uninterrupted = tmp_path / "uninterrupted"
-    Pipeline(load_spec(write_spec(tmp_path / "b", generated_spec(uninterrupted, [stage]))), log=lambda l: None).run()
     resumed = load_file(interrupted / "models" / "mixed" / "model.safetensors")
-    straight = load_file(uninterrupted / "models" / "mixed" / "model.safetensors")
+    straight = load_file(uninterrupted[0] / "models" / "mixed" / "model.safetensors")
     assert resumed.keys() == straight.keys()
     for name in resumed:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4)

@@ -289,3 +289,32 @@ def test_every_shipped_spec_validates(path):
     for stage in stages:
         assert sum(w["from"] for w in stage["mixture"].values()) == pytest.approx(1.0)
         assert stage["global_batch_tokens"] % stage["seq_len"] == 0
+
+
+def test_loss_weights_that_silence_a_stage_or_are_ignored(write_spec):
+    def edit(data):
+        data["stages"][0]["loss_weights"] = {"web": 0.0}
+        data["stages"][1].update(balance="token", loss_weights={"chat": 2.0})
+
+    message, problems = _problems(write_spec, edit)
+    assert any(p.startswith("stages[0].loss_weights:") and "learn nothing" in p for p in problems)
+    assert any(p.startswith("stages[1].loss_weights:") and "balance: token" in p for p in problems)
+
+
+def test_remote_workdir_is_refused_before_any_work(write_spec):
+    message, problems = _problems(write_spec, lambda data: data.update(workdir="s3://bucket/run"))
+    assert any(p.startswith("workdir:") and "Fix:" in p for p in problems)
+
+
+def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec):
+    from mixloop.spec import stage_hash
+
+    def digest(edit):
+        spec = load_spec(write_spec(edit))
+        return stage_hash(spec.resolved_stages()[0], "parent")
+
+    plain = digest(None)
+    assert digest(lambda d: d["defaults"].update(workers=2, cpus_per_worker=0.5, checkpoint_every=7)) == plain
+    assert digest(lambda d: d["defaults"].update(micro_batch_rows=4, log_every=3, use_gpu=True)) == plain
+    assert digest(lambda d: d["stages"][0].update(lr={"peak": 0.01})) != plain
+    assert digest(lambda d: d["stages"][0].update(tokens=200_000)) != plain

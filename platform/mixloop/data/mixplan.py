@@ -49,6 +49,13 @@ class MixPlan:
         self.seed = int(seed)
         self._cumulative = self._apportion_blocks()
 
+    @classmethod
+    def for_stage(cls, stage: dict, corpus_rows: dict[str, int], total_rows: int) -> "MixPlan":
+        """The plan of a resolved stage (see spec.resolve_stage) over corpora of the given sizes."""
+        names = list(stage["mixture"])
+        return cls(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
+                   [corpus_rows[n] for n in names], total_rows, stage["seed"])
+
     def _block_weights(self, block: int) -> np.ndarray:
         middle = (block * BLOCK + BLOCK / 2) / max(self.total_rows, 1)
         weights = self.start + (self.end - self.start) * min(middle, 1.0)
@@ -110,10 +117,11 @@ class MixPlan:
         return zlib.crc32(f"{self.seed}/{self.names[corpus]}/{epoch}".encode())
 
     def rows_per_corpus(self) -> dict[str, int]:
-        """Realised rows of each corpus over the whole stage."""
-        corpus, _ = self.rows(0, self.total_rows)
-        counts = np.bincount(corpus, minlength=len(self.names))
-        return dict(zip(self.names, counts.tolist()))
+        """Realised rows of each corpus over the whole stage (the last block may be cut short)."""
+        last = (self.total_rows - 1) // BLOCK
+        corpus, _ = self._block(last)
+        tail = np.bincount(corpus[: self.total_rows - last * BLOCK], minlength=len(self.names))
+        return dict(zip(self.names, (self._cumulative[last] + tail).tolist()))
 
     def epochs(self) -> dict[str, float]:
         """How many passes over each corpus the stage makes (above 1 means repeats)."""

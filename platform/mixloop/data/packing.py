@@ -17,9 +17,13 @@ import torch
 
 
 class Packer:
-    """Greedy packer. Text may continue into the next row (as a new segment: it
-    cannot attend back across rows); a chat that fits a row is never split, so its
-    answers keep their prompt. Anything longer than a row is cut into row-sized pieces."""
+    """Greedy packer, in document order.
+
+    Text fills rows completely: a document that does not fit continues in the next
+    row as a new segment (it cannot attend back across rows, and the token at the
+    cut is not a target). A chat that fits in a row is never split, so its answers
+    keep their prompt; the rest of the row is padding. A chat longer than a row is
+    cut like text."""
 
     def __init__(self, seq_len: int, pad_id: int, split_documents: bool):
         self.seq_len = seq_len

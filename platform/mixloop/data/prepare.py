@@ -55,7 +55,7 @@ def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
             with fs.open(inner, "rb") as f:
                 groups = pq.ParquetFile(f).num_row_groups
             spans = [(g, g + 1) for g in range(groups)]
-        elif path.endswith(".gz"):
+        elif path.lower().endswith(".gz"):
             spans = [(0, -1)]
         else:
             size = fs.size(inner)
@@ -76,7 +76,7 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
         for index, row in enumerate(table.to_pylist()):
             yield f"{chunk['file']}:row-group {chunk['start']} row {index}", row
         return
-    compression = "gzip" if chunk["file"].endswith(".gz") else None
+    compression = "gzip" if chunk["file"].lower().endswith(".gz") else None
     with fs.open(inner, "rb", compression=compression) as f:
         start, end = chunk["start"], chunk["end"]
         if start > 0:
@@ -181,8 +181,11 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
             raise DataError(f"corpus {request.name!r} ({request.split}): no file matches {request.pattern!r}")
         key = corpus_key(files, request.kind, tokenizer_fp, request.seq_len)
         folders[request] = join(workdir, "cache", f"{request.name}-{request.split}-{key}")
-        if read_manifest(folders[request]) is None:
+        manifest = read_manifest(folders[request])
+        if manifest is None:
             todo[request] = (key, files)
+        else:  # the limit may have changed since the corpus was prepared
+            _check_quality(request, manifest, _rejects_dir(workdir, request, key))
     if not todo:
         return folders
     started = time.time()
@@ -190,20 +193,22 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
     for index, (request, (key, files)) in enumerate(todo.items()):
         for chunk in list_chunks(files, request.fmt):
             chunk.update(request=index, kind=request.kind, seq_len=request.seq_len, out_dir=folders[request],
-                         rejects_dir=_rejects_dir(workdir, request))
+                         rejects_dir=_rejects_dir(workdir, request, key))
             chunks.append(chunk)
     summaries = _run_packers(chunks, tokenizer_dir)
     for index, (request, (key, files)) in enumerate(todo.items()):
         mine = [s for s in summaries if s["request"] == index]
         manifest = _manifest(request, key, files, mine)
-        _check_quality(request, manifest, mine, _rejects_dir(workdir, request))
         write_json(join(folders[request], MANIFEST), manifest)
         _log_preparation(workdir, manifest, time.time() - started)
+    # Checked on every use, not only when packed: the limit may change, the packed rows stay valid.
+    for request, (key, _) in todo.items():
+        _check_quality(request, read_manifest(folders[request]), _rejects_dir(workdir, request, key))
     return folders
 
 
-def _rejects_dir(workdir: str, request: CorpusRequest) -> str:
-    return join(workdir, "rejects", f"{request.name}-{request.split}")
+def _rejects_dir(workdir: str, request: CorpusRequest, key: str) -> str:
+    return join(workdir, "rejects", f"{request.name}-{request.split}-{key}")
 
 
 def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
@@ -225,27 +230,27 @@ def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: lis
     return {
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
         "shards": [{"name": s["shard"], "rows": int(s["rows"])} for s in summaries if s["rows"]],
+        "reject_examples": [r for s in summaries for r in json.loads(s["first_rejects"])][:3],
         **totals,
     }
 
 
-def _check_quality(request: CorpusRequest, manifest: dict, summaries: list[dict], rejects_dir: str) -> None:
+def _check_quality(request: CorpusRequest, manifest: dict, rejects_dir: str) -> None:
     name, max_bad_fraction = request.name, request.max_bad_fraction
     seen = manifest["documents"] + manifest["rejected"]
     if manifest["documents"] == 0:
         raise DataError(f"corpus {name!r} ({manifest['split']}): no usable document in {len(manifest['files'])} file(s)"
-                        f"{_examples(summaries)}. Rejects: {rejects_dir}")
+                        f"{_examples(manifest)}. Rejects: {rejects_dir}")
     if manifest["rejected"] / seen > max_bad_fraction:
         raise DataError(
             f"corpus {name!r} ({manifest['split']}): {manifest['rejected']} of {seen} records are bad "
-            f"({manifest['rejected'] / seen:.1%} > max_bad_fraction {max_bad_fraction:.1%}){_examples(summaries)}. "
+            f"({manifest['rejected'] / seen:.1%} > max_bad_fraction {max_bad_fraction:.1%}){_examples(manifest)}. "
             f"All of them, with reasons, are in {rejects_dir}. Fix the data or raise max_bad_fraction."
         )
 
 
-def _examples(summaries) -> str:
-    examples = [r for s in summaries for r in json.loads(s["first_rejects"])][:3]
-    return "".join(f"\n    {r['where']}: {r['reason']}" for r in examples)
+def _examples(manifest: dict) -> str:
+    return "".join(f"\n    {r['where']}: {r['reason']}" for r in manifest["reject_examples"])
 
 
 def _log_preparation(workdir: str, manifest: dict, seconds: float) -> None:

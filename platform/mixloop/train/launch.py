@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -10,10 +14,12 @@ from mixloop.errors import MixloopError
 from mixloop.train.loop import train_stage
 
 
-def run_name(pipeline: str, stage: str, stage_hash: str) -> str:
-    """Deterministic, so a restarted driver resumes the stage; the hash keeps an edited stage from
-    resuming the old one's checkpoints."""
-    return f"{pipeline}.{stage}.{stage_hash}"
+def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, str]) -> str:
+    """Deterministic, so a restarted driver resumes the stage. The stage hash and the packed corpora's
+    keys keep an edited stage, or one whose files changed, from resuming checkpoints that followed
+    another sequence of rows."""
+    data = hashlib.sha256(json.dumps(sorted(Path(d).name for d in corpus_dirs.values())).encode()).hexdigest()
+    return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
 def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
@@ -27,7 +33,7 @@ def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
             num_workers=workers, use_gpu=stage["use_gpu"], resources_per_worker={"CPU": stage["cpus_per_worker"]}
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(job["pipeline"], stage["name"], stage_hash),
+            name=run_name(job["pipeline"], stage["name"], stage_hash, job["corpus_dirs"]),
             storage_path=join(workdir, "train"),
             failure_config=ray.train.FailureConfig(max_failures=stage["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -30,6 +30,7 @@ from mixloop.train.schedule import learning_rate
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 class StageJob(BaseModel):
@@ -50,17 +51,28 @@ class StageJob(BaseModel):
 class Progress:
     """Sums that are all-reduced at each report: loss and supervised tokens per corpus, tokens seen."""
 
-    def __init__(self, corpora: int):
-        self.loss = torch.zeros(corpora, dtype=torch.float64)
-        self.supervised = torch.zeros(corpora, dtype=torch.float64)
-        self.tokens = torch.zeros(corpora, dtype=torch.float64)
+    def __init__(self, corpora: int, device):
+        self.corpora, self.device = corpora, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros(self.corpora, dtype=torch.float64)
+        self.supervised = torch.zeros(self.corpora, dtype=torch.float64)
+        self.tokens = torch.zeros(self.corpora, dtype=torch.float64)
 
     def reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        packed = torch.stack([self.loss, self.supervised, self.tokens])
-        if dist.is_initialized():
-            dist.all_reduce(packed)
-        self.__init__(len(self.loss))
+        packed = all_reduce(torch.stack([self.loss, self.supervised, self.tokens]), self.device)
+        self.reset()
         return packed[0], packed[1], packed[2]
+
+
+def all_reduce(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Sum over workers. NCCL reduces only device tensors, so the sum travels through the device."""
+    if not dist.is_initialized():
+        return tensor
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
 
 
 def train_stage(config: dict) -> dict:
@@ -76,13 +88,12 @@ def train_stage(config: dict) -> dict:
     device = ray.train.torch.get_device()
     names = list(stage["mixture"])
     corpora = [PackedCorpus(job.corpus_dirs[name]) for name in names]
-    plan = MixPlan(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
-                   [len(c) for c in corpora], job.total_steps * job.rows_per_step, stage["seed"])
+    plan = MixPlan.for_stage(stage, {n: len(c) for n, c in zip(names, corpora)}, job.total_steps * job.rows_per_step)
 
     model, optimizer, state = _start(job, device)
     model = ray.train.torch.prepare_model(model)
     loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
-    progress = Progress(len(names))
+    progress = Progress(len(names), device)
     micro = stage["micro_batch_rows"]
     mine = list(range(rank, job.rows_per_step // micro, world))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
@@ -102,8 +113,9 @@ def train_stage(config: dict) -> dict:
             sync = position == len(batches) - 1
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
             labels = inputs.pop("labels")
-            with (nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()), autocast:
-                ce = token_ce(model(**inputs).logits, labels)
+            with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+                with autocast:
+                    ce = token_ce(model(**inputs).logits, labels)
                 per_token = weights[batch.corpus.to(device)][:, None] * (labels != -100)
                 # DDP averages gradients over workers; the loss is a sum over all of them.
                 (ce * per_token).sum().mul(world).backward()
@@ -146,8 +158,7 @@ def _token_weights(batches, corpus_of_row, corpora: int, loss_weights, balance, 
     supervised = torch.zeros(corpora, dtype=torch.float64)
     for batch in batches:
         supervised.index_add_(0, batch.corpus, (batch.inputs["labels"] != -100).sum(1).double())
-    if dist.is_initialized():
-        dist.all_reduce(supervised)
+    supervised = all_reduce(supervised, device)
     rows = torch.bincount(torch.as_tensor(corpus_of_row), minlength=corpora)
     return corpus_token_weights(supervised, rows, loss_weights, balance).float().to(device)
 
@@ -195,7 +206,10 @@ def _start(job: StageJob, device):
     optimizer = _optimizer(model, job.stage, device)
     if source is not None:
         optimizer.load_state_dict(torch.load(Path(source) / OPTIMIZER_FILE, weights_only=True, map_location=device))
-        torch.set_rng_state(torch.load(Path(source) / "rng.pt", weights_only=True))
+        rng = torch.load(Path(source) / RNG_FILE, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return model, optimizer, state
 
 
@@ -218,7 +232,9 @@ def _checkpoint(model, optimizer, state: dict, metrics: dict, rank: int) -> None
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.save_pretrained(folder, safe_serialization=True)
         torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-        torch.save(torch.get_rng_state(), os.path.join(folder, "rng.pt"))
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(folder, RNG_FILE))
         Path(folder, STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"step-{state['step']:07d}")
