@@ -155,6 +155,9 @@ class StageSettings(Strict):
     """Train on one GPU per worker (NCCL, bf16 autocast)."""
     max_failures: int | None = Field(default=None, ge=0)
     """Worker-group restarts allowed before the stage fails."""
+    nonfinite: Literal["stop", "skip"] | None = None
+    """On a non-finite loss or gradient: stop with an error (the last checkpoint stays), or skip
+    the step (counted in the metrics as skipped_steps)."""
 
 
 class StageSpec(StageSettings):
@@ -206,6 +209,7 @@ BUILTIN_DEFAULTS = StageSettings(
     cpus_per_worker=1.0,
     use_gpu=False,
     max_failures=2,
+    nonfinite="stop",
 )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,36 @@ MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 4
 def metrics(workdir: Path, stage: str) -> list[dict]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if m["stage"] == stage]
+
+
+def row_hashes(workdir: Path, stage: str) -> dict[int, str]:
+    """The rows each global step trained (a step redone after a restart counts once, as redone)."""
+    hashes = {}
+    for m in metrics(workdir, stage):
+        hashes.update({int(step): h for step, h in m["row_hashes"].items()})
+    return hashes
+
+
+def assert_same_training(workdir: Path, reference: Path) -> None:
+    """Same rows in the same order at every step, and the same final weights (CPU float tolerance)."""
+    assert row_hashes(workdir, "mixed") == row_hashes(reference, "mixed")
+    assert len(row_hashes(workdir, "mixed")) == 40
+    resumed = load_file(workdir / "models" / "mixed" / "model.safetensors")
+    straight = load_file(reference / "models" / "mixed" / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4)
+
+
+def wait_for_checkpoint(workdir: Path, step: int, still_running) -> None:
+    """Until the checkpoint folder of `step` exists. Ray may not have registered it yet when a
+    failure strikes (RAY_NOTES: the last report can be lost), so a restart may resume from the one
+    before: tests expect at least `step` - checkpoint_every."""
+    deadline = time.time() + 240
+    while not list(workdir.glob(f"train/*/step-{step:07d}")):
+        assert still_running(), "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"no checkpoint at step {step} within 4 minutes"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +113,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        deadline = time.time() + 240
-        while not list(interrupted.glob("train/*/step-0000010")):
-            assert driver.poll() is None, "the run ended before it could be interrupted"
-            assert time.time() < deadline, "no checkpoint at step 10 within 4 minutes"
-            time.sleep(0.2)
+        wait_for_checkpoint(interrupted, 15, lambda: driver.poll() is None)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -97,8 +124,25 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     assert lineage["metrics"]["resumed_from"] >= 10
     assert [m["step"] for m in metrics(interrupted, "mixed")].count(5) == 1, "the resumed run started again at step 0"
 
-    resumed = load_file(interrupted / "models" / "mixed" / "model.safetensors")
-    straight = load_file(uninterrupted[0] / "models" / "mixed" / "model.safetensors")
-    assert resumed.keys() == straight.keys()
-    for name in resumed:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4)
+    assert_same_training(interrupted, uninterrupted[0])
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, uninterrupted, tmp_path):
+    """SIGKILL of a training worker process, found through Ray's state API."""
+    from ray.util.state import list_actors
+
+    workdir = tmp_path / "run"
+    spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED])))
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(Pipeline(spec, log=lambda line: None).run()))
+    runner.start()
+    wait_for_checkpoint(workdir, 15, runner.is_alive)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    os.kill(workers[-1]["pid"], signal.SIGKILL)
+    runner.join(timeout=300)
+    assert outcome["trained"] == ["mixed"]
+    lineage = json.loads((workdir / "models" / "mixed" / "lineage.json").read_text())
+    assert lineage["metrics"]["resumed_from"] >= 10
+    assert_same_training(workdir, uninterrupted[0])

@@ -73,6 +73,11 @@ def append_line(path: str, line: str) -> None:
         f.write(existing + line + "\n")
 
 
+def read_lines(path: str) -> list[str]:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.cat_file(inner).decode().splitlines() if fs.exists(inner) else []
+
+
 class PackedCorpus:
     """Random access to the rows of one prepared corpus."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import ray.train
@@ -40,7 +41,7 @@ def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
             # Ray Train's own INFO lines (one per report and rank) would drown the progress lines,
             # and its print patch would show each of them twice.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_fault_injection()}},
         ),
     )
     try:
@@ -51,6 +52,11 @@ def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
             if user_error is not None:
                 raise user_error from None
         raise
+
+
+def _fault_injection() -> dict[str, str]:
+    """MIXLOOP_FAULT_* variables of the driver, for tests that inject faults into workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MIXLOOP_FAULT_")}
 
 
 def _find_user_error(error: BaseException | None) -> MixloopError | None:

@@ -9,7 +9,9 @@ rows from the plan.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -23,12 +25,14 @@ from pydantic import BaseModel, ConfigDict
 
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.packing import model_inputs
-from mixloop.data.store import PackedCorpus, append_line
+from mixloop.data.store import PackedCorpus, append_line, read_lines
+from mixloop.errors import MixloopError
 from mixloop.model import load_model
 from mixloop.train.loss import corpus_token_weights, token_ce
 from mixloop.train.schedule import learning_rate
 
 STATE_FILE = "trainer_state.json"
+FAULT_NAN_STEPS = "MIXLOOP_FAULT_NAN_STEPS"  # comma-separated steps whose loss is made NaN (tests)
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
@@ -92,43 +96,28 @@ def train_stage(config: dict) -> dict:
 
     model, optimizer, state = _start(job, device)
     model = ray.train.torch.prepare_model(model)
-    loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
+    step_trainer = StepTrainer(job, model, optimizer, names, rank, world, device)
     progress = Progress(len(names), device)
-    micro = stage["micro_batch_rows"]
-    mine = list(range(rank, job.rows_per_step // micro, world))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
-    if rank == 0 and state["step"]:
-        print(f"[{stage['name']}] resumed from checkpoint at step {state['step']}/{job.total_steps}", flush=True)
-    window_start, window_step = time.time(), state["step"]
+    if rank == 0 and state["resumed_from"] is not None:
+        print(_resume_line(job, state["step"]), flush=True)
+    window_start, window_step, row_hashes = time.time(), state["step"], {}
 
     for step in range(state["step"], job.total_steps):
         lr = learning_rate(step, job.total_steps, stage["lr"], job.start_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         corpus_of_row, row_index = plan.rows(step * job.rows_per_step, (step + 1) * job.rows_per_step)
-        batches = [MicroBatch(corpora, corpus_of_row[i * micro:(i + 1) * micro], row_index[i * micro:(i + 1) * micro])
-                   for i in mine]
-        weights = _token_weights(batches, corpus_of_row, len(names), loss_weights, stage["balance"], device)
-        for position, batch in enumerate(batches):
-            sync = position == len(batches) - 1
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
-            labels = inputs.pop("labels")
-            with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-                with autocast:
-                    ce = token_ce(model(**inputs).logits, labels)
-                per_token = weights[batch.corpus.to(device)][:, None] * (labels != -100)
-                # DDP averages gradients over workers; the loss is a sum over all of them.
-                (ce * per_token).sum().mul(world).backward()
-            _accumulate(progress, ce.detach().double().cpu(), batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        state["lr"] = lr
+        row_hashes[step + 1] = row_hash(corpus_of_row, row_index)
+        grad_norm = step_trainer.step(corpora, corpus_of_row, row_index, lr, progress, step)
+        if not math.isfinite(grad_norm):
+            if stage["nonfinite"] == "stop":
+                raise NonFiniteError(f"stage {stage['name']}: non-finite loss or gradient at step {step + 1}. "
+                                     "Its last good checkpoint is kept. Fix: lower lr.peak or set nonfinite: skip.")
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        state["step"], state["lr"] = step + 1, lr
 
         last = state["step"] == job.total_steps
         if state["step"] % stage["log_every"] == 0 or state["step"] % stage["checkpoint_every"] == 0 or last:
-            metrics = _metrics(job, names, progress, state, lr, float(grad_norm), window_start, window_step)
+            metrics = _metrics(job, names, progress, state, lr, grad_norm, window_start, window_step)
+            metrics["row_hashes"], row_hashes = row_hashes, {}
             window_start, window_step = time.time(), state["step"]
             if rank == 0:
                 append_line(job.metrics_path, json.dumps(metrics))
@@ -136,7 +125,68 @@ def train_stage(config: dict) -> dict:
             if state["step"] % stage["checkpoint_every"] == 0 or last:
                 _checkpoint(model, optimizer, state, metrics, rank)
     return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),
-            "resumed_from": state["resumed_from"]}
+            "resumed_from": state["resumed_from"], "skipped_steps": state.get("skipped_steps", 0)}
+
+
+class StepTrainer:
+    """One optimizer step: this worker's micro-batches of the global batch, accumulated."""
+
+    def __init__(self, job: StageJob, model, optimizer, names: list[str], rank: int, world: int, device):
+        self.job, self.model, self.optimizer, self.world, self.device = job, model, optimizer, world, device
+        stage = job.stage
+        self.micro = stage["micro_batch_rows"]
+        self.mine = list(range(rank, job.rows_per_step // self.micro, world))
+        self.loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
+        self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s}
+
+    def step(self, corpora, corpus_of_row, row_index, lr: float, progress: Progress, step: int) -> float:
+        """Train one step; returns the gradient norm (not finite: nothing was applied)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = self.micro
+        batches = [MicroBatch(corpora, corpus_of_row[i * micro:(i + 1) * micro], row_index[i * micro:(i + 1) * micro])
+                   for i in self.mine]
+        weights = _token_weights(batches, corpus_of_row, len(corpora), self.loss_weights,
+                                 self.job.stage["balance"], self.device)
+        losses = []
+        for position, batch in enumerate(batches):
+            sync = position == len(batches) - 1
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
+            labels = inputs.pop("labels")
+            with nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                with self.autocast:
+                    ce = token_ce(self.model(**inputs).logits, labels)
+                if step + 1 in self.nan_steps:  # fault injection for tests: a batch whose loss is NaN
+                    ce = ce * float("nan")
+                per_token = weights[batch.corpus.to(self.device)][:, None] * (labels != -100)
+                # DDP averages gradients over workers; the loss is a sum over all of them.
+                (ce * per_token).sum().mul(self.world).backward()
+            losses.append(ce.detach().double().cpu())
+        # After DDP's all-reduce every worker holds the same gradients, so all take the same decision.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.stage["grad_clip"]))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            for ce, batch in zip(losses, batches):
+                _accumulate(progress, ce, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+def row_hash(corpus_of_row: np.ndarray, row_index: np.ndarray) -> str:
+    """Identity of the rows one global step trains, to compare runs step by step."""
+    ids = np.stack([np.asarray(corpus_of_row, np.int64), np.asarray(row_index, np.int64)])
+    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+
+
+def _resume_line(job: StageJob, step: int) -> str:
+    """What a restart cost: steps trained since the checkpoint (to redo) and time since the last report."""
+    logged = [json.loads(line) for line in read_lines(job.metrics_path)]
+    logged = [m for m in logged if m["stage"] == job.stage["name"]]
+    redo = max([m["step"] for m in logged] + [step]) - step
+    since = time.time() - logged[-1]["time"] if logged else 0.0
+    return (f"[{job.stage['name']}] resumed from checkpoint at step {step}/{job.total_steps}: "
+            f"at least {redo} step(s) to redo, {since:.1f} s since the last report")
 
 
 class MicroBatch:
@@ -169,6 +219,10 @@ def _accumulate(progress: Progress, ce: torch.Tensor, batch: "MicroBatch") -> No
     progress.tokens.index_add_(0, batch.corpus, batch.real_tokens)
 
 
+class NonFiniteError(MixloopError):
+    """Training met a non-finite loss or gradient and the stage says to stop."""
+
+
 def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_step) -> dict:
     loss, supervised, tokens = progress.reduced()
     state["tokens"] = [a + float(b) for a, b in zip(state["tokens"], tokens)]
@@ -178,7 +232,7 @@ def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_st
     return {
         "stage": job.stage["name"], "step": state["step"], "total_steps": job.total_steps, "lr": lr,
         "loss": float(loss.sum() / supervised.sum().clamp(min=1)), "loss_per_corpus": per_corpus,
-        "grad_norm": grad_norm, "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
+        "grad_norm": grad_norm, "skipped_steps": state.get("skipped_steps", 0), "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
         "step_seconds": elapsed / steps, "tokens": dict(zip(names, state["tokens"])), "time": time.time(),
     }
 
