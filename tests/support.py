@@ -35,3 +35,22 @@ def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
         "stages": stages,
         "eval_rows": 8,
     }
+
+
+def open_in_browser(page: Path) -> tuple[list[tuple[str, bool]], list[str]]:
+    """Load a page in headless Chromium: (src, loaded) of every image, and console/page errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        tab = browser.new_page()
+        errors: list[str] = []
+        tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        tab.on("pageerror", lambda error: errors.append(str(error)))
+        tab.goto(page.as_uri(), wait_until="load")
+        images = tab.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        browser.close()
+    return [tuple(image) for image in images], errors

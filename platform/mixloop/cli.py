@@ -64,16 +64,14 @@ def cmd_models_show(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_report(args) -> int:
     from mixloop.pipeline import Pipeline, init_ray
     from mixloop.spec import load_spec
-
-    from mixloop.evaluate import format_matrix
 
     pipeline = Pipeline(load_spec(args.spec))
     init_ray(args.address)
     pipeline.prepare_all(pipeline.tokenizer_dir())
-    print(format_matrix(pipeline.evaluate()))
+    pipeline.report()
     return 0
 
 
@@ -124,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--address")
     preview.set_defaults(func=cmd_data_preview)
 
-    evaluate = commands.add_parser("eval", help="evaluate every version on every eval split and print the table")
-    evaluate.add_argument("spec")
-    evaluate.add_argument("--address")
-    evaluate.set_defaults(func=cmd_eval)
+    for name, text in (("eval", "evaluate every version on every eval split (only what is missing) and print the table"),
+                       ("report", "evaluate what is missing and write report/index.html")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("spec")
+        command.add_argument("--address")
+        command.set_defaults(func=cmd_report)
     return parser
 
 

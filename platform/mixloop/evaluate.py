@@ -8,6 +8,7 @@ count, so later runs reuse it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -17,7 +18,9 @@ import torch
 
 from mixloop.data.packing import model_inputs
 from mixloop.data.store import PackedCorpus, join, read_manifest, write_json
+from mixloop.health import chat_health
 from mixloop.model import load_model
+from mixloop.registry import read_lineage, version_dir
 from mixloop.train.loss import token_ce
 
 BATCH_ROWS = 8
@@ -62,12 +65,8 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
     """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet."""
     import ray
 
-    from mixloop.registry import version_dir
-
-    from mixloop.registry import read_lineage
-
     # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
-    models = {v: "{stage_hash}@{finished}".format(**read_lineage(workdir, v)) for v in versions}
+    models = {v: _model_key(workdir, v) for v in versions}
     keys = {name: f"{read_manifest(folder)['key']}-{max_rows}" for name, folder in eval_dirs.items()}
     matrix = {v: {c: _cached(workdir, v, c, f"{models[v]}/{keys[c]}") for c in eval_dirs} for v in versions}
     remote = ray.remote(num_cpus=1)(_evaluate_version)
@@ -84,6 +83,10 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
     return matrix
 
 
+def _model_key(workdir: str, version: str) -> str:
+    return "{stage_hash}@{finished}".format(**read_lineage(workdir, version))
+
+
 def format_matrix(matrix: dict, metric: str = "loss") -> str:
     """A plain-text table: versions down, eval sets across."""
     sets = sorted({c for row in matrix.values() for c in row})
@@ -93,3 +96,71 @@ def format_matrix(matrix: dict, metric: str = "loss") -> str:
         cells = [f"{row[s][metric]:>12.4f}" if row.get(s) else f"{'-':>12}" for s in sets]
         lines.append(f"{version:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]:
+    """What each version gained and forgot, in eval loss (positive numbers are good news for uptake,
+    bad news for forgetting).
+
+    uptake[c]: parent loss - version loss, on the corpora the version's stage brought in (in its
+    mixture and in no ancestor's). forgetting[c]: version loss - parent loss, on the corpora of
+    earlier stages; forgetting_vs_best[c]: version loss - the lowest loss any ancestor reached.
+    """
+    deltas = {}
+    for version, lineage in lineages.items():
+        parent = lineage.get("parent")
+        if parent is None or version not in matrix or parent not in matrix:
+            continue
+        ancestors = _ancestors(parent, lineages)
+        earlier = {c for a in ancestors for c in (lineages[a].get("stage") or {}).get("mixture", {})}
+        new = set(lineage["stage"]["mixture"]) - earlier
+        loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in matrix.items()}
+        deltas[version] = {
+            "parent": parent,
+            "uptake": {c: loss[parent][c] - loss[version][c] for c in sorted(new) if c in loss[version]},
+            "forgetting": {c: loss[version][c] - loss[parent][c] for c in sorted(earlier) if c in loss[version]},
+            "forgetting_vs_best": {
+                c: loss[version][c] - min(loss[a][c] for a in ancestors if c in loss.get(a, {}))
+                for c in sorted(earlier) if c in loss[version]
+            },
+        }
+    return deltas
+
+
+def _ancestors(version: str, lineages: dict[str, dict]) -> list[str]:
+    chain = []
+    while version is not None and version in lineages:
+        chain.append(version)
+        version = lineages[version].get("parent")
+    return chain
+
+
+def format_deltas(deltas: dict[str, dict]) -> str:
+    lines = []
+    for version, d in deltas.items():
+        gained = ", ".join(f"{c} {-x:+.3f}" for c, x in d["uptake"].items()) or "-"
+        forgot = ", ".join(f"{c} {x:+.3f}" for c, x in d["forgetting"].items()) or "-"
+        lines.append(f"{version} (from {d['parent']}): new corpora loss {gained}; earlier corpora loss {forgot}")
+    return "\n".join(lines)
+
+
+def health_versions(workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int) -> dict:
+    """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
+    import ray
+
+    if not prompts:
+        return {}
+    asked = hashlib.sha256(json.dumps([prompts, max_new_tokens], sort_keys=True).encode()).hexdigest()[:16]
+    results, pending = {}, {}
+    remote = ray.remote(num_cpus=1)(chat_health)
+    for version in versions:
+        key = f"{_model_key(workdir, version)}/{asked}"
+        cached = _cached(workdir, version, "chat_health", key)
+        if cached is not None:
+            results[version] = cached["corpora"]
+        else:
+            pending[version] = (key, remote.remote(version_dir(workdir, version), prompts, max_new_tokens))
+    for version, (key, ref) in pending.items():
+        results[version] = ray.get(ref)
+        write_json(_result_path(workdir, version, "chat_health"), {"key": key, "corpora": results[version]})
+    return {v: results[v] for v in versions}

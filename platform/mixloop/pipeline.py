@@ -24,9 +24,11 @@ from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepa
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import join, read_manifest, write_json
 from mixloop.errors import MixloopError, StageConflictError
-from mixloop.evaluate import evaluate_versions, format_matrix
+from mixloop.evaluate import evaluate_versions, format_deltas, format_matrix, health_versions, iteration_deltas
+from mixloop.health import eval_prompts
 from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
 from mixloop.registry import list_versions, now, publish, read_lineage, version_dir
+from mixloop.report import write_report
 from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, Spec, expand_files, resolve_stage, stage_hash
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
@@ -181,15 +183,33 @@ class Pipeline:
                 continue
             previous = self.train_stage(resolved, parent, digest, tokenizer_dir)
             trained.append(stage.name)
-        matrix = self.evaluate()  # new versions only: the other pairs are stored
+        if not trained:
+            self.log("every stage is done; nothing to train")
+        return {"trained": trained, **self.report()}
+
+    def report(self) -> dict:
+        """Evaluate what is missing, then write eval/ and report/index.html and print the tables."""
+        matrix = self.evaluate()  # only pairs not stored yet are computed
+        lineages = {v["version"]: v for v in list_versions(self.workdir)}
+        deltas = iteration_deltas(matrix, lineages)
+        health = health_versions(self.workdir, list(lineages), self.chat_prompts(), self.pipeline.chat_max_new_tokens)
         table = format_matrix(matrix)
         Path(self.workdir, "eval").mkdir(exist_ok=True)
         Path(self.workdir, "eval", "table.txt").write_text(table + "\n")
         write_json(join(self.workdir, "eval", "matrix.json"), matrix)
-        if not trained:
-            self.log("every stage is done; nothing to train")
+        write_json(join(self.workdir, "eval", "deltas.json"), deltas)
+        page = write_report(self.workdir, lineages, matrix, deltas, health)
         self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
-        return {"trained": trained, "matrix": matrix}
+        if deltas:
+            self.log("against each parent:\n" + format_deltas(deltas))
+        self.log(f"report: {page}")
+        return {"matrix": matrix, "deltas": deltas, "health": health, "report": str(page)}
+
+    def chat_prompts(self) -> dict[str, list]:
+        count = self.pipeline.chat_prompts
+        return {name: eval_prompts(self.corpus_files(name)["eval"], count)
+                for name, corpus in self.pipeline.corpora.items()
+                if corpus.kind == "chat" and count and "eval" in self.corpus_files(name)}
 
     def train_stage(self, stage: dict, parent: dict, digest: str, tokenizer_dir: str) -> dict:
         from mixloop.train.launch import fit_stage

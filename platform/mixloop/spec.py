@@ -192,6 +192,10 @@ class PipelineSpec(Strict):
     """The ordered stages of the model's life."""
     eval_rows: int = Field(default=64, gt=0)
     """Packed rows of each eval split used to evaluate a version (at the defaults' seq_len)."""
+    chat_prompts: int = Field(default=8, ge=0)
+    """Prompts of each chat eval split answered greedily by every version to measure chat health."""
+    chat_max_new_tokens: int = Field(default=64, gt=0)
+    """Longest answer generated for chat health; an answer that has not ended by then did not end."""
 
 
 BUILTIN_DEFAULTS = StageSettings(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import SHARED_DATA, write_spec
+from support import SHARED_DATA, open_in_browser, write_spec
 
 from mixloop.pipeline import Pipeline
 from mixloop.registry import list_versions
@@ -62,6 +62,17 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     # Uptake: the medical stage lowers medical loss against its parent.
     assert matrix["medical"]["medical"]["loss"] < matrix["sft"]["medical"]["loss"]
     assert (workdir / "eval" / "table.txt").read_text().startswith("version")
+    deltas = first["deltas"]
+    assert deltas["medical"]["uptake"]["medical"] > 0 and set(deltas["medical"]["forgetting"]) == {"shakespeare", "gsm8k"}
+    assert set(first["health"]["sft"]) == {"gsm8k", "medical_chat"}
+    assert 0 <= first["health"]["sft"]["gsm8k"]["ended"] <= 1
+
+    # The report renders in a real browser with every plot loaded and no console error.
+    images, errors = open_in_browser(workdir / "report" / "index.html")
+    assert {src for src, _ in images} == {"training.png", "eval_matrix.png", "uptake_forgetting.png", "lineage.png"}
+    assert all(loaded for _, loaded in images), images
+    assert errors == []
+
     lineage = json.loads((workdir / "models" / "medical" / "lineage.json").read_text())
     assert lineage["parent"] == "sft"
     assert lineage["stage"]["mixture"]["shakespeare"] == {"from": 0.3, "to": 0.1}

@@ -1,0 +1,191 @@
+"""The iteration report: one HTML page with PNG plots of what each version gained and forgot.
+
+<workdir>/report/index.html shows training loss per corpus and the learning rate against
+cumulative tokens with stage boundaries, the eval matrix as a heatmap, uptake and forgetting
+per version, the lineage as a graph, chat health and sample generations.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from mixloop.data.store import read_lines  # noqa: E402
+
+
+def training_curves(metrics_path: str, stage_order: list[str]) -> list[dict]:
+    """Per stage, its logged points in step order (the last line of a repeated step wins),
+    with tokens counted from the start of the pipeline."""
+    by_stage: dict[str, dict[int, dict]] = {}
+    for line in read_lines(metrics_path):
+        record = json.loads(line)
+        by_stage.setdefault(record["stage"], {})[record["step"]] = record
+    curves, offset = [], 0.0
+    for stage in stage_order:
+        points = [by_stage[stage][s] for s in sorted(by_stage.get(stage, {}))]
+        for p in points:
+            p["cumulative_tokens"] = offset + sum(p["tokens"].values())
+        if points:
+            curves.append({"stage": stage, "start": offset, "points": points})
+            offset = points[-1]["cumulative_tokens"]
+    return curves
+
+
+def _plot_training(curves: list[dict], path: Path) -> None:
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1])
+    corpora = sorted({c for curve in curves for p in curve["points"] for c in p["loss_per_corpus"]})
+    colours = dict(zip(corpora, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    for corpus in corpora:  # one line per stage, so a corpus that skips a stage is not bridged
+        for index, curve in enumerate(c for c in curves if any(corpus in p["loss_per_corpus"] for p in c["points"])):
+            xs, ys = zip(*[(p["cumulative_tokens"], p["loss_per_corpus"][corpus])
+                           for p in curve["points"] if corpus in p["loss_per_corpus"]])
+            loss_ax.plot(xs, ys, marker=".", color=colours[corpus], label=corpus if index == 0 else None)
+    lr_ax.plot([p["cumulative_tokens"] for c in curves for p in c["points"]],
+               [p["lr"] for c in curves for p in c["points"]], color="black")
+    for curve in curves:
+        for ax in (loss_ax, lr_ax):
+            ax.axvline(curve["start"], color="grey", linestyle=":")
+        loss_ax.annotate(curve["stage"], (curve["start"], 1.0), xycoords=("data", "axes fraction"),
+                         va="top", fontsize=8, rotation=90)
+    loss_ax.set_ylabel("training loss")
+    loss_ax.legend(fontsize=8)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("tokens trained since the start of the pipeline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_matrix(matrix: dict, path: Path) -> None:
+    versions = list(matrix)
+    sets = sorted({c for row in matrix.values() for c in row})
+    values = [[(matrix[v].get(s) or {}).get("loss", float("nan")) for s in sets] for v in versions]
+    fig, ax = plt.subplots(figsize=(1.6 * len(sets) + 2, 0.5 * len(versions) + 1.5))
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    middle = (image.norm.vmin + image.norm.vmax) / 2
+    ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right")
+    ax.set_yticks(range(len(versions)), versions)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > middle else "black")
+    fig.colorbar(image, ax=ax, label="eval loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_deltas(deltas: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels, values, colours = [], [], []
+    for version, d in deltas.items():
+        for corpus, gain in d["uptake"].items():
+            labels.append(f"{version}\n+{corpus}")
+            values.append(gain)
+            colours.append("tab:green")
+        for corpus, loss in d["forgetting"].items():
+            labels.append(f"{version}\n-{corpus}")
+            values.append(-loss)
+            colours.append("tab:red")
+    ax.bar(range(len(values)), values, color=colours)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("eval loss fall vs parent\n(green: new corpora, red: earlier)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
+    order = list(lineages)
+    fig, ax = plt.subplots(figsize=(2.2 * len(order) + 1, 2))
+    for x, version in enumerate(order):
+        ax.text(x, 0, version, ha="center", va="center", bbox={"boxstyle": "round", "facecolor": "lightyellow"})
+        parent = lineages[version].get("parent")
+        if parent in order:
+            px = order.index(parent)
+            ax.annotate("", (x - 0.3, 0), (px + 0.3, 0),
+                        arrowprops={"arrowstyle": "->", "connectionstyle": f"arc3,rad={-0.3 * (x - px - 1)}"})
+    ax.set_xlim(-0.7, len(order) - 0.3)
+    ax.set_ylim(-1, 1)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict) -> Path:
+    """Write <workdir>/report/index.html and its plots; returns the page's path."""
+    folder = Path(workdir, "report")
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = [v for v, lineage in lineages.items() if lineage.get("stage")]
+    curves = training_curves(str(Path(workdir, "metrics.jsonl")), stages)
+    images = {"training.png": "Training loss per corpus and learning rate"}
+    if curves:
+        _plot_training(curves, folder / "training.png")
+    else:
+        images.pop("training.png")
+    _plot_matrix(matrix, folder / "eval_matrix.png")
+    images["eval_matrix.png"] = "Eval loss: versions by eval sets"
+    if deltas:
+        _plot_deltas(deltas, folder / "uptake_forgetting.png")
+        images["uptake_forgetting.png"] = "Uptake and forgetting against the parent version"
+    _plot_lineage(lineages, folder / "lineage.png")
+    images["lineage.png"] = "Lineage"
+    page = folder / "index.html"
+    page.write_text(_html(lineages, matrix, deltas, health, images))
+    return page
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(lineages, matrix, deltas, health, images) -> str:
+    sets = sorted({c for row in matrix.values() for c in row})
+    sections = [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+                for name, title in images.items()]
+    sections.append("<h2>Eval loss</h2>" + _table(
+        ["version"] + sets,
+        [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()]))
+    sections.append("<h2>What each version gained and forgot</h2>" + _table(
+        ["version", "parent", "uptake (loss fall, new corpora)", "forgetting (loss rise, earlier corpora)",
+         "forgetting vs best ancestor"],
+        [[v, d["parent"], _pairs(d["uptake"]), _pairs(d["forgetting"]), _pairs(d["forgetting_vs_best"])]
+         for v, d in deltas.items()]))
+    if health:
+        sections.append("<h2>Chat health (greedy answers to eval prompts)</h2>" + _table(
+            ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
+            [[v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
+             for v, corpora in health.items() for c, h in corpora.items()]))
+        sections.append("<h2>Sample generations</h2>" + _table(
+            ["version", "chat set", "prompt", "answer"],
+            [[v, c, e["prompt"], e["answer"]] for v, corpora in health.items() for c, h in corpora.items()
+             for e in h["examples"][:1]]))
+    sections.append("<h2>Versions</h2>" + _table(
+        ["version", "parent", "mixture", "tokens", "finished"],
+        [[v, lin.get("parent") or "-", _mixture(lin), f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}",
+          lin.get("finished", "")] for v, lin in lineages.items()]))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;text-align:left;vertical-align:top}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
+            f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n")
+
+
+def _pairs(values: dict) -> str:
+    return ", ".join(f"{k} {v:+.3f}" for k, v in values.items()) or "-"
+
+
+def _mixture(lineage: dict) -> str:
+    mixture = (lineage.get("stage") or {}).get("mixture", {})
+    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
+                     for c, w in mixture.items()) or "-"
