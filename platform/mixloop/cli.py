@@ -64,6 +64,60 @@ def cmd_models_show(args) -> int:
     return 0
 
 
+def cmd_models_diff(args) -> int:
+    from mixloop.registry import diff_lineages, read_lineage
+
+    workdir = _workdir(args.target)
+    lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
+    for version, lineage in zip((args.a, args.b), lineages):
+        if lineage is None:
+            raise MixloopError(f"no version {version!r} in {args.target}. See `mixloop models list {args.target}`.")
+    differences = diff_lineages(*lineages)
+    width = max([len(key) for key, _, _ in differences] + [10])
+    print(f"{'':<{width}}  {args.a:>20}  {args.b:>20}")
+    for key, left, right in differences:
+        print(f"{key:<{width}}  {_cell(left):>20}  {_cell(right):>20}")
+    return 0
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_models_export(args) -> int:
+    from mixloop.registry import export
+
+    try:
+        export(_workdir(args.target), args.version, args.dir)
+    except (FileNotFoundError, FileExistsError) as exc:
+        raise MixloopError(str(exc)) from None
+    print(f"exported {args.version} to {args.dir} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from mixloop.chat import chat
+    from mixloop.registry import read_lineage, version_dir
+
+    workdir = _workdir(args.target)
+    if read_lineage(workdir, args.version) is None:
+        raise MixloopError(f"no version {args.version!r} in {args.target}")
+    chat(version_dir(workdir, args.version), max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_bench_continual(args) -> int:
+    from mixloop.bench import continual, format_continual
+
+    data = Path(args.data)
+    if not (data / "tokenizer" / "tokenizer.json").exists():
+        raise MixloopError(f"{data}: not the shared data folder (tokenizer/, pretrain/, sft/, domain/, eval/). Fix: pass --data.")
+    result = continual(data, Path(args.workdir).resolve(), args.address)
+    print(json.dumps(result, indent=2))
+    print(format_continual(result))
+    return 0
+
+
 def cmd_report(args) -> int:
     from mixloop.pipeline import Pipeline, init_ray
     from mixloop.spec import load_spec
@@ -113,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("target", help="pipeline YAML or run directory")
     show.add_argument("version")
     show.set_defaults(func=cmd_models_show)
+    diff = models_commands.add_parser("diff", help="what changed between two versions: data mix, schedule, metrics")
+    diff.add_argument("target", help="pipeline YAML or run directory")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.set_defaults(func=cmd_models_diff)
+    export = models_commands.add_parser("export", help="copy a version to a clean Hugging Face directory")
+    export.add_argument("target", help="pipeline YAML or run directory")
+    export.add_argument("version")
+    export.add_argument("dir")
+    export.set_defaults(func=cmd_models_export)
+
+    chat = commands.add_parser("chat", help="talk to a version through its chat template (tokens stream)")
+    chat.add_argument("target", help="pipeline YAML or run directory")
+    chat.add_argument("version")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(func=cmd_chat)
 
     data = commands.add_parser("data", help="look at the data before training")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -128,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("spec")
         command.add_argument("--address")
         command.set_defaults(func=cmd_report)
+    bench = commands.add_parser("bench", help="benchmarks (JSON and a table)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    continual = bench_commands.add_parser(
+        "continual", help="absorb a new domain three ways (scratch, new data only, replay + re-warm)")
+    continual.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared" / "data"),
+                           help="the real corpora (default: ../shared/data beside the checkout)")
+    continual.add_argument("--workdir", default="runs/bench-continual")
+    continual.add_argument("--address")
+    continual.set_defaults(func=cmd_bench_continual)
     return parser
 
 

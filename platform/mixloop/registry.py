@@ -86,3 +86,37 @@ def _upload(staging: str, target: str) -> None:
     files = sorted(Path(staging).iterdir(), key=lambda f: f.name == LINEAGE)  # lineage.json last
     for file in files:
         fs.put_file(str(file), f"{inner}/{file.name}")
+
+
+def flatten(data, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for comparing nested records key by key."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(key, value in a, value in b) for every difference in stage, data and metrics."""
+    keys = ("parent", "stage", "tokens_per_corpus", "rows_per_corpus", "epochs_per_corpus", "metrics")
+    left = flatten({k: a.get(k) for k in keys})
+    right = flatten({k: b.get(k) for k in keys})
+    volatile = ("metrics.time", "metrics.wall_seconds", "metrics.tokens_per_s", "metrics.step_seconds")
+    return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
+            if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key]
+
+
+def export(workdir: str, version: str, target: str) -> None:
+    """A clean Hugging Face directory of a version: weights, config, tokenizer and chat template."""
+    source = Path(version_dir(workdir, version))
+    if read_lineage(workdir, version) is None:
+        raise FileNotFoundError(f"no version {version!r} in {workdir}")
+    out = Path(target)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.name != LINEAGE:
+            shutil.copy2(file, out / file.name)

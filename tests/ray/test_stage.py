@@ -146,3 +146,17 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     lineage = json.loads((workdir / "models" / "mixed" / "lineage.json").read_text())
     assert lineage["metrics"]["resumed_from"] >= 10
     assert_same_training(workdir, uninterrupted[0])
+
+
+def test_export_and_chat_with_a_version(uninterrupted, tmp_path):
+    workdir, _ = uninterrupted
+    assert main(["models", "export", str(workdir), "mixed", str(tmp_path / "exported")]) == 0
+    assert not (tmp_path / "exported" / "lineage.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert model.num_parameters() > 0
+
+    chat = subprocess.run([sys.executable, "-m", "mixloop.cli", "chat", str(workdir), "mixed", "--max-new-tokens", "6"],
+                          input="What does the fox eat?\n/reset\nWhere does Ada live?\n", capture_output=True,
+                          text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("model> ") == 2

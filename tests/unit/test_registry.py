@@ -1,0 +1,40 @@
+"""Lineage diff and export of versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixloop.registry import diff_lineages, export
+
+
+def test_diff_names_what_changed_in_mix_schedule_and_metrics():
+    a = {"parent": "base", "stage": {"lr": {"peak": 0.001, "decay": "cosine"}, "mixture": {"web": {"from": 1, "to": 1}}},
+         "tokens_per_corpus": {"web": 1000.0}, "metrics": {"loss": 2.0, "wall_seconds": 5}}
+    b = {"parent": "a", "stage": {"lr": {"peak": 0.002, "decay": "cosine"},
+                                  "mixture": {"web": {"from": 0.3, "to": 0.1}, "law": {"from": 0.7, "to": 0.9}}},
+         "tokens_per_corpus": {"web": 300.0, "law": 700.0}, "metrics": {"loss": 1.5, "wall_seconds": 9}}
+    changed = {key: (left, right) for key, left, right in diff_lineages(a, b)}
+    assert changed["parent"] == ("base", "a")
+    assert changed["stage.lr.peak"] == (0.001, 0.002)
+    assert changed["stage.mixture.law.from"] == (None, 0.7)
+    assert changed["tokens_per_corpus.web"] == (1000.0, 300.0)
+    assert changed["metrics.loss"] == (2.0, 1.5)
+    assert "stage.lr.decay" not in changed
+    assert "metrics.wall_seconds" not in changed  # timing noise is not a change of the model
+
+
+def test_export_copies_a_clean_directory_and_refuses_to_overwrite(tmp_path):
+    version = tmp_path / "run" / "models" / "v1"
+    version.mkdir(parents=True)
+    (version / "config.json").write_text("{}")
+    (version / "model.safetensors").write_bytes(b"weights")
+    (version / "tokenizer.json").write_text("{}")
+    (version / "lineage.json").write_text(json.dumps({"version": "v1"}))
+    export(str(tmp_path / "run"), "v1", str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    with pytest.raises(FileExistsError):
+        export(str(tmp_path / "run"), "v1", str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError):
+        export(str(tmp_path / "run"), "v2", str(tmp_path / "other"))
