@@ -66,3 +66,37 @@ def test_training_curves_keep_the_last_line_of_a_redone_step_and_count_tokens_ac
     assert [p["loss"] for p in curves[0]["points"]] == [3.0, 2.4]
     assert curves[1]["start"] == 200
     assert curves[1]["points"][0]["cumulative_tokens"] == 250
+
+
+def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer):
+    """A model whose logits are all equal predicts uniformly: its loss is ln(V) on every supervised
+    token, whatever the rows; the token count is the number of supervised targets."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from mixloop.data.packing import Packer
+    from mixloop.data.store import MANIFEST, write_json, write_shard
+    from mixloop.evaluate import evaluate_model
+    from mixloop.model import model_config, new_model
+    from mixloop.tokenizer import encode_chats, encode_texts
+
+    docs = encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"])
+    docs += encode_chats(trained_tokenizer, [[{"role": "user", "content": "why"}, {"role": "assistant", "content": "yes"}]])
+    packer = Packer(16, trained_tokenizer.pad_token_id, split_documents=True)
+    rows = [row for ids, sup in docs for row in packer.add(ids, sup)] + list(packer.flush())
+    folder = tmp_path / "packed"
+    write_shard(str(folder), "00000-00000", rows)
+    write_json(str(folder / MANIFEST), {"key": "k", "seq_len": 16, "shards": [{"name": "00000-00000", "rows": len(rows)}]})
+
+    model = new_model(model_config("micro", None, trained_tokenizer), seed=0).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # hidden states -> 0, so every logit is 0
+    result = evaluate_model(model, str(folder), max_rows=100)
+    assert result["loss"] == pytest.approx(math.log(model.config.vocab_size), rel=1e-5)
+    expected_targets = sum(int(sup[1:].sum()) for _, sup in docs)  # within-document next tokens only
+    cuts = len(rows) - 1  # text continuing into the next row loses the one target at the cut
+    assert expected_targets - cuts <= result["tokens"] <= expected_targets
+    assert result["rows"] == len(rows)
+    assert result["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-4)
