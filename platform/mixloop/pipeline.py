@@ -8,6 +8,7 @@ produced its version is refused rather than silently retrained or skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -63,8 +64,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ inputs
 
+    @functools.cache
     def corpus_files(self, name: str) -> dict[str, str]:
-        """{'train': pattern, 'eval': pattern?}, generating the corpus first if the spec asks for it."""
+        """{'train': pattern, 'eval': pattern?}, generating the corpus first (once) if the spec asks for it."""
         corpus: CorpusSpec = self.pipeline.corpora[name]
         if corpus.generate is not None:
             g = corpus.generate
