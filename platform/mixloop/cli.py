@@ -23,6 +23,13 @@ def _workdir(target: str) -> str:
     return str(Path(target).resolve())
 
 
+def _spec(target: str):
+    """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
+    from mixloop.spec import load_spec
+
+    return load_spec(Path(target) / "pipeline.yaml" if Path(target).is_dir() else target)
+
+
 def cmd_validate(args) -> int:
     from mixloop.spec import load_spec
 
@@ -120,9 +127,8 @@ def cmd_bench_continual(args) -> int:
 
 def cmd_report(args) -> int:
     from mixloop.pipeline import Pipeline, init_ray
-    from mixloop.spec import load_spec
 
-    pipeline = Pipeline(load_spec(args.spec))
+    pipeline = Pipeline(_spec(args.target))
     init_ray(args.address)
     pipeline.prepare_all(pipeline.tokenizer_dir())
     pipeline.report()
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("eval", "evaluate every version on every eval split (only what is missing) and print the table"),
                        ("report", "evaluate what is missing and write report/index.html")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("spec")
+        command.add_argument("target", help="pipeline YAML or run directory")
         command.add_argument("--address")
         command.set_defaults(func=cmd_report)
     bench = commands.add_parser("bench", help="benchmarks (JSON and a table)")

@@ -82,7 +82,8 @@ class Pipeline:
         Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
         target = join(self.workdir, "tokenizer")
         spec = self.pipeline.tokenizer
-        source = {"spec": spec.model_dump(),
+        # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
+        source = {"spec": {**spec.model_dump(), "path": self.spec.path(spec.path) if spec.path else None},
                   "files": tokenizer_fingerprint(self.spec.path(spec.path)) if spec.path else None}
         record = Path(self.workdir, "tokenizer-source.json")
         if Path(target, "tokenizer.json").exists():
@@ -137,8 +138,8 @@ class Pipeline:
         """The starting weights as version `base`: a seeded new model, or a copy of model.path."""
         model_spec = self.pipeline.model
         tokenizer = load_tokenizer(tokenizer_dir)
-        base_hash = stage_hash({"model": model_spec.model_dump(), "seed": self.pipeline.seed},
-                               tokenizer_fingerprint(tokenizer_dir))
+        model_source = {**model_spec.model_dump(), "path": self.spec.path(model_spec.path) if model_spec.path else None}
+        base_hash = stage_hash({"model": model_source, "seed": self.pipeline.seed}, tokenizer_fingerprint(tokenizer_dir))
         existing = read_lineage(self.workdir, BASE_VERSION)
         if existing:
             if existing["stage_hash"] != base_hash:
@@ -163,8 +164,7 @@ class Pipeline:
 
     def run(self) -> dict:
         """Train every missing stage, evaluate, print and store the eval matrix."""
-        Path(self.workdir, "pipeline.yaml").write_text(
-            yaml.safe_dump(self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
+        Path(self.workdir, "pipeline.yaml").write_text(yaml.safe_dump(self.spec.portable(), sort_keys=False))
         tokenizer_dir = self.tokenizer_dir()
         previous = self.ensure_base(tokenizer_dir)
         self.prepare_all(tokenizer_dir)

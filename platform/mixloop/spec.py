@@ -234,6 +234,16 @@ class Spec:
     def workdir(self) -> str:
         return self.path(self.pipeline.workdir)
 
+    def portable(self) -> dict:
+        """The spec as data with every path absolute, valid wherever it is written (the workdir's copy)."""
+        data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data["workdir"] = self.workdir
+        for section in (data["tokenizer"], data["model"], *data["corpora"].values()):
+            for key in ("path", "eval"):
+                if key in section:
+                    section[key] = self.path(section[key])
+        return data
+
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.pipeline.stages]
 

@@ -11,6 +11,7 @@ import json
 import pytest
 from support import SHARED_DATA, open_in_browser, write_spec
 
+from mixloop.cli import main
 from mixloop.pipeline import Pipeline
 from mixloop.registry import list_versions
 from mixloop.spec import load_spec
@@ -90,3 +91,8 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     assert [v["version"] for v in list_versions(str(workdir))] == ["base", "pretrain", "sft", "medical", "medical-sft"]
     assert json.loads((workdir / "models" / "medical-sft" / "lineage.json").read_text())["parent"] == "medical"
     assert third["matrix"]["medical-sft"]["medical_chat"]["loss"] < third["matrix"]["medical"]["medical_chat"]["loss"]
+
+    # The run directory alone is enough to rebuild the report (its pipeline.yaml has absolute paths).
+    (workdir / "report" / "index.html").unlink()
+    assert main(["report", str(workdir)]) == 0
+    assert (workdir / "report" / "index.html").exists()

@@ -318,3 +318,14 @@ def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec
     assert digest(lambda d: d["defaults"].update(micro_batch_rows=4, log_every=3, use_gpu=True)) == plain
     assert digest(lambda d: d["stages"][0].update(lr={"peak": 0.01})) != plain
     assert digest(lambda d: d["stages"][0].update(tokens=200_000)) != plain
+
+
+def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_path):
+    spec = load_spec(write_spec())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "pipeline.yaml").write_text(yaml.safe_dump(spec.portable()))
+    copy = load_spec(elsewhere / "pipeline.yaml")
+    assert copy.workdir == spec.workdir
+    assert copy.path(copy.pipeline.corpora["web"].path) == spec.path(spec.pipeline.corpora["web"].path)
+    assert copy.resolved_stages() == spec.resolved_stages()
