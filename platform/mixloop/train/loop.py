@@ -200,6 +200,7 @@ class MicroBatch:
             tokens[picked], supervised[picked], segments[picked] = corpora[c].read(row_index[picked])
         self.inputs = model_inputs(tokens, supervised, segments)
         self.corpus = torch.as_tensor(corpus_of_row, dtype=torch.long)
+        self.targets = (self.inputs["labels"] != -100).sum(1).double()  # supervised targets per row
         self.real_tokens = torch.as_tensor((segments > 0).sum(1), dtype=torch.float64)
 
 
@@ -207,7 +208,7 @@ def _token_weights(batches, corpus_of_row, corpora: int, loss_weights, balance, 
     """Per-corpus token weights from global counts: supervised tokens are summed across workers."""
     supervised = torch.zeros(corpora, dtype=torch.float64)
     for batch in batches:
-        supervised.index_add_(0, batch.corpus, (batch.inputs["labels"] != -100).sum(1).double())
+        supervised.index_add_(0, batch.corpus, batch.targets)
     supervised = all_reduce(supervised, device)
     rows = torch.bincount(torch.as_tensor(corpus_of_row), minlength=corpora)
     return corpus_token_weights(supervised, rows, loss_weights, balance).float().to(device)
@@ -215,7 +216,7 @@ def _token_weights(batches, corpus_of_row, corpora: int, loss_weights, balance, 
 
 def _accumulate(progress: Progress, ce: torch.Tensor, batch: "MicroBatch") -> None:
     progress.loss.index_add_(0, batch.corpus, ce.sum(1))
-    progress.supervised.index_add_(0, batch.corpus, (batch.inputs["labels"] != -100).sum(1).double())
+    progress.supervised.index_add_(0, batch.corpus, batch.targets)
     progress.tokens.index_add_(0, batch.corpus, batch.real_tokens)
 
 
@@ -232,7 +233,8 @@ def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_st
     return {
         "stage": job.stage["name"], "step": state["step"], "total_steps": job.total_steps, "lr": lr,
         "loss": float(loss.sum() / supervised.sum().clamp(min=1)), "loss_per_corpus": per_corpus,
-        "grad_norm": grad_norm, "skipped_steps": state.get("skipped_steps", 0), "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
+        "grad_norm": grad_norm, "skipped_steps": state.get("skipped_steps", 0),
+        "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
         "step_seconds": elapsed / steps, "tokens": dict(zip(names, state["tokens"])), "time": time.time(),
     }
 
