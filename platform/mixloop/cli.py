@@ -144,9 +144,12 @@ def cmd_data_preview(args) -> int:
         raise MixloopError(f"no stage {args.stage!r}; stages: {', '.join(pipeline.spec.stage_names())}")
     init_ray(args.address)
     print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'share':>8}{'passes':>8}")
-    for r in pipeline.preview(args.stage):
+    rows = pipeline.preview(args.stage)
+    for r in rows:
         print(f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
               f"{r['rejected']:>9,}{r['share']:>8.1%}{r['epochs']:>8.2f}")
+    for warning in (w for r in rows for w in r["warnings"]):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -127,7 +127,7 @@ class Pipeline:
     def _request(self, name: str, split: str, seq_len: int) -> CorpusRequest:
         corpus = self.pipeline.corpora[name]
         return CorpusRequest(name, split, self.corpus_files(name)[split], corpus.format, corpus.kind,
-                             corpus.max_bad_fraction, seq_len)
+                             corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents)
 
     def packed(self, name: str, split: str, seq_len: int) -> str:
         return self.folders[self._request(name, split, seq_len)]
@@ -229,6 +229,9 @@ class Pipeline:
         }
         self.log(f"stage {stage['name']}: training {total_steps} steps of {stage['global_batch_tokens']} tokens "
                  f"from version {parent['version']} on {stage['max_workers']} worker(s)")
+        plan = _stage_plan(stage, corpus_dirs, total_steps * rows_per_step)
+        for warning in repeat_warnings(stage, plan.epochs()):
+            self.log(f"warning: {warning}")
         started, clock = now(), time.time()
         result = fit_stage(job, self.workdir, digest)
         with result.checkpoint.as_directory() as folder:
@@ -236,7 +239,6 @@ class Pipeline:
             if state["step"] != total_steps:
                 raise MixloopError(f"stage {stage['name']}: the last checkpoint is at step {state['step']}, "
                                    f"not {total_steps}; run again to finish it")
-            plan = _stage_plan(stage, corpus_dirs, total_steps * rows_per_step)
             lineage = {
                 "parent": parent["version"], "stage": stage, "stage_hash": digest, "started": started,
                 "tokens_per_corpus": dict(zip(stage["mixture"], state["tokens"])),
@@ -267,6 +269,7 @@ class Pipeline:
                     "stage": stage["name"], "corpus": name, "documents": manifest["documents"],
                     "tokens": manifest["tokens"], "rows": manifest["rows"], "rejected": manifest["rejected"],
                     "share": realised[name] / (rows_per_step * total_steps), "epochs": epochs[name],
+                    "warnings": repeat_warnings(stage, {name: epochs[name]}),
                 })
         return report
 
@@ -289,6 +292,12 @@ def _steps(stage: dict) -> tuple[int, int]:
 
 def _stage_plan(stage: dict, corpus_dirs: dict[str, str], total_rows: int) -> MixPlan:
     return MixPlan.for_stage(stage, {n: read_manifest(d)["rows"] for n, d in corpus_dirs.items()}, total_rows)
+
+
+def repeat_warnings(stage: dict, epochs: dict[str, float]) -> list[str]:
+    return [f"stage {stage['name']} passes over corpus {name!r} {passes:.1f} times, more than max_repeats "
+            f"{stage['max_repeats']:g}: add data to it or lower its weight" for name, passes in epochs.items()
+            if passes > stage["max_repeats"]]
 
 
 def _record_text(record) -> str:

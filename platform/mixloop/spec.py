@@ -82,6 +82,11 @@ class CorpusSpec(Strict):
     """Let mixloop generate this corpus (used by the quickstart; nothing to download)."""
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     """Stop when more than this share of records is malformed (they go to rejects/)."""
+    max_document_tokens: int | None = Field(default=None, gt=0)
+    """Longest document, in tokens, taken whole; longer ones are handled as `long_documents` says."""
+    long_documents: Literal["split", "drop"] = "split"
+    """split: cut a document longer than max_document_tokens into pieces trained as separate
+    documents (counted in the manifest); drop: write it to rejects/ with its length."""
 
 
 class LRSpec(Strict):
@@ -155,6 +160,9 @@ class StageSettings(Strict):
     """Train on one GPU per worker (NCCL, bf16 autocast)."""
     max_failures: int | None = Field(default=None, ge=0)
     """Worker-group restarts allowed before the stage fails."""
+    max_repeats: float | None = Field(default=None, gt=0)
+    """Warn when the stage passes over a corpus more than this many times: repeating data beyond
+    about 4 passes adds little (arXiv 2305.16264). Add data or lower the corpus's weight."""
     nonfinite: Literal["stop", "skip"] | None = None
     """On a non-finite loss or gradient: stop with an error (the last checkpoint stays), or skip
     the step (counted in the metrics as skipped_steps)."""
@@ -213,6 +221,7 @@ BUILTIN_DEFAULTS = StageSettings(
     cpus_per_worker=1.0,
     use_gpu=False,
     max_failures=2,
+    max_repeats=4.0,
     nonfinite="stop",
 )
 

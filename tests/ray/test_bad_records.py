@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from support import write_spec
 
-from mixloop.errors import DataError
+from mixloop.data.store import PackedCorpus, read_manifest
+from mixloop.errors import DataError, MixloopError
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
@@ -86,3 +88,75 @@ def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
     pipeline = Pipeline(spec, log=lambda line: None)
     pipeline.prepare_all(pipeline.tokenizer_dir())
     assert len((tmp_path / "run" / "cache" / "prepare.jsonl").read_text().splitlines()) == 2, "tokenized twice"
+
+
+def long_document_spec(tmp_path, long_text):
+    lines = GOOD_TEXT[:4] + [json.dumps({"text": long_text}).encode()] + GOOD_TEXT[4:]
+    (tmp_path / "long.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    limited = {"kind": "text", "path": str(tmp_path / "long.jsonl"), "max_document_tokens": 20, "max_bad_fraction": 0.2}
+    spec = {
+        "name": "long", "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
+        "corpora": {"whole": {"kind": "text", "path": str(tmp_path / "long.jsonl")},
+                    "split": {**limited, "long_documents": "split"},
+                    "dropped": {**limited, "long_documents": "drop"}},
+        "defaults": {"seq_len": 64, "global_batch_tokens": 128, "micro_batch_rows": 2},
+        "stages": [{"name": "s", "mixture": {"whole": 1, "split": 1, "dropped": 1}, "tokens": 128}],
+    }
+    return load_spec(write_spec(tmp_path, spec))
+
+
+def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_path):
+    long_text = " ".join(f"word{i}" for i in range(60))
+    pipeline = Pipeline(long_document_spec(tmp_path, long_text), log=lambda line: None)
+    pipeline.prepare_all(pipeline.tokenizer_dir())
+    manifests = {name: read_manifest(pipeline.packed(name, "train", 64)) for name in ("whole", "split", "dropped")}
+    long_tokens = manifests["whole"]["tokens"] - manifests["dropped"]["tokens"]
+    assert long_tokens > 40, "the long document must be well over the limit for this test to mean anything"
+
+    # split: every token kept, counted as split, and no piece longer than the limit
+    assert manifests["split"]["tokens"] == manifests["whole"]["tokens"]
+    assert manifests["split"]["split_documents"] == 1 and manifests["split"]["rejected"] == 0
+    _, _, segments = PackedCorpus(pipeline.packed("split", "train", 64)).read(np.arange(manifests["split"]["rows"]))
+    assert max(np.bincount(row[row > 0]).max() for row in segments) <= 20
+    _, _, whole_segments = PackedCorpus(pipeline.packed("whole", "train", 64)).read(np.arange(manifests["whole"]["rows"]))
+    assert max(np.bincount(row[row > 0]).max() for row in whole_segments) > 20
+
+    # drop: quarantined with its line and length, the other documents kept
+    assert manifests["dropped"]["documents"] == len(GOOD_TEXT) and manifests["dropped"]["rejected"] == 1
+    reject = json.loads(next((tmp_path / "run" / "rejects").glob("dropped-train-*/*.jsonl")).read_text())
+    assert reject["where"].endswith("long.jsonl:5") and "max_document_tokens 20" in reject["reason"]
+    assert long_text[:100] in reject["record"]
+
+
+def test_empty_corpus_stops_before_training(ray_address, tmp_path):
+    spec = load_spec(write_spec(tmp_path, {
+        "name": "empty", "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
+        "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))},
+                    "empty": {"kind": "chat", "path": str(corpus_path(tmp_path, "empty", []))}},
+        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+        "stages": [{"name": "s", "mixture": {"good": 1, "empty": 1}, "tokens": 128}],
+    }))
+    with pytest.raises(DataError, match="corpus 'empty' .*no usable document"):
+        Pipeline(spec, log=lambda line: None).run()
+    assert not (tmp_path / "run" / "train").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_stops_before_training(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {
+        "name": "vocab", "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro", "config": {"vocab_size": 100}},
+        "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))}},
+        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+        "stages": [{"name": "s", "mixture": {"good": 1}, "tokens": 128}],
+    }))
+    with pytest.raises(MixloopError, match="tokenizer has .* tokens but the model's vocabulary holds 100"):
+        Pipeline(spec, log=lambda line: None).run()
+    assert not (tmp_path / "run" / "models").exists() and not (tmp_path / "run" / "train").exists()
+
+
+def corpus_path(tmp_path, name, lines):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path

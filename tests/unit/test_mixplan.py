@@ -128,3 +128,29 @@ def test_permute_depends_on_the_key_and_shuffles():
     assert np.mean(a == np.arange(n)) < 0.05
     per_element = permute(np.arange(n), n, np.full(n, 1, dtype=np.uint64))
     assert np.array_equal(per_element, a)
+
+
+@pytest.mark.parametrize("micro_batch_rows", [4, 8])
+def test_one_two_or_three_workers_train_the_same_global_batches(micro_batch_rows):
+    """Each worker reads only its micro-batches; together, in order, they are each global batch."""
+    from mixloop.train.loop import micro_batches_of, row_hash
+
+    plan, rows_per_step = _plan(), 48
+    micro_batches = rows_per_step // micro_batch_rows
+    hashes = {}
+    for world in (1, 2, 3):
+        per_step = []
+        for step in range(40):
+            corpus, index = plan.rows(step * rows_per_step, (step + 1) * rows_per_step)
+            trained = {}  # micro-batch number -> (corpus, index) as read by the worker that owns it
+            for rank in range(world):
+                for m in micro_batches_of(rank, world, micro_batches):
+                    assert m not in trained, "two workers trained the same micro-batch"
+                    span = slice(m * micro_batch_rows, (m + 1) * micro_batch_rows)
+                    trained[m] = (corpus[span], index[span])
+            assert sorted(trained) == list(range(micro_batches)), "a micro-batch was left out"
+            per_step.append(row_hash(np.concatenate([trained[m][0] for m in range(micro_batches)]),
+                                     np.concatenate([trained[m][1] for m in range(micro_batches)])))
+        hashes[world] = per_step
+    assert hashes[1] == hashes[2] == hashes[3]
+    assert len(set(hashes[1])) == 40

@@ -35,14 +35,17 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 32 * 1024 * 1024
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
+PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents")
 
 
-def corpus_key(files: list[str], kind: str, tokenizer_fp: str, seq_len: int) -> str:
+def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) -> str:
+    """Identity of a packed corpus: its files' identities, the tokenizer and every packing rule."""
     identities = []
     for path in files:
         fs, inner = fsspec.core.url_to_fs(path)
         identities.append([path, fs.ukey(inner)])
-    payload = {"files": identities, "kind": kind, "tokenizer": tokenizer_fp, "seq_len": seq_len, "format": FORMAT_VERSION}
+    payload = {"files": identities, "tokenizer": tokenizer_fp, "format": FORMAT_VERSION,
+               **{field: getattr(request, field) for field in PACKING_FIELDS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -113,25 +116,38 @@ class ChunkPacker:
         kind = chunk["kind"]
         packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text")
         check = records.check_text if kind == "text" else records.check_chat
-        rows, rejects, pending = [], [], []
-        stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0}
+        limit = int(chunk["max_document_tokens"]) or None
+        rows, rejects, pending = [], [], []  # pending: (where, raw record, checked record)
+        stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0}
+
+        def reject(where, record, reason):
+            rejects.append({"where": where, "reason": reason, "record": _preview(record)})
 
         def flush_pending():
+            if not pending:  # the tokenizer refuses an empty batch
+                return
             encode = encode_texts if kind == "text" else encode_chats
-            for ids, supervised in encode(self.tokenizer, pending):
+            for (where, raw, _), (ids, supervised) in zip(pending, encode(self.tokenizer, [p[2] for p in pending])):
+                if limit and len(ids) > limit:
+                    if chunk["long_documents"] == "drop":
+                        reject(where, raw, f"document has {len(ids)} tokens, more than max_document_tokens {limit}")
+                        continue
+                    stats["split_documents"] += 1
                 stats["documents"] += 1
                 stats["tokens"] += len(ids)
                 stats["supervised_tokens"] += int(supervised.sum())
-                rows.extend(packer.add(ids, supervised))
+                for start in range(0, len(ids), limit or len(ids)):
+                    piece = slice(start, start + limit) if limit else slice(None)
+                    rows.extend(packer.add(ids[piece], supervised[piece]))
             pending.clear()
 
         for where, record in iter_records(chunk):
             try:
                 if isinstance(record, records.BadRecord):
                     raise record
-                pending.append(check(record))
+                pending.append((where, record, check(record)))
             except records.BadRecord as exc:
-                rejects.append({"where": where, "reason": str(exc), "record": _preview(record)})
+                reject(where, record, str(exc))
             if len(pending) >= TOKENIZE_BATCH:
                 flush_pending()
         flush_pending()
@@ -169,6 +185,8 @@ class CorpusRequest(NamedTuple):
     kind: str
     max_bad_fraction: float
     seq_len: int
+    max_document_tokens: int | None = None
+    long_documents: str = "split"
 
 
 def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:
@@ -179,7 +197,7 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
         files = expand_files(request.pattern)
         if not files:
             raise DataError(f"corpus {request.name!r} ({request.split}): no file matches {request.pattern!r}")
-        key = corpus_key(files, request.kind, tokenizer_fp, request.seq_len)
+        key = corpus_key(files, request, tokenizer_fp)
         folders[request] = join(workdir, "cache", f"{request.name}-{request.split}-{key}")
         manifest = read_manifest(folders[request])
         if manifest is None:
@@ -192,8 +210,9 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
     chunks = []
     for index, (request, (key, files)) in enumerate(todo.items()):
         for chunk in list_chunks(files, request.fmt):
-            chunk.update(request=index, kind=request.kind, seq_len=request.seq_len, out_dir=folders[request],
-                         rejects_dir=_rejects_dir(workdir, request, key))
+            chunk.update(request=index, out_dir=folders[request], rejects_dir=_rejects_dir(workdir, request, key),
+                         **{field: getattr(request, field) for field in PACKING_FIELDS})
+            chunk["max_document_tokens"] = request.max_document_tokens or 0  # Arrow columns want no None
             chunks.append(chunk)
     summaries = _run_packers(chunks, tokenizer_dir)
     for index, (request, (key, files)) in enumerate(todo.items()):
@@ -226,7 +245,8 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
 
 
 def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: list[dict]) -> dict:
-    totals = {k: int(sum(s[k] for s in summaries)) for k in ("rows", "documents", "tokens", "supervised_tokens", "rejected")}
+    counts = ("rows", "documents", "tokens", "supervised_tokens", "split_documents", "rejected")
+    totals = {k: int(sum(s[k] for s in summaries)) for k in counts}
     return {
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
         "shards": [{"name": s["shard"], "rows": int(s["rows"])} for s in summaries if s["rows"]],

@@ -135,7 +135,7 @@ class StepTrainer:
         self.job, self.model, self.optimizer, self.world, self.device = job, model, optimizer, world, device
         stage = job.stage
         self.micro = stage["micro_batch_rows"]
-        self.mine = list(range(rank, job.rows_per_step // self.micro, world))
+        self.mine = micro_batches_of(rank, world, job.rows_per_step // self.micro)
         self.loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
         self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s}
@@ -171,6 +171,12 @@ class StepTrainer:
                 _accumulate(progress, ce, batch)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+
+def micro_batches_of(rank: int, world: int, micro_batches: int) -> list[int]:
+    """Which micro-batches of every global batch a worker trains: every world-th one from its rank.
+    Together the workers cover each global batch exactly once, whatever their number."""
+    return list(range(rank, micro_batches, world))
 
 
 def row_hash(corpus_of_row: np.ndarray, row_index: np.ndarray) -> str:
