@@ -13,11 +13,13 @@ from mixloop.errors import MixloopError
 
 
 def _workdir(target: str) -> str:
-    """A workdir given directly, or the one a spec file names."""
-    if Path(target).is_file():
-        from mixloop.spec import load_spec
+    """A workdir given directly (a path or URI), or the one a spec file names."""
+    from mixloop.spec import load_spec
 
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         return load_spec(target).workdir
+    if "://" in target:
+        return target
     if not Path(target).is_dir():
         raise MixloopError(f"{target}: neither a pipeline spec nor a run directory")
     return str(Path(target).resolve())
@@ -26,8 +28,9 @@ def _workdir(target: str) -> str:
 def _spec(target: str):
     """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
     from mixloop.spec import load_spec
+    from mixloop.storage import join
 
-    return load_spec(Path(target) / "pipeline.yaml" if Path(target).is_dir() else target)
+    return load_spec(target if target.endswith((".yaml", ".yml")) else join(_workdir(target), "pipeline.yaml"))
 
 
 def cmd_validate(args) -> int:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from mixloop.data.packing import model_inputs
-from mixloop.data.store import PackedCorpus, join, read_manifest, write_json
+from mixloop.data.store import PackedCorpus, read_manifest
+from mixloop.storage import join, write_json
 from mixloop.health import chat_health
 from mixloop.model import load_model
 from mixloop.registry import read_lineage, version_dir

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from mixloop.errors import MixloopError
+from mixloop.storage import local_copy
 
 PRESETS: dict[str, dict] = {
     "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -54,14 +55,14 @@ def new_model(config: Qwen3Config, seed: int) -> Qwen3ForCausalLM:
 
 
 def load_model(path: str, trust_remote_code: bool = False):
-    """A causal LM from a Hugging Face directory, in fp32, with SDPA attention (it takes our 4D masks)."""
+    """A causal LM from a Hugging Face directory or URI, in fp32, with SDPA attention (it takes our 4D masks)."""
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+            local_copy(path), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise MixloopError(f"cannot load a causal LM from {path}: {exc}") from None
 
 
 def load_config(path: str, trust_remote_code: bool = False):
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(local_copy(path), trust_remote_code=trust_remote_code)

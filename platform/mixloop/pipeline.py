@@ -23,7 +23,8 @@ import yaml
 from mixloop.data import synthetic
 from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
 from mixloop.data.mixplan import MixPlan
-from mixloop.data.store import join, read_manifest, write_json
+from mixloop.data.store import read_manifest
+from mixloop.storage import exists, is_local, join, makedirs, read_json, upload, write_json, write_text
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions, format_deltas, format_matrix, health_versions, iteration_deltas
 from mixloop.health import eval_prompts
@@ -60,7 +61,7 @@ class Pipeline:
         self.pipeline = spec.pipeline
         self.workdir = spec.workdir
         self.log = log
-        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        makedirs(self.workdir)
 
     # ------------------------------------------------------------ inputs
 
@@ -85,22 +86,26 @@ class Pipeline:
         # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
         source = {"spec": {**spec.model_dump(), "path": self.spec.path(spec.path) if spec.path else None},
                   "files": tokenizer_fingerprint(self.spec.path(spec.path)) if spec.path else None}
-        record = Path(self.workdir, "tokenizer-source.json")
-        if Path(target, "tokenizer.json").exists():
-            if not record.exists() or json.loads(record.read_text()) != source:
+        record = join(self.workdir, "tokenizer-source.json")
+        if exists(join(target, "tokenizer.json")):
+            if read_json(record) != source:
                 raise StageConflictError(
                     f"{target} was made from another tokenizer spec or files, and the versions here use it. "
                     "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section.")
             return target
-        staging = tempfile.mkdtemp(dir=self.workdir, prefix=".tokenizer-")
+        # Staged beside the target when local, so it appears by one rename.
+        staging = tempfile.mkdtemp(dir=self.workdir if is_local(target) else None, prefix=".tokenizer-")
         try:
             if spec.path:
                 load_tokenizer(self.spec.path(spec.path)).save_pretrained(staging)
             else:
                 self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 train_tokenizer(self._tokenizer_texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
-            record.write_text(json.dumps(source))
-            os.replace(staging, target)
+            write_json(record, source)
+            if is_local(target):
+                os.replace(staging, target.removeprefix("file://"))
+            else:
+                upload(staging, target, last="tokenizer.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -164,7 +169,7 @@ class Pipeline:
 
     def run(self) -> dict:
         """Train every missing stage, evaluate, print and store the eval matrix."""
-        Path(self.workdir, "pipeline.yaml").write_text(yaml.safe_dump(self.spec.portable(), sort_keys=False))
+        write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
         tokenizer_dir = self.tokenizer_dir()
         previous = self.ensure_base(tokenizer_dir)
         self.prepare_all(tokenizer_dir)
@@ -196,8 +201,7 @@ class Pipeline:
         deltas = iteration_deltas(matrix, lineages)
         health = health_versions(self.workdir, list(lineages), self.chat_prompts(), self.pipeline.chat_max_new_tokens)
         table = format_matrix(matrix)
-        Path(self.workdir, "eval").mkdir(exist_ok=True)
-        Path(self.workdir, "eval", "table.txt").write_text(table + "\n")
+        write_text(join(self.workdir, "eval", "table.txt"), table + "\n")
         write_json(join(self.workdir, "eval", "matrix.json"), matrix)
         write_json(join(self.workdir, "eval", "deltas.json"), deltas)
         page = write_report(self.workdir, lineages, matrix, deltas, health)
@@ -205,7 +209,7 @@ class Pipeline:
         if deltas:
             self.log("against each parent:\n" + format_deltas(deltas))
         self.log(f"report: {page}")
-        return {"matrix": matrix, "deltas": deltas, "health": health, "report": str(page)}
+        return {"matrix": matrix, "deltas": deltas, "health": health, "report": page}
 
     def chat_prompts(self) -> dict[str, list]:
         count = self.pipeline.chat_prompts

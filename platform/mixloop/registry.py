@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 
 from mixloop import __version__
-from mixloop.data.store import is_local, join, write_json
+from mixloop.storage import is_local, join, local_copy, read_json, upload, write_json
 
 LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
@@ -30,11 +30,7 @@ def version_dir(workdir: str, version: str) -> str:
 
 
 def read_lineage(workdir: str, version: str) -> dict | None:
-    fs, inner = fsspec.core.url_to_fs(join(version_dir(workdir, version), LINEAGE))
-    if not fs.exists(inner):
-        return None
-    with fs.open(inner, "r") as f:
-        return json.load(f)
+    return read_json(join(version_dir(workdir, version), LINEAGE))
 
 
 def list_versions(workdir: str) -> list[dict]:
@@ -58,14 +54,15 @@ def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, line
         for name in MODEL_FILES:
             if Path(model_dir, name).exists():
                 shutil.copy2(Path(model_dir, name), Path(staging, name))
-        for file in Path(tokenizer_dir).iterdir():
-            shutil.copy2(file, Path(staging, file.name))
+        for file in Path(local_copy(tokenizer_dir)).iterdir():
+            if not file.name.startswith("."):
+                shutil.copy2(file, Path(staging, file.name))
         write_json(str(Path(staging, LINEAGE)), lineage)
         target = version_dir(workdir, version)
         if is_local(target):
             _move_into_place(staging, target.removeprefix("file://"))
         else:
-            _upload(staging, target)
+            upload(staging, target, last=LINEAGE)
     return target
 
 
@@ -79,13 +76,6 @@ def _move_into_place(staging: str, target: str) -> None:
     if Path(target).exists():  # an incomplete leftover (no lineage): readers already ignore it
         shutil.rmtree(target)
     os.replace(hidden, target)
-
-
-def _upload(staging: str, target: str) -> None:
-    fs, inner = fsspec.core.url_to_fs(target)
-    files = sorted(Path(staging).iterdir(), key=lambda f: f.name == LINEAGE)  # lineage.json last
-    for file in files:
-        fs.put_file(str(file), f"{inner}/{file.name}")
 
 
 def flatten(data, prefix: str = "") -> dict[str, object]:
@@ -110,13 +100,13 @@ def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
 
 def export(workdir: str, version: str, target: str) -> None:
     """A clean Hugging Face directory of a version: weights, config, tokenizer and chat template."""
-    source = Path(version_dir(workdir, version))
     if read_lineage(workdir, version) is None:
         raise FileNotFoundError(f"no version {version!r} in {workdir}")
+    source = Path(local_copy(version_dir(workdir, version)))
     out = Path(target)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
-        if file.name != LINEAGE:
+        if file.name != LINEAGE and not file.name.startswith("."):
             shutil.copy2(file, out / file.name)

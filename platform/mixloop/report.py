@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from mixloop.data.store import read_lines  # noqa: E402
+from mixloop.storage import is_local, join, read_lines, upload  # noqa: E402
 
 
 def training_curves(metrics_path: str, stage_order: list[str]) -> list[dict]:
@@ -120,12 +121,22 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict) -> Path:
-    """Write <workdir>/report/index.html and its plots; returns the page's path."""
-    folder = Path(workdir, "report")
+def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict) -> str:
+    """Write <workdir>/report/index.html and its plots; returns the page's path or URI."""
+    target = join(workdir, "report")
+    if is_local(target):
+        return str(_write_pages(Path(target.removeprefix("file://")), workdir, lineages, matrix, deltas, health))
+    with tempfile.TemporaryDirectory() as staging:
+        _write_pages(Path(staging), workdir, lineages, matrix, deltas, health)
+        upload(staging, target, last="index.html")
+    return join(target, "index.html")
+
+
+def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict,
+                 health: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stages = [v for v, lineage in lineages.items() if lineage.get("stage")]
-    curves = training_curves(str(Path(workdir, "metrics.jsonl")), stages)
+    curves = training_curves(join(workdir, "metrics.jsonl"), stages)
     images = {"training.png": "Training loss per corpus and learning rate"}
     if curves:
         _plot_training(curves, folder / "training.png")

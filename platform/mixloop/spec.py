@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mixloop.errors import SpecError
+from mixloop.storage import exists, read_text
 
 MODEL_PRESETS = ("minimind-3", "small", "tiny", "micro")
 GENERATED_TOPICS = ("general", "astronomy")
@@ -305,12 +306,12 @@ def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a pipeline YAML; raise SpecError listing every problem."""
-    path = Path(path)
-    if not path.is_file():
+    """Read and validate a pipeline YAML (a path or a URI); raise SpecError listing every problem."""
+    remote = "://" in str(path)
+    if not (exists(str(path)) if remote else Path(path).is_file()):
         raise SpecError(f"{path}: no such spec file. Fix: pass the path of a pipeline YAML (see jobs/).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(str(path)))
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -319,7 +320,8 @@ def load_spec(path: str | Path) -> Spec:
         pipeline = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_problems(path, [_describe(error) for error in exc.errors()])) from None
-    spec = Spec(pipeline, str(path.resolve().parent))
+    # A remote spec is a workdir's own copy, whose paths are all absolute.
+    spec = Spec(pipeline, str(path).rsplit("/", 1)[0] if remote else str(Path(path).resolve().parent))
     problems = _semantic_problems(spec)
     if problems:
         raise SpecError(_format_problems(path, problems))
@@ -399,9 +401,8 @@ def _field_doc(loc: tuple) -> str | None:
 def _semantic_problems(spec: Spec) -> list[str]:
     pipeline = spec.pipeline
     problems = _tokenizer_problems(spec) + _model_problems(spec)
-    if "://" in pipeline.workdir and not pipeline.workdir.startswith("file://"):
-        problems.append("workdir: a remote run directory is not supported yet (corpora may be remote). "
-                        "Fix: use a local or shared-filesystem path.")
+    if "://" in pipeline.workdir:
+        problems += _filesystem_problems("workdir", pipeline.workdir)
     for name, corpus in pipeline.corpora.items():
         problems += _corpus_problems(spec, name, corpus)
     for corpus in pipeline.defaults.loss_weights or {}:
@@ -431,6 +432,17 @@ def _model_problems(spec: Spec) -> list[str]:
         return ["model: give `preset` (one of " + ", ".join(MODEL_PRESETS) + "), `config`, or `path`."]
     if model.path is not None and not _exists(spec.path(model.path) + "/config.json"):
         return [f"model.path: no config.json in {spec.path(model.path)}. Fix: point it at a Hugging Face model directory."]
+    return []
+
+
+def _filesystem_problems(where: str, uri: str) -> list[str]:
+    protocol = uri.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        extra = {"s3": "mixloop[s3]", "gs": "mixloop[gcs]", "gcs": "mixloop[gcs]"}.get(protocol)
+        fix = f"pip install '{extra}'" if extra else "install the fsspec implementation for it"
+        return [f"{where}: cannot use {protocol}:// here ({str(exc).splitlines()[0]}). Fix: {fix}."]
     return []
 
 

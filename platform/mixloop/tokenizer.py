@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mixloop.errors import DataError
+from mixloop.storage import local_copy
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -53,8 +54,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
 
 
 def load_tokenizer(path: str):
-    """A fast tokenizer with a chat template and an end-of-sequence token, or a clear error."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    """A fast tokenizer (from a folder or URI) with a chat template and an end-of-sequence token, or a clear error."""
+    tokenizer = AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
     if not tokenizer.is_fast:
         raise DataError(f"{path}: mixloop needs a fast (tokenizer.json) tokenizer.")
     if tokenizer.eos_token_id is None:
@@ -66,9 +67,9 @@ def load_tokenizer(path: str):
 
 def tokenizer_fingerprint(path: str) -> str:
     """Hash of the files that decide token ids, for content-addressed caches."""
-    digest = hashlib.sha256()
+    digest, folder = hashlib.sha256(), Path(local_copy(path))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        file = Path(path) / name
+        file = folder / name
         if file.exists():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]

@@ -77,7 +77,8 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
     import torch
 
     from mixloop.data.packing import Packer
-    from mixloop.data.store import MANIFEST, write_json, write_shard
+    from mixloop.data.store import MANIFEST, write_shard
+    from mixloop.storage import write_json
     from mixloop.evaluate import evaluate_model
     from mixloop.model import model_config, new_model
     from mixloop.tokenizer import encode_chats, encode_texts

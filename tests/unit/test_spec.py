@@ -301,9 +301,11 @@ def test_loss_weights_that_silence_a_stage_or_are_ignored(write_spec):
     assert any(p.startswith("stages[1].loss_weights:") and "balance: token" in p for p in problems)
 
 
-def test_remote_workdir_is_refused_before_any_work(write_spec):
-    message, problems = _problems(write_spec, lambda data: data.update(workdir="s3://bucket/run"))
-    assert any(p.startswith("workdir:") and "Fix:" in p for p in problems)
+def test_workdir_on_a_filesystem_fsspec_cannot_open_is_refused_before_any_work(write_spec):
+    message, problems = _problems(write_spec, lambda data: data.update(workdir="nofs://bucket/run"))
+    assert any(p.startswith("workdir: cannot use nofs://") and "Fix:" in p for p in problems)
+    spec = load_spec(write_spec(lambda data: data.update(workdir="s3://bucket/run")))  # s3fs is installed
+    assert spec.workdir == "s3://bucket/run"
 
 
 def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec):

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from mixloop.data import records
 from mixloop.data.packing import Packer
-from mixloop.data.store import MANIFEST, append_line, join, read_manifest, write_json, write_shard
+from mixloop.data.store import MANIFEST, read_manifest, write_shard
+from mixloop.storage import append_line, join, write_json
 from mixloop.errors import DataError
 from mixloop.spec import expand_files, file_format
 from mixloop.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint

@@ -8,25 +8,13 @@ order; a folder without it is an unfinished preparation and is never read.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import fsspec
 import numpy as np
 
+from mixloop.storage import join, local_copy, read_json
+
 ARRAYS = ("tokens", "supervised", "segments")
 MANIFEST = "manifest.json"
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts for local paths and URIs alike."""
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
 
 
 def write_shard(folder: str, shard: str, rows: list[tuple[np.ndarray, ...]]) -> None:
@@ -38,44 +26,7 @@ def write_shard(folder: str, shard: str, rows: list[tuple[np.ndarray, ...]]) -> 
 
 
 def read_manifest(folder: str) -> dict | None:
-    fs, root = fsspec.core.url_to_fs(folder)
-    path = f"{root}/{MANIFEST}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON so a reader never sees half of it (rename on local disks, one PUT on object stores)."""
-    fs, inner = fsspec.core.url_to_fs(path)
-    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-    text = json.dumps(data, indent=2, sort_keys=True)
-    if is_local(path):
-        tmp = f"{inner}.tmp-{os.getpid()}"
-        Path(tmp).write_text(text)
-        os.replace(tmp, inner)
-    else:
-        with fs.open(inner, "w") as f:
-            f.write(text)
-
-
-def append_line(path: str, line: str) -> None:
-    """Append one line to a log file (object stores cannot append: the file is rewritten)."""
-    fs, inner = fsspec.core.url_to_fs(path)
-    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-    if is_local(path):
-        with open(inner, "a") as f:
-            f.write(line + "\n")
-        return
-    existing = fs.cat_file(inner).decode() if fs.exists(inner) else ""
-    with fs.open(inner, "w") as f:
-        f.write(existing + line + "\n")
-
-
-def read_lines(path: str) -> list[str]:
-    fs, inner = fsspec.core.url_to_fs(path)
-    return fs.cat_file(inner).decode().splitlines() if fs.exists(inner) else []
+    return read_json(join(folder, MANIFEST))
 
 
 class PackedCorpus:
@@ -86,7 +37,7 @@ class PackedCorpus:
         if manifest is None:
             raise FileNotFoundError(f"{folder} holds no finished packed corpus ({MANIFEST} missing)")
         self.manifest = manifest
-        self.folder = folder if is_local(folder) else _local_copy(folder, manifest)
+        self.folder = local_copy(folder)
         self.seq_len = manifest["seq_len"]
         counts = [shard["rows"] for shard in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -98,7 +49,7 @@ class PackedCorpus:
     def _array(self, name: str, shard: str) -> np.ndarray:
         key = (name, shard)
         if key not in self._arrays:
-            path = join(self.folder.removeprefix("file://"), f"{name}-{shard}.npy")
+            path = join(self.folder, f"{name}-{shard}.npy")
             self._arrays[key] = np.load(path, mmap_mode="r")
         return self._arrays[key]
 
@@ -114,16 +65,3 @@ class PackedCorpus:
             for target, name in zip(out, ARRAYS):
                 target[picked] = self._array(name, shard)[local]
         return tuple(out)
-
-
-def _local_copy(folder: str, manifest: dict) -> str:
-    """Remote packed corpora are fetched once per machine into a content-addressed local cache."""
-    local = Path(tempfile.gettempdir()) / "mixloop-cache" / manifest["key"]
-    if not (local / MANIFEST).exists():
-        fs, root = fsspec.core.url_to_fs(folder)
-        local.mkdir(parents=True, exist_ok=True)
-        for shard in manifest["shards"]:
-            for name in ARRAYS:
-                fs.get(f"{root}/{name}-{shard['name']}.npy", str(local / f"{name}-{shard['name']}.npy"))
-        (local / MANIFEST).write_text(json.dumps(manifest))
-    return str(local)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
+
+from mixloop.storage import exists, join, read_text, write_text
 
 NAMES = ["Ada", "Bram", "Chen", "Dora", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kira", "Lars"]
 JOBS = ["baker", "pilot", "doctor", "farmer", "teacher", "painter", "sailor", "miner"]
@@ -60,16 +61,12 @@ def write_corpus(out_dir: str, kind: str, topic: str, documents: int, eval_docum
     """Write train.jsonl and eval.jsonl (same world, different draws); returns their paths."""
     facts = _world_facts(topic)
     make = _text_document if kind == "text" else _chat_document
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, count in (("train", documents), ("eval", eval_documents)):
         rng = random.Random(f"{topic}/{kind}/{split}/{seed}")
-        path = folder / f"{split}.jsonl"
+        path = join(out_dir, f"{split}.jsonl")
         content = "".join(json.dumps(make(facts, rng)) + "\n" for _ in range(count))
-        if not path.exists() or path.read_text() != content:  # rewriting would invalidate the packed cache
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(content)
-            tmp.replace(path)
-        paths[split] = str(path)
+        if not exists(path) or read_text(path) != content:  # rewriting would invalidate the packed cache
+            write_text(path, content)
+        paths[split] = path
     return paths

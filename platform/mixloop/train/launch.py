@@ -10,7 +10,7 @@ from pathlib import Path
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mixloop.data.store import join
+from mixloop.storage import train_storage
 from mixloop.errors import MixloopError
 from mixloop.train.loop import train_stage
 
@@ -25,6 +25,7 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
 
 def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
     stage = job["stage"]
+    storage_path, storage_filesystem = train_storage(workdir)
     workers = stage["min_workers"] if stage["min_workers"] == stage["max_workers"] else (
         stage["min_workers"], stage["max_workers"])
     trainer = TorchTrainer(
@@ -35,7 +36,8 @@ def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
         ),
         run_config=ray.train.RunConfig(
             name=run_name(job["pipeline"], stage["name"], stage_hash, job["corpus_dirs"]),
-            storage_path=join(workdir, "train"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=stage["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (one per report and rank) would drown the progress lines,

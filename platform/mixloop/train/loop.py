@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict
 
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.packing import model_inputs
-from mixloop.data.store import PackedCorpus, append_line, read_lines
+from mixloop.data.store import PackedCorpus
+from mixloop.storage import append_line, read_lines
 from mixloop.errors import MixloopError
 from mixloop.model import load_model
 from mixloop.train.loss import corpus_token_weights, token_ce

@@ -1,0 +1,130 @@
+"""Files under a run directory that is a local path or any fsspec URI (s3://, gs://, ...).
+
+Everything mixloop writes goes through these helpers, so a workdir on object
+storage behaves like a local one. Object stores have no rename and no append:
+JSON is written in one PUT, logs are rewritten, and folders that must appear
+whole (versions) are uploaded with their completion marker last.
+
+Libraries that only read local folders (transformers, tokenizers, numpy's
+memory maps) get a local copy of a remote folder, fetched once per machine and
+keyed by the folder's listing, so a changed folder is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+LOCAL_CACHE = Path(tempfile.gettempdir()) / "mixloop-cache"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for local paths and URIs alike."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def exists(path: str) -> bool:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.exists(inner)
+
+
+def makedirs(path: str) -> None:
+    fs, inner = fsspec.core.url_to_fs(path)
+    fs.makedirs(inner, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.cat_file(inner).decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a whole file so a reader never sees half of it (rename locally, one PUT on object stores)."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+    if is_local(path):
+        tmp = f"{inner}.tmp-{os.getpid()}"
+        Path(tmp).write_text(text)
+        os.replace(tmp, inner)
+    else:
+        fs.pipe_file(inner, text.encode())
+
+
+def write_json(path: str, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_json(path: str) -> dict | None:
+    return json.loads(read_text(path)) if exists(path) else None
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a log file (object stores cannot append: the file is rewritten)."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+    if is_local(path):
+        with open(inner, "a") as f:
+            f.write(line + "\n")
+        return
+    existing = fs.cat_file(inner) if fs.exists(inner) else b""
+    fs.pipe_file(inner, existing + line.encode() + b"\n")
+
+
+def read_lines(path: str) -> list[str]:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.cat_file(inner).decode().splitlines() if fs.exists(inner) else []
+
+
+def local_copy(folder: str) -> str:
+    """A local folder with the files of `folder` (itself when it is local)."""
+    if is_local(folder):
+        return folder.removeprefix("file://")
+    fs, root = fsspec.core.url_to_fs(folder)
+    listing = fs.find(root, detail=True)
+    identity = json.dumps([folder, sorted((k, v.get("size"), str(v.get("ETag") or v.get("mtime")))
+                                          for k, v in listing.items())])
+    local = LOCAL_CACHE / hashlib.sha256(identity.encode()).hexdigest()[:20]
+    if not (local / ".complete").exists():
+        LOCAL_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=LOCAL_CACHE))
+        for path in listing:
+            target = staging / path[len(root):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path, str(target))
+        (staging / ".complete").touch()
+        try:
+            os.replace(staging, local)
+        except OSError:  # another process on this machine fetched it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(local)
+
+
+def upload(local_folder: str, target: str, last: str | None = None) -> None:
+    """Copy a local folder's files to `target`; the file named `last` (a completion marker) goes last."""
+    fs, inner = fsspec.core.url_to_fs(target)
+    files = sorted((f for f in Path(local_folder).rglob("*") if f.is_file()), key=lambda f: f.name == last)
+    for file in files:
+        destination = f"{inner}/{file.relative_to(local_folder).as_posix()}"
+        fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(file), destination)
+
+
+def train_storage(workdir: str):
+    """(storage_path, storage_filesystem) for Ray Train: any fsspec filesystem goes in through pyarrow."""
+    path = join(workdir, "train")
+    if is_local(path):
+        return path.removeprefix("file://"), None
+    import pyarrow.fs
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
