@@ -116,15 +116,28 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_bench_continual(args) -> int:
-    from mixloop.bench import continual, format_continual
-
-    data = Path(args.data)
+def _shared_data(folder: str) -> Path:
+    data = Path(folder)
     if not (data / "tokenizer" / "tokenizer.json").exists():
         raise MixloopError(f"{data}: not the shared data folder (tokenizer/, pretrain/, sft/, domain/, eval/). Fix: pass --data.")
-    result = continual(data, Path(args.workdir).resolve(), args.address)
+    return data
+
+
+def cmd_bench_continual(args) -> int:
+    from mixloop.bench.continual import continual, format_continual
+
+    result = continual(_shared_data(args.data), Path(args.workdir).resolve(), args.address)
     print(json.dumps(result, indent=2))
     print(format_continual(result))
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from mixloop.bench.data import data_benchmark, format_data
+
+    result = data_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.replicas)
+    print(json.dumps(result, indent=2))
+    print(format_data(result))
     return 0
 
 
@@ -212,13 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=cmd_report)
     bench = commands.add_parser("bench", help="benchmarks (JSON and a table)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    shared = str(Path(__file__).resolve().parents[3] / "shared" / "data")
     continual = bench_commands.add_parser(
         "continual", help="absorb a new domain three ways (scratch, new data only, replay + re-warm)")
-    continual.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared" / "data"),
-                           help="the real corpora (default: ../shared/data beside the checkout)")
+    continual.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
     continual.add_argument("--workdir", default="runs/bench-continual")
     continual.add_argument("--address")
     continual.set_defaults(func=cmd_bench_continual)
+    data = bench_commands.add_parser(
+        "data", help="preparation tokens/s per core, mixed-loader rows/s against training, peak memory at 1x and 10x")
+    data.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
+    data.add_argument("--workdir", default="runs/bench-data")
+    data.add_argument("--replicas", type=int, default=10, help="how many times the corpus grows for the memory test")
+    data.set_defaults(func=cmd_bench_data)
     return parser
 
 

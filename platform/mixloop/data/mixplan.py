@@ -25,7 +25,6 @@ import zlib
 import numpy as np
 
 BLOCK = 256
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 class MixPlan:
@@ -48,6 +47,7 @@ class MixPlan:
         self.total_rows = int(total_rows)
         self.seed = int(seed)
         self._cumulative = self._apportion_blocks()
+        self._last_block: tuple = (-1, None, None)
 
     @classmethod
     def for_stage(cls, stage: dict, corpus_rows: dict[str, int], total_rows: int) -> "MixPlan":
@@ -90,17 +90,21 @@ class MixPlan:
         """(corpus index, row index within that corpus) for global rows [start, stop)."""
         if not 0 <= start <= stop <= self.total_rows:
             raise IndexError(f"rows [{start}, {stop}) outside the plan of {self.total_rows} rows")
-        corpus_parts, occurrence_parts = [], []
+        corpus_parts, row_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for block in range(start // BLOCK, -(-stop // BLOCK)):
-            corpus, occurrence = self._block(block)
+            corpus, rows = self._block_rows(block)
             lo, hi = max(start - block * BLOCK, 0), min(stop - block * BLOCK, BLOCK)
             corpus_parts.append(corpus[lo:hi])
-            occurrence_parts.append(occurrence[lo:hi])
-        if not corpus_parts:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        corpus = np.concatenate(corpus_parts)
-        occurrence = np.concatenate(occurrence_parts)
-        return corpus, self._shuffle(corpus, occurrence)
+            row_parts.append(rows[lo:hi])
+        return np.concatenate(corpus_parts), np.concatenate(row_parts)
+
+    def _block_rows(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Corpus and row index of every slot of a block; the last block is kept, since a training
+        loop asks for it step after step and shuffling costs more per call than per row."""
+        if self._last_block[0] != block:
+            corpus, occurrence = self._block(block)
+            self._last_block = (block, corpus, self._shuffle(corpus, occurrence))
+        return self._last_block[1], self._last_block[2]
 
     def _shuffle(self, corpus: np.ndarray, occurrence: np.ndarray) -> np.ndarray:
         rows = np.empty_like(occurrence)
@@ -151,10 +155,10 @@ def permute(index: np.ndarray, n: int, keys: np.ndarray | int, rounds: int = 4) 
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-    """The murmur3 64-bit finaliser: a cheap, well-spread hash of each value."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(33))
-        x = (x * np.uint64(0xFF51AFD7ED558CCD)) & _MASK64
-        x = x ^ (x >> np.uint64(33))
-        x = (x * np.uint64(0xC4CEB9FE1A85EC53)) & _MASK64
-        return x ^ (x >> np.uint64(33))
+    """The murmur3 64-bit finaliser: a cheap, well-spread hash of each value (arrays wrap around
+    on overflow, as the hash wants)."""
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))

@@ -1,10 +1,11 @@
 """Prepare a corpus once: read, validate, tokenize and pack it with Ray Data.
 
 Files are cut into chunks (byte ranges of jsonl, row groups of parquet); a pool
-of Ray Data actors, each holding the tokenizer, turns one chunk at a time into
-a shard of packed rows written straight to the cache, and sends back only a
-small summary. Memory therefore depends on the chunk size, never on the corpus
-size, and no data passes through the driver.
+of Ray Data actors, each holding the tokenizer, streams one chunk at a time into
+shards of at most SHARD_ROWS packed rows written straight to the cache, and
+sends back only a small summary. Memory therefore depends on the shard and
+tokenizer batch sizes, never on the chunk or corpus size, and no data passes
+through the driver.
 
 The result is content-addressed by the files' identities, the tokenizer, the
 sequence length and the packing rules, so every later stage, iteration or
@@ -36,6 +37,7 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 32 * 1024 * 1024
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
+SHARD_ROWS = 4096
 PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents")
 
 
@@ -104,7 +106,7 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
 
 
 class ChunkPacker:
-    """A Ray Data actor: one chunk in, one shard of packed rows out (plus rejects)."""
+    """A Ray Data actor: one chunk in, shards of packed rows and a rejects file out, a summary back."""
 
     def __init__(self, tokenizer_dir: str):
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -116,22 +118,19 @@ class ChunkPacker:
     def pack_chunk(self, chunk: dict) -> dict:
         kind = chunk["kind"]
         packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text")
+        shards = ShardWriter(chunk["out_dir"], chunk["shard"])
+        rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
         check = records.check_text if kind == "text" else records.check_chat
+        encode = encode_texts if kind == "text" else encode_chats
         limit = int(chunk["max_document_tokens"]) or None
-        rows, rejects, pending = [], [], []  # pending: (where, raw record, checked record)
         stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0}
 
-        def reject(where, record, reason):
-            rejects.append({"where": where, "reason": reason, "record": _preview(record)})
-
-        def flush_pending():
-            if not pending:  # the tokenizer refuses an empty batch
-                return
-            encode = encode_texts if kind == "text" else encode_chats
+        def tokenize(pending: list[tuple[str, object, object]]) -> None:
+            """pending: (where, raw record, checked record)."""
             for (where, raw, _), (ids, supervised) in zip(pending, encode(self.tokenizer, [p[2] for p in pending])):
                 if limit and len(ids) > limit:
                     if chunk["long_documents"] == "drop":
-                        reject(where, raw, f"document has {len(ids)} tokens, more than max_document_tokens {limit}")
+                        rejects.add(where, raw, f"document has {len(ids)} tokens, more than max_document_tokens {limit}")
                         continue
                     stats["split_documents"] += 1
                 stats["documents"] += 1
@@ -139,26 +138,70 @@ class ChunkPacker:
                 stats["supervised_tokens"] += int(supervised.sum())
                 for start in range(0, len(ids), limit or len(ids)):
                     piece = slice(start, start + limit) if limit else slice(None)
-                    rows.extend(packer.add(ids[piece], supervised[piece]))
-            pending.clear()
+                    shards.add(packer.add(ids[piece], supervised[piece]))
 
+        pending = []
         for where, record in iter_records(chunk):
             try:
                 if isinstance(record, records.BadRecord):
                     raise record
                 pending.append((where, record, check(record)))
             except records.BadRecord as exc:
-                reject(where, record, str(exc))
+                rejects.add(where, record, str(exc))
             if len(pending) >= TOKENIZE_BATCH:
-                flush_pending()
-        flush_pending()
-        rows.extend(packer.flush())
-        if rows:
-            write_shard(chunk["out_dir"], chunk["shard"], rows)
-        if rejects:
-            _write_rejects(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"), rejects)
-        return {"request": chunk["request"], "shard": chunk["shard"], "rows": len(rows), "rejected": len(rejects),
-                "first_rejects": json.dumps(rejects[:3]), **stats}
+                tokenize(pending)
+                pending = []
+        if pending:  # the tokenizer refuses an empty batch
+            tokenize(pending)
+        shards.add(packer.flush())
+        shards.close()
+        rejects.close()
+        return {"request": chunk["request"], "shard": chunk["shard"], "shards": json.dumps(shards.written),
+                "rows": sum(rows for _, rows in shards.written), "rejected": rejects.count,
+                "first_rejects": json.dumps(rejects.first), **stats}
+
+
+class ShardWriter:
+    """Writes a chunk's rows as shards of at most SHARD_ROWS rows: memory does not grow with the chunk."""
+
+    def __init__(self, folder: str, prefix: str):
+        self.folder, self.prefix = folder, prefix
+        self.rows: list[tuple[np.ndarray, ...]] = []
+        self.written: list[tuple[str, int]] = []  # (shard name, rows) in row order
+
+    def add(self, rows) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) >= SHARD_ROWS:
+            self.close()
+
+    def close(self) -> None:
+        if self.rows:
+            name = f"{self.prefix}-{len(self.written):04d}"
+            write_shard(self.folder, name, self.rows)
+            self.written.append((name, len(self.rows)))
+            self.rows = []
+
+
+class RejectWriter:
+    """Streams bad records with their place and reason to a jsonl file, opened at the first one."""
+
+    def __init__(self, path: str):
+        self.path, self.file, self.count, self.first = path, None, 0, []
+
+    def add(self, where: str, record: object, reason: str) -> None:
+        entry = {"where": where, "reason": reason, "record": _preview(record)}
+        if self.file is None:
+            fs, inner = fsspec.core.url_to_fs(self.path)
+            fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+            self.file = fs.open(inner, "w")
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.count += 1
+        if len(self.first) < 3:
+            self.first.append(entry)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _preview(record: object) -> str:
@@ -167,13 +210,6 @@ def _preview(record: object) -> str:
     else:
         text = json.dumps(record, ensure_ascii=False, default=str)
     return text[:REJECT_PREVIEW_CHARS]
-
-
-def _write_rejects(path: str, rejects: list[dict]) -> None:
-    fs, inner = fsspec.core.url_to_fs(path)
-    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(inner, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
 
 
 class CorpusRequest(NamedTuple):
@@ -250,7 +286,7 @@ def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: lis
     totals = {k: int(sum(s[k] for s in summaries)) for k in counts}
     return {
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
-        "shards": [{"name": s["shard"], "rows": int(s["rows"])} for s in summaries if s["rows"]],
+        "shards": [{"name": name, "rows": rows} for s in summaries for name, rows in json.loads(s["shards"])],
         "reject_examples": [r for s in summaries for r in json.loads(s["first_rejects"])][:3],
         **totals,
     }

@@ -1,0 +1,1 @@
+"""Benchmarks behind `mixloop bench ...`: each prints JSON (and a table) with the numbers it measured."""
