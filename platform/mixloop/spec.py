@@ -110,6 +110,9 @@ class Workers(Strict):
     """Fewest workers the stage runs with."""
     max: int = Field(ge=1)
     """Most workers the stage runs with (elastic when larger than min)."""
+    resize_every_s: float = Field(default=60.0, gt=0)
+    """For an elastic stage, how often to check whether more workers fit the cluster (a grow is a
+    restart from the latest checkpoint, so not too often)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -277,7 +280,7 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
         for key in LRSpec.model_fields
     }
     workers = settings.pop("workers")
-    settings.update(min_workers=workers.min, max_workers=workers.max)
+    settings.update(min_workers=workers.min, max_workers=workers.max, resize_every_s=workers.resize_every_s)
     total = sum(ramp.start for ramp in stage.mixture.values()) or 1.0
     total_end = sum(ramp.end for ramp in stage.mixture.values()) or 1.0
     settings["mixture"] = {

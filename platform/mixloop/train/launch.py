@@ -26,13 +26,14 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
 def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
     stage = job["stage"]
     storage_path, storage_filesystem = train_storage(workdir)
-    workers = stage["min_workers"] if stage["min_workers"] == stage["max_workers"] else (
-        stage["min_workers"], stage["max_workers"])
+    elastic = stage["min_workers"] != stage["max_workers"]
+    workers = (stage["min_workers"], stage["max_workers"]) if elastic else stage["max_workers"]
     trainer = TorchTrainer(
         train_stage,
         train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=stage["use_gpu"], resources_per_worker={"CPU": stage["cpus_per_worker"]}
+            num_workers=workers, use_gpu=stage["use_gpu"], resources_per_worker={"CPU": stage["cpus_per_worker"]},
+            elastic_resize_monitor_interval_s=stage["resize_every_s"],
         ),
         run_config=ray.train.RunConfig(
             name=run_name(job["pipeline"], stage["name"], stage_hash, job["corpus_dirs"]),

@@ -34,6 +34,7 @@ from mixloop.train.schedule import learning_rate
 
 STATE_FILE = "trainer_state.json"
 FAULT_NAN_STEPS = "MIXLOOP_FAULT_NAN_STEPS"  # comma-separated steps whose loss is made NaN (tests)
+FAULT_STEP_SECONDS = "MIXLOOP_FAULT_STEP_SECONDS"  # extra seconds per step, so tests can act mid-stage
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
@@ -102,8 +103,11 @@ def train_stage(config: dict) -> dict:
     if rank == 0 and state["resumed_from"] is not None:
         print(_resume_line(job, state["step"]), flush=True)
     window_start, window_step, row_hashes = time.time(), state["step"], {}
+    preemption = PreemptionCheck(stage["name"], rank)
+    slow_down = float(os.environ.get(FAULT_STEP_SECONDS, 0))
 
     for step in range(state["step"], job.total_steps):
+        time.sleep(slow_down)
         lr = learning_rate(step, job.total_steps, stage["lr"], job.start_lr)
         corpus_of_row, row_index = plan.rows(step * job.rows_per_step, (step + 1) * job.rows_per_step)
         row_hashes[step + 1] = row_hash(corpus_of_row, row_index)
@@ -118,15 +122,39 @@ def train_stage(config: dict) -> dict:
         last = state["step"] == job.total_steps
         if state["step"] % stage["log_every"] == 0 or state["step"] % stage["checkpoint_every"] == 0 or last:
             metrics = _metrics(job, names, progress, state, lr, grad_norm, window_start, window_step)
-            metrics["row_hashes"], row_hashes = row_hashes, {}
+            metrics["row_hashes"], row_hashes, metrics["workers"] = row_hashes, {}, world
             window_start, window_step = time.time(), state["step"]
             if rank == 0:
                 append_line(job.metrics_path, json.dumps(metrics))
                 print(_progress_line(metrics, job.total_steps), flush=True)
-            if state["step"] % stage["checkpoint_every"] == 0 or last:
+            if state["step"] % stage["checkpoint_every"] == 0 or last or preemption.noticed(state["step"]):
                 _checkpoint(model, optimizer, state, metrics, rank)
     return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),
             "resumed_from": state["resumed_from"], "skipped_steps": state.get("skipped_steps", 0)}
+
+
+class PreemptionCheck:
+    """Asks Ray, at every report, whether a node of this group is about to be reclaimed (a spot
+    preemption notice). On a new notice the stage checkpoints at once and trains on; Ray restarts
+    the group when the node goes, and the restart loses no step."""
+
+    def __init__(self, stage: str, rank: int):
+        self.stage, self.rank, self.seen = stage, rank, set()
+
+    def noticed(self, step: int) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()  # a broadcast from rank 0: every rank calls it
+        nodes = set(info.preempted_node_ids) if info is not None else set()
+        if not nodes - self.seen:
+            return False
+        self.seen |= nodes
+        if self.rank == 0:
+            deadline = max(info.deadline_ms / 1000 - time.time(), 0) if info.deadline_ms else None
+            print(f"[{self.stage}] preemption notice for node(s) {', '.join(sorted(n[:8] for n in nodes))}"
+                  + (f", {deadline:.0f} s left" if deadline is not None else "")
+                  + f": checkpointing at step {step}", flush=True)
+        return True
 
 
 class StepTrainer:

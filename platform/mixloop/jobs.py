@@ -1,0 +1,363 @@
+"""Pipelines as Ray jobs: `mixloop submit SPEC --address http://HOST:8265` and `mixloop jobs ...`.
+
+The spec travels in the job's runtime environment (its portable form, every path absolute, as
+pipeline.yaml in the working_dir); the cluster runs `mixloop run pipeline.yaml --address auto`, so
+its nodes need mixloop installed (the cluster/ configs do that) and the workdir on storage they all
+reach (s3://, gs://). One job per pipeline at a time: the submission id is derived from its name.
+
+Ray 2.60 token authentication: the job server answers 401 without a token. Ray's own SDK sends its
+token only when this process runs with RAY_AUTH_MODE=token, so mixloop finds the token where Ray's
+loader looks (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token) and
+sends it itself, as `ray.init` does for a cluster address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from mixloop import __version__
+from mixloop.errors import MixloopError
+
+JOB_PREFIX = "mixloop-"
+AGENT_WAIT_S = 60
+TOKEN_HELP = ("Set RAY_AUTH_TOKEN to the cluster's token (print it on the head with `ray get-auth-token`), "
+              "or put it in ~/.ray/auth_token or a file named by RAY_AUTH_TOKEN_PATH; RAY_AUTH_MODE=disabled "
+              "only for a cluster started without token authentication.")
+
+
+def submission_id(pipeline_name: str) -> str:
+    """The job id of a pipeline: one job per pipeline name on a cluster."""
+    return JOB_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "-", pipeline_name)
+
+
+def job_address(address: str | None) -> str:
+    """The job server's HTTP address: --address, else $RAY_ADDRESS when it is an http(s) address."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not given:
+        raise MixloopError("no Ray job server address. Fix: pass --address http://HOST:8265 (the head's "
+                           "dashboard port; through an SSH tunnel or port-forward for a remote cluster) "
+                           "or set RAY_ADDRESS to it.")
+    if not given.startswith(("http://", "https://")):
+        source = "--address" if address else "RAY_ADDRESS"
+        raise MixloopError(f"{source}={given!r} is not the HTTP address of a Ray job server. "
+                           "Fix: pass --address http://HOST:8265 (the head's dashboard port).")
+    return given.rstrip("/")
+
+
+def auth_token() -> str | None:
+    """The token Ray's clients would use, in Ray's order; None when there is none or auth is disabled."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "disabled":
+        return None
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        token = _first_line(path)
+        if not token:
+            raise MixloopError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read or is empty. {TOKEN_HELP}")
+    if not token:
+        token = _first_line(Path.home() / ".ray" / "auth_token")
+    if not token and mode == "token":
+        raise MixloopError(f"RAY_AUTH_MODE=token but no Ray authentication token was found. {TOKEN_HELP}")
+    return token or None
+
+
+def _first_line(path: Path) -> str:
+    """The token in a file, as Ray reads it: its first line, trimmed ('' when unreadable)."""
+    try:
+        return (path.read_text().splitlines() or [""])[0].strip()
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _ray_errors(address: str, job: str | None = None):
+    """Ray's SDK errors for what a user can fix, as one clear MixloopError."""
+    import aiohttp
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        if "Forbidden" in str(exc) or "invalid" in str(exc).lower():
+            problem = "refused the authentication token (it is not this cluster's)"
+        else:
+            problem = "requires an authentication token, and none was sent (Ray token authentication is on)"
+        raise MixloopError(f"the Ray job server at {address} {problem}. {TOKEN_HELP}") from None
+    except (ConnectionError, requests.ConnectionError, aiohttp.ClientConnectionError):
+        raise MixloopError(f"cannot reach a Ray job server at {address}. Fix: check that the cluster is up and "
+                           "that its dashboard port (8265) is reachable from here (for a remote cluster: "
+                           "`ray dashboard cluster.yaml`, an SSH tunnel or `kubectl port-forward`).") from None
+    except RuntimeError as exc:
+        if job is not None and "status code 404" in str(exc):
+            raise MixloopError(f"no job {job!r} on {address}. See `mixloop jobs list --address {address}`.") from None
+        raise
+
+
+@contextlib.contextmanager
+def _address_not_overridden():
+    # JobSubmissionClient silently prefers $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS to the address it is
+    # given; the --address the user typed must win.
+    saved = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: str | None):
+    """A JobSubmissionClient for the job server, with the token where there is one."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = job_address(address)
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with _ray_errors(address), _address_not_overridden():
+        client = JobSubmissionClient(address, headers=headers)
+    client.mixloop_address = address
+    return client
+
+
+def job_info(client, job: str):
+    """The job's details, or None when the cluster has no job with that id."""
+    try:
+        with _ray_errors(client.mixloop_address):
+            return client.get_job_info(job)
+    except RuntimeError as exc:
+        if "status code 404" in str(exc):
+            return None
+        raise
+
+
+def _commands(job: str, address: str) -> str:
+    return (f"  follow: mixloop jobs logs {job} --follow --address {address}\n"
+            f"  status: mixloop jobs status {job} --address {address}\n"
+            f"  stop:   mixloop jobs stop {job} --address {address}")
+
+
+def _local_paths(data: dict) -> list[str]:
+    paths = [data["workdir"]] + [section[key] for section in (data["tokenizer"], data["model"], *data["corpora"].values())
+                                 for key in ("path", "eval") if key in section]
+    return [p for p in paths if "://" not in p]
+
+
+def submit(spec_path: str, address: str | None) -> tuple[object, str]:
+    """Validate the spec and submit it as a Ray job; (client, submission id)."""
+    import yaml
+
+    from mixloop.spec import load_spec
+
+    spec = load_spec(spec_path)
+    client = connect(address)
+    address = client.mixloop_address
+    name = spec.pipeline.name
+    job = submission_id(name)
+    info = job_info(client, job)
+    if info is not None and not info.status.is_terminal():
+        raise MixloopError(f"pipeline {name!r} already runs on {address} as job {job} ({info.status}). "
+                           f"Follow it with `mixloop jobs logs {job} --follow --address {address}`, or stop it "
+                           f"first with `mixloop jobs stop {job} --address {address}`.")
+    earlier = ""
+    if info is not None:
+        # Ray refuses a submission id it still knows, even for a finished job. The finished job is only
+        # a record (status and driver log); its results live in the workdir, and running the pipeline
+        # again continues from them (finished stages are skipped). So the record goes and the id is
+        # reused, which keeps "one job per pipeline" checkable by id, and a race between two submits
+        # of one pipeline is settled by Ray (the second is refused). delete_job keeps the driver log
+        # file, and the new run appends to it: its length is kept so `jobs logs` shows this run only.
+        with _ray_errors(address, job):
+            earlier = client.get_job_logs(job)
+            client.delete_job(job)
+    data = spec.portable()
+    host = address.split("://", 1)[1].split(":")[0].split("/")[0]
+    if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
+        print(f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
+              "(use s3:// or gs:// for the workdir and corpora of a remote cluster)", file=sys.stderr)
+    spec_source = spec_path if "://" in str(spec_path) else str(Path(spec_path).resolve())
+    with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
+        Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        request = dict(
+            entrypoint="mixloop run pipeline.yaml --address auto",
+            submission_id=job,
+            runtime_env={"working_dir": folder},
+            metadata={"mixloop": __version__, "pipeline": name, "spec": spec_source, "workdir": data["workdir"],
+                      "log_offset": str(len(earlier)), "log_tail": earlier[-80:]},
+            entrypoint_num_cpus=0,
+        )
+        deadline = time.time() + AGENT_WAIT_S
+        while True:
+            try:
+                with _ray_errors(address):
+                    client.submit_job(**request)
+                break
+            except RuntimeError as exc:
+                if "already exists" in str(exc):  # another submit of the same pipeline won the race
+                    raise MixloopError(f"pipeline {name!r} was just submitted to {address} as job {job} by "
+                                       f"someone else. Follow it with `mixloop jobs logs {job} --follow "
+                                       f"--address {address}`.") from None
+                # A head that has just started serves HTTP before its job agent has registered.
+                if "No available agent" not in str(exc):
+                    raise
+                if time.time() > deadline:
+                    raise MixloopError(f"the Ray cluster at {address} has no job agent ready after "
+                                       f"{AGENT_WAIT_S} s (has its head just started?). Try again.") from None
+                time.sleep(1)
+    return client, job
+
+
+def _this_run(logs: str, info) -> str:
+    """The part of a driver log written by this run of the job (see `submit`: a reused id's log
+    continues the earlier run's file); all of it when it does not start with the earlier run's."""
+    offset, tail = int((info.metadata or {}).get("log_offset", 0)), (info.metadata or {}).get("log_tail", "")
+    return logs[offset:] if offset and len(logs) >= offset and logs[:offset].endswith(tail) else logs
+
+
+def follow(client, job: str, info) -> None:
+    """Stream the job's log until it ends."""
+    import asyncio
+
+    offset = int((info.metadata or {}).get("log_offset", 0))
+
+    async def tail():
+        held = ""  # the first `offset` characters, until it is known whether they are an earlier run's
+        async for chunk in client.tail_job_logs(job):
+            if offset and held is not None:
+                held += chunk
+                if len(held) < offset:
+                    continue
+                chunk, held = _this_run(held, info), None
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        if held:
+            sys.stdout.write(held)
+
+    try:
+        with _ray_errors(client.mixloop_address, job):
+            asyncio.run(tail())
+    except RuntimeError as exc:
+        raise MixloopError(f"lost the log stream of job {job} ({exc}); the job is unaffected: "
+                           f"run `mixloop jobs logs {job} --follow --address {client.mixloop_address}` again") from None
+
+
+def _require(client, job: str):
+    info = job_info(client, job)
+    if info is None:
+        raise MixloopError(f"no job {job!r} on {client.mixloop_address}. "
+                           f"See `mixloop jobs list --address {client.mixloop_address}`.")
+    return info
+
+
+def _time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_submit(args) -> int:
+    client, job = submit(args.spec, args.address)
+    address = client.mixloop_address
+    print(f"submitted {args.spec} to {address} as job {job}\n{_commands(job, address)}", flush=True)
+    if args.no_wait:
+        return 0
+    try:
+        follow(client, job, _require(client, job))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job} keeps running. Stop it with "
+              f"`mixloop jobs stop {job} --address {address}`.", file=sys.stderr)
+        return 130
+    info = _require(client, job)
+    print(f"job {job}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    return 0 if str(info.status) == "SUCCEEDED" else 1
+
+
+def cmd_jobs_list(args) -> int:
+    client = connect(args.address)
+    with _ray_errors(client.mixloop_address):
+        jobs = [j for j in client.list_jobs() if j.submission_id and "mixloop" in (j.metadata or {})]
+    if not jobs:
+        print(f"no mixloop jobs on {client.mixloop_address}")
+        return 0
+    width = max(len(j.submission_id) for j in jobs)
+    print(f"{'job':<{width}}  {'status':<9}  {'started':<19}  {'pipeline':<16}  spec")
+    for j in sorted(jobs, key=lambda j: j.start_time or 0):
+        print(f"{j.submission_id:<{width}}  {str(j.status):<9}  {_time(j.start_time):<19}  "
+              f"{j.metadata.get('pipeline', '-'):<16}  {j.metadata.get('spec', '-')}")
+    return 0
+
+
+def cmd_jobs_status(args) -> int:
+    client = connect(args.address)
+    info = _require(client, args.job)
+    print(f"{args.job}: {info.status}")
+    if info.message:
+        print(info.message)
+    print(f"started {_time(info.start_time)}, ended {_time(info.end_time)}")
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    client = connect(args.address)
+    info = _require(client, args.job)
+    if args.follow:
+        follow(client, args.job, info)
+    else:
+        with _ray_errors(client.mixloop_address, args.job):
+            sys.stdout.write(_this_run(client.get_job_logs(args.job), info))
+    return 0
+
+
+def cmd_jobs_stop(args) -> int:
+    client = connect(args.address)
+    info = _require(client, args.job)
+    if info.status.is_terminal():
+        print(f"{args.job} has already ended: {info.status}")
+        return 0
+    with _ray_errors(client.mixloop_address, args.job):
+        client.stop_job(args.job)
+    deadline = time.time() + args.timeout
+    while not (info := _require(client, args.job)).status.is_terminal() and time.time() < deadline:
+        time.sleep(0.5)
+    if not info.status.is_terminal():
+        raise MixloopError(f"{args.job} is still {info.status} {args.timeout:.0f} s after the stop request. "
+                           f"See `mixloop jobs status {args.job} --address {client.mixloop_address}`.")
+    print(f"{args.job}: {info.status}")
+    return 0
+
+
+def add_commands(commands) -> None:
+    """Register `submit` and `jobs list|status|logs|stop` on the CLI's subcommands."""
+    address_help = "the Ray job server, http://HOST:8265 (default: $RAY_ADDRESS if it is an http address)"
+    submit_parser = commands.add_parser("submit", help="run a pipeline as a Ray job on a cluster")
+    submit_parser.add_argument("spec", help="pipeline YAML")
+    submit_parser.add_argument("--address", help=address_help)
+    submit_parser.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    submit_parser.set_defaults(func=cmd_submit)
+
+    jobs = commands.add_parser("jobs", help="pipelines submitted as Ray jobs: list, status, logs, stop")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_commands.add_parser("list", help="mixloop's jobs on the cluster, oldest first")
+    listing.add_argument("--address", help=address_help)
+    listing.set_defaults(func=cmd_jobs_list)
+    status = jobs_commands.add_parser("status", help="a job's status and message")
+    status.add_argument("job", help="submission id (mixloop-<pipeline>)")
+    status.add_argument("--address", help=address_help)
+    status.set_defaults(func=cmd_jobs_status)
+    logs = jobs_commands.add_parser("logs", help="a job's driver log")
+    logs.add_argument("job", help="submission id (mixloop-<pipeline>)")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
+    logs.add_argument("--address", help=address_help)
+    logs.set_defaults(func=cmd_jobs_logs)
+    stop = jobs_commands.add_parser("stop", help="stop a job and wait until it has stopped")
+    stop.add_argument("job", help="submission id (mixloop-<pipeline>)")
+    stop.add_argument("--address", help=address_help)
+    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
+    stop.set_defaults(func=cmd_jobs_stop)
