@@ -144,8 +144,8 @@ def _commands(job: str, address: str) -> str:
 
 
 def _local_paths(data: dict) -> list[str]:
-    paths = [data["workdir"]] + [section[key] for section in (data["tokenizer"], data["model"], *data["corpora"].values())
-                                 for key in ("path", "eval") if key in section]
+    sections = (data["tokenizer"], data["model"], *data["corpora"].values())
+    paths = [data["workdir"]] + [section[key] for section in sections for key in ("path", "eval") if key in section]
     return [p for p in paths if "://" not in p]
 
 
@@ -339,7 +339,8 @@ def add_commands(commands) -> None:
     submit_parser = commands.add_parser("submit", help="run a pipeline as a Ray job on a cluster")
     submit_parser.add_argument("spec", help="pipeline YAML")
     submit_parser.add_argument("--address", help=address_help)
-    submit_parser.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    submit_parser.add_argument("--no-wait", action="store_true",
+                               help="return once submitted instead of following the logs")
     submit_parser.set_defaults(func=cmd_submit)
 
     jobs = commands.add_parser("jobs", help="pipelines submitted as Ray jobs: list, status, logs, stop")

@@ -124,18 +124,20 @@ class Pipeline:
     def prepare_all(self, tokenizer_dir: str) -> None:
         """Pack, in one Ray Data job, every corpus split the spec uses that the cache lacks, so bad
         or missing data stops the run before any training."""
-        requests = [self._request(n, "train", s["seq_len"]) for s in self.spec.resolved_stages() for n in s["mixture"]]
+        requests = [self._request(n, "train", s["seq_len"], s["packing"])
+                    for s in self.spec.resolved_stages() for n in s["mixture"]]
         requests += [self._request(n, "eval", self._default("seq_len"))
                      for n in self.pipeline.corpora if "eval" in self.corpus_files(n)]
         self.folders = prepare_corpora(requests, tokenizer_dir, self.workdir)
 
-    def _request(self, name: str, split: str, seq_len: int) -> CorpusRequest:
+    def _request(self, name: str, split: str, seq_len: int, packing: bool = True) -> CorpusRequest:
         corpus = self.pipeline.corpora[name]
         return CorpusRequest(name, split, self.corpus_files(name)[split], corpus.format, corpus.kind,
-                             corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents)
+                             corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents,
+                             packing)
 
-    def packed(self, name: str, split: str, seq_len: int) -> str:
-        return self.folders[self._request(name, split, seq_len)]
+    def packed(self, name: str, split: str, seq_len: int, packing: bool = True) -> str:
+        return self.folders[self._request(name, split, seq_len, packing)]
 
     # ------------------------------------------------------------ versions
 
@@ -221,7 +223,7 @@ class Pipeline:
         from mixloop.train.launch import fit_stage
         from mixloop.train.loop import STATE_FILE
 
-        corpus_dirs = {n: self.packed(n, "train", stage["seq_len"]) for n in stage["mixture"]}
+        corpus_dirs = {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]}
         rows_per_step, total_steps = _steps(stage)
         start_lr = parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0
         job = {
@@ -263,7 +265,7 @@ class Pipeline:
         for stage in self.spec.resolved_stages():
             if stage_name not in (None, stage["name"]):
                 continue
-            folders = {n: self.packed(n, "train", stage["seq_len"]) for n in stage["mixture"]}
+            folders = {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]}
             rows_per_step, total_steps = _steps(stage)
             plan = _stage_plan(stage, folders, rows_per_step * total_steps)
             realised, epochs = plan.rows_per_corpus(), plan.epochs()

@@ -137,6 +137,9 @@ class Ramp(Strict):
 class StageSettings(Strict):
     seq_len: int | None = Field(default=None, ge=8)
     """Tokens per packed row."""
+    packing: bool | None = None
+    """true: pack documents into full rows; false: one document per row, padded (slower: the
+    padding costs compute and trains nothing)."""
     global_batch_tokens: int | None = Field(default=None, gt=0)
     """Tokens per optimizer step, whatever the number of workers (a multiple of seq_len)."""
     micro_batch_rows: int | None = Field(default=None, gt=0)
@@ -212,6 +215,7 @@ class PipelineSpec(Strict):
 
 BUILTIN_DEFAULTS = StageSettings(
     seq_len=256,
+    packing=True,
     global_batch_tokens=16384,
     micro_batch_rows=8,
     lr=LRSpec(peak=1e-3, warmup=0.05, warmup_from="current", decay="cosine", floor=0.1, wsd_decay=0.2),
@@ -294,13 +298,15 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
 # The settings that decide what a stage trains: its rows, their order and the updates. The others
 # (workers, CPUs, GPU, micro-batch size, logging and checkpoint intervals, restarts) may change between
 # runs, so a finished stage stays finished and an unfinished one resumes on another machine.
-TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "global_batch_tokens", "lr", "loss_weights", "balance",
-                     "weight_decay", "grad_clip", "seed", "start_from")
+TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "packing", "global_batch_tokens", "lr", "loss_weights",
+                     "balance", "weight_decay", "grad_clip", "seed", "start_from")
 
 
 def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
     """Content hash of a stage: the settings that decide its training, and what it starts from."""
     trajectory = {key: resolved_stage[key] for key in TRAJECTORY_FIELDS if key in resolved_stage}
+    if trajectory.get("packing", True):  # packed rows were the only kind before the option: same hashes
+        trajectory.pop("packing", None)
     payload = json.dumps({"stage": trajectory, "parent": parent_hash}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

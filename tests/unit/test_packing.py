@@ -211,3 +211,13 @@ def test_changing_the_first_document_does_not_change_the_second(tiny_model):
     with torch.no_grad():
         alone = tiny_model(input_ids=torch.as_tensor(second[None], dtype=torch.long)).logits[0]
     assert torch.allclose(logits_a, alone, atol=1e-4)
+
+
+def test_without_packing_every_document_gets_rows_of_its_own():
+    packer = Packer(8, pad_id=0, split_documents=True, one_per_row=True)
+    docs = [np.arange(1, 4), np.arange(10, 20), np.arange(30, 32)]
+    rows = [row for doc in docs for row in packer.add(doc, np.ones(len(doc), bool))] + list(packer.flush())
+    tokens = [row[0].tolist() for row in rows]
+    assert tokens == [[1, 2, 3, 0, 0, 0, 0, 0], list(range(10, 18)), [18, 19, 0, 0, 0, 0, 0, 0],
+                      [30, 31, 0, 0, 0, 0, 0, 0]]
+    assert all(set(row[2][row[2] > 0].tolist()) == {1} for row in rows), "one document (segment) per row"

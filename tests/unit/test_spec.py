@@ -33,6 +33,9 @@ BASE = {
 }
 
 
+KNOWN_STAGE_HASH = "613001b8501464ab"  # BASE's first stage, as mixloop 0.1.0 hashed it
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     """Write BASE, changed by `edit`, as tmp_path/spec.yaml next to a few data files."""
@@ -320,6 +323,16 @@ def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec
     assert digest(lambda d: d["defaults"].update(micro_batch_rows=4, log_every=3, use_gpu=True)) == plain
     assert digest(lambda d: d["stages"][0].update(lr={"peak": 0.01})) != plain
     assert digest(lambda d: d["stages"][0].update(tokens=200_000)) != plain
+    assert digest(lambda d: d["stages"][0].update(packing=False)) != plain
+    assert digest(lambda d: d["stages"][0].update(packing=True)) == plain
+
+
+def test_stage_hash_of_a_known_stage_never_changes(write_spec):
+    """Hashes name finished versions; a new setting must not make old stages look edited."""
+    from mixloop.spec import stage_hash
+
+    spec = load_spec(write_spec())
+    assert stage_hash(spec.resolved_stages()[0], "parent") == KNOWN_STAGE_HASH
 
 
 def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_path):

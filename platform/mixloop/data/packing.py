@@ -23,12 +23,16 @@ class Packer:
     row as a new segment (it cannot attend back across rows, and the token at the
     cut is not a target). A chat that fits in a row is never split, so its answers
     keep their prompt; the rest of the row is padding. A chat longer than a row is
-    cut like text."""
+    cut like text.
 
-    def __init__(self, seq_len: int, pad_id: int, split_documents: bool):
+    With one_per_row (packing: false) every document starts a row of its own and the rest of
+    the row is padding, as in trainers that pad each sample to the sequence length."""
+
+    def __init__(self, seq_len: int, pad_id: int, split_documents: bool, one_per_row: bool = False):
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.split_documents = split_documents
+        self.one_per_row = one_per_row
         self._reset()
 
     def _reset(self) -> None:
@@ -40,6 +44,8 @@ class Packer:
 
     def add(self, ids: np.ndarray, supervised: np.ndarray) -> Iterable[tuple[np.ndarray, ...]]:
         """Add one document; yields every row it completes."""
+        if self.one_per_row and self.used:
+            yield self._emit()
         start = 0
         while start < len(ids):
             room = self.seq_len - self.used

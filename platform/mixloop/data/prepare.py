@@ -38,7 +38,7 @@ CHUNK_BYTES = 32 * 1024 * 1024
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
 SHARD_ROWS = 4096
-PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents")
+PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing")
 
 
 def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) -> str:
@@ -117,7 +117,8 @@ class ChunkPacker:
 
     def pack_chunk(self, chunk: dict) -> dict:
         kind = chunk["kind"]
-        packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text")
+        packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text",
+                        one_per_row=not chunk["packing"])
         shards = ShardWriter(chunk["out_dir"], chunk["shard"])
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
         check = records.check_text if kind == "text" else records.check_chat
@@ -224,6 +225,7 @@ class CorpusRequest(NamedTuple):
     seq_len: int
     max_document_tokens: int | None = None
     long_documents: str = "split"
+    packing: bool = True
 
 
 def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:

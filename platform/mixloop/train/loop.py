@@ -15,8 +15,10 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,8 +100,10 @@ def train_stage(config: dict) -> dict:
 
     model, optimizer, state = _start(job, device)
     model = ray.train.torch.prepare_model(model)
-    step_trainer = StepTrainer(job, model, optimizer, names, rank, world, device)
-    progress = Progress(len(names), device)
+    step_trainer = StepTrainer(job, model, optimizer, names, world, device)
+    loader = StepLoader(plan, corpora, job, micro_batches_of(rank, world, job.rows_per_step // stage["micro_batch_rows"]),
+                        pin_memory=device.type == "cuda")
+    progress, timer = Progress(len(names), device), StepTimer()
     if rank == 0 and state["resumed_from"] is not None:
         print(_resume_line(job, state["step"]), flush=True)
     window_start, window_step, row_hashes = time.time(), state["step"], {}
@@ -109,9 +113,10 @@ def train_stage(config: dict) -> dict:
     for step in range(state["step"], job.total_steps):
         time.sleep(slow_down)
         lr = learning_rate(step, job.total_steps, stage["lr"], job.start_lr)
-        corpus_of_row, row_index = plan.rows(step * job.rows_per_step, (step + 1) * job.rows_per_step)
-        row_hashes[step + 1] = row_hash(corpus_of_row, row_index)
-        grad_norm = step_trainer.step(corpora, corpus_of_row, row_index, lr, progress, step)
+        with timer("data"):
+            batch = loader.get(step)
+        row_hashes[step + 1] = batch.row_hash
+        grad_norm = step_trainer.step(batch, lr, progress, step, timer)
         if not math.isfinite(grad_norm):
             if stage["nonfinite"] == "stop":
                 raise NonFiniteError(f"stage {stage['name']}: non-finite loss or gradient at step {step + 1}. "
@@ -122,15 +127,73 @@ def train_stage(config: dict) -> dict:
         last = state["step"] == job.total_steps
         if state["step"] % stage["log_every"] == 0 or state["step"] % stage["checkpoint_every"] == 0 or last:
             metrics = _metrics(job, names, progress, state, lr, grad_norm, window_start, window_step)
-            metrics["row_hashes"], row_hashes, metrics["workers"] = row_hashes, {}, world
-            window_start, window_step = time.time(), state["step"]
-            if rank == 0:
-                append_line(job.metrics_path, json.dumps(metrics))
-                print(_progress_line(metrics, job.total_steps), flush=True)
-            if state["step"] % stage["checkpoint_every"] == 0 or last or preemption.noticed(state["step"]):
-                _checkpoint(model, optimizer, state, metrics, rank)
+            metrics.update(row_hashes=row_hashes, workers=world, **timer.per_step(state["step"] - window_step))
+            row_hashes, window_start, window_step = {}, time.time(), state["step"]
+            with timer("report"):  # counted in the next window
+                if rank == 0:
+                    append_line(job.metrics_path, json.dumps(metrics))
+                    print(_progress_line(metrics, job.total_steps), flush=True)
+                if state["step"] % stage["checkpoint_every"] == 0 or last or preemption.noticed(state["step"]):
+                    _checkpoint(model, optimizer, state, metrics, rank)
+    loader.close()
     return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),
             "resumed_from": state["resumed_from"], "skipped_steps": state.get("skipped_steps", 0)}
+
+
+class StepTimer:
+    """Seconds spent per kind of work (data, compute, sync, report), summed until read."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, kind: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[kind] = self.totals.get(kind, 0.0) + time.perf_counter() - started
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        """{kind}_s: mean seconds per step since the last read."""
+        means = {f"{kind}_s": total / max(steps, 1) for kind, total in self.totals.items()}
+        self.totals = {}
+        return means
+
+
+class StepBatch(NamedTuple):
+    corpus_of_row: np.ndarray  # corpus of every row of the global batch
+    row_hash: str  # identity of the global batch's rows
+    micro_batches: list["MicroBatch"]  # this worker's share, ready for the model
+
+
+class StepLoader:
+    """This worker's micro-batches of each global batch, the next one read in a background thread
+    while the current one trains (numpy and torch release the GIL while they copy)."""
+
+    def __init__(self, plan: MixPlan, corpora, job: StageJob, mine: list[int], pin_memory: bool):
+        self.plan, self.corpora, self.rows_per_step, self.mine = plan, corpora, job.rows_per_step, mine
+        self.micro, self.total_steps, self.pin_memory = job.stage["micro_batch_rows"], job.total_steps, pin_memory
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixloop-loader")
+        self.pending: tuple[int, Future] | None = None
+
+    def get(self, step: int) -> StepBatch:
+        if self.pending is not None and self.pending[0] == step:
+            batch = self.pending[1].result()
+        else:
+            batch = self.load(step)
+        self.pending = (step + 1, self.pool.submit(self.load, step + 1)) if step + 1 < self.total_steps else None
+        return batch
+
+    def load(self, step: int) -> StepBatch:
+        corpus, index = self.plan.rows(step * self.rows_per_step, (step + 1) * self.rows_per_step)
+        micro = self.micro
+        batches = [MicroBatch(self.corpora, corpus[i * micro:(i + 1) * micro], index[i * micro:(i + 1) * micro],
+                              self.pin_memory) for i in self.mine]
+        return StepBatch(corpus, row_hash(corpus, index), batches)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class PreemptionCheck:
@@ -160,46 +223,47 @@ class PreemptionCheck:
 class StepTrainer:
     """One optimizer step: this worker's micro-batches of the global batch, accumulated."""
 
-    def __init__(self, job: StageJob, model, optimizer, names: list[str], rank: int, world: int, device):
+    def __init__(self, job: StageJob, model, optimizer, names: list[str], world: int, device):
         self.job, self.model, self.optimizer, self.world, self.device = job, model, optimizer, world, device
         stage = job.stage
-        self.micro = stage["micro_batch_rows"]
-        self.mine = micro_batches_of(rank, world, job.rows_per_step // self.micro)
         self.loss_weights = torch.tensor([stage["loss_weights"][n] for n in names], dtype=torch.float64)
+        self.corpora = len(names)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if stage["use_gpu"] else nullcontext()
         self.nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s}
 
-    def step(self, corpora, corpus_of_row, row_index, lr: float, progress: Progress, step: int) -> float:
-        """Train one step; returns the gradient norm (not finite: nothing was applied)."""
+    def step(self, batch: StepBatch, lr: float, progress: Progress, step: int, timer: StepTimer) -> float:
+        """Train one step; returns the gradient norm (not finite: nothing was applied). DDP's gradient
+        all-reduce overlaps the last backward pass and is timed as compute; sync is the explicit
+        all-reduce of the batch's per-corpus token counts."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = self.micro
-        batches = [MicroBatch(corpora, corpus_of_row[i * micro:(i + 1) * micro], row_index[i * micro:(i + 1) * micro])
-                   for i in self.mine]
-        weights = _token_weights(batches, corpus_of_row, len(corpora), self.loss_weights,
-                                 self.job.stage["balance"], self.device)
-        losses = []
-        for position, batch in enumerate(batches):
-            sync = position == len(batches) - 1
-            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-            labels = inputs.pop("labels")
-            with nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync():
-                with self.autocast:
-                    ce = token_ce(self.model(**inputs).logits, labels)
-                if step + 1 in self.nan_steps:  # fault injection for tests: a batch whose loss is NaN
-                    ce = ce * float("nan")
-                per_token = weights[batch.corpus.to(self.device)][:, None] * (labels != -100)
-                # DDP averages gradients over workers; the loss is a sum over all of them.
-                (ce * per_token).sum().mul(self.world).backward()
-            losses.append(ce.detach().double().cpu())
-        # After DDP's all-reduce every worker holds the same gradients, so all take the same decision.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.stage["grad_clip"]))
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            for ce, batch in zip(losses, batches):
-                _accumulate(progress, ce, batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        with timer("sync"):
+            weights = _token_weights(batch.micro_batches, batch.corpus_of_row, self.corpora, self.loss_weights,
+                                     self.job.stage["balance"], self.device)
+        with timer("compute"):
+            losses = [self._backward(micro_batch, weights, step, last=position == len(batch.micro_batches) - 1)
+                      for position, micro_batch in enumerate(batch.micro_batches)]
+            # After DDP's all-reduce every worker holds the same gradients, so all take the same decision.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.stage["grad_clip"]))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                for ce, micro_batch in zip(losses, batch.micro_batches):
+                    _accumulate(progress, ce, micro_batch)
+            self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _backward(self, micro_batch: "MicroBatch", weights: torch.Tensor, step: int, last: bool) -> torch.Tensor:
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro_batch.inputs.items()}
+        labels = inputs.pop("labels")
+        with nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+            with self.autocast:
+                ce = token_ce(self.model(**inputs).logits, labels)
+            if step + 1 in self.nan_steps:  # fault injection for tests: a batch whose loss is NaN
+                ce = ce * float("nan")
+            per_token = weights[micro_batch.corpus.to(self.device)][:, None] * (labels != -100)
+            # DDP averages gradients over workers; the loss is a sum over all of them.
+            (ce * per_token).sum().mul(self.world).backward()
+        return ce.detach().double().cpu()
 
 
 def micro_batches_of(rank: int, world: int, micro_batches: int) -> list[int]:
@@ -225,7 +289,7 @@ def _resume_line(job: StageJob, step: int) -> str:
 
 
 class MicroBatch:
-    def __init__(self, corpora, corpus_of_row: np.ndarray, row_index: np.ndarray):
+    def __init__(self, corpora, corpus_of_row: np.ndarray, row_index: np.ndarray, pin_memory: bool = False):
         length = corpora[0].seq_len
         tokens = np.empty((len(row_index), length), np.int32)
         supervised = np.empty((len(row_index), length), bool)
@@ -234,6 +298,8 @@ class MicroBatch:
             picked = corpus_of_row == c
             tokens[picked], supervised[picked], segments[picked] = corpora[c].read(row_index[picked])
         self.inputs = model_inputs(tokens, supervised, segments)
+        if pin_memory:  # page-locked host memory lets the copy to the GPU run asynchronously
+            self.inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
         self.corpus = torch.as_tensor(corpus_of_row, dtype=torch.long)
         self.targets = (self.inputs["labels"] != -100).sum(1).double()  # supervised targets per row
         self.real_tokens = torch.as_tensor((segments > 0).sum(1), dtype=torch.float64)
