@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixloop import __version__
+from mixloop import __version__, jobs
 from mixloop.errors import MixloopError
 
 
@@ -132,6 +132,16 @@ def cmd_bench_continual(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from mixloop.bench.train import format_train, train_benchmark
+
+    result = train_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.preset, args.steps,
+                             args.seq_len, args.address)
+    print(json.dumps(result, indent=2))
+    print(format_train(result))
+    return 0
+
+
 def cmd_bench_data(args) -> int:
     from mixloop.bench.data import data_benchmark, format_data
 
@@ -238,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workdir", default="runs/bench-data")
     data.add_argument("--replicas", type=int, default=10, help="how many times the corpus grows for the memory test")
     data.set_defaults(func=cmd_bench_data)
+    train = bench_commands.add_parser(
+        "train", help="useful tokens/s packed vs padded, step time split, Ray's per-step overhead, MFU on GPU")
+    train.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
+    train.add_argument("--workdir", default="runs/bench-train")
+    train.add_argument("--preset", default="tiny", help="model preset (minimind-3 on a GPU)")
+    train.add_argument("--steps", type=int, default=30)
+    train.add_argument("--seq-len", type=int, default=512)
+    train.add_argument("--address")
+    train.set_defaults(func=cmd_bench_train)
+    jobs.add_commands(commands)
     return parser
 
 

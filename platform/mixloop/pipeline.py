@@ -223,16 +223,8 @@ class Pipeline:
         from mixloop.train.launch import fit_stage
         from mixloop.train.loop import STATE_FILE
 
-        corpus_dirs = {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]}
-        rows_per_step, total_steps = _steps(stage)
-        start_lr = parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0
-        job = {
-            "pipeline": self.pipeline.name, "stage": stage, "corpus_dirs": corpus_dirs,
-            "parent_dir": version_dir(self.workdir, parent["version"]), "start_lr": start_lr,
-            "total_steps": total_steps, "rows_per_step": rows_per_step,
-            "metrics_path": join(self.workdir, "metrics.jsonl"),
-            "trust_remote_code": self.pipeline.model.trust_remote_code,
-        }
+        job = self.stage_job(stage, parent)
+        corpus_dirs, rows_per_step, total_steps = job["corpus_dirs"], job["rows_per_step"], job["total_steps"]
         self.log(f"stage {stage['name']}: training {total_steps} steps of {stage['global_batch_tokens']} tokens "
                  f"from version {parent['version']} on {stage['max_workers']} worker(s)")
         plan = _stage_plan(stage, corpus_dirs, total_steps * rows_per_step)
@@ -257,6 +249,18 @@ class Pipeline:
             publish(self.workdir, stage["name"], folder, tokenizer_dir, lineage)
         self.log(f"stage {stage['name']}: published version {stage['name']}")
         return read_lineage(self.workdir, stage["name"])
+
+    def stage_job(self, stage: dict, parent: dict) -> dict:
+        """What every worker of a resolved stage needs (train.loop.StageJob), as plain data."""
+        rows_per_step, total_steps = _steps(stage)
+        return {
+            "pipeline": self.pipeline.name, "stage": stage, "total_steps": total_steps, "rows_per_step": rows_per_step,
+            "corpus_dirs": {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]},
+            "parent_dir": version_dir(self.workdir, parent["version"]),
+            "start_lr": parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0,
+            "metrics_path": join(self.workdir, "metrics.jsonl"),
+            "trust_remote_code": self.pipeline.model.trust_remote_code,
+        }
 
     def preview(self, stage_name: str | None = None) -> list[dict]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""

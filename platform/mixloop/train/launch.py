@@ -23,11 +23,13 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def fit_stage(job: dict, workdir: str, stage_hash: str) -> ray.train.Result:
+def fit_stage(job: dict, workdir: str, stage_hash: str, in_process: bool = False) -> ray.train.Result:
+    """Train a stage on Ray Train workers; `in_process` runs the same loop in this process instead
+    (Ray Train's local mode), which the training benchmark uses to measure Ray's overhead."""
     stage = job["stage"]
     storage_path, storage_filesystem = train_storage(workdir)
     elastic = stage["min_workers"] != stage["max_workers"]
-    workers = (stage["min_workers"], stage["max_workers"]) if elastic else stage["max_workers"]
+    workers = 0 if in_process else (stage["min_workers"], stage["max_workers"]) if elastic else stage["max_workers"]
     trainer = TorchTrainer(
         train_stage,
         train_loop_config=job,

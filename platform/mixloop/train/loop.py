@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -337,7 +338,15 @@ def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_st
         "grad_norm": grad_norm, "skipped_steps": state.get("skipped_steps", 0),
         "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
         "step_seconds": elapsed / steps, "tokens": dict(zip(names, state["tokens"])), "time": time.time(),
+        "peak_memory_mb": _peak_memory_mb(),
     }
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch on GPU, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _progress_line(m: dict, total: int) -> str:

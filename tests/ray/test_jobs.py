@@ -1,0 +1,258 @@
+"""`mixloop submit` and `mixloop jobs` against a real `ray start --head` on 127.0.0.1 with token auth on.
+
+The head is this test's own: its own ports, temp dir and HOME (so the token it generates never touches
+the user's ~/.ray), started from this venv (the job's `mixloop` and python are this checkout's), and
+stopped by PID: never `ray stop`, which would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from support import generated_spec, write_spec
+
+from mixloop import cli, jobs
+from mixloop.errors import MixloopError
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def port_block(size: int) -> int:
+    """The first port of `size` consecutive free loopback ports, away from Ray's defaults."""
+    for _ in range(200):
+        base = random.randrange(20000, 30000 - size)
+        try:
+            sockets = []
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries `marker`: everything our head started, whatever its group."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def ready(address: str, token: str, agent_port: int) -> bool:
+    """The job server answers and the head's job agent listens (submits before that are refused)."""
+    try:
+        socket.create_connection(("127.0.0.1", agent_port), timeout=1).close()
+        return requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).ok
+    except (OSError, requests.RequestException):
+        return False
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated Ray head: {'address', 'token', 'home'}; everything it started is killed after."""
+    temp = Path(tempfile.mkdtemp(prefix="mlj-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    home = temp / "home"
+    home.mkdir()
+    marker = f"MIXLOOP_TEST_HEAD={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base = port_block(120)
+    env.update(HOME=str(home), PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_USAGE_STATS_ENABLED="0", **dict([marker.split("=", 1)]),
+               # Ray's own processes (Train's placement-group cleaner queries the state API) look for
+               # "the" local cluster when they have no address; on a machine that runs other Rays they
+               # find several and fail. A real head does not need this; a head beside others does.
+               RAY_ADDRESS=f"127.0.0.1:{base}")
+    # Ray's own way to make a token: written to $HOME/.ray/auth_token, where the head reads it.
+    token = subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    assert token and (home / ".ray" / "auth_token").exists()
+    ports = dict(zip(["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                      "metrics-export-port"], range(base, base + 9)))
+    command = [BIN / "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--dashboard-host", "127.0.0.1", "--num-cpus", "3", "--object-store-memory", str(300 * 2**20),
+               "--temp-dir", str(temp / "ray"), "--disable-usage-stats",
+               "--min-worker-port", str(base + 20), "--max-worker-port", str(base + 119),
+               *[arg for name, port in ports.items() for arg in (f"--{name}", str(port))]]
+    log = open(temp / "head.log", "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        started = time.time()
+        deadline = started + 90
+        while True:
+            assert process.poll() is None, f"ray start failed:\n{(temp / 'head.log').read_text()[-3000:]}"
+            assert time.time() < deadline, f"no job server at {address}:\n{(temp / 'head.log').read_text()[-3000:]}"
+            if ready(address, token, ports["dashboard-agent-listen-port"]):
+                break
+            time.sleep(0.5)
+        print(f"\nhead ready {time.time() - started:.1f} s after `ray start`")
+        yield {"address": address, "token": token, "home": home}
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        for _ in range(2):  # workers and job drivers run in process groups of their own
+            for pid in [process.pid, *marked_pids(marker)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1)
+        process.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def mixloop(head, monkeypatch):
+    """`mixloop ...` in this process, as the user holding the cluster's token."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(head["home"].parent / "client-home"))  # never the user's ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head["token"])
+    monkeypatch.setenv("RAY_ADDRESS", head["address"])  # the default --address
+    return cli.main
+
+
+def spec_file(folder: Path, steps: int) -> Path:
+    stage = {"name": "short", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 1024 * steps}
+    return write_spec(folder, generated_spec(folder / "run", [stage], workers=1, cpus_per_worker=1,
+                                             checkpoint_every=4, log_every=2)
+                     | {"eval_rows": 4, "chat_prompts": 2, "chat_max_new_tokens": 8})
+
+
+def wait_status(client, job: str, wanted: set[str], timeout: float) -> str:
+    deadline = time.time() + timeout
+    while (status := str(client.get_job_status(job))) not in wanted:
+        assert time.time() < deadline, f"{job} still {status}:\n{client.get_job_logs(job)[-4000:]}"
+        time.sleep(0.5)
+    return status
+
+
+def test_submit_runs_the_pipeline_and_jobs_commands_follow_it(mixloop, head, tmp_path, capsys):
+    spec = spec_file(tmp_path, steps=8)
+    started = time.time()
+    assert mixloop(["submit", str(spec), "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    job = "mixloop-test"
+    assert f"as job {job}" in out and f"mixloop jobs logs {job} --follow --address {head['address']}" in out
+
+    client = jobs.connect(None)
+    timeline, seen = [], 0  # (seconds since submit, line) as each line first shows in the job's logs
+    deadline = time.time() + 240
+    while (status := str(client.get_job_status(job))) not in TERMINAL:
+        logs = client.get_job_logs(job)
+        timeline += [(time.time() - started, line) for line in logs[seen:].splitlines() if line.strip()]
+        seen = len(logs)
+        assert time.time() < deadline, logs[-4000:]
+        time.sleep(0.5)
+    total = time.time() - started
+    logs = client.get_job_logs(job)
+    timeline += [(total, line) for line in logs[seen:].splitlines() if line.strip()]
+    assert status == "SUCCEEDED", logs[-4000:]
+    first_step = next(t for t, line in timeline if "] step " in line)
+    with capsys.disabled():  # for the record: where a submitted pipeline spends its time on this machine
+        print("\n".join(f"{t:6.1f} s  {line[:150]}" for t, line in timeline
+                        if "] step " in line or not line.lstrip().startswith(("(", "\x1b"))))
+        print(f"submit -> first step line in the job's logs: {first_step:.1f} s; submit -> SUCCEEDED: {total:.1f} s")
+
+    lineage = json.loads((tmp_path / "run" / "models" / "short" / "lineage.json").read_text())
+    assert lineage["metrics"]["steps"] == 8
+
+    capsys.readouterr()
+    assert mixloop(["jobs", "logs", job]) == 0
+    out = capsys.readouterr().out
+    assert "[short] step 8/8" in out and "[short] step 2/8" in out
+    assert mixloop(["jobs", "logs", job, "--follow"]) == 0  # a finished job: the whole log, then it returns
+    assert "[short] step 8/8" in capsys.readouterr().out
+    assert mixloop(["jobs", "status", job]) == 0
+    assert capsys.readouterr().out.startswith(f"{job}: SUCCEEDED")
+    assert mixloop(["jobs", "list"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(job)]
+    assert listed and listed[0][1] == "SUCCEEDED" and listed[0][4] == "test" and listed[0][5] == str(spec)
+    assert mixloop(["jobs", "status", "mixloop-nosuch"]) == 1
+    assert "no job 'mixloop-nosuch'" in capsys.readouterr().err
+
+
+def test_second_submit_is_refused_while_running_and_stop_stops_it(mixloop, head, tmp_path, capsys):
+    spec = spec_file(tmp_path, steps=400)
+    # After the first test, mixloop-test has finished: this submit replaces it.
+    assert mixloop(["submit", str(spec), "--no-wait", "--address", head["address"]]) == 0
+    job = "mixloop-test"
+    client = jobs.connect(head["address"])
+    assert wait_status(client, job, {"RUNNING"} | TERMINAL, timeout=60) == "RUNNING", client.get_job_logs(job)
+    capsys.readouterr()
+
+    assert mixloop(["submit", str(spec), "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert f"already runs on {head['address']} as job {job}" in err
+    assert f"mixloop jobs stop {job} --address {head['address']}" in err
+
+    assert mixloop(["jobs", "stop", job]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{job}: STOPPED")
+    assert str(client.get_job_status(job)) == "STOPPED"
+    # This run's log alone, though Ray appends a reused id's log to the finished run's file.
+    for follow in ([], ["--follow"]):
+        assert mixloop(["jobs", "logs", job, *follow]) == 0
+        out = capsys.readouterr().out
+        assert out.count(f"Running entrypoint for job {job}") == 1 and "] step 8/8" not in out, out
+    assert mixloop(["jobs", "stop", job]) == 0
+    assert "already ended: STOPPED" in capsys.readouterr().out
+
+
+def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, monkeypatch, capsys):
+    spec = spec_file(tmp_path, steps=8)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert mixloop(["submit", str(spec), "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert "requires an authentication token" in err and "RAY_AUTH_TOKEN" in err and "RAY_AUTH_MODE" in err
+    assert mixloop(["jobs", "list"]) == 1
+    assert "RAY_AUTH_TOKEN" in capsys.readouterr().err
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # token mode on this side, and still no token anywhere
+    with pytest.raises(MixloopError, match="RAY_AUTH_MODE=token but no Ray authentication token"):
+        jobs.connect(None)
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    with pytest.raises(MixloopError, match="refused the authentication token.*RAY_AUTH_TOKEN"):
+        jobs.connect(None)
+
+    # The token in ~/.ray/auth_token is found the way Ray finds it.
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(head["home"]))
+    assert mixloop(["jobs", "list"]) == 0
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(MixloopError, match="not the HTTP address of a Ray job server"):
+        jobs.connect(None)
