@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart test test-fast test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit -q
+
+# On a machine with a CUDA device: the GPU path (bf16, fused AdamW, pinned memory, NCCL).
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu tests/gpu
 
 clean:
 	rm -rf runs .pytest_cache
