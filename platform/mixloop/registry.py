@@ -10,7 +10,6 @@ readers treat a folder without it as absent.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import tempfile
