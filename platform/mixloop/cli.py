@@ -30,7 +30,8 @@ def _spec(target: str):
     from mixloop.spec import load_spec
     from mixloop.storage import join
 
-    return load_spec(target if target.endswith((".yaml", ".yml")) else join(_workdir(target), "pipeline.yaml"))
+    is_spec = Path(target).is_file() or target.endswith((".yaml", ".yml"))
+    return load_spec(target if is_spec else join(_workdir(target), "pipeline.yaml"))
 
 
 def cmd_validate(args) -> int:

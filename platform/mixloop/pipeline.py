@@ -94,7 +94,8 @@ class Pipeline:
                     "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section.")
             return target
         # Staged beside the target when local, so it appears by one rename.
-        staging = tempfile.mkdtemp(dir=self.workdir if is_local(target) else None, prefix=".tokenizer-")
+        local_workdir = self.workdir.removeprefix("file://") if is_local(target) else None
+        staging = tempfile.mkdtemp(dir=local_workdir, prefix=".tokenizer-")
         try:
             if spec.path:
                 load_tokenizer(self.spec.path(spec.path)).save_pretrained(staging)

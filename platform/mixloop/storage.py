@@ -91,8 +91,9 @@ def local_copy(folder: str) -> str:
         return folder.removeprefix("file://")
     fs, root = fsspec.core.url_to_fs(folder)
     listing = fs.find(root, detail=True)
-    identity = json.dumps([folder, sorted((k, v.get("size"), str(v.get("ETag") or v.get("mtime")))
-                                          for k, v in listing.items())])
+    # ukey: fsspec's identity of a file's content version (ETag, generation...), so a folder that was
+    # deleted and written again with files of the same sizes is fetched again.
+    identity = json.dumps([folder, sorted((path, fs.ukey(path)) for path in listing)])
     local = LOCAL_CACHE / hashlib.sha256(identity.encode()).hexdigest()[:20]
     if not (local / ".complete").exists():
         LOCAL_CACHE.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,11 @@ def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) ->
     for path in files:
         fs, inner = fsspec.core.url_to_fs(path)
         identities.append([path, fs.ukey(inner)])
-    payload = {"files": identities, "tokenizer": tokenizer_fp, "format": FORMAT_VERSION,
-               **{field: getattr(request, field) for field in PACKING_FIELDS}}
+    # Options at their defaults stay out, so corpora packed before the options existed keep their keys
+    # (and a stage that was under way keeps its run name and checkpoints).
+    options = {field: getattr(request, field) for field in PACKING_FIELDS
+               if field in ("kind", "seq_len") or getattr(request, field) != CorpusRequest._field_defaults[field]}
+    payload = {"files": identities, "tokenizer": tokenizer_fp, "format": FORMAT_VERSION, **options}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -134,7 +134,8 @@ def train_stage(config: dict) -> dict:
                 if rank == 0:
                     append_line(job.metrics_path, json.dumps(metrics))
                     print(_progress_line(metrics, job.total_steps), flush=True)
-                if state["step"] % stage["checkpoint_every"] == 0 or last or preemption.noticed(state["step"]):
+                noticed = preemption.noticed(state["step"])  # a collective: every rank, every report
+                if state["step"] % stage["checkpoint_every"] == 0 or last or noticed:
                     _checkpoint(model, optimizer, state, metrics, rank)
     loader.close()
     return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),

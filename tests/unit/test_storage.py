@@ -1,0 +1,66 @@
+"""Run-directory files on local disks and fsspec URIs (memory:// stands in for object storage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import fsspec
+
+from mixloop.data.prepare import FORMAT_VERSION, CorpusRequest, corpus_key
+from mixloop.storage import append_line, local_copy, read_lines, upload, write_json
+
+
+def test_a_remote_folder_rewritten_with_same_sizes_is_fetched_again():
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/versions/v1/model.bin", b"old weights")
+    first = Path(local_copy("memory://versions/v1"))
+    assert (first / "model.bin").read_bytes() == b"old weights"
+    assert local_copy("memory://versions/v1") == str(first), "an unchanged folder is fetched once"
+    time.sleep(0.01)
+    fs.rm("/versions/v1", recursive=True)
+    fs.pipe_file("/versions/v1/model.bin", b"new weights")  # same size
+    assert (Path(local_copy("memory://versions/v1")) / "model.bin").read_bytes() == b"new weights"
+
+
+def test_upload_puts_the_completion_marker_last(tmp_path):
+    (tmp_path / "lineage.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "z.txt").write_text("z")
+    order = []
+    fs = fsspec.filesystem("memory")
+    original = fs.put_file
+    fs.put_file = lambda source, target, **kw: (order.append(Path(target).name), original(source, target, **kw))
+    try:
+        upload(str(tmp_path), "memory://published/v", last="lineage.json")
+    finally:
+        del fs.put_file
+    assert order[-1] == "lineage.json" and set(order) == {"lineage.json", "model.safetensors", "z.txt"}
+    assert fs.cat_file("/published/v/sub/z.txt") == b"z"
+
+
+def test_json_and_log_lines_on_a_remote_workdir():
+    write_json("memory://run/eval/matrix.json", {"a": 1})
+    assert json.loads(fsspec.filesystem("memory").cat_file("/run/eval/matrix.json")) == {"a": 1}
+    append_line("memory://run/metrics.jsonl", "one")
+    append_line("memory://run/metrics.jsonl", "two")
+    assert read_lines("memory://run/metrics.jsonl") == ["one", "two"]
+
+
+def test_packed_corpus_keys_from_before_the_packing_options_still_hold(tmp_path):
+    """A cache key names packed rows and, through the run name, a stage's checkpoints: an upgrade
+    must not change it for corpora whose new options stay at their defaults."""
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text('{"text": "x"}\n')
+    fs, inner = fsspec.core.url_to_fs(str(corpus))
+    before = {"files": [[str(corpus), fs.ukey(inner)]], "kind": "text", "tokenizer": "fp", "seq_len": 64,
+              "format": FORMAT_VERSION}  # the payload of mixloop 0.1.0
+    request = CorpusRequest("a", "train", str(corpus), None, "text", 0.01, 64)
+    assert corpus_key([str(corpus)], request, "fp") == hashlib.sha256(
+        json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert corpus_key([str(corpus)], request._replace(packing=False), "fp") != corpus_key([str(corpus)], request, "fp")
+    assert corpus_key([str(corpus)], request._replace(max_document_tokens=100), "fp") != corpus_key(
+        [str(corpus)], request, "fp")
