@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -35,6 +41,58 @@ def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
         "stages": stages,
         "eval_rows": 8,
     }
+
+
+def port_block(size: int, low: int = 20000, high: int = 30000) -> int:
+    """The first port of `size` consecutive free loopback ports, away from Ray's defaults."""
+    for _ in range(200):
+        base = random.randrange(low, high - size)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries `marker` (NAME=VALUE): everything a test's Ray started,
+    whatever its process group."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_head(process, marker: str, grace_s: float) -> None:
+    """Stop a `ray start --head` the test started: SIGTERM its process group, then SIGKILL whatever
+    carries the test's marker (workers, drivers and fake nodes run in process groups of their own)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for _ in range(2):
+        for pid in [process.pid, *marked_pids(marker)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    process.wait()
 
 
 def open_in_browser(page: Path) -> tuple[list[tuple[str, bool]], list[str]]:

@@ -165,6 +165,10 @@ class StageSettings(Strict):
     """CPUs reserved per worker; leave some for Ray Data on small machines."""
     use_gpu: bool | None = None
     """Train on one GPU per worker (NCCL, bf16 autocast)."""
+    resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    """Ray resources each worker asks for besides its CPUs: a custom resource that the nodes to train
+    on declare, e.g. {"accelerator_type:A10G": 0.001}, or {GPU: 2} with use_gpu: true for two GPUs
+    per worker. Not CPU: cpus_per_worker sets that."""
     max_failures: int | None = Field(default=None, ge=0)
     """Worker-group restarts allowed before the stage fails."""
     max_repeats: float | None = Field(default=None, gt=0)
@@ -175,15 +179,20 @@ class StageSettings(Strict):
     the step (counted in the metrics as skipped_steps)."""
 
 
-class StageSpec(StageSettings):
-    name: str = Field(pattern=STAGE_NAME_PATTERN)
-    """Stage name, which is also the name of the version it produces."""
+class StageTemplate(StageSettings):
+    """A stage without its name and start: what a tuning search varies."""
+
     mixture: dict[str, Ramp]
     """Corpus name to weight (share of trained tokens), or {from, to} to ramp it linearly over the
     stage. Weights are normalised to sum 1 at every point, so ramp the other corpora too when a
     share should end at an exact value."""
     tokens: int = Field(gt=0)
     """Token budget of the stage (rounded up to whole optimizer steps)."""
+
+
+class StageSpec(StageTemplate):
+    name: str = Field(pattern=STAGE_NAME_PATTERN)
+    """Stage name, which is also the name of the version it produces."""
     start_from: str | None = Field(default=None, alias="from")
     """Version to start from; default: the previous stage's version (or base)."""
 
@@ -228,6 +237,7 @@ BUILTIN_DEFAULTS = StageSettings(
     workers=Workers(min=1, max=1),
     cpus_per_worker=1.0,
     use_gpu=False,
+    resources_per_worker={},
     max_failures=2,
     max_repeats=4.0,
     nonfinite="stop",
@@ -296,8 +306,9 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
 
 
 # The settings that decide what a stage trains: its rows, their order and the updates. The others
-# (workers, CPUs, GPU, micro-batch size, logging and checkpoint intervals, restarts) may change between
-# runs, so a finished stage stays finished and an unfinished one resumes on another machine.
+# (workers, CPUs, GPU and other resources per worker, micro-batch size, logging and checkpoint intervals,
+# restarts) may change between runs, so a finished stage stays finished and an unfinished one resumes on
+# another machine.
 TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "packing", "global_batch_tokens", "lr", "loss_weights",
                      "balance", "weight_decay", "grad_clip", "seed", "start_from")
 
@@ -317,28 +328,36 @@ def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a pipeline YAML (a path or a URI); raise SpecError listing every problem."""
     remote = "://" in str(path)
+    pipeline = validate_yaml(path, PipelineSpec, "pipeline", "jobs/")
+    # A remote spec is a workdir's own copy, whose paths are all absolute.
+    spec = Spec(pipeline, str(path).rsplit("/", 1)[0] if remote else str(Path(path).resolve().parent))
+    problems = _semantic_problems(spec)
+    if problems:
+        raise SpecError(format_problems(path, problems))
+    return spec
+
+
+def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> Any:
+    """A YAML file (path or URI) read into `model`; SpecError naming the YAML path of every problem."""
+    remote = "://" in str(path)
     if not (exists(str(path)) if remote else Path(path).is_file()):
-        raise SpecError(f"{path}: no such spec file. Fix: pass the path of a pipeline YAML (see jobs/).")
+        raise SpecError(f"{path}: no such spec file. Fix: pass the path of a {what} YAML (see {examples}).")
     try:
         data = yaml.safe_load(read_text(str(path)))
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a mapping with keys name, workdir, tokenizer, model, corpora, stages.")
+        keys = ", ".join(f.alias or n for n, f in model.model_fields.items() if f.is_required())
+        raise SpecError(f"{path}: the spec must be a mapping with keys {keys}.")
     try:
-        pipeline = PipelineSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_problems(path, [_describe(error) for error in exc.errors()])) from None
-    # A remote spec is a workdir's own copy, whose paths are all absolute.
-    spec = Spec(pipeline, str(path).rsplit("/", 1)[0] if remote else str(Path(path).resolve().parent))
-    problems = _semantic_problems(spec)
-    if problems:
-        raise SpecError(_format_problems(path, problems))
-    return spec
+        problems = [_describe(error, model) for error in exc.errors()]
+        raise SpecError(format_problems(path, problems, what)) from None
 
 
-def _format_problems(path: Path, problems: list[str]) -> str:
-    lines = [f"{path}: {len(problems)} problem(s) in the pipeline spec:"]
+def format_problems(path: str | Path, problems: list[str], what: str = "pipeline") -> str:
+    lines = [f"{path}: {len(problems)} problem(s) in the {what} spec:"]
     lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
 
@@ -350,23 +369,23 @@ def _yaml_path(loc: tuple) -> str:
     return text or "(top level)"
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, root: type[BaseModel]) -> str:
     loc, kind = tuple(error["loc"]), error["type"]
     where = _yaml_path(loc)
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(loc[:-1], root)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{where}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}."
     if kind == "missing":
-        doc = _field_doc(loc)
+        doc = _field_doc(loc, root)
         return f"{where}: required but missing. Fix: add it{f' ({doc})' if doc else ''}."
-    return f"{where}: {error['msg']} (got {error.get('input')!r}). Fix: {_field_doc(loc) or 'correct the value'}."
+    return f"{where}: {error['msg']} (got {error.get('input')!r}). Fix: {_field_doc(loc, root) or 'correct the value'}."
 
 
-def _walk(loc: tuple) -> tuple[type | None, str | None]:
+def _walk(loc: tuple, root: type[BaseModel]) -> tuple[type | None, str | None]:
     """Follow a YAML path through the spec models: the model class there and the last field's doc."""
-    current: Any = PipelineSpec
+    current: Any = root
     doc = None
     for part in loc:
         current = _unwrap(current)
@@ -392,15 +411,15 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model, _ = _walk(loc)
+def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
+    model, _ = _walk(loc, root)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return [field.alias or name for name, field in model.model_fields.items()]
     return []
 
 
-def _field_doc(loc: tuple) -> str | None:
-    _, doc = _walk(loc)
+def _field_doc(loc: tuple, root: type[BaseModel]) -> str | None:
+    _, doc = _walk(loc, root)
     return " ".join(doc.split()) if doc else None
 
 
@@ -417,9 +436,10 @@ def _semantic_problems(spec: Spec) -> list[str]:
     for corpus in pipeline.defaults.loss_weights or {}:
         if corpus not in pipeline.corpora:
             problems.append(f"defaults.loss_weights.{corpus}: unknown corpus. Fix: use one of {', '.join(pipeline.corpora)}.")
+    problems += _resources_problems("defaults", pipeline.defaults)
     seen: list[str] = []
     for index, stage in enumerate(pipeline.stages):
-        problems += _stage_problems(spec, index, stage, seen)
+        problems += stage_problems(spec, f"stages[{index}]", stage, seen)
         seen.append(stage.name)
     return problems
 
@@ -474,8 +494,8 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec) -> list[str]:
     return problems
 
 
-def _stage_problems(spec: Spec, index: int, stage: StageSpec, earlier: list[str]) -> list[str]:
-    where = f"stages[{index}]"
+def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str]) -> list[str]:
+    """What is wrong with `stage` (at YAML path `where`) as the next stage of the spec's pipeline."""
     corpora = spec.pipeline.corpora
     problems = []
     if stage.name in earlier:
@@ -489,6 +509,7 @@ def _stage_problems(spec: Spec, index: int, stage: StageSpec, earlier: list[str]
         problems.append(f"{where}.mixture: the weights add up to zero. Fix: give at least one corpus a positive weight.")
     if not stage.mixture:
         problems.append(f"{where}.mixture: empty. Fix: name at least one corpus with a weight.")
+    problems += _resources_problems(where, stage)
     for corpus in stage.loss_weights or {}:
         if corpus not in stage.mixture:
             problems.append(f"{where}.loss_weights.{corpus}: not in this stage's mixture. Fix: remove it or add the corpus to the mixture.")
@@ -497,6 +518,10 @@ def _stage_problems(spec: Spec, index: int, stage: StageSpec, earlier: list[str]
         problems.append(f"{where}.loss_weights: every corpus of the stage has loss weight 0, so it would learn nothing. Fix: give one a positive weight.")
     if resolved["balance"] == "token" and any(w != 1.0 for w in resolved["loss_weights"].values()):
         problems.append(f"{where}.loss_weights: ignored with balance: token. Fix: use balance: corpus or remove loss_weights.")
+    if resolved["resources_per_worker"].get("GPU") and not resolved["use_gpu"]:
+        problems.append(f"{where}.resources_per_worker.GPU: asks for GPUs but use_gpu is false, so workers would hold "
+                        "GPUs and train on CPUs. Fix: set use_gpu: true (one GPU per worker; GPU here only changes the "
+                        "count), or name a custom resource of the GPU nodes instead.")
     if stage.start_from is not None and stage.start_from not in earlier + [BASE_VERSION]:
         problems.append(f"{where}.from: {stage.start_from!r} is not an earlier stage. Fix: use base or one of: {', '.join(earlier) or '(none)'}.")
     rows_per_step, rem = divmod(resolved["global_batch_tokens"], resolved["seq_len"])
@@ -510,6 +535,18 @@ def _stage_problems(spec: Spec, index: int, stage: StageSpec, earlier: list[str]
         problems.append(f"{where}.workers: min {resolved['min_workers']} is larger than max {resolved['max_workers']}.")
     if stage.tokens < resolved["global_batch_tokens"]:
         problems.append(f"{where}.tokens: {stage.tokens} is less than one step ({resolved['global_batch_tokens']} tokens). Fix: raise the budget or shrink the batch.")
+    return problems
+
+
+def _resources_problems(where: str, settings: StageSettings) -> list[str]:
+    problems = []
+    for key, amount in (settings.resources_per_worker or {}).items():
+        if key.upper() == "CPU":
+            problems.append(f"{where}.resources_per_worker.{key}: the CPUs of a worker are not set here. "
+                            f"Fix: remove {key} and set cpus_per_worker: {amount:g} instead.")
+        elif key.upper() in ("GPU", "TPU") and key != key.upper():
+            problems.append(f"{where}.resources_per_worker.{key}: Ray's resource names are case-sensitive, and no node "
+                            f"has {key!r}. Fix: write {key.upper()}.")
     return problems
 
 

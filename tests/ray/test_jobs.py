@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import generated_spec, write_spec
+from support import generated_spec, port_block, stop_head, write_spec
 
 from mixloop import cli, jobs
 from mixloop.errors import MixloopError
@@ -31,39 +29,6 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def port_block(size: int) -> int:
-    """The first port of `size` consecutive free loopback ports, away from Ray's defaults."""
-    for _ in range(200):
-        base = random.randrange(20000, 30000 - size)
-        try:
-            sockets = []
-            for port in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no block of free ports")
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries `marker`: everything our head started, whatever its group."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def ready(address: str, token: str, agent_port: int) -> bool:
@@ -117,19 +82,7 @@ def head():
         print(f"\nhead ready {time.time() - started:.1f} s after `ray start`")
         yield {"address": address, "token": token, "home": home}
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        for _ in range(2):  # workers and job drivers run in process groups of their own
-            for pid in [process.pid, *marked_pids(marker)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(1)
-        process.wait()
+        stop_head(process, marker, grace_s=30)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

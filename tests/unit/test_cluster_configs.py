@@ -228,3 +228,20 @@ def test_image_is_rays_own_plus_mixloop():
     assert ray_version_of(base) == RAY_MINOR
     assert f"pip install --no-cache-dir {pinned('torch')}" in dockerfile
     assert re.search(r'pip install --no-cache-dir "/home/ray/mixloop\[[\w,]+\]"', dockerfile)
+
+
+# ------------------------------------------------------------------ the fake cluster of tests/ray
+
+
+def test_fake_cluster_mirrors_aws_and_passes_rays_validator_as_it_is():
+    """tests/ray/fake_cluster.yaml (read by the autoscaler unmerged) keeps aws.yaml's worker types, from zero."""
+    fake = yaml.safe_load((REPO / "tests" / "ray" / "fake_cluster.yaml").read_text())
+    validate_config(copy.deepcopy(fake))
+    aws = load("aws.yaml")
+    assert fake["provider"]["type"] == "fake_multinode" and fake["provider"]["use_node_id_as_ip"] is True
+    assert fake["head_node_type"] == "ray.head.default", "the fake provider tags its head with this type"
+    assert set(gpu_workers(fake)) == set(gpu_workers(aws))
+    for name, node in gpu_workers(fake).items():
+        assert node["min_workers"] == 0 and node["resources"]["GPU"] == 1
+        assert (node["max_workers"] > 0) == (aws["available_node_types"][name]["max_workers"] > 0)
+    assert fake["available_node_types"]["ray.head.default"]["resources"].get("GPU", 0) == 0

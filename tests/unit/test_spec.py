@@ -321,6 +321,7 @@ def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec
     plain = digest(None)
     assert digest(lambda d: d["defaults"].update(workers=2, cpus_per_worker=0.5, checkpoint_every=7)) == plain
     assert digest(lambda d: d["defaults"].update(micro_batch_rows=4, log_every=3, use_gpu=True)) == plain
+    assert digest(lambda d: d["defaults"].update(resources_per_worker={"accelerator_type:H100": 0.001})) == plain
     assert digest(lambda d: d["stages"][0].update(lr={"peak": 0.01})) != plain
     assert digest(lambda d: d["stages"][0].update(tokens=200_000)) != plain
     assert digest(lambda d: d["stages"][0].update(packing=False)) != plain
@@ -333,6 +334,44 @@ def test_stage_hash_of_a_known_stage_never_changes(write_spec):
 
     spec = load_spec(write_spec())
     assert stage_hash(spec.resolved_stages()[0], "parent") == KNOWN_STAGE_HASH
+
+
+def test_resources_per_worker_leave_the_known_stage_hash_alone(write_spec):
+    """Where a stage trains (GPU nodes, a custom resource) is no part of what it trains."""
+    from mixloop.spec import stage_hash
+
+    def edit(data):
+        data["defaults"].update(use_gpu=True, resources_per_worker={"GPU": 2})
+        data["stages"][0].update(resources_per_worker={"accelerator_type:H100": 0.001})
+
+    spec = load_spec(write_spec(edit))
+    assert spec.resolved_stages()[0]["resources_per_worker"] == {"accelerator_type:H100": 0.001}
+    assert stage_hash(spec.resolved_stages()[0], "parent") == KNOWN_STAGE_HASH
+
+
+def test_resources_per_worker_layer_and_default_to_empty(write_spec):
+    def edit(data):
+        data["defaults"].update(resources_per_worker={"accelerator_type:A10G": 0.001})
+        data["stages"][1].update(use_gpu=True, resources_per_worker={"GPU": 2, "memory": 1e9})
+
+    pretrain, sft = load_spec(write_spec(edit)).resolved_stages()
+    assert pretrain["resources_per_worker"] == {"accelerator_type:A10G": 0.001}
+    assert sft["resources_per_worker"] == {"GPU": 2, "memory": 1e9}  # replaces the defaults' dict
+    assert all(s["resources_per_worker"] == {} for s in load_spec(write_spec()).resolved_stages())
+
+
+def test_resources_per_worker_refuses_cpu_gpu_without_use_gpu_and_non_positive_amounts(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["defaults"].update(resources_per_worker={"CPU": 2}))
+    assert problem.startswith("defaults.resources_per_worker.CPU:")
+    assert "Fix: remove CPU and set cpus_per_worker: 2 instead." in problem
+    problem = _only_problem(write_spec, lambda d: d["stages"][0].update(resources_per_worker={"cpu": 0.5}))
+    assert problem.startswith("stages[0].resources_per_worker.cpu:") and "cpus_per_worker: 0.5" in problem
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(resources_per_worker={"gpu": 1}, use_gpu=True))
+    assert problem.startswith("stages[1].resources_per_worker.gpu:") and "Fix: write GPU." in problem
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(resources_per_worker={"GPU": 1}))
+    assert problem.startswith("stages[1].resources_per_worker.GPU:") and "Fix: set use_gpu: true" in problem
+    problem = _only_problem(write_spec, lambda d: d["stages"][0].update(resources_per_worker={"TRAIN_ACCEL": 0}))
+    assert problem.startswith("stages[0].resources_per_worker.TRAIN_ACCEL:") and "greater than 0" in problem
 
 
 def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_path):

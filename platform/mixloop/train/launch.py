@@ -23,22 +23,25 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def fit_stage(job: dict, workdir: str, stage_hash: str, in_process: bool = False) -> ray.train.Result:
-    """Train a stage on Ray Train workers; `in_process` runs the same loop in this process instead
+def fit_stage(job: dict, storage: str, name: str, in_process: bool = False, callbacks: list | None = None
+              ) -> ray.train.Result:
+    """Train a stage on Ray Train workers as the run `name` under the folder or URI `storage` (the same
+    name resumes from its latest checkpoint); `in_process` runs the same loop in this process instead
     (Ray Train's local mode), which the training benchmark uses to measure Ray's overhead."""
     stage = job["stage"]
-    storage_path, storage_filesystem = train_storage(workdir)
+    storage_path, storage_filesystem = train_storage(storage)
     elastic = stage["min_workers"] != stage["max_workers"]
     workers = 0 if in_process else (stage["min_workers"], stage["max_workers"]) if elastic else stage["max_workers"]
     trainer = TorchTrainer(
         train_stage,
         train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=stage["use_gpu"], resources_per_worker={"CPU": stage["cpus_per_worker"]},
+            num_workers=workers, use_gpu=stage["use_gpu"],
+            resources_per_worker={"CPU": stage["cpus_per_worker"], **stage["resources_per_worker"]},
             elastic_resize_monitor_interval_s=stage["resize_every_s"],
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(job["pipeline"], stage["name"], stage_hash, job["corpus_dirs"]),
+            name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=stage["max_failures"]),
@@ -47,6 +50,7 @@ def fit_stage(job: dict, workdir: str, stage_hash: str, in_process: bool = False
             # and its print patch would show each of them twice.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_fault_injection()}},
+            callbacks=callbacks,
         ),
     )
     try:
