@@ -180,6 +180,13 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from mixloop.tuning.runner import run_search
+
+    run_search(args.search, args.address, apply=args.apply, trial=args.trial)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixloop", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mixloop {__version__}")
@@ -189,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="pipeline YAML")
     run.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
     run.set_defaults(func=cmd_run)
+
+    tune = commands.add_parser("tune", help="search a stage's mix and LR re-warm with Ray Tune + Optuna (resumes)")
+    tune.add_argument("search", help="search YAML (see tuning/)")
+    tune.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    tune.add_argument("--apply", action="store_true", help="append the best trial's stage to the pipeline spec")
+    tune.add_argument("--trial", help="with several objectives, or to overrule the best: the trial whose stage to write")
+    tune.set_defaults(func=cmd_tune)
 
     validate = commands.add_parser("validate", help="check a pipeline spec; every problem at once")
     validate.add_argument("spec")

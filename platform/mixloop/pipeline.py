@@ -31,10 +31,12 @@ from mixloop.health import eval_prompts
 from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
 from mixloop.registry import list_versions, now, publish, read_lineage, version_dir
 from mixloop.report import write_report
-from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, Spec, expand_files, resolve_stage, stage_hash
+from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, PipelineSpec, Spec, expand_files, resolve_stage, stage_hash
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 Log = Callable[[str], None]
+# A custom resource that tuning trials' drivers take, so they never hold the CPUs training workers need.
+TRIAL_RESOURCE = "mixloop_trial"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -52,7 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         # The dashboard process also serves the state API that Ray Train polls; it listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, num_cpus=num_cpus)
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, num_cpus=num_cpus,
+                 resources={TRIAL_RESOURCE: 1000})
 
 
 class Pipeline:
@@ -122,11 +125,12 @@ class Pipeline:
                 share -= len(text.encode())
                 yield text
 
-    def prepare_all(self, tokenizer_dir: str) -> None:
-        """Pack, in one Ray Data job, every corpus split the spec uses that the cache lacks, so bad
-        or missing data stops the run before any training."""
+    def prepare_all(self, tokenizer_dir: str, extra_stages: list[dict] = ()) -> None:
+        """Pack, in one Ray Data job, every corpus split the spec (and `extra_stages`, resolved stages
+        outside it such as a search's trials) uses that the cache lacks, so bad or missing data stops
+        the run before any training."""
         requests = [self._request(n, "train", s["seq_len"], s["packing"])
-                    for s in self.spec.resolved_stages() for n in s["mixture"]]
+                    for s in [*self.spec.resolved_stages(), *extra_stages] for n in s["mixture"]]
         requests += [self._request(n, "eval", self._default("seq_len"))
                      for n in self.pipeline.corpora if "eval" in self.corpus_files(n)]
         self.folders = prepare_corpora(requests, tokenizer_dir, self.workdir)
@@ -172,12 +176,20 @@ class Pipeline:
 
     def run(self) -> dict:
         """Train every missing stage, evaluate, print and store the eval matrix."""
+        trained = self.train()
+        if not trained:
+            self.log("every stage is done; nothing to train")
+        return {"trained": trained, **self.report()}
+
+    def train(self, until: str | None = None, extra_stages: list[dict] = ()) -> list[str]:
+        """Train the missing stages in order, up to and including `until` (all by default); the
+        names of those trained. `extra_stages` are prepared too (see prepare_all)."""
         write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
         tokenizer_dir = self.tokenizer_dir()
         previous = self.ensure_base(tokenizer_dir)
-        self.prepare_all(tokenizer_dir)
+        self.prepare_all(tokenizer_dir, extra_stages)
         trained = []
-        for stage in self.pipeline.stages:
+        for stage in self.pipeline.stages if until != BASE_VERSION else []:
             resolved = resolve_stage(self.pipeline, stage)
             parent = read_lineage(self.workdir, stage.start_from) if stage.start_from else previous
             digest = stage_hash(resolved, parent["stage_hash"])
@@ -190,12 +202,12 @@ class Pipeline:
                         f"changed stage a new name, or delete {version_dir(self.workdir, stage.name)} to retrain it.")
                 self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
                 previous = existing
-                continue
-            previous = self.train_stage(resolved, parent, digest, tokenizer_dir)
-            trained.append(stage.name)
-        if not trained:
-            self.log("every stage is done; nothing to train")
-        return {"trained": trained, **self.report()}
+            else:
+                previous = self.train_stage(resolved, parent, digest, tokenizer_dir)
+                trained.append(stage.name)
+            if stage.name == until:
+                break
+        return trained
 
     def report(self) -> dict:
         """Evaluate what is missing, then write eval/ and report/index.html and print the tables."""
@@ -221,47 +233,47 @@ class Pipeline:
                 if corpus.kind == "chat" and count and "eval" in self.corpus_files(name)}
 
     def train_stage(self, stage: dict, parent: dict, digest: str, tokenizer_dir: str) -> dict:
-        from mixloop.train.launch import fit_stage
-        from mixloop.train.loop import STATE_FILE
+        from mixloop.train.launch import fit_stage, run_name
 
         job = self.stage_job(stage, parent)
         corpus_dirs, rows_per_step, total_steps = job["corpus_dirs"], job["rows_per_step"], job["total_steps"]
         self.log(f"stage {stage['name']}: training {total_steps} steps of {stage['global_batch_tokens']} tokens "
                  f"from version {parent['version']} on {stage['max_workers']} worker(s)")
-        plan = _stage_plan(stage, corpus_dirs, total_steps * rows_per_step)
-        for warning in repeat_warnings(stage, plan.epochs()):
+        for warning in repeat_warnings(stage, _stage_plan(stage, corpus_dirs, total_steps * rows_per_step).epochs()):
             self.log(f"warning: {warning}")
         started, clock = now(), time.time()
-        result = fit_stage(job, self.workdir, digest)
+        result = fit_stage(job, join(self.workdir, "train"), run_name(self.pipeline.name, stage["name"], digest, corpus_dirs))
+        metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
+                   "wall_seconds": round(time.time() - clock, 1)}
         with result.checkpoint.as_directory() as folder:
-            state = json.loads(Path(folder, STATE_FILE).read_text())
-            if state["step"] != total_steps:
-                raise MixloopError(f"stage {stage['name']}: the last checkpoint is at step {state['step']}, "
-                                   f"not {total_steps}; run again to finish it")
-            lineage = {
-                "parent": parent["version"], "stage": stage, "stage_hash": digest, "started": started,
-                "tokens_per_corpus": dict(zip(stage["mixture"], state["tokens"])),
-                "rows_per_corpus": plan.rows_per_corpus(), "epochs_per_corpus": plan.epochs(),
-                "data_fingerprints": {n: Path(d).name for n, d in corpus_dirs.items()},
-                "metrics": {**(result.metrics or {}), "final_lr": state["lr"], "steps": state["step"],
-                            "resumed_from": (result.return_value or {}).get("resumed_from"),
-                            "wall_seconds": round(time.time() - clock, 1)},
-            }
-            publish(self.workdir, stage["name"], folder, tokenizer_dir, lineage)
+            return self.publish_stage(stage, parent, digest, folder, tokenizer_dir, metrics, started)
+
+    def publish_stage(self, stage: dict, parent: dict, digest: str, checkpoint_dir: str, tokenizer_dir: str,
+                      metrics: dict, started: str) -> dict:
+        """Publish a stage's final checkpoint as its version, with its lineage."""
+        from mixloop.train.loop import STATE_FILE
+
+        job = self.stage_job(stage, parent)
+        corpus_dirs, total_steps = job["corpus_dirs"], job["total_steps"]
+        state = json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
+        if state["step"] != total_steps:
+            raise MixloopError(f"stage {stage['name']}: the last checkpoint is at step {state['step']}, "
+                               f"not {total_steps}; run again to finish it")
+        plan = _stage_plan(stage, corpus_dirs, total_steps * job["rows_per_step"])
+        lineage = {
+            "parent": parent["version"], "stage": stage, "stage_hash": digest, "started": started,
+            "tokens_per_corpus": dict(zip(stage["mixture"], state["tokens"])),
+            "rows_per_corpus": plan.rows_per_corpus(), "epochs_per_corpus": plan.epochs(),
+            "data_fingerprints": {n: Path(d).name for n, d in corpus_dirs.items()},
+            "metrics": {**metrics, "final_lr": state["lr"], "steps": state["step"]},
+        }
+        publish(self.workdir, stage["name"], checkpoint_dir, tokenizer_dir, lineage)
         self.log(f"stage {stage['name']}: published version {stage['name']}")
         return read_lineage(self.workdir, stage["name"])
 
     def stage_job(self, stage: dict, parent: dict) -> dict:
-        """What every worker of a resolved stage needs (train.loop.StageJob), as plain data."""
-        rows_per_step, total_steps = _steps(stage)
-        return {
-            "pipeline": self.pipeline.name, "stage": stage, "total_steps": total_steps, "rows_per_step": rows_per_step,
-            "corpus_dirs": {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]},
-            "parent_dir": version_dir(self.workdir, parent["version"]),
-            "start_lr": parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0,
-            "metrics_path": join(self.workdir, "metrics.jsonl"),
-            "trust_remote_code": self.pipeline.model.trust_remote_code,
-        }
+        corpus_dirs = {n: self.packed(n, "train", stage["seq_len"], stage["packing"]) for n in stage["mixture"]}
+        return stage_job(self.pipeline, self.workdir, stage, parent, corpus_dirs, join(self.workdir, "metrics.jsonl"))
 
     def preview(self, stage_name: str | None = None) -> list[dict]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""
@@ -294,6 +306,19 @@ class Pipeline:
     def _default(self, field: str):
         value = getattr(self.pipeline.defaults, field)
         return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
+
+
+def stage_job(pipeline: PipelineSpec, workdir: str, stage: dict, parent: dict, corpus_dirs: dict[str, str],
+              metrics_path: str) -> dict:
+    """What every worker of a resolved stage needs (train.loop.StageJob), as plain data."""
+    rows_per_step, total_steps = _steps(stage)
+    return {
+        "pipeline": pipeline.name, "stage": stage, "total_steps": total_steps, "rows_per_step": rows_per_step,
+        "corpus_dirs": {n: corpus_dirs[n] for n in stage["mixture"]},
+        "parent_dir": version_dir(workdir, parent["version"]),
+        "start_lr": parent["metrics"]["final_lr"] if stage["lr"]["warmup_from"] == "current" else 0.0,
+        "metrics_path": metrics_path, "trust_remote_code": pipeline.model.trust_remote_code,
+    }
 
 
 def _steps(stage: dict) -> tuple[int, int]:

@@ -120,9 +120,8 @@ def upload(local_folder: str, target: str, last: str | None = None) -> None:
         fs.put_file(str(file), destination)
 
 
-def train_storage(workdir: str):
-    """(storage_path, storage_filesystem) for Ray Train: any fsspec filesystem goes in through pyarrow."""
-    path = join(workdir, "train")
+def train_storage(path: str):
+    """(storage_path, storage_filesystem) for Ray Train and Tune: any fsspec filesystem goes in through pyarrow."""
     if is_local(path):
         return path.removeprefix("file://"), None
     import pyarrow.fs

@@ -69,8 +69,8 @@ def train_benchmark(data: Path, workdir: Path, preset: str, steps: int, seq_len:
         job["metrics_path"] = join(str(workdir), f"metrics-{variant}.jsonl")
         Path(job["metrics_path"]).unlink(missing_ok=True)
         # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
-        digest = f"{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
-        fit_stage(job, str(workdir), digest, in_process=variant == "in-process")
+        name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
+        fit_stage(job, join(str(workdir), "train"), name, in_process=variant == "in-process")
         results[variant] = summarise(job["metrics_path"])
     manifest = read_manifest(pipeline.packed("sft", "train", seq_len))
     mean_length = manifest["tokens"] / manifest["documents"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
@@ -55,6 +56,10 @@ class StageJob(BaseModel):
     rows_per_step: int
     metrics_path: str
     trust_remote_code: bool = False
+    evals: dict[str, str] | None = None
+    """Eval split folders to measure at every checkpoint (tuning trials report them to Ray Tune)."""
+    eval_rows: int = 0
+    progress_lines: bool = True
 
 
 class Progress:
@@ -91,6 +96,7 @@ def train_stage(config: dict) -> dict:
 
     job = StageJob.model_validate(config)
     stage = job.stage
+    _quiet_report_lines()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(stage["cpus_per_worker"])))
@@ -133,13 +139,24 @@ def train_stage(config: dict) -> dict:
             with timer("report"):  # counted in the next window
                 if rank == 0:
                     append_line(job.metrics_path, json.dumps(metrics))
-                    print(_progress_line(metrics, job.total_steps), flush=True)
+                    if job.progress_lines:
+                        print(_progress_line(metrics, job.total_steps), flush=True)
                 noticed = preemption.noticed(state["step"])  # a collective: every rank, every report
                 if state["step"] % stage["checkpoint_every"] == 0 or last or noticed:
+                    if job.evals and rank == 0:  # the other ranks wait at the report's barrier
+                        metrics["eval_loss"] = _evaluate(model, job.evals, job.eval_rows, device)
                     _checkpoint(model, optimizer, state, metrics, rank)
     loader.close()
     return {"steps": state["step"], "final_lr": state["lr"], "tokens": dict(zip(names, state["tokens"])),
             "resumed_from": state["resumed_from"], "skipped_steps": state.get("skipped_steps", 0)}
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every report, metrics and all, at INFO through a logger named after its
+    file, which LoggingConfig does not reach; the progress lines say the same in one line."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class StepTimer:
@@ -341,6 +358,18 @@ def _metrics(job, names, progress, state, lr, grad_norm, window_start, window_st
         "step_seconds": elapsed / steps, "tokens": dict(zip(names, state["tokens"])), "time": time.time(),
         "peak_memory_mb": _peak_memory_mb(),
     }
+
+
+def _evaluate(model, eval_dirs: dict[str, str], rows: int, device) -> dict[str, float]:
+    """Eval loss per split, measured as `mixloop eval` measures a published version."""
+    from mixloop.evaluate import evaluate_model
+
+    unwrapped = model.module if hasattr(model, "module") else model
+    training = unwrapped.training
+    unwrapped.eval()
+    losses = {name: evaluate_model(unwrapped, folder, rows, device)["loss"] for name, folder in eval_dirs.items()}
+    unwrapped.train(training)
+    return losses
 
 
 def _peak_memory_mb() -> float:

@@ -1,0 +1,1 @@
+"""Search mixes and learning-rate re-warm settings with Ray Tune and Optuna (`mixloop tune`)."""

@@ -1,0 +1,329 @@
+"""`mixloop tune`: every trial is one Ray Train run of the tuned stage from the same start version.
+
+The driver prepares every packed corpus the trials may read and evaluates the start version before
+the search, so trials only train: no trial tokenizes, and Ray Data never competes with them for
+CPUs. Trial drivers hold a custom resource instead of a CPU, so they never take the CPUs the
+training workers need; the number of trials at once follows the cluster's CPUs (or GPUs).
+
+The two baselines (the stage's own mix and the stratified mix) are the first trials of every
+search; Optuna proposes the others, and ASHA stops weak trials at intermediate evals (never a
+baseline, which must finish to be compared with). Ray Tune keeps the search's state under
+<workdir>/tune/<name>, so a search that was interrupted resumes where it stopped: finished trials
+are not trained again, and unfinished ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from mixloop.data.store import read_manifest
+from mixloop.errors import MixloopError, StageConflictError
+from mixloop.evaluate import evaluate_versions
+from mixloop.pipeline import TRIAL_RESOURCE, Pipeline, init_ray, stage_job
+from mixloop.registry import now, read_lineage
+from mixloop.spec import stage_hash
+from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
+                             write_text)
+from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
+from mixloop.tuning.search import Search, load_search, objective_value
+
+Log = Callable[[str], None]
+RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
+
+
+def run_search(path: str, address: str | None = None, apply: bool = False, trial: str | None = None,
+               log: Log = print) -> dict:
+    """Run or resume a search, then write and print its results (and append the best stage)."""
+    search = load_search(path)
+    init_ray(address)
+    pipeline, context = _prepare(search, log)
+    grid = _tuner(search, context, log).fit()
+    results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
+    if apply:
+        _apply(search, pipeline, context, results, log)
+    return results
+
+
+def _apply(search: Search, pipeline: Pipeline, context: TrialContext, results: dict, log: Log) -> None:
+    """Append the best trial's stage to the pipeline file, and publish the trial's final checkpoint as
+    that stage's version: the stage resolves to the trial's trajectory (the same stage hash), so
+    `mixloop run` finds it done instead of training it again."""
+    best = results["best"]
+    if results["interrupted"] or best is None:
+        raise MixloopError("not applied: the search did not end with a finished trial. "
+                           "Fix: run it again (it resumes), then add --apply.")
+    append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
+    log(f"appended stage {best['stage']['name']} to {search.pipeline_path}")
+    stage = search.resolve(best["stage"])
+    total_steps = pipeline.stage_job(stage, context.parent)["total_steps"]
+    checkpoint = join(context.folder, "train", best["trial"], f"step-{total_steps:07d}")
+    trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
+    for line in trial_lines:  # the report's training curves then show the stage like any other
+        append_line(join(search.pipeline.workdir, "metrics.jsonl"), line)
+    metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
+    pipeline.publish_stage(stage, context.parent, stage_hash(stage, context.parent["stage_hash"]),
+                           local_copy(checkpoint), pipeline.tokenizer_dir(), metrics, now())
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs, computed once by the search's driver."""
+
+    search: Search
+    folder: str  # <workdir>/tune/<name>
+    corpus_dirs: dict[str, str]  # packed train splits of every corpus a trial may mix
+    parent: dict  # lineage of the start version
+    eval_dirs: dict[str, str]
+    eval_rows: int
+    start_losses: dict[str, float]
+    workers: int
+    cpus_per_worker: float
+
+    def job(self, stage: dict, metrics_path: str) -> dict:
+        """The StageJob of a trial: the stage, with intermediate evals at its checkpoints."""
+        resolved = self.search.resolve(stage)
+        resolved.update(min_workers=self.workers, max_workers=self.workers, cpus_per_worker=self.cpus_per_worker)
+        pipeline = self.search.pipeline
+        job = stage_job(pipeline.pipeline, pipeline.workdir, resolved, self.parent, self.corpus_dirs, metrics_path)
+        job["stage"]["checkpoint_every"] = math.ceil(job["total_steps"] / self.search.spec.trials.evals)
+        job.update(evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
+        return job
+
+
+def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
+    """Train up to the start version, pack every corpus a trial may read, evaluate the start version."""
+    pipeline = Pipeline(search.pipeline, log)
+    template = search.resolve(search.template)
+    candidates = {**template, "mixture": {c: 1.0 for c in {*template["mixture"], *search.searched_corpora}}}
+    pipeline.train(until=search.start_from, extra_stages=[candidates])
+    seq_len, packing = template["seq_len"], template["packing"]
+    corpus_dirs = {c: pipeline.packed(c, "train", seq_len, packing) for c in candidates["mixture"]}
+    eval_dirs = {c: pipeline.packed(c, "eval", pipeline._default("seq_len"))
+                 for c in search.pipeline.pipeline.corpora if "eval" in pipeline.corpus_files(c)}
+    rows = search.pipeline.pipeline.eval_rows
+    start = evaluate_versions(search.pipeline.workdir, [search.start_from], eval_dirs, rows)[search.start_from]
+    trials = search.spec.trials
+    return pipeline, TrialContext(
+        search=search, folder=join(search.pipeline.workdir, "tune", search.spec.name), corpus_dirs=corpus_dirs,
+        parent=read_lineage(search.pipeline.workdir, search.start_from), eval_dirs=eval_dirs, eval_rows=rows,
+        start_losses={c: r["loss"] for c, r in start.items()},
+        workers=trials.workers or template["max_workers"], cpus_per_worker=trials.cpus_per_worker or template["cpus_per_worker"],
+    )
+
+
+def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
+    """A new Tuner, or the interrupted one restored (refused if the search spec changed since)."""
+    _check_fingerprint(search, context.folder)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: 1})
+    storage, filesystem = train_storage(join(search.pipeline.workdir, "tune"))
+    experiment = os.path.join(storage, search.spec.name)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log(f"search {search.spec.name}: resuming from {context.folder}")
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=search.param_space(), storage_filesystem=filesystem)
+    concurrency = _concurrency(search, context)
+    manifests = {c: read_manifest(d)["tokens"] for c, d in context.corpus_dirs.items()}
+    searcher = BaselinesFirst(_optuna(search), search.baselines(manifests))
+    log(f"search {search.spec.name}: {search.spec.trials.count} trials from version {search.start_from}, "
+        f"{concurrency} at a time, {context.workers} worker(s) each")
+    return tune.Tuner(
+        trainable,
+        param_space=search.param_space(),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(search), num_samples=search.spec.trials.count,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=search.spec.name, storage_path=storage, storage_filesystem=filesystem,
+                                  verbose=0, callbacks=[ProgressLines(search)],
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+def _check_fingerprint(search: Search, folder: str) -> None:
+    record = join(folder, "search.json")
+    fingerprint = search.fingerprint()
+    if exists(record) and read_json(record)["fingerprint"] != fingerprint:
+        raise StageConflictError(
+            f"search {search.spec.name!r} in {folder} ran with other settings; its trials are not comparable with "
+            "these. Fix: give the changed search a new name, or delete that folder to start it again.")
+    write_json(record, {"fingerprint": fingerprint, "spec": search.path})
+
+
+def _concurrency(search: Search, context: TrialContext) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    if resources.get(TRIAL_RESOURCE, 0) < 1:
+        raise MixloopError(
+            f"the cluster offers no {TRIAL_RESOURCE!r} resource, which tuning trials' drivers use instead of CPUs. "
+            f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do).")
+    if search.spec.trials.max_concurrent:
+        return search.spec.trials.max_concurrent
+    fits = int(resources.get("CPU", 0) // (context.workers * context.cpus_per_worker))
+    if search.resolve(search.template)["use_gpu"]:
+        fits = min(fits, int(resources.get("GPU", 0) // context.workers))
+    return max(1, min(fits, search.spec.trials.count))
+
+
+def _optuna(search: Search) -> OptunaSearch:
+    import optuna
+
+    searched = search.spec.trials.count - 2
+    # TPE handles one objective or several (multi-objective TPE); it samples at random for its first
+    # trials, so few of them here, and a liar so that concurrent trials do not all pick the same point.
+    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(1, searched // 2),
+                                         multivariate=True, constant_liar=True)
+    keys = objective_keys(len(search.objectives))
+    metric, mode = (keys[0], "min") if len(keys) == 1 else (keys, ["min"] * len(keys))
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+
+
+def _scheduler(search: Search) -> TrialScheduler:
+    asha = search.spec.asha
+    if asha is None or len(search.objectives) > 1:
+        return FIFOScheduler()
+    return SparingBaselines(metric="objective", mode="min", time_attr="training_iteration",
+                            max_t=search.spec.trials.evals, grace_period=asha.grace_evals,
+                            reduction_factor=asha.reduction_factor)
+
+
+def objective_keys(count: int) -> list[str]:
+    return ["objective"] if count == 1 else [f"objective_{i + 1}" for i in range(count)]
+
+
+# ---------------------------------------------------------------- inside a trial
+
+
+def run_trial(config: dict, context: TrialContext) -> None:
+    """Ray Tune's function trainable: train the trial's stage; the callback reports its evals."""
+    from mixloop.train.launch import fit_stage
+
+    trial_id = tune.get_context().get_trial_id()
+    folder = join(context.folder, "trials", trial_id)
+    append_line(join(folder, "starts.jsonl"), json.dumps({"time": time.time()}))
+    if exists(join(folder, RESULT_FILE)):  # it finished before the search was interrupted
+        tune.report(read_json(join(folder, RESULT_FILE)))
+        return
+    stage = context.search.trial_stage(config)
+    write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
+    job = context.job(stage, join(folder, "metrics.jsonl"))
+    callback = ReportObjectives(context.search.objectives, context.start_losses)
+    result = fit_stage(job, join(context.folder, "train"), trial_id, callbacks=[callback])
+    write_json(join(folder, RESULT_FILE), objective_row(result.metrics, context.search.objectives, context.start_losses))
+
+
+def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float]) -> dict:
+    """What a trial reports to Tune at an eval: its objectives, eval losses, forgetting and progress."""
+    losses = metrics["eval_loss"]
+    values = [objective_value(expression, losses, start_losses) for expression in objectives]
+    return {**dict(zip(objective_keys(len(objectives)), values)), "loss": losses,
+            "forgetting": {c: losses[c] - start_losses[c] for c in losses},
+            "step": metrics["step"], "total_steps": metrics["total_steps"],
+            "trained_tokens": sum(metrics["tokens"].values())}
+
+
+class ReportObjectives(TuneReportCallback):
+    """Forwards each eval of the Train run (rank 0's report) to Tune as an objective row; reports
+    without an eval are not forwarded, so Tune's iterations count evals (ASHA's rungs)."""
+
+    def __init__(self, objectives: list[str], start_losses: dict[str, float]):
+        super().__init__()
+        self.objectives, self.start_losses = objectives, start_losses
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "eval_loss" in metrics[0]:
+            super().after_report(run_context, [objective_row(metrics[0], self.objectives, self.start_losses)], None)
+
+
+# ---------------------------------------------------------------- Tune parts
+
+
+class BaselinesFirst(Searcher):
+    """Hands out the baseline trials first, then Optuna's proposals. Optuna learns from its own
+    trials only: a baseline may lie outside the searched space (a ramped mix, say)."""
+
+    def __init__(self, optuna: OptunaSearch, baselines: list[dict]):
+        super().__init__(metric=optuna.metric, mode=optuna.mode)
+        self.optuna, self.waiting, self.baseline_ids = optuna, list(baselines), set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.optuna.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.waiting:
+            self.baseline_ids.add(trial_id)
+            return self.waiting.pop(0)
+        return self.optuna.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.baseline_ids:
+            self.optuna.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.baseline_ids:
+            self.optuna.on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:  # Tune keeps one file per searcher: Optuna's goes inside
+            self.optuna.save(os.path.join(folder, "optuna.pkl"))
+            optuna_state = open(os.path.join(folder, "optuna.pkl"), "rb").read()
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump({"waiting": self.waiting, "baseline_ids": self.baseline_ids, "optuna": optuna_state}, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            state = pickle.load(file)
+        self.waiting, self.baseline_ids = state["waiting"], state["baseline_ids"]
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "optuna.pkl"), "wb") as file:
+                file.write(state["optuna"])
+            self.optuna.restore(os.path.join(folder, "optuna.pkl"))
+
+
+class SparingBaselines(ASHAScheduler):
+    """ASHA that ranks baselines with the other trials but never stops them (the verdict compares
+    the best trial with the finished baselines), nor a trial at its last eval (ASHA stops trials at
+    max_t, which would kill it before it records its result)."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        spared = "baseline" in trial.config or result["step"] == result["total_steps"]
+        return TrialScheduler.CONTINUE if spared else decision
+
+
+class ProgressLines(tune.Callback):
+    """One line per trial start, eval and end, instead of Tune's status tables. (Tune pickles its
+    callbacks with the search, so this one prints instead of holding a log function.)"""
+
+    def __init__(self, search: Search):
+        self.search = search
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.log(f"trial {trial.trial_id}: started, {describe_changes(self.search.decode(trial.config), trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        values = " ".join(f"{key} {result[key]:.4f}" for key in objective_keys(len(self.search.objectives)))
+        self.log(f"trial {trial.trial_id}: step {result['step']}/{result['total_steps']} {values}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.log(f"trial {trial.trial_id}: ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"trial {trial.trial_id}: failed; see {trial.local_path}/error.txt")

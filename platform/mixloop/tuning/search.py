@@ -1,0 +1,365 @@
+"""The search spec (tuning/*.yaml): which stage to tune, from which version, over which space,
+for which objective. Validated like a pipeline spec: every problem at once, with its YAML path.
+
+A trial is a stage: the template (a stage of the pipeline, or a new one) with the searched
+settings put in. Its YAML is valid in the pipeline as it is, so the best trial can be appended.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import math
+import operator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from mixloop.errors import SpecError
+from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, TRAJECTORY_FIELDS, Spec, StageSpec, StageTemplate, Strict, format_problems,
+                          load_spec, resolve_stage, stage_problems, validate_yaml)
+
+OBJECTIVE_TERMS = ("loss", "gain", "forgetting")
+BASELINES = ("current", "stratified")
+
+
+class MixtureSpace(Strict):
+    corpora: list[str] = Field(min_length=2)
+    """Corpora whose weights are searched; the weights lie on the simplex (they sum to 1)."""
+    min_share: float = Field(default=0.0, ge=0, lt=0.5)
+    """Smallest weight any of them gets."""
+
+
+class Space(Strict):
+    mixture: MixtureSpace | None = None
+    """Corpus weights to search: {corpora: [a, b, ...], min_share: 0.05}."""
+    lr_peak: tuple[float, float] | None = None
+    """[low, high] peak learning rate, searched on a log scale."""
+    warmup: tuple[float, float] | None = None
+    """[low, high] share of the stage's steps spent re-warming."""
+    decay: list[Literal["cosine", "linear", "wsd", "constant"]] | None = Field(default=None, min_length=1)
+    """Decay shapes to choose from."""
+    tokens: tuple[int, int] | None = None
+    """[low, high] token budget of the stage (whole optimizer steps)."""
+
+
+class Trials(Strict):
+    count: int = Field(default=8, ge=3)
+    """Trials in all, the two baselines (the stage's own mix and the stratified mix) included."""
+    evals: int = Field(default=3, ge=1)
+    """Evaluations per trial; ASHA compares trials at these points and stops the weak ones."""
+    workers: int | None = Field(default=None, ge=1)
+    """Training workers per trial (default: the stage's). The trajectory does not depend on it."""
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    """CPUs per training worker (default: the stage's)."""
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Trials at once; default: as many as the cluster's CPUs (or GPUs) hold now."""
+
+
+class Asha(Strict):
+    grace_evals: int = Field(default=1, ge=1)
+    """Evaluations a trial always gets before it may be stopped."""
+    reduction_factor: float = Field(default=2.0, gt=1)
+    """Keep the best 1/reduction_factor of the trials at each rung."""
+
+
+class SearchSpec(Strict):
+    name: str = Field(pattern=STAGE_NAME_PATTERN)
+    """Names the search (its folder is <workdir>/tune/<name>) and the stage it writes."""
+    pipeline: str
+    """The pipeline spec (a path relative to this file)."""
+    stage: str | None = None
+    """A stage of the pipeline to tune again: its settings are the template and its mix a baseline."""
+    new_stage: StageTemplate | None = None
+    """A new stage to tune (mixture, tokens, lr and any stage setting); its mix is a baseline."""
+    start_from: str | None = None
+    """Version every trial starts from; default: the stage's parent (with `stage`) or the pipeline's
+    last stage (with `new_stage`). Missing stages up to it are trained first."""
+    space: Space
+    """What to search: mixture, lr_peak, warmup, decay, tokens."""
+    objective: str | list[str]
+    """Expression to minimise over eval metrics, e.g. `loss.astronomy + 2 * forgetting.general`
+    (loss.X: eval loss on corpus X; forgetting.X: its rise over the start version; gain.X: its fall),
+    or a list of them for a Pareto front."""
+    trials: Trials = Field(default_factory=Trials)
+    """How many trials and how each runs."""
+    asha: Asha | None = Field(default_factory=Asha)
+    """Early stopping on intermediate evals (one objective only); null: run every trial to the end."""
+    seed: int | None = None
+    """Seed of Optuna's sampler (default: the pipeline's seed)."""
+
+
+class Search:
+    """A validated search spec, its pipeline, and the stage template every trial starts from."""
+
+    def __init__(self, spec: SearchSpec, pipeline: Spec, path: str = "", pipeline_path: str = ""):
+        self.spec, self.pipeline, self.path, self.pipeline_path = spec, pipeline, path, pipeline_path
+        self.objectives = [spec.objective] if isinstance(spec.objective, str) else list(spec.objective)
+        self.start_from = spec.start_from or _default_start(spec, pipeline)
+        source = spec.new_stage or next(s for s in pipeline.pipeline.stages if s.name == spec.stage)
+        template = source.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"name", "start_from"})
+        ordered = {key: template.pop(key) for key in ("mixture", "tokens")}
+        self.template = {"name": spec.name, "from": self.start_from, **ordered, **template}
+
+    @property
+    def seed(self) -> int:
+        return self.pipeline.pipeline.seed if self.spec.seed is None else self.spec.seed
+
+    @property
+    def searched_corpora(self) -> list[str]:
+        mixture = self.spec.space.mixture
+        return mixture.corpora if mixture else list(self.template["mixture"])
+
+    def resolve(self, stage: dict) -> dict:
+        return resolve_stage(self.pipeline.pipeline, StageSpec.model_validate(stage))
+
+    def fingerprint(self) -> str:
+        """Changes when anything the trials' results depend on changes; not with where they run."""
+        search = self.spec.model_dump(mode="json", exclude={"trials": {"workers", "cpus_per_worker", "max_concurrent"}})
+        template = {k: v for k, v in self.resolve(self.template).items() if k in TRAJECTORY_FIELDS}
+        payload = {"search": search, "template": template}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------ trials
+
+    def param_space(self) -> dict:
+        """Ray Tune's search space. Weights are drawn as uniforms and mapped onto the simplex in
+        `decode` (exponential spacings, so the mix is uniform on the simplex)."""
+        from ray import tune
+
+        space, params = self.spec.space, {}
+        for corpus in space.mixture.corpora if space.mixture else []:
+            params[f"share.{corpus}"] = tune.uniform(0.0, 1.0)
+        if space.lr_peak:
+            params["lr_peak"] = tune.loguniform(*space.lr_peak)
+        if space.warmup:
+            params["warmup"] = tune.uniform(*space.warmup)
+        if space.decay:
+            params["decay"] = tune.choice(space.decay)
+        if space.tokens:
+            step = self.resolve(self.template)["global_batch_tokens"]
+            params["steps"] = tune.randint(math.ceil(space.tokens[0] / step), space.tokens[1] // step + 1)
+        return params
+
+    def decode(self, config: dict) -> dict:
+        """A trial's changes to the template, rounded as they will be written in YAML."""
+        if "baseline" in config:
+            return {k: v for k, v in config.items() if k != "baseline"}
+        changes: dict = {}
+        if self.spec.space.mixture:
+            changes["mixture"] = simplex_weights({c: config[f"share.{c}"] for c in self.spec.space.mixture.corpora},
+                                                 self.spec.space.mixture.min_share)
+        lr = {key: config[param] for key, param in (("peak", "lr_peak"), ("warmup", "warmup"), ("decay", "decay"))
+              if param in config}
+        if "peak" in lr:
+            lr["peak"] = float(f"{lr['peak']:.3g}")
+        if "warmup" in lr:
+            lr["warmup"] = round(lr["warmup"], 3)
+        if lr:
+            changes["lr"] = lr
+        if "steps" in config:
+            changes["tokens"] = int(config["steps"]) * self.resolve(self.template)["global_batch_tokens"]
+        return changes
+
+    def trial_stage(self, config: dict) -> dict:
+        """The stage YAML a trial trains: the template with the trial's changes."""
+        stage, changes = copy.deepcopy(self.template), self.decode(config)
+        if "mixture" in changes:
+            stage["mixture"] = changes["mixture"]
+        if "lr" in changes:
+            stage["lr"] = {**stage.get("lr", {}), **changes["lr"]}
+        if "tokens" in changes:
+            stage["tokens"] = changes["tokens"]
+        return stage
+
+    def baselines(self, train_tokens: dict[str, int]) -> list[dict]:
+        """The stage's own mix, and weights proportional to the searched corpora's token counts."""
+        tokens = {c: train_tokens[c] for c in self.searched_corpora}
+        total = sum(tokens.values())
+        return [{"baseline": "current"},
+                {"baseline": "stratified", "mixture": rounded_weights({c: n / total for c, n in tokens.items()})}]
+
+
+def simplex_weights(uniforms: dict[str, float], min_share: float) -> dict[str, float]:
+    """Uniform draws mapped to weights that sum to 1, each at least `min_share`."""
+    spacings = {c: -math.log(max(1.0 - u, 1e-12)) + 1e-12 for c, u in uniforms.items()}
+    total = sum(spacings.values())
+    free = 1.0 - min_share * len(spacings)
+    return rounded_weights({c: min_share + free * s / total for c, s in spacings.items()})
+
+
+def rounded_weights(weights: dict[str, float]) -> dict[str, float]:
+    """Three decimals that still sum to 1 (the largest weight absorbs the rounding)."""
+    rounded = {c: round(w, 3) for c, w in weights.items()}
+    largest = max(rounded, key=rounded.get)
+    rounded[largest] = round(1.0 - sum(w for c, w in rounded.items() if c != largest), 3)
+    return rounded
+
+
+# ---------------------------------------------------------------- objectives
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def objective_value(expression: str, losses: dict[str, float], start_losses: dict[str, float]) -> float:
+    """The expression's value for a model with these eval losses, started from one with `start_losses`."""
+    terms = {"loss": losses,
+             "gain": {c: start_losses[c] - losses[c] for c in losses},
+             "forgetting": {c: losses[c] - start_losses[c] for c in losses}}
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.BinOp):
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        kind, corpus = _term(node)
+        return terms[kind][corpus]
+
+    return float(value(ast.parse(expression, mode="eval").body))
+
+
+def objective_terms(expression: str) -> list[tuple[str, str]]:
+    """The (kind, corpus) pairs an expression uses; ValueError naming what is not allowed."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"not an expression ({exc.msg})") from None
+    terms = []
+    for node in _operands(tree.body):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            continue
+        terms.append(_term(node))
+    return terms
+
+
+def _operands(node: ast.AST):
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        yield from _operands(node.left)
+        yield from _operands(node.right)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        yield from _operands(node.operand)
+    else:
+        yield node
+
+
+def _term(node: ast.AST) -> tuple[str, str]:
+    """loss.X or loss["X"] (for corpus names that are not identifiers)."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        kind, corpus = node.value.id, node.attr
+    elif (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+          and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+        kind, corpus = node.value.id, node.slice.value
+    else:
+        raise ValueError(f"{ast.unparse(node)!r} is not allowed: use numbers, + - * /, and "
+                         f"{', '.join(k + '.CORPUS' for k in OBJECTIVE_TERMS)}")
+    if kind not in OBJECTIVE_TERMS:
+        raise ValueError(f"{kind!r} is not a metric: use {', '.join(OBJECTIVE_TERMS)}")
+    return kind, corpus
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_search(path: str | Path) -> Search:
+    """Read and validate a search spec and its pipeline; raise SpecError listing every problem."""
+    spec = validate_yaml(path, SearchSpec, "search", "tuning/")
+    pipeline_path = Path(path).resolve().parent / spec.pipeline
+    try:
+        pipeline = load_spec(pipeline_path)
+    except SpecError as exc:
+        raise SpecError(f"{path}: pipeline: {exc}") from None
+    problems = _search_problems(spec, pipeline)
+    if problems:
+        raise SpecError(format_problems(path, problems, "search"))
+    return Search(spec, pipeline, str(Path(path).resolve()), str(pipeline_path))
+
+
+def _default_start(spec: SearchSpec, pipeline: Spec) -> str:
+    names = pipeline.stage_names()
+    if spec.new_stage is not None:
+        return names[-1]
+    index = names.index(spec.stage)
+    return pipeline.pipeline.stages[index].start_from or (names[index - 1] if index else BASE_VERSION)
+
+
+def _search_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
+    names, corpora = pipeline.stage_names(), pipeline.pipeline.corpora
+    if (spec.stage is None) == (spec.new_stage is None):
+        return ["stage: give exactly one of `stage` (a stage of the pipeline to tune again) or `new_stage` "
+                "(a new stage: mixture, tokens, lr...)."]
+    if spec.stage is not None and spec.stage not in names:
+        return [f"stage: {spec.stage!r} is not a stage of {pipeline.pipeline.name}. Fix: use one of {', '.join(names)}."]
+    problems = []
+    if spec.start_from is not None and spec.start_from not in [BASE_VERSION, *names]:
+        problems.append(f"start_from: {spec.start_from!r} is no version of the pipeline. "
+                        f"Fix: use base or one of {', '.join(names)}.")
+        return problems
+    search = Search(spec, pipeline)
+    template = StageSpec.model_validate(search.template)
+    # The tuned stage is appended after the pipeline's stages, and starts from start_from.
+    where = "new_stage" if spec.new_stage else "stage"
+    problems += [p.replace(f"{where}.name:", "name:") for p in stage_problems(pipeline, where, template, names)
+                 if not p.startswith(f"{where}.name: stage name")]  # the name may already be applied
+    return problems + _space_problems(spec, pipeline, search) + _objective_problems(spec, pipeline)
+
+
+def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
+    space, corpora, problems = spec.space, pipeline.pipeline.corpora, []
+    if not any(getattr(space, field) for field in Space.model_fields):
+        return ["space: nothing to search. Fix: give at least one of mixture, lr_peak, warmup, decay, tokens."]
+    if space.mixture:
+        for index, corpus in enumerate(space.mixture.corpora):
+            if corpus not in corpora:
+                problems.append(f"space.mixture.corpora[{index}]: unknown corpus {corpus!r}. Fix: use one of {', '.join(corpora)}.")
+        if len(set(space.mixture.corpora)) != len(space.mixture.corpora):
+            problems.append("space.mixture.corpora: a corpus is named twice. Fix: name each once.")
+        if space.mixture.min_share * len(space.mixture.corpora) >= 1:
+            problems.append(f"space.mixture.min_share: {space.mixture.min_share} for each of {len(space.mixture.corpora)} "
+                            "corpora leaves nothing to search. Fix: lower it.")
+    problems += _range_problems("space.lr_peak", space.lr_peak, low=0.0, low_open=True)
+    problems += _range_problems("space.warmup", space.warmup, low=0.0, high=1.0)
+    if space.tokens:
+        step = search.resolve(search.template)["global_batch_tokens"]
+        problems += _range_problems("space.tokens", space.tokens, low=step)
+    return problems
+
+
+def _range_problems(where: str, bounds: tuple | None, low: float, high: float | None = None,
+                    low_open: bool = False) -> list[str]:
+    if bounds is None:
+        return []
+    lo, hi = bounds
+    if lo <= low if low_open else lo < low:
+        return [f"{where}: the low end {lo} must be {'above' if low_open else 'at least'} {low:g}. Fix: raise it."]
+    if high is not None and hi >= high:
+        return [f"{where}: the high end {hi} must be below {high:g}. Fix: lower it."]
+    if lo >= hi:
+        return [f"{where}: [{lo}, {hi}] is empty. Fix: write [low, high] with low < high."]
+    return []
+
+
+def _objective_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
+    with_eval = [n for n, c in pipeline.pipeline.corpora.items() if c.eval or c.generate]
+    expressions = [spec.objective] if isinstance(spec.objective, str) else spec.objective
+    problems = []
+    for index, expression in enumerate(expressions):
+        where = "objective" if isinstance(spec.objective, str) else f"objective[{index}]"
+        try:
+            terms = objective_terms(expression)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}. Fix: e.g. `loss.new_corpus + 2 * forgetting.old_corpus`.")
+            continue
+        if not terms:
+            problems.append(f"{where}: {expression!r} uses no eval metric. Fix: use loss.X, gain.X or forgetting.X.")
+        for _, corpus in terms:
+            if corpus not in with_eval:
+                problems.append(f"{where}: corpus {corpus!r} has no eval split. Fix: use one of "
+                                f"{', '.join(with_eval) or '(none: add eval splits to the corpora)'}.")
+    if isinstance(spec.objective, list) and len(spec.objective) < 2:
+        problems.append("objective: a list is for several objectives (a Pareto front). Fix: give one string or two or more.")
+    return problems
