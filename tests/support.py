@@ -40,6 +40,8 @@ def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
         "defaults": settings,
         "stages": stages,
         "eval_rows": 8,
+        "chat_prompts": 2,  # chat health for every version is generation: keep it short in tests
+        "chat_max_new_tokens": 16,
     }
 
 

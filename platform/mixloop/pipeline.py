@@ -131,7 +131,7 @@ class Pipeline:
         the run before any training."""
         requests = [self._request(n, "train", s["seq_len"], s["packing"])
                     for s in [*self.spec.resolved_stages(), *extra_stages] for n in s["mixture"]]
-        requests += [self._request(n, "eval", self._default("seq_len"))
+        requests += [self._request(n, "eval", self.default("seq_len"))
                      for n in self.pipeline.corpora if "eval" in self.corpus_files(n)]
         self.folders = prepare_corpora(requests, tokenizer_dir, self.workdir)
 
@@ -298,12 +298,13 @@ class Pipeline:
 
     def evaluate(self) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""
-        seq_len, rows = self._default("seq_len"), self.pipeline.eval_rows
+        seq_len, rows = self.default("seq_len"), self.pipeline.eval_rows
         eval_dirs = {n: self.packed(n, "eval", seq_len) for n in self.pipeline.corpora if "eval" in self.corpus_files(n)}
         versions = [v["version"] for v in list_versions(self.workdir)]
         return evaluate_versions(self.workdir, versions, eval_dirs, rows)
 
-    def _default(self, field: str):
+    def default(self, field: str):
+        """A setting of the pipeline's defaults, or mixloop's own when the spec leaves it out."""
         value = getattr(self.pipeline.defaults, field)
         return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
 

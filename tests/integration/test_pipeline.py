@@ -19,9 +19,9 @@ from mixloop.spec import load_spec
 pytestmark = pytest.mark.slow
 
 STAGES = [
-    {"name": "pretrain", "mixture": {"shakespeare": 1.0}, "tokens": 163840},
-    {"name": "sft", "mixture": {"gsm8k": 0.8, "shakespeare": 0.2}, "tokens": 65536, "lr": {"peak": 0.001}},
-    {"name": "medical", "mixture": {"medical": {"from": 0.7, "to": 0.9}, "shakespeare": {"from": 0.3, "to": 0.1}}, "tokens": 98304,
+    {"name": "pretrain", "mixture": {"shakespeare": 1.0}, "tokens": 114688},
+    {"name": "sft", "mixture": {"gsm8k": 0.8, "shakespeare": 0.2}, "tokens": 49152, "lr": {"peak": 0.001}},
+    {"name": "medical", "mixture": {"medical": {"from": 0.7, "to": 0.9}, "shakespeare": {"from": 0.3, "to": 0.1}}, "tokens": 81920,
      "lr": {"peak": 0.002, "decay": "wsd"}},
 ]
 MEDICAL_SFT = {"name": "medical-sft", "mixture": {"medical_chat": 0.6, "gsm8k": 0.4}, "tokens": 32768,
@@ -48,6 +48,8 @@ def spec_dict(workdir, stages):
                      "lr": {"peak": 0.004, "warmup": 0.1}},
         "stages": stages,
         "eval_rows": 16,
+        "chat_prompts": 3,
+        "chat_max_new_tokens": 32,
     }
 
 

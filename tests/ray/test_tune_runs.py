@@ -18,7 +18,7 @@ from support import generated_spec, write_spec
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
-STAGES = [{"name": "pretrain", "mixture": {"facts": 1.0}, "tokens": 8192}]
+STAGES = [{"name": "pretrain", "mixture": {"facts": 1.0}, "tokens": 5120}]
 SEARCH = {  # a new stage for the new data (chats), replaying facts
     "name": "mixed-tuned",
     "pipeline": "pipeline.yaml",
@@ -28,6 +28,14 @@ SEARCH = {  # a new stage for the new data (chats), replaying facts
     "trials": {"count": 3, "evals": 2, "workers": 1, "max_concurrent": 2},
 }
 TRIALS = 3
+
+
+def run_state(workdir: Path, trial: str) -> dict:
+    """A trial's metrics and every file of its Ray Train run, with modification times: a trial
+    that trained again, even for zero steps, changes them."""
+    search = workdir / "tune" / "mixed-tuned"
+    files = {str(p): p.stat().st_mtime_ns for p in (search / "train" / trial).rglob("*") if p.is_file()}
+    return {"metrics": (search / "trials" / trial / "metrics.jsonl").read_text(), "files": files}
 
 
 def tune_command(search: Path, ray_address: str, *extra: str) -> list[str]:
@@ -40,7 +48,7 @@ def search(ray_address, tmp_path_factory):
     what each run saw."""
     folder = tmp_path_factory.mktemp("tuning")
     workdir = folder / "run"
-    write_spec(folder, generated_spec(workdir, STAGES))
+    write_spec(folder, {**generated_spec(workdir, STAGES), "chat_prompts": 0})
     path = write_spec(folder, SEARCH, name="search.yaml")
     trials = workdir / "tune" / "mixed-tuned" / "trials"
 
@@ -56,7 +64,7 @@ def search(ray_address, tmp_path_factory):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    finished_before = {p.parent.name: (p.parent / "metrics.jsonl").read_text() for p in trials.glob("*/result.json")}
+    finished_before = {p.parent.name: run_state(workdir, p.parent.name) for p in trials.glob("*/result.json")}
 
     interrupted = time.time()
     second = subprocess.run(tune_command(path, ray_address, "--apply"), capture_output=True, text=True, timeout=600)
@@ -71,8 +79,9 @@ def search(ray_address, tmp_path_factory):
 def test_resumed_search_does_not_rerun_finished_trials(search):
     assert len(search["finished_before"]) >= 2
     assert "resuming from" in search["output"]
-    for trial, metrics in search["finished_before"].items():
-        assert (search["trials"] / trial / "metrics.jsonl").read_text() == metrics, f"trial {trial} trained again"
+    for trial, state in search["finished_before"].items():
+        assert state["files"], "no Ray Train run for a finished trial"
+        assert run_state(search["workdir"], trial) == state, f"trial {trial} trained again"
     rows = search["results"]["trials"]
     assert len(rows) == TRIALS
     assert set(search["finished_before"]) <= {row["trial"] for row in rows}

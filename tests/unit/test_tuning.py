@@ -95,10 +95,10 @@ def test_unknown_keys_and_bad_ranges_are_all_named_with_their_paths(write_search
 
 def test_space_problems_name_the_fix(write_search):
     def edit(data):
-        data["space"] = {"mixture": {"corpora": ["news", "nope"], "min_share": 0.49}, "lr_peak": [0.0, 0.01],
+        data["space"] = {"mixture": {"corpora": ["news", "web", "nope"], "min_share": 0.3}, "lr_peak": [0.0, 0.01],
                          "warmup": [0.3, 0.1]}
     message = problems(write_search, edit)
-    assert "space.mixture.corpora[1]: unknown corpus 'nope'" in message
+    assert "space.mixture.corpora[2]: unknown corpus 'nope'" in message
     assert "space.lr_peak: the low end 0.0 must be above 0" in message
     assert "space.warmup: [0.3, 0.1] is empty" in message
     assert "3 problem(s) in the search spec" in message
@@ -109,6 +109,17 @@ def test_min_share_leaving_nothing_to_search_and_an_empty_space(write_search):
     assert "0.4 for each of 3 corpora leaves nothing to search" in problems(
         write_search, lambda d: d["space"].update(mixture=three))
     assert "space: nothing to search" in problems(write_search, lambda d: d.update(space={}))
+
+
+def test_searched_mix_must_cover_the_stage_and_trials_must_fit(write_search):
+    assert "space.mixture.corpora: leaves out web of the stage's mixture" in problems(
+        write_search, lambda d: d["space"].update(mixture={"corpora": ["news", "chat"]}))
+    assert "space.tokens: [20000, 20400] holds no whole step of 2048 tokens" in problems(
+        write_search, lambda d: d["space"].update(tokens=[20000, 20400]))
+    assert "asha.grace_evals: 4 is more than trials.evals (3)" in problems(
+        write_search, lambda d: d.update(asha={"grace_evals": 4}))
+    assert "trials.workers: 5 workers but only 4 micro-batches per step" in problems(
+        write_search, lambda d: d.update(trials={"workers": 5}))
 
 
 def test_objective_must_use_known_metrics_of_corpora_with_eval_splits(write_search):
@@ -180,6 +191,8 @@ def test_trial_stage_puts_the_decoded_settings_into_the_template(write_search):
     assert stage["mixture"]["news"] > stage["mixture"]["web"]
     assert stage["lr"] == {"peak": 0.00123, "decay": "cosine", "warmup": 0.123}
     assert search.trial_stage({"baseline": "current"}) == search.template
+    # Tune fills the space's parameters into every config, baselines too: they must not count.
+    assert search.trial_stage({"baseline": "current", **config}) == search.template
 
 
 def test_stratified_baseline_follows_token_counts(write_search):

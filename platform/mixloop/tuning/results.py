@@ -32,12 +32,13 @@ def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | 
     from mixloop.tuning.runner import objective_keys
 
     keys = objective_keys(len(search.objectives))
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)
+    ended = grid.num_terminated + grid.num_errors
+    interrupted = ended < search.spec.trials.count
     rows = [trial_row(search, result, keys, interrupted) for result in grid]  # in start order
     best = pick(rows, keys, chosen)
     verdict = verdict_line(rows, keys, best)
     if interrupted:
-        verdict = (f"the search was interrupted with {grid.num_terminated + grid.num_errors} of {len(grid)} trials "
+        verdict = (f"the search was interrupted with {ended} of {search.spec.trials.count} trials "
                    f"ended; run the same command again to resume it. So far: {verdict}")
     write_json(join(folder, "results.json"), {"objectives": search.objectives, "start_from": search.start_from,
                                               "start_losses": start_losses, "verdict": verdict, "trials": rows})
@@ -65,8 +66,9 @@ def trial_row(search: Search, result, keys: list[str], interrupted: bool) -> dic
         "decay": resolved["lr"]["decay"], "tokens": resolved["tokens"],
         **{key: metrics.get(key) for key in keys},
         "loss": metrics.get("loss", {}), "forgetting": metrics.get("forgetting", {}),
-        "trained_tokens": metrics.get("trained_tokens"), "evals": metrics.get("training_iteration", 0),
-        "wall_s": round(metrics.get("time_total_s", 0.0), 1), "stage": stage,
+        "trained_tokens": metrics.get("trained_tokens"), "evals": metrics.get("eval", 0),
+        # A finished trial measured its own training (Tune's clock restarts when a resumed search replays it).
+        "wall_s": metrics.get("wall_s", round(metrics.get("time_total_s", 0.0), 1)), "stage": stage,
     }
 
 
@@ -110,8 +112,9 @@ def verdict_line(rows: list[dict], keys: list[str], best: dict | None) -> str:
     if best is stratified:
         return f"the stratified baseline won ({best[key]:.4f}): no other trial beat it"
     margin = stratified[key] - best[key]
-    return (f"winner: trial {best['trial']} ({best['arm']}) with objective {best[key]:.4f}, {margin:.4f} "
-            f"({margin / abs(stratified[key]):.1%}) below the stratified baseline's {stratified[key]:.4f}")
+    relative = f" ({margin / abs(stratified[key]):.1%})" if stratified[key] else ""
+    return (f"winner: trial {best['trial']} ({best['arm']}) with objective {best[key]:.4f}, {margin:.4f}{relative} "
+            f"below the stratified baseline's {stratified[key]:.4f}")
 
 
 def describe_changes(changes: dict, config: dict) -> str:
@@ -195,7 +198,7 @@ def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: str)
 
 def stage_yaml(search: Search, row: dict) -> str:
     """The trial's stage as a YAML list item, ready to go under the pipeline's `stages:`."""
-    keys = [k for k in ("objective", "objective_1", "objective_2") if row.get(k) is not None]
+    keys = [k for k in row if re.fullmatch(r"objective(_\d+)?", k) and row[k] is not None]
     scores = ", ".join(f"{k} {row[k]:.4f}" for k in keys)
     header = f"# tuned by {Path(search.path).name}: trial {row['trial']} ({row['arm']}), {scores}\n"
     return header + yaml.safe_dump([row["stage"]], sort_keys=False)

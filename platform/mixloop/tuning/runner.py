@@ -50,6 +50,8 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
                log: Log = print) -> dict:
     """Run or resume a search, then write and print its results (and append the best stage)."""
     search = load_search(path)
+    if apply:
+        _check_apply(search, trial)
     init_ray(address)
     pipeline, context = _prepare(search, log)
     grid = _tuner(search, context, log).fit()
@@ -59,25 +61,35 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
     return results
 
 
+def _check_apply(search: Search, trial: str | None) -> None:
+    """Before any work: what would make --apply fail at the end."""
+    if search.spec.name in search.pipeline.stage_names():
+        raise MixloopError(f"{search.pipeline_path} already has a stage named {search.spec.name!r}. "
+                           "Fix: give the search a new name, or leave out --apply.")
+    if len(search.objectives) > 1 and trial is None:
+        raise MixloopError("a search with several objectives has no single best trial. Fix: run it without --apply, "
+                           "pick a trial of the Pareto front, then add --apply --trial ID.")
+
+
 def _apply(search: Search, pipeline: Pipeline, context: TrialContext, results: dict, log: Log) -> None:
-    """Append the best trial's stage to the pipeline file, and publish the trial's final checkpoint as
-    that stage's version: the stage resolves to the trial's trajectory (the same stage hash), so
-    `mixloop run` finds it done instead of training it again."""
+    """Publish the chosen trial's final checkpoint as the stage's version, then append the stage to the
+    pipeline file. The stage resolves to the trial's trajectory (the same stage hash), so `mixloop run`
+    finds it done instead of training it again."""
     best = results["best"]
     if results["interrupted"] or best is None:
         raise MixloopError("not applied: the search did not end with a finished trial. "
                            "Fix: run it again (it resumes), then add --apply.")
-    append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
-    log(f"appended stage {best['stage']['name']} to {search.pipeline_path}")
     stage = search.resolve(best["stage"])
     total_steps = pipeline.stage_job(stage, context.parent)["total_steps"]
     checkpoint = join(context.folder, "train", best["trial"], f"step-{total_steps:07d}")
     trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
-    for line in trial_lines:  # the report's training curves then show the stage like any other
-        append_line(join(search.pipeline.workdir, "metrics.jsonl"), line)
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     pipeline.publish_stage(stage, context.parent, stage_hash(stage, context.parent["stage_hash"]),
                            local_copy(checkpoint), pipeline.tokenizer_dir(), metrics, now())
+    # One append: the report's training curves then show the stage like any other.
+    append_line(join(search.pipeline.workdir, "metrics.jsonl"), "\n".join(trial_lines))
+    append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
+    log(f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model")
 
 
 @dataclass(frozen=True)
@@ -113,7 +125,7 @@ def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
     pipeline.train(until=search.start_from, extra_stages=[candidates])
     seq_len, packing = template["seq_len"], template["packing"]
     corpus_dirs = {c: pipeline.packed(c, "train", seq_len, packing) for c in candidates["mixture"]}
-    eval_dirs = {c: pipeline.packed(c, "eval", pipeline._default("seq_len"))
+    eval_dirs = {c: pipeline.packed(c, "eval", pipeline.default("seq_len"))
                  for c in search.pipeline.pipeline.corpora if "eval" in pipeline.corpus_files(c)}
     rows = search.pipeline.pipeline.eval_rows
     start = evaluate_versions(search.pipeline.workdir, [search.start_from], eval_dirs, rows)[search.start_from]
@@ -134,7 +146,8 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     experiment = os.path.join(storage, search.spec.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log(f"search {search.spec.name}: resuming from {context.folder}")
-        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+        # A failed trial stays failed (Ray Train already retried its workers): it would fail again.
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                   param_space=search.param_space(), storage_filesystem=filesystem)
     concurrency = _concurrency(search, context)
     manifests = {c: read_manifest(d)["tokens"] for c, d in context.corpus_dirs.items()}
@@ -148,7 +161,7 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=search.spec.name, storage_path=storage, storage_filesystem=filesystem,
                                   verbose=0, callbacks=[ProgressLines(search)],
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
 
 
@@ -172,9 +185,11 @@ def _concurrency(search: Search, context: TrialContext) -> int:
             f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do).")
     if search.spec.trials.max_concurrent:
         return search.spec.trials.max_concurrent
-    fits = int(resources.get("CPU", 0) // (context.workers * context.cpus_per_worker))
-    if search.resolve(search.template)["use_gpu"]:
-        fits = min(fits, int(resources.get("GPU", 0) // context.workers))
+    template = search.resolve(search.template)
+    per_worker = {"CPU": context.cpus_per_worker, **template["resources_per_worker"]}
+    if template["use_gpu"]:
+        per_worker.setdefault("GPU", 1)
+    fits = min(int(resources.get(name, 0) // (amount * context.workers)) for name, amount in per_worker.items())
     return max(1, min(fits, search.spec.trials.count))
 
 
@@ -195,7 +210,7 @@ def _scheduler(search: Search) -> TrialScheduler:
     asha = search.spec.asha
     if asha is None or len(search.objectives) > 1:
         return FIFOScheduler()
-    return SparingBaselines(metric="objective", mode="min", time_attr="training_iteration",
+    return SparingBaselines(metric="objective", mode="min", time_attr="eval",
                             max_t=search.spec.trials.evals, grace_period=asha.grace_evals,
                             reduction_factor=asha.reduction_factor)
 
@@ -220,32 +235,40 @@ def run_trial(config: dict, context: TrialContext) -> None:
     stage = context.search.trial_stage(config)
     write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
     job = context.job(stage, join(folder, "metrics.jsonl"))
-    callback = ReportObjectives(context.search.objectives, context.start_losses)
+    every = job["stage"]["checkpoint_every"]
+    callback = ReportObjectives(context.search.objectives, context.start_losses, every)
+    clock = time.time()
     result = fit_stage(job, join(context.folder, "train"), trial_id, callbacks=[callback])
-    write_json(join(folder, RESULT_FILE), objective_row(result.metrics, context.search.objectives, context.start_losses))
+    # The final eval is reported here, also when a resumed run had nothing left to train.
+    row = {**objective_row(result.metrics, context.search.objectives, context.start_losses, every),
+           "wall_s": round(time.time() - clock, 1)}
+    write_json(join(folder, RESULT_FILE), row)
+    tune.report(row)
 
 
-def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float]) -> dict:
-    """What a trial reports to Tune at an eval: its objectives, eval losses, forgetting and progress."""
+def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int) -> dict:
+    """What a trial reports to Tune at an eval: its objectives, eval losses, forgetting and progress
+    (`eval` counts evals by step, so a repeated or extra report does not advance ASHA's rungs)."""
     losses = metrics["eval_loss"]
     values = [objective_value(expression, losses, start_losses) for expression in objectives]
     return {**dict(zip(objective_keys(len(objectives)), values)), "loss": losses,
             "forgetting": {c: losses[c] - start_losses[c] for c in losses},
             "step": metrics["step"], "total_steps": metrics["total_steps"],
-            "trained_tokens": sum(metrics["tokens"].values())}
+            "eval": math.ceil(metrics["step"] / checkpoint_every), "trained_tokens": sum(metrics["tokens"].values())}
 
 
 class ReportObjectives(TuneReportCallback):
-    """Forwards each eval of the Train run (rank 0's report) to Tune as an objective row; reports
-    without an eval are not forwarded, so Tune's iterations count evals (ASHA's rungs)."""
+    """Forwards each intermediate eval of the Train run (rank 0's report) to Tune as an objective
+    row; reports without an eval are not forwarded, and the final one comes from the trial itself."""
 
-    def __init__(self, objectives: list[str], start_losses: dict[str, float]):
+    def __init__(self, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int):
         super().__init__()
-        self.objectives, self.start_losses = objectives, start_losses
+        self.objectives, self.start_losses, self.checkpoint_every = objectives, start_losses, checkpoint_every
 
     def after_report(self, run_context, metrics, checkpoint):
-        if "eval_loss" in metrics[0]:
-            super().after_report(run_context, [objective_row(metrics[0], self.objectives, self.start_losses)], None)
+        if "eval_loss" in metrics[0] and metrics[0]["step"] < metrics[0]["total_steps"]:
+            row = objective_row(metrics[0], self.objectives, self.start_losses, self.checkpoint_every)
+            super().after_report(run_context, [row], None)
 
 
 # ---------------------------------------------------------------- Tune parts
@@ -326,4 +349,4 @@ class ProgressLines(tune.Callback):
         self.log(f"trial {trial.trial_id}: ended")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: failed; see {trial.local_path}/error.txt")
+        self.log(f"trial {trial.trial_id}: failed; see {trial.path}/error.txt")

@@ -146,8 +146,8 @@ class Search:
 
     def decode(self, config: dict) -> dict:
         """A trial's changes to the template, rounded as they will be written in YAML."""
-        if "baseline" in config:
-            return {k: v for k, v in config.items() if k != "baseline"}
+        if "baseline" in config:  # Tune also fills the space's parameters in; a baseline ignores them
+            return {"mixture": config["mixture"]} if "mixture" in config else {}
         changes: dict = {}
         if self.spec.space.mixture:
             changes["mixture"] = simplex_weights({c: config[f"share.{c}"] for c in self.spec.space.mixture.corpora},
@@ -305,7 +305,8 @@ def _search_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
     where = "new_stage" if spec.new_stage else "stage"
     problems += [p.replace(f"{where}.name:", "name:") for p in stage_problems(pipeline, where, template, names)
                  if not p.startswith(f"{where}.name: stage name")]  # the name may already be applied
-    return problems + _space_problems(spec, pipeline, search) + _objective_problems(spec, pipeline)
+    return (problems + _space_problems(spec, pipeline, search) + _trials_problems(spec, pipeline, search)
+            + _objective_problems(spec, pipeline))
 
 
 def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
@@ -313,6 +314,10 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     if not any(getattr(space, field) for field in Space.model_fields):
         return ["space: nothing to search. Fix: give at least one of mixture, lr_peak, warmup, decay, tokens."]
     if space.mixture:
+        left_out = [c for c in search.template["mixture"] if c not in space.mixture.corpora]
+        if left_out:
+            problems.append(f"space.mixture.corpora: leaves out {', '.join(left_out)} of the stage's mixture, which "
+                            "trials would then not train on. Fix: add them (every weight of the mix is searched).")
         for index, corpus in enumerate(space.mixture.corpora):
             if corpus not in corpora:
                 problems.append(f"space.mixture.corpora[{index}]: unknown corpus {corpus!r}. Fix: use one of {', '.join(corpora)}.")
@@ -326,6 +331,21 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     if space.tokens:
         step = search.resolve(search.template)["global_batch_tokens"]
         problems += _range_problems("space.tokens", space.tokens, low=step)
+        if not problems and space.tokens[1] // step < math.ceil(space.tokens[0] / step):
+            problems.append(f"space.tokens: {list(space.tokens)} holds no whole step of {step} tokens. Fix: widen it.")
+    return problems
+
+
+def _trials_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
+    """The stage as trials run it (trials.workers, cpus_per_worker) must still split into micro-batches."""
+    trials, problems = spec.trials, []
+    overrides = {k: v for k, v in (("workers", trials.workers), ("cpus_per_worker", trials.cpus_per_worker)) if v}
+    trial_stage = StageSpec.model_validate({**search.template, **overrides})
+    problems += [p for p in stage_problems(pipeline, "trials", trial_stage, pipeline.stage_names())
+                 if p.startswith(("trials.workers", "trials.cpus_per_worker"))]
+    if spec.asha and spec.asha.grace_evals > trials.evals:
+        problems.append(f"asha.grace_evals: {spec.asha.grace_evals} is more than trials.evals ({trials.evals}). "
+                        "Fix: lower it or raise trials.evals.")
     return problems
 
 
