@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-fast test-gpu clean
+.PHONY: setup quickstart test test-fast test-tuning test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit -q
+
+# Whole searches (interrupted and resumed, --apply round trip): about 4 minutes on 2 cores.
+test-tuning: setup
+	$(BIN)/python -m pytest -m tuning tests/ray/test_tune_runs.py
 
 # On a machine with a CUDA device: the GPU path (bf16, fused AdamW, pinned memory, NCCL).
 test-gpu: setup

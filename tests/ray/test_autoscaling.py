@@ -189,6 +189,10 @@ def test_a_stage_brings_gpu_nodes_and_they_go_when_idle(fake_cluster, tmp_path, 
     assert events["training"] < events["both_up"] < events["trained"] < events["gone"], events
     lineage = json.loads((tmp_path / "run" / "models" / STAGE / "lineage.json").read_text())
     assert lineage["metrics"]["steps"] == STEPS
+    # The nodes are gone (the state API says so); the autoscaler's log may say why a moment later.
+    deadline = time.time() + 30
+    while not re.search(r"Removing \d+ nodes of type gpu_spot \(idle\)", monitor_log(head)) and time.time() < deadline:
+        time.sleep(1)
     monitor = monitor_log(head)
     # The autoscaler's own account: it launched GPU nodes, and removed them because they were idle.
     assert re.search(r"Adding \d+ node\(s\) of type gpu_spot", monitor), monitor[-3000:]

@@ -75,7 +75,7 @@ def search(ray_address, tmp_path_factory):
             "results": json.loads((workdir / "tune" / "mixed-tuned" / "results.json").read_text())}
 
 
-@pytest.mark.slow
+@pytest.mark.tuning
 def test_resumed_search_does_not_rerun_finished_trials(search):
     assert len(search["finished_before"]) >= 2
     assert "resuming from" in search["output"]
@@ -88,7 +88,7 @@ def test_resumed_search_does_not_rerun_finished_trials(search):
     assert all(row["status"] in ("finished", "stopped") for row in rows), rows
 
 
-@pytest.mark.slow
+@pytest.mark.tuning
 def test_baselines_run_and_the_table_names_the_winner_against_stratified(search):
     rows = search["results"]["trials"]
     assert sorted(row["arm"] for row in rows) == ["current", "search", "stratified"]
@@ -110,7 +110,7 @@ def test_baselines_run_and_the_table_names_the_winner_against_stratified(search)
     assert (folder / "objective.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
+@pytest.mark.tuning
 def test_no_trial_tokenizes(search):
     """Every corpus was packed once, before the first trial started; no trial packed anything."""
     prepared = [json.loads(line) for line in (search["workdir"] / "cache" / "prepare.jsonl").read_text().splitlines()]
@@ -120,7 +120,7 @@ def test_no_trial_tokenizes(search):
     assert len({(e["corpus"], e["split"], e["key"]) for e in prepared}) == len(prepared)
 
 
-@pytest.mark.slow
+@pytest.mark.tuning
 def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
     """--apply appends the best stage and publishes the trial's model as its version: the pipeline
     validates, and runs without training it again (the stage hashes to the trial's trajectory)."""
