@@ -120,7 +120,7 @@ class TrialContext:
 def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
     """Train up to the start version, pack every corpus a trial may read, evaluate the start version."""
     pipeline = Pipeline(search.pipeline, log)
-    template = search.resolve(search.template)
+    template = search.resolved_template
     candidates = {**template, "mixture": {c: 1.0 for c in {*template["mixture"], *search.searched_corpora}}}
     pipeline.train(until=search.start_from, extra_stages=[candidates])
     seq_len, packing = template["seq_len"], template["packing"]
@@ -141,6 +141,7 @@ def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
 def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (refused if the search spec changed since)."""
     _check_fingerprint(search, context.folder)
+    _check_trial_resource()
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: 1})
     storage, filesystem = train_storage(join(search.pipeline.workdir, "tune"))
     experiment = os.path.join(storage, search.spec.name)
@@ -175,17 +176,23 @@ def _check_fingerprint(search: Search, folder: str) -> None:
     write_json(record, {"fingerprint": fingerprint, "spec": search.path})
 
 
+def _check_trial_resource() -> None:
+    """A new search and a resumed one alike would wait forever for trial drivers without it."""
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
+        raise MixloopError(
+            f"the cluster offers no {TRIAL_RESOURCE!r} resource, which tuning trials' drivers use instead of CPUs. "
+            f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do).")
+
+
 def _concurrency(search: Search, context: TrialContext) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    if resources.get(TRIAL_RESOURCE, 0) < 1:
-        raise MixloopError(
-            f"the cluster offers no {TRIAL_RESOURCE!r} resource, which tuning trials' drivers use instead of CPUs. "
-            f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do).")
     if search.spec.trials.max_concurrent:
         return search.spec.trials.max_concurrent
-    template = search.resolve(search.template)
+    template = search.resolved_template
     per_worker = {"CPU": context.cpus_per_worker, **template["resources_per_worker"]}
     if template["use_gpu"]:
         per_worker.setdefault("GPU", 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -19,8 +20,8 @@ from typing import Literal
 from pydantic import Field
 
 from mixloop.errors import SpecError
-from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, TRAJECTORY_FIELDS, Spec, StageSpec, StageTemplate, Strict, format_problems,
-                          load_spec, resolve_stage, stage_problems, validate_yaml)
+from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, Spec, StageSpec, StageTemplate, Strict, format_problems,
+                          load_spec, resolve_stage, stage_hash, stage_problems, validate_yaml)
 
 OBJECTIVE_TERMS = ("loss", "gain", "forgetting")
 BASELINES = ("current", "stratified")
@@ -116,11 +117,15 @@ class Search:
     def resolve(self, stage: dict) -> dict:
         return resolve_stage(self.pipeline.pipeline, StageSpec.model_validate(stage))
 
+    @functools.cached_property
+    def resolved_template(self) -> dict:
+        """The template with every setting filled in (the trials' settings before their changes)."""
+        return self.resolve(self.template)
+
     def fingerprint(self) -> str:
         """Changes when anything the trials' results depend on changes; not with where they run."""
         search = self.spec.model_dump(mode="json", exclude={"trials": {"workers", "cpus_per_worker", "max_concurrent"}})
-        template = {k: v for k, v in self.resolve(self.template).items() if k in TRAJECTORY_FIELDS}
-        payload = {"search": search, "template": template}
+        payload = {"search": search, "template": stage_hash(self.resolved_template, self.start_from)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------ trials
@@ -140,7 +145,7 @@ class Search:
         if space.decay:
             params["decay"] = tune.choice(space.decay)
         if space.tokens:
-            step = self.resolve(self.template)["global_batch_tokens"]
+            step = self.resolved_template["global_batch_tokens"]
             params["steps"] = tune.randint(math.ceil(space.tokens[0] / step), space.tokens[1] // step + 1)
         return params
 
@@ -161,7 +166,7 @@ class Search:
         if lr:
             changes["lr"] = lr
         if "steps" in config:
-            changes["tokens"] = int(config["steps"]) * self.resolve(self.template)["global_batch_tokens"]
+            changes["tokens"] = int(config["steps"]) * self.resolved_template["global_batch_tokens"]
         return changes
 
     def trial_stage(self, config: dict) -> dict:
@@ -329,7 +334,7 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     problems += _range_problems("space.lr_peak", space.lr_peak, low=0.0, low_open=True)
     problems += _range_problems("space.warmup", space.warmup, low=0.0, high=1.0)
     if space.tokens:
-        step = search.resolve(search.template)["global_batch_tokens"]
+        step = search.resolved_template["global_batch_tokens"]
         problems += _range_problems("space.tokens", space.tokens, low=step)
         if not problems and space.tokens[1] // step < math.ceil(space.tokens[0] / step):
             problems.append(f"space.tokens: {list(space.tokens)} holds no whole step of {step} tokens. Fix: widen it.")
