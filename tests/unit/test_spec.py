@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import select
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,6 +223,22 @@ def test_cli_validate_accepts_a_valid_spec(write_spec, capsys):
     assert main(["validate", str(write_spec())]) == 0
     out, err = capsys.readouterr()
     assert "valid" in out and "pretrain, sft" in out and err == ""
+
+
+def test_cli_lines_reach_a_pipe_while_the_command_still_runs(write_spec):
+    """Progress lines of a long run that writes to a file or pipe (Ray Jobs' logs, tee) appear as
+    they are printed, not when a buffer fills or the process ends."""
+    script = ("import sys, time; from mixloop.cli import main; "
+              f"main(['validate', {str(write_spec())!r}]); time.sleep(60)")
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as on users' machines
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready and "valid pipeline" in process.stdout.readline()
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
 
 
 # ---------------------------------------------------------------- resolved stages
