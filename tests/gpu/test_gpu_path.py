@@ -1,6 +1,6 @@
 """The GPU path: NCCL, bf16 autocast, fused AdamW, SDPA with packed-document masks, pinned memory.
 
-Marked `gpu`: deselected by default (`addopts = -m 'not gpu'`); run with `pytest -m gpu tests/gpu`
+Marked `gpu`: deselected by default (`addopts = -m 'not gpu and not tuning'`); run with `pytest -m gpu tests/gpu`
 on a machine with a CUDA device.
 """
 
