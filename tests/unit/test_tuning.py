@@ -1,5 +1,5 @@
 """Search specs (tuning/*.yaml): validation messages, objectives, trial stages, results and --apply.
-No Ray here: the searches themselves run in tests/ray/test_tuning.py."""
+No Ray cluster here: the searches themselves run in tests/ray/test_tune_runs.py."""
 
 from __future__ import annotations
 
@@ -209,6 +209,42 @@ def test_token_budget_is_searched_in_whole_steps(write_search):
                                   "decay": "wsd"}, "steps": 7})["tokens"] == 7 * 2048
     assert "space.tokens: the low end 100 must be at least 2048" in problems(
         write_search, lambda d: d["space"].update(tokens=[100, 40_000]))
+
+
+def test_a_baseline_inside_the_space_encodes_to_parameters_that_give_it_back(write_search):
+    search = load_search(write_search(lambda d: d["space"].update(tokens=[10_000, 60_000])))
+    stratified = search.trial_stage({"baseline": "stratified", "mixture": {"news": 0.25, "web": 0.75}})
+    stratified["tokens"] = 24 * 2048
+    point = search.encode(stratified)
+    assert point is not None and point["steps"] == 24 and point["decay"] == "wsd"
+    assert search.trial_stage(point)["mixture"] == {"news": 0.25, "web": 0.75}
+    assert search.resolve(search.trial_stage(point)) == search.resolve(stratified)
+
+    outside = [  # each is a stage Optuna could never propose
+        search.template,  # the current mix ramps
+        {**stratified, "tokens": 50_000},  # not a whole number of steps
+        {**stratified, "lr": {"peak": 0.01}},  # above the searched lr_peak range
+        {**stratified, "mixture": {"news": 0.02, "web": 0.98}},  # under min_share
+    ]
+    assert [search.encode(stage) for stage in outside] == [None] * 4
+
+
+def test_optuna_learns_from_the_baselines_it_can_represent(write_search):
+    from mixloop.tuning.runner import BaselinesFirst, _optuna
+
+    search = load_search(write_search())
+    baselines = search.baselines({"news": 1000, "web": 3000})
+    points = [search.encode(search.trial_stage(b)) for b in baselines]
+    assert points[0] is None and points[1] is not None  # the current mix ramps; the stratified one is constant
+    searcher = BaselinesFirst(_optuna(search), baselines, points)
+    searcher.set_search_properties("objective", "min", search.param_space())
+    assert [searcher.suggest("current"), searcher.suggest("stratified")] == baselines
+    for trial, objective in (("current", 0.6), ("stratified", 0.4)):
+        searcher.on_trial_complete(trial, {"objective": objective})
+    learned = searcher.optuna._ot_study.trials
+    assert [(t.params, t.value) for t in learned] == [(points[1], 0.4)]
+    proposal = searcher.suggest("first-search")
+    assert set(proposal) == set(search.param_space())
 
 
 def test_fingerprint_changes_with_the_space_but_not_with_how_trials_run(write_search):

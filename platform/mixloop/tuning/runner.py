@@ -152,7 +152,8 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
                                   param_space=search.param_space(), storage_filesystem=filesystem)
     concurrency = _concurrency(search, context)
     manifests = {c: read_manifest(d)["tokens"] for c, d in context.corpus_dirs.items()}
-    searcher = BaselinesFirst(_optuna(search), search.baselines(manifests))
+    baselines = search.baselines(manifests)
+    searcher = BaselinesFirst(_optuna(search), baselines, [search.encode(search.trial_stage(b)) for b in baselines])
     log(f"search {search.spec.name}: {search.spec.trials.count} trials from version {search.start_from}, "
         f"{concurrency} at a time, {context.workers} worker(s) each")
     return tune.Tuner(
@@ -282,41 +283,48 @@ class ReportObjectives(TuneReportCallback):
 
 
 class BaselinesFirst(Searcher):
-    """Hands out the baseline trials first, then Optuna's proposals. Optuna learns from its own
-    trials only: a baseline may lie outside the searched space (a ramped mix, say)."""
+    """Hands out the baseline trials first, then Optuna's proposals. Optuna learns from the baselines
+    it can represent (`points`: their parameters, or None for one outside the space, such as a
+    ramped mix), as if it had proposed them; a Pareto search's Optuna learns from its own trials only."""
 
-    def __init__(self, optuna: OptunaSearch, baselines: list[dict]):
+    def __init__(self, optuna: OptunaSearch, baselines: list[dict], points: list[dict | None]):
         super().__init__(metric=optuna.metric, mode=optuna.mode)
-        self.optuna, self.waiting, self.baseline_ids = optuna, list(baselines), set()
+        self.optuna, self.waiting, self.baseline_points = optuna, list(zip(baselines, points)), {}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.optuna.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
         if self.waiting:
-            self.baseline_ids.add(trial_id)
-            return self.waiting.pop(0)
+            config, self.baseline_points[trial_id] = self.waiting.pop(0)
+            return config
         return self.optuna.suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.baseline_ids:
+        if trial_id not in self.baseline_points:
             self.optuna.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.baseline_ids:
+        if trial_id not in self.baseline_points:
             self.optuna.on_trial_complete(trial_id, result, error)
+            return
+        point, metric = self.baseline_points[trial_id], self.optuna.metric
+        if point is not None and result and not error and isinstance(metric, str):
+            self.optuna.add_evaluated_point(point, result[metric])
 
     def save(self, checkpoint_path: str) -> None:
         with tempfile.TemporaryDirectory() as folder:  # Tune keeps one file per searcher: Optuna's goes inside
             self.optuna.save(os.path.join(folder, "optuna.pkl"))
             optuna_state = open(os.path.join(folder, "optuna.pkl"), "rb").read()
         with open(checkpoint_path, "wb") as file:
-            pickle.dump({"waiting": self.waiting, "baseline_ids": self.baseline_ids, "optuna": optuna_state}, file)
+            pickle.dump({"waiting": self.waiting, "baseline_points": self.baseline_points, "optuna": optuna_state}, file)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             state = pickle.load(file)
-        self.waiting, self.baseline_ids = state["waiting"], state["baseline_ids"]
+        # A search saved before Optuna learned from baselines kept their configs and ids only.
+        self.waiting = [item if isinstance(item, tuple) else (item, None) for item in state["waiting"]]
+        self.baseline_points = state.get("baseline_points", dict.fromkeys(state.get("baseline_ids", ())))
         with tempfile.TemporaryDirectory() as folder:
             with open(os.path.join(folder, "optuna.pkl"), "wb") as file:
                 file.write(state["optuna"])

@@ -180,6 +180,23 @@ class Search:
             stage["tokens"] = changes["tokens"]
         return stage
 
+    def encode(self, stage: dict) -> dict | None:
+        """The searched parameters that give `stage` (a baseline's), or None where it lies outside the
+        space (a ramped mix, a value out of range): Optuna then learns from the baselines it can represent."""
+        resolved, params = self.resolve(stage), {}
+        lr, step = resolved["lr"], resolved["global_batch_tokens"]
+        values = {"lr_peak": lr["peak"], "warmup": lr["warmup"], "decay": lr["decay"],
+                  "steps": resolved["tokens"] // step if resolved["tokens"] % step == 0 else None}
+        mixture = resolved["mixture"]  # {corpus: {from, to}}; only a constant mix is a point of the space
+        if self.spec.space.mixture and all(w["from"] == w["to"] for w in mixture.values()):
+            draws = simplex_draws({c: w["from"] for c, w in mixture.items()}, self.spec.space.mixture.min_share)
+            values.update({f"share.{c}": u for c, u in (draws or {}).items()})
+        for name, domain in self.param_space().items():
+            if values.get(name) is None or not _in_domain(values[name], domain):
+                return None
+            params[name] = values[name]
+        return params
+
     def baselines(self, train_tokens: dict[str, int]) -> list[dict]:
         """The stage's own mix, and weights proportional to the searched corpora's token counts."""
         tokens = {c: train_tokens[c] for c in self.searched_corpora}
@@ -194,6 +211,24 @@ def simplex_weights(uniforms: dict[str, float], min_share: float) -> dict[str, f
     total = sum(spacings.values())
     free = 1.0 - min_share * len(spacings)
     return rounded_weights({c: min_share + free * s / total for c, s in spacings.items()})
+
+
+def _in_domain(value, domain) -> bool:
+    """Whether a Ray Tune domain can draw `value` (a randint's upper bound is exclusive)."""
+    from ray.tune.search.sample import Categorical, Integer
+
+    if isinstance(domain, Categorical):
+        return value in domain.categories
+    return domain.lower <= value and (value < domain.upper if isinstance(domain, Integer) else value <= domain.upper)
+
+
+def simplex_draws(weights: dict[str, float], min_share: float) -> dict[str, float] | None:
+    """The uniform draws that `simplex_weights` maps to these weights (spacings scaled to mean 1), or
+    None when a weight is below `min_share`."""
+    if any(w < min_share - 1e-9 for w in weights.values()):
+        return None
+    free = 1.0 - min_share * len(weights)
+    return {c: 1.0 - math.exp(-len(weights) * max(w - min_share, 0.0) / free) for c, w in weights.items()}
 
 
 def rounded_weights(weights: dict[str, float]) -> dict[str, float]:
