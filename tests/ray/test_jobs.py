@@ -82,7 +82,7 @@ def head():
         print(f"\nhead ready {time.time() - started:.1f} s after `ray start`")
         yield {"address": address, "token": token, "home": home}
     finally:
-        stop_head(process, marker, grace_s=30)
+        stop_head(process, marker, grace_s=3)  # `ray start --block` outlives a SIGTERM by ~30 s: its processes are killed anyway
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
