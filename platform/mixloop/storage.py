@@ -2,8 +2,10 @@
 
 Everything mixloop writes goes through these helpers, so a workdir on object
 storage behaves like a local one. Object stores have no rename and no append:
-JSON is written in one PUT, logs are rewritten, and folders that must appear
-whole (versions) are uploaded with their completion marker last.
+JSON is written in one PUT, a log's appends are objects of their own (rewriting
+the log at every line would make a long run's appends cost ever more), and
+folders that must appear whole (versions) are uploaded with their completion
+marker last.
 
 Libraries that only read local folders (transformers, tokenizers, numpy's
 memory maps) get a local copy of a remote folder, fetched once per machine and
@@ -17,6 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -69,20 +73,28 @@ def read_json(path: str) -> dict | None:
 
 
 def append_line(path: str, line: str) -> None:
-    """Append one line to a log file (object stores cannot append: the file is rewritten)."""
+    """Append to a log. On object stores the line is one object under `<log>.d/`, named by time so
+    that listing order is append order (a log's writers take turns: one stage, one search at a time)."""
     fs, inner = fsspec.core.url_to_fs(path)
-    fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
     if is_local(path):
+        fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
         with open(inner, "a") as f:
             f.write(line + "\n")
         return
-    existing = fs.cat_file(inner) if fs.exists(inner) else b""
-    fs.pipe_file(inner, existing + line.encode() + b"\n")
+    fs.pipe_file(f"{inner}.d/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl", (line + "\n").encode())
 
 
 def read_lines(path: str) -> list[str]:
+    """A log's lines. On object stores: the log object itself, if it was written whole before appends
+    became objects, then the appended objects (a log's name sorts before its `.d/` objects)."""
     fs, inner = fsspec.core.url_to_fs(path)
-    return fs.cat_file(inner).decode().splitlines() if fs.exists(inner) else []
+    if is_local(path):
+        return Path(inner).read_text().splitlines() if fs.isfile(inner) else []
+    files = [inner] if fs.isfile(inner) else []
+    if fs.isdir(f"{inner}.d"):
+        files += fs.ls(f"{inner}.d", detail=False)
+    contents = fs.cat(files) if files else {}  # concurrent GETs
+    return [line for _, data in sorted(contents.items()) for line in data.decode().splitlines()]
 
 
 def local_copy(folder: str) -> str:

@@ -20,6 +20,7 @@ from support import write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.data import synthetic
+from mixloop.storage import read_lines
 
 BUCKET = "mixloop-test"
 
@@ -96,9 +97,13 @@ def test_pipeline_with_corpora_and_workdir_on_s3(s3, s3_env, tmp_path):
     for version in ("base", "sft"):
         assert s3.exists(f"{root}/models/{version}/lineage.json")
         assert s3.exists(f"{root}/models/{version}/model.safetensors")
-    for written in ("pipeline.yaml", "tokenizer/tokenizer.json", "cache/prepare.jsonl", "eval/matrix.json",
-                    "report/index.html", "report/eval_matrix.png", "metrics.jsonl"):
+    for written in ("pipeline.yaml", "tokenizer/tokenizer.json", "eval/matrix.json", "report/index.html",
+                    "report/eval_matrix.png"):
         assert s3.exists(f"{root}/{written}"), written
+    # Logs on S3: one object per append, read back in order.
+    steps = [json.loads(line)["step"] for line in read_lines(f"s3://{root}/metrics.jsonl")]
+    assert steps == [4, 8], steps  # 8 steps, logged every 4
+    assert len(s3.ls(f"{root}/metrics.jsonl.d")) == len(steps)
     assert s3.glob(f"{root}/train/*/step-*/model.safetensors"), "checkpoints are stored in the S3 workdir"
     assert not (spec_path.parent / "runs").exists() and not Path("runs", "s3test").exists()
     matrix = json.loads(s3.cat_file(f"{root}/eval/matrix.json"))
@@ -112,8 +117,9 @@ def test_pipeline_with_corpora_and_workdir_on_s3(s3, s3_env, tmp_path):
     assert model.config.vocab_size >= len(tokenizer)
 
     # Continue: nothing to train and nothing tokenized again.
-    tokenized = len(s3.cat_file(f"{root}/cache/prepare.jsonl").splitlines())
+    tokenized = len(read_lines(f"s3://{root}/cache/prepare.jsonl"))
+    assert tokenized > 0
     again = mixloop("run", str(spec_path), env=s3_env)
     assert again.returncode == 0 and "nothing to train" in again.stdout, again.stderr[-3000:]
-    assert len(s3.cat_file(f"{root}/cache/prepare.jsonl").splitlines()) == tokenized
+    assert len(read_lines(f"s3://{root}/cache/prepare.jsonl")) == tokenized
     assert f"{workdir}/report/index.html" in again.stdout

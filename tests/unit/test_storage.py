@@ -50,6 +50,25 @@ def test_json_and_log_lines_on_a_remote_workdir():
     assert read_lines("memory://run/metrics.jsonl") == ["one", "two"]
 
 
+def test_remote_log_appends_write_only_the_new_line_and_read_back_in_order():
+    """Object stores cannot append: rewriting the log at each line would make a long pipeline's
+    metrics cost more at every log. Each append is one small object instead."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/aged/metrics.jsonl", b"".join(b'{"old": %d}\n' % i for i in range(2000)))  # written whole
+    written = []
+    original = fs.pipe_file
+    fs.pipe_file = lambda target, data, **kw: (written.append(len(data)), original(target, data, **kw))
+    try:
+        for i in range(12):
+            append_line("memory://aged/metrics.jsonl", json.dumps({"step": i}))
+    finally:
+        del fs.pipe_file
+    assert max(written) == len(json.dumps({"step": 10})) + 1, "an append uploaded more than its line"
+    lines = read_lines("memory://aged/metrics.jsonl")
+    assert len(lines) == 2012 and lines[1999] == '{"old": 1999}'
+    assert [json.loads(line)["step"] for line in lines[2000:]] == list(range(12))
+
+
 def test_packed_corpus_keys_from_before_the_packing_options_still_hold(tmp_path):
     """A cache key names packed rows and, through the run name, a stage's checkpoints: an upgrade
     must not change it for corpora whose new options stay at their defaults."""
