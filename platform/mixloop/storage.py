@@ -90,6 +90,7 @@ def read_lines(path: str) -> list[str]:
     fs, inner = fsspec.core.url_to_fs(path)
     if is_local(path):
         return Path(inner).read_text().splitlines() if fs.isfile(inner) else []
+    fs.invalidate_cache(f"{inner}.d")  # fsspec caches listings: other processes append
     files = [inner] if fs.isfile(inner) else []
     if fs.isdir(f"{inner}.d"):
         files += fs.ls(f"{inner}.d", detail=False)

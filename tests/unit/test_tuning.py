@@ -228,6 +228,13 @@ def test_a_baseline_inside_the_space_encodes_to_parameters_that_give_it_back(wri
     ]
     assert [search.encode(stage) for stage in outside] == [None] * 4
 
+    # With the mix not searched, the template's ramp is part of every point: stratified is not.
+    unsearched = load_search(write_search(lambda d: d["space"].pop("mixture")))
+    warmup = unsearched.resolved_template["lr"]["warmup"]  # the built-in default
+    assert unsearched.encode(unsearched.template) == {"lr_peak": 0.002, "warmup": warmup, "decay": "wsd"}
+    stratified = unsearched.trial_stage({"baseline": "stratified", "mixture": {"news": 0.25, "web": 0.75}})
+    assert unsearched.encode(stratified) is None
+
 
 def test_optuna_learns_from_the_baselines_it_can_represent(write_search):
     from mixloop.tuning.runner import BaselinesFirst, _optuna
@@ -236,6 +243,12 @@ def test_optuna_learns_from_the_baselines_it_can_represent(write_search):
     baselines = search.baselines({"news": 1000, "web": 3000})
     points = [search.encode(search.trial_stage(b)) for b in baselines]
     assert points[0] is None and points[1] is not None  # the current mix ramps; the stratified one is constant
+    searcher = BaselinesFirst(_optuna(search), baselines, points)
+    searcher.set_search_properties("objective", "min", search.param_space())
+    assert [searcher.suggest("current"), searcher.suggest("stratified")] == baselines
+    searcher.on_trial_complete("current", {"objective": 0.6})
+    searcher.on_trial_complete("stratified", {"objective": float("nan")})  # Optuna refuses NaN: not learned
+    assert searcher.optuna._ot_study.trials == []
     searcher = BaselinesFirst(_optuna(search), baselines, points)
     searcher.set_search_properties("objective", "min", search.param_space())
     assert [searcher.suggest("current"), searcher.suggest("stratified")] == baselines

@@ -309,7 +309,7 @@ class BaselinesFirst(Searcher):
             self.optuna.on_trial_complete(trial_id, result, error)
             return
         point, metric = self.baseline_points[trial_id], self.optuna.metric
-        if point is not None and result and not error and isinstance(metric, str):
+        if point is not None and result and not error and isinstance(metric, str) and math.isfinite(result[metric]):
             self.optuna.add_evaluated_point(point, result[metric])
 
     def save(self, checkpoint_path: str) -> None:

@@ -195,7 +195,8 @@ class Search:
             if values.get(name) is None or not _in_domain(values[name], domain):
                 return None
             params[name] = values[name]
-        return params
+        # The point must give this very stage back (an unsearched setting may still differ from the template).
+        return params if self.resolve(self.trial_stage(params)) == resolved else None
 
     def baselines(self, train_tokens: dict[str, int]) -> list[dict]:
         """The stage's own mix, and weights proportional to the searched corpora's token counts."""
