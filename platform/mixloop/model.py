@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from mixloop.errors import MixloopError
 from mixloop.storage import local_copy
+
+# Models of this scale load and save in milliseconds; transformers' progress bars for that would only
+# interleave with the stages' progress lines, at every checkpoint of every worker and eval task.
+transformers_logging.disable_progress_bar()
 
 PRESETS: dict[str, dict] = {
     "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,

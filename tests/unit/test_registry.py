@@ -38,3 +38,14 @@ def test_export_copies_a_clean_directory_and_refuses_to_overwrite(tmp_path):
         export(str(tmp_path / "run"), "v1", str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError):
         export(str(tmp_path / "run"), "v2", str(tmp_path / "other"))
+
+
+def test_saving_and_loading_a_version_prints_no_progress_bars(trained_tokenizer, tmp_path, capfd):
+    """Every checkpoint and eval task saves or loads a model: transformers' bars for those would
+    bury the stages' progress lines."""
+    from mixloop.model import load_model, model_config, new_model
+
+    new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(tmp_path / "v")
+    load_model(str(tmp_path / "v"))
+    out, err = capfd.readouterr()
+    assert "Writing model shards" not in out + err and "Loading weights" not in out + err

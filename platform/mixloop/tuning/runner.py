@@ -204,6 +204,7 @@ def _concurrency(search: Search, context: TrialContext) -> int:
 def _optuna(search: Search) -> OptunaSearch:
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines repeat what the progress lines say
     searched = search.spec.trials.count - 2
     # TPE handles one objective or several (multi-objective TPE); it samples at random for its first
     # trials, so few of them here, and a liar so that concurrent trials do not all pick the same point.
