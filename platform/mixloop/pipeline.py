@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,8 +55,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         # The dashboard process also serves the state API that Ray Train polls; it listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, num_cpus=num_cpus,
-                 resources={TRIAL_RESOURCE: 1000})
+        # Ray's own processes (Train's placement-group cleaner) call that API without an address: with
+        # another Ray on this machine they would find two and fail, so ours is named in their environment.
+        dashboard_port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        ray.init(dashboard_host="127.0.0.1", dashboard_port=dashboard_port, include_dashboard=True,
+                 num_cpus=num_cpus, resources={TRIAL_RESOURCE: 1000})
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class Pipeline:

@@ -211,3 +211,17 @@ def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with pytest.raises(MixloopError, match="not the HTTP address of a Ray job server"):
         jobs.connect(None)
+
+
+def test_the_embedded_rays_own_processes_find_its_state_api_beside_another_ray(ray_address, head):
+    """Ray Train's placement-group cleaner asks the state API without an address. With a second Ray on
+    the machine (this head), auto-detection finds two and fails, and a stopped trial's CPUs stay
+    reserved; mixloop's embedded Ray names its own API server in its processes' environment."""
+    import ray
+    from ray.util.state import list_nodes
+
+    @ray.remote(num_cpus=0)
+    def nodes_seen_from_a_worker() -> list[str]:
+        return [node.node_id for node in list_nodes()]
+
+    assert ray.get(nodes_seen_from_a_worker.remote()) == [ray.get_runtime_context().get_node_id()]
