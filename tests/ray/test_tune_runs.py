@@ -105,6 +105,7 @@ def test_baselines_run_and_the_table_names_the_winner_against_stratified(search)
     verdict = search["results"]["verdict"]
     assert verdict.startswith(("winner: trial", "the stratified baseline won")) and verdict in search["output"]
     assert "trial" in search["output"] and "objective" in search["output"]
+    assert "Configuration for experiment" not in search["output"] and "TensorBoard" not in search["output"]
     folder = search["workdir"] / "tune" / "mixed-tuned"
     assert len((folder / "results.csv").read_text().splitlines()) == TRIALS + 1
     assert (folder / "objective.png").stat().st_size > 1000

@@ -142,6 +142,9 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (refused if the search spec changed since)."""
     _check_fingerprint(search, context.folder)
     _check_trial_resource()
+    # Tune's new output engine prints a configuration box and a TensorBoard hint even at verbose=0;
+    # the legacy one is silent there, and the progress lines say what matters.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: 1})
     storage, filesystem = train_storage(join(search.pipeline.workdir, "tune"))
     experiment = os.path.join(storage, search.spec.name)
