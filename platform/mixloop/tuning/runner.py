@@ -193,9 +193,9 @@ def _check_trial_resource() -> None:
 def _concurrency(search: Search, context: TrialContext) -> int:
     import ray
 
-    resources = ray.cluster_resources()
     if search.spec.trials.max_concurrent:
         return search.spec.trials.max_concurrent
+    resources = ray.cluster_resources()
     template = search.resolved_template
     per_worker = {"CPU": context.cpus_per_worker, **template["resources_per_worker"]}
     if template["use_gpu"]:

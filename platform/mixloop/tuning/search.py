@@ -185,17 +185,16 @@ class Search:
         space (a ramped mix, a value out of range): Optuna then learns from the baselines it can represent."""
         resolved, params = self.resolve(stage), {}
         lr, step = resolved["lr"], resolved["global_batch_tokens"]
-        values = {"lr_peak": lr["peak"], "warmup": lr["warmup"], "decay": lr["decay"],
-                  "steps": resolved["tokens"] // step if resolved["tokens"] % step == 0 else None}
-        mixture = resolved["mixture"]  # {corpus: {from, to}}; only a constant mix is a point of the space
-        if self.spec.space.mixture and all(w["from"] == w["to"] for w in mixture.values()):
-            draws = simplex_draws({c: w["from"] for c, w in mixture.items()}, self.spec.space.mixture.min_share)
+        values = {"lr_peak": lr["peak"], "warmup": lr["warmup"], "decay": lr["decay"], "steps": resolved["tokens"] // step}
+        if self.spec.space.mixture:  # a ramp's start weights: the round trip below turns the ramp away
+            draws = simplex_draws({c: w["from"] for c, w in resolved["mixture"].items()}, self.spec.space.mixture.min_share)
             values.update({f"share.{c}": u for c, u in (draws or {}).items()})
         for name, domain in self.param_space().items():
             if values.get(name) is None or not _in_domain(values[name], domain):
                 return None
             params[name] = values[name]
-        # The point must give this very stage back (an unsearched setting may still differ from the template).
+        # The point must give this very stage back: not a ramp, not a partial step, and no unsearched
+        # setting that differs from the template.
         return params if self.resolve(self.trial_stage(params)) == resolved else None
 
     def baselines(self, train_tokens: dict[str, int]) -> list[dict]:
