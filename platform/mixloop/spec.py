@@ -2,7 +2,10 @@
 
 Structure is checked by pydantic (unknown keys are errors), meaning by
 ``_semantic_problems``; every problem is reported at once with its YAML path and
-a fix. Stages inherit unset settings from ``defaults``, which inherit from
+a fix. When the structure is wrong, the parts that validate on their own (the
+tokenizer, the model, each corpus, the defaults, each stage) still get their
+semantic checks, so one run of ``mixloop validate`` lists everything it can.
+Stages inherit unset settings from ``defaults``, which inherit from
 ``BUILTIN_DEFAULTS``; ``resolve_stage`` produces the complete, plain stage that
 workers receive as JSON.
 """
@@ -10,15 +13,20 @@ workers receive as JSON.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
+import os
+import re
+import tempfile
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from mixloop.errors import SpecError
 from mixloop.storage import exists, read_text
@@ -27,14 +35,65 @@ MODEL_PRESETS = ("minimind-3", "small", "tiny", "micro")
 GENERATED_TOPICS = ("general", "astronomy")
 STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 BASE_VERSION = "base"
+# max_position_embeddings of mixloop.model.PRESETS, and Qwen3Config's default for a preset or config without
+# one. Copied so that validating a spec does not import torch and transformers (seconds); a unit test keeps
+# them in step.
+PRESET_POSITIONS = {"minimind-3": 32768, "small": 4096, "tiny": 2048, "micro": 2048}
+QWEN3_DEFAULT_POSITIONS = 32768
+
+
+# A number in exponent notation. YAML 1.1 (PyYAML) reads 2e9, 2.0e9 and 1e-3 as strings: it wants a dot
+# and a signed exponent (2.0e+9). Numeric fields take them as numbers; the YAML itself is left alone,
+# so a name such as 1e5 stays a string when a spec is dumped and read again.
+EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+")
+
+
+def _as_number(value: Any) -> Any:
+    """A string in exponent notation as its float (2e9 -> 2000000000.0); anything else as it is."""
+    return float(value) if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()) else value
+
+
+def _is_whole(value: Any) -> bool:
+    """An int, or a float without a fractional part (2e9 in YAML), as a count may be written."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] -> X, so walking sees the model inside."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, type(int | None)) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _numbers_where_numeric(value: Any, annotation: Any) -> Any:
+    """`value` with exponent strings turned into numbers wherever `annotation` wants an int or a float
+    (also inside lists, tuples and dict values); an int field then takes a whole float as its int."""
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation in (int, float):
+        return _as_number(value)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple) and isinstance(value, list) and args:
+        kinds = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+        return [_numbers_where_numeric(item, kind) for item, kind in zip(value, kinds)] + value[len(kinds):]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {key: _numbers_where_numeric(item, args[1]) for key, item in value.items()}
+    return value
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exponent_numbers(cls, value: Any, info) -> Any:
+        return _numbers_where_numeric(value, cls.model_fields[info.field_name].annotation)
+
 
 class TrainTokenizer(Strict):
-    vocab_size: int = Field(ge=260, le=262144)
+    vocab_size: int = Field(ge=260, le=262144, examples=[6400])
     """Size of the byte-level BPE vocabulary, special tokens included."""
     sample_bytes: int = Field(default=50_000_000, gt=0)
     """At most this many bytes of the pipeline's corpora are read to train it."""
@@ -106,6 +165,7 @@ class LRSpec(Strict):
 
 
 class Workers(Strict):
+    shape: ClassVar[str] = "a whole number or {min: N, max: N}"
     min: int = Field(ge=1)
     """Fewest workers the stage runs with."""
     max: int = Field(ge=1)
@@ -117,10 +177,12 @@ class Workers(Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_int(cls, value: Any) -> Any:
-        return {"min": value, "max": value} if isinstance(value, int) else value
+        value = _as_number(value)
+        return {"min": value, "max": value} if _is_whole(value) else value
 
 
 class Ramp(Strict):
+    shape: ClassVar[str] = "a weight or {from: W, to: W}"
     start: float = Field(alias="from", ge=0)
     """Weight at the start of the stage."""
     end: float = Field(alias="to", ge=0)
@@ -129,6 +191,7 @@ class Ramp(Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_number(cls, value: Any) -> Any:
+        value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return {"from": value, "to": value}
         return value
@@ -186,7 +249,7 @@ class StageTemplate(StageSettings):
     """Corpus name to weight (share of trained tokens), or {from, to} to ramp it linearly over the
     stage. Weights are normalised to sum 1 at every point, so ramp the other corpora too when a
     share should end at an exact value."""
-    tokens: int = Field(gt=0)
+    tokens: int = Field(gt=0, examples=[160_000])
     """Token budget of the stage (rounded up to whole optimizer steps)."""
 
 
@@ -325,20 +388,39 @@ def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a pipeline YAML (a path or a URI); raise SpecError listing every problem."""
-    remote = "://" in str(path)
-    pipeline = validate_yaml(path, PipelineSpec, "pipeline", "jobs/")
+def load_spec(path: str | Path, *, files: bool = True) -> Spec:
+    """Read and validate a pipeline YAML (a path or a URI); raise SpecError listing every problem.
+
+    files=False checks the spec alone: nothing is read from (or written to) files, folders or fsspec."""
+    data = read_yaml(path, PipelineSpec, "pipeline", "jobs/")
     # A remote spec is a workdir's own copy, whose paths are all absolute.
-    spec = Spec(pipeline, str(path).rsplit("/", 1)[0] if remote else str(Path(path).resolve().parent))
-    problems = _semantic_problems(spec)
+    base_dir = str(path).rsplit("/", 1)[0] if "://" in str(path) else str(Path(path).resolve().parent)
+    spec, problems = _checked_spec(data, base_dir, files)
     if problems:
         raise SpecError(format_problems(path, problems))
     return spec
 
 
-def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> Any:
-    """A YAML file (path or URI) read into `model`; SpecError naming the YAML path of every problem."""
+def check_spec_data(data: dict, base_dir: str, files: bool = True) -> list[str]:
+    """Every problem of a pipeline spec given as data, structural and semantic, without raising.
+    Relative paths start at base_dir; files=False leaves out the checks that read files or folders."""
+    return _checked_spec(data, base_dir, files)[1]
+
+
+def _checked_spec(data: dict, base_dir: str, files: bool) -> tuple[Spec, list[str]]:
+    """The spec and all its problems. After a structural error, the semantic checks run on a partial
+    pipeline made of the parts that validate on their own (see _partial_pipeline)."""
+    try:
+        pipeline, problems = PipelineSpec.model_validate(data), []
+    except ValidationError as exc:
+        problems = [_describe(error, PipelineSpec) for error in exc.errors()]
+        pipeline = _partial_pipeline(data)
+    spec = Spec(pipeline, base_dir)
+    return spec, problems + _semantic_problems(spec, files)
+
+
+def read_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> dict:
+    """The mapping in a YAML file (path or URI); SpecError when there is no such file or no mapping."""
     remote = "://" in str(path)
     if not (exists(str(path)) if remote else Path(path).is_file()):
         raise SpecError(f"{path}: no such spec file. Fix: pass the path of a {what} YAML (see {examples}).")
@@ -349,6 +431,12 @@ def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples:
     if not isinstance(data, dict):
         keys = ", ".join(f.alias or n for n, f in model.model_fields.items() if f.is_required())
         raise SpecError(f"{path}: the spec must be a mapping with keys {keys}.")
+    return data
+
+
+def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> Any:
+    """A YAML file (path or URI) read into `model`; SpecError naming the YAML path of every problem."""
+    data = read_yaml(path, model, what, examples)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -360,6 +448,63 @@ def format_problems(path: str | Path, problems: list[str], what: str = "pipeline
     lines = [f"{path}: {len(problems)} problem(s) in the {what} spec:"]
     lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- partial pipelines
+
+
+class Broken:
+    """Stands in a partial pipeline for a part that did not validate. It keeps the part's name (a
+    corpus's key, a stage's `name`) so that checks needing only names still see it, while checks
+    needing the part itself skip it rather than report what only follows from the first error."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Broken({self.name!r})"
+
+
+def _ok(part: Any) -> bool:
+    return not isinstance(part, Broken)
+
+
+def _partial_pipeline(data: dict) -> PipelineSpec:
+    """A PipelineSpec built, unvalidated as a whole, from the parts of `data` that validate alone:
+    each top-level field, each corpus and each stage; any other part is Broken."""
+    parts: dict[str, Any] = {}
+    for name, field in PipelineSpec.model_fields.items():
+        value = data.get(field.alias or name, PydanticUndefined)
+        if name == "corpora" and isinstance(value, dict):
+            parts[name] = {str(key): _validated(CorpusSpec, item) for key, item in value.items()}
+        elif name == "stages" and isinstance(value, list):
+            parts[name] = [_validated(StageSpec, item) for item in value]
+        elif value is PydanticUndefined:
+            parts[name] = Broken() if field.is_required() else field.get_default(call_default_factory=True)
+        else:
+            parts[name] = _validated(Annotated[field.annotation, field], _numbers_where_numeric(value, field.annotation))
+    return PipelineSpec.model_construct(**parts)
+
+
+def _validated(kind: Any, value: Any) -> Any:
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        name = value.get("name") if isinstance(value, dict) else None
+        return Broken(name if isinstance(name, str) else None)
+
+
+# ---------------------------------------------------------------- describing structural errors
+
+
+class _Place(typing.NamedTuple):
+    """What a YAML path leads to in the spec models."""
+
+    annotation: Any = None  # the type of the value there (Optional unwrapped)
+    name: str | None = None  # the last model field on the way, its FieldInfo and its model
+    field: Any = None
+    owner: type | None = None
+    bounds: tuple = ()  # annotated_types constraints on the value: Gt, Ge, Lt, Le
 
 
 def _yaml_path(loc: tuple) -> str:
@@ -377,91 +522,195 @@ def _describe(error: dict, root: type[BaseModel]) -> str:
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{where}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}."
+    doc = _field_doc(loc, root)
+    about = f" ({doc.rstrip('.')})" if doc else ""
     if kind == "missing":
-        doc = _field_doc(loc, root)
-        return f"{where}: required but missing. Fix: add it{f' ({doc})' if doc else ''}."
-    return f"{where}: {error['msg']} (got {error.get('input')!r}). Fix: {_field_doc(loc, root) or 'correct the value'}."
+        return f"{where}: required but missing. Fix: add it{about}."
+    got = _shown(error.get("input"))
+    if kind == "too_short":  # pydantic's words, without its "after validation"
+        least = (error.get("ctx") or {}).get("min_length")
+        return f"{where}: {error['msg'].split(' after validation')[0]}, got {got}. Fix: give at least {least}{about}."
+    wanted = _expected(error, _walk(loc, root))
+    if wanted is None:
+        return f"{where}: {error['msg']} (got {got}). Fix: {doc or 'correct the value'}."
+    expected, fix = wanted
+    return f"{where}: expected {expected}, got {got}. Fix: {fix}{about}."
 
 
-def _walk(loc: tuple, root: type[BaseModel]) -> tuple[type | None, str | None]:
-    """Follow a YAML path through the spec models: the model class there and the last field's doc."""
+_NUMBER_ERRORS = ("int_parsing", "int_type", "int_from_float", "float_parsing", "float_type", "finite_number")
+_BOUND_WORDS = {"gt": "greater than", "ge": "greater than or equal to", "lt": "less than", "le": "less than or equal to"}
+_BOUND_ERRORS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+# The patterns of the spec models in words.
+_PATTERN_WORDS = {STAGE_NAME_PATTERN: "a name of lowercase letters, digits, '_', '.' and '-'"}
+
+
+def _expected(error: dict, place: _Place) -> tuple[str, str] | None:
+    """What the value should be and what to write instead, from pydantic's error type; None: unknown type."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    whole = place.annotation is int or kind.startswith("int")
+    number = "a whole number" if whole else "a number"
+    example = _example(place, whole)
+    such = f" such as {example}" if example is not None else ""
+    if kind in _NUMBER_ERRORS:
+        return number, f"write {number}{such}"
+    if kind in _BOUND_ERRORS:
+        key = _BOUND_ERRORS[kind]
+        limits = _bounds_text(place.bounds) or f"{_BOUND_WORDS[key]} {_number(ctx.get(key))}"
+        return f"{number} {_BOUND_WORDS[key]} {_number(ctx.get(key))}", f"write {number} {limits}{such}"
+    if kind in ("bool_parsing", "bool_type"):
+        return "true or false", "write true or false"
+    if kind == "literal_error":
+        values = [str(v) for v in typing.get_args(place.annotation)]
+        close = difflib.get_close_matches(str(error.get("input")), values, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"one of {', '.join(values)}", f"{hint}write one of: {', '.join(values)}"
+    if kind == "string_pattern_mismatch":
+        pattern = ctx.get("pattern", "")
+        if pattern in _PATTERN_WORDS:
+            return _PATTERN_WORDS[pattern], f"write e.g. {_matching(error.get('input'), pattern)!r}"
+        return f"text matching the regular expression {pattern}", "write text that matches it"
+    if kind == "string_type":
+        return "text", "write text (in quotes if it would read as a number or true/false)"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return _shape(place.annotation)
+    if kind in ("list_type", "tuple_type"):
+        return "a list", "write a list: [first, second]"
+    return None
+
+
+def _example(place: _Place, whole: bool) -> Any:
+    """A valid number for the field at `place`: its example, default, or built-in default."""
+    if place.field is None or place.annotation not in (int, float):
+        return None
+    layer = {StageSettings: BUILTIN_DEFAULTS, LRSpec: BUILTIN_DEFAULTS.lr}
+    builtin = next((v for k, v in layer.items() if place.owner and issubclass(place.owner, k)), None)
+    candidates = [*(place.field.examples or []), place.field.default, getattr(builtin, place.name or "", None)]
+    value = next((v for v in candidates if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
+    return int(value) if value is not None and whole else value
+
+
+def _bounds_text(bounds: tuple) -> str:
+    return " and ".join(f"{words} {_number(getattr(bound, key))}" for bound in bounds
+                        for key, words in _BOUND_WORDS.items() if hasattr(bound, key))
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _matching(value: Any, pattern: str) -> str:
+    """The value made to match a name pattern (lowercase, other characters as '-'), or a stock name."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", str(value).lower()).strip("-_.")
+    return name if re.fullmatch(pattern, name) else "astronomy-sft"
+
+
+def _shape(annotation: Any) -> tuple[str, str]:
+    """What a mapping-valued field takes, and how to write it: its required keys (else all its keys)."""
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return "a mapping", "write a mapping of key: value"
+    if hasattr(annotation, "shape"):
+        return annotation.shape, f"write {annotation.shape}"
+    fields = annotation.model_fields.items()
+    required = [f.alias or n for n, f in fields if f.is_required()]
+    keys = f"with keys {', '.join(required)}" if required else f"of keys from: {', '.join(f.alias or n for n, f in fields)}"
+    return "a mapping", f"write a mapping {keys}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the YAML that produced it reads."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
+
+
+def _walk(loc: tuple, root: type[BaseModel]) -> _Place:
+    """Follow a YAML path through the spec models to what it leads to."""
     current: Any = root
-    doc = None
+    place = _Place()
     for part in loc:
         current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(part) or next(
-                (f for f in current.model_fields.values() if f.alias == part), None
-            )
+            name, field = next(((n, f) for n, f in current.model_fields.items() if part in (n, f.alias)), (None, None))
             if field is None:
-                return None, None
-            current, doc = field.annotation, field.description
-        elif typing.get_origin(current) in (list, dict):
-            current = typing.get_args(current)[-1]
+                return _Place()
+            place = _Place(None, name, field, current, tuple(field.metadata))
+            current = field.annotation
+        elif typing.get_origin(current) in (list, dict, tuple):
+            current, place = typing.get_args(current)[-1], place._replace(bounds=())
         else:
-            return None, doc
-    return _unwrap(current), doc
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Optional[X] -> X, so walking sees the model inside."""
-    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)) and len(args) == 1:
-        return args[0]
-    return annotation
+            return place._replace(annotation=None)
+    current = _unwrap(current)
+    if typing.get_origin(current) is Annotated:  # constraints on dict values: dict[str, Annotated[float, Field(ge=0)]]
+        current, *extra = typing.get_args(current)
+        place = place._replace(bounds=place.bounds + tuple(m for info in extra for m in getattr(info, "metadata", [])))
+    return place._replace(annotation=_unwrap(current))
 
 
 def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
-    model, _ = _walk(loc, root)
+    model = _walk(loc, root).annotation
     if isinstance(model, type) and issubclass(model, BaseModel):
         return [field.alias or name for name, field in model.model_fields.items()]
     return []
 
 
 def _field_doc(loc: tuple, root: type[BaseModel]) -> str | None:
-    _, doc = _walk(loc, root)
-    return " ".join(doc.split()) if doc else None
+    field = _walk(loc, root).field
+    return " ".join(field.description.split()) if field is not None and field.description else None
 
 
 # ---------------------------------------------------------------- semantic checks
 
 
-def _semantic_problems(spec: Spec) -> list[str]:
+def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
+    """What is wrong in the meaning of the spec's parts; a Broken part's own checks are skipped."""
     pipeline = spec.pipeline
-    problems = _tokenizer_problems(spec) + _model_problems(spec)
-    if "://" in pipeline.workdir:
-        problems += _filesystem_problems("workdir", pipeline.workdir)
-    for name, corpus in pipeline.corpora.items():
-        problems += _corpus_problems(spec, name, corpus)
-    for corpus in pipeline.defaults.loss_weights or {}:
-        if corpus not in pipeline.corpora:
-            problems.append(f"defaults.loss_weights.{corpus}: unknown corpus. Fix: use one of {', '.join(pipeline.corpora)}.")
-    problems += _resources_problems("defaults", pipeline.defaults)
-    seen: list[str] = []
-    for index, stage in enumerate(pipeline.stages):
-        problems += stage_problems(spec, f"stages[{index}]", stage, seen)
+    problems = []
+    if _ok(pipeline.tokenizer):
+        problems += _tokenizer_problems(spec, files)
+    if _ok(pipeline.model):
+        problems += _model_problems(spec, files)
+    if _ok(pipeline.workdir) and files:
+        problems += workdir_problems(spec.workdir)
+    for name, corpus in pipeline.corpora.items() if _ok(pipeline.corpora) else []:
+        problems += _corpus_problems(spec, name, corpus, files) if _ok(corpus) else []
+    if _ok(pipeline.defaults):
+        problems += _defaults_problems(spec, files)
+    seen: list[str | None] = []
+    for index, stage in enumerate(pipeline.stages if _ok(pipeline.stages) else []):
+        problems += stage_problems(spec, f"stages[{index}]", stage, seen, files=files) if _ok(stage) else []
         seen.append(stage.name)
     return problems
 
 
-def _tokenizer_problems(spec: Spec) -> list[str]:
+def _tokenizer_problems(spec: Spec, files: bool) -> list[str]:
     tok = spec.pipeline.tokenizer
     if (tok.path is None) == (tok.train is None):
         return ["tokenizer: give exactly one of `path` (a tokenizer directory) or `train: {vocab_size: N}`."]
-    if tok.path is not None and not _exists(spec.path(tok.path) + "/tokenizer.json"):
+    if files and tok.path is not None and not _exists(spec.path(tok.path) + "/tokenizer.json"):
         return [f"tokenizer.path: no tokenizer.json in {spec.path(tok.path)}. Fix: point it at a Hugging Face tokenizer directory."]
     return []
 
 
-def _model_problems(spec: Spec) -> list[str]:
+def _model_problems(spec: Spec, files: bool) -> list[str]:
     model = spec.pipeline.model
     if model.path is not None and (model.preset or model.config):
         return ["model: `path` starts from an existing model; it cannot be combined with `preset` or `config`."]
     if model.path is None and model.preset is None and model.config is None:
         return ["model: give `preset` (one of " + ", ".join(MODEL_PRESETS) + "), `config`, or `path`."]
-    if model.path is not None and not _exists(spec.path(model.path) + "/config.json"):
+    if files and model.path is not None and not _exists(spec.path(model.path) + "/config.json"):
         return [f"model.path: no config.json in {spec.path(model.path)}. Fix: point it at a Hugging Face model directory."]
     return []
+
+
+def _defaults_problems(spec: Spec, files: bool) -> list[str]:
+    pipeline, problems = spec.pipeline, []
+    for corpus in pipeline.defaults.loss_weights or {}:
+        if _ok(pipeline.corpora) and corpus not in pipeline.corpora:
+            problems.append(f"defaults.loss_weights.{corpus}: unknown corpus. Fix: use one of {', '.join(pipeline.corpora)}.")
+    problems += _resources_problems("defaults", pipeline.defaults)
+    # Eval splits are packed at the defaults' seq_len, and every stage without its own inherits it.
+    seq_len = pipeline.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
+    return problems + _positions_problems(spec, "defaults.seq_len", seq_len, files)
 
 
 def _filesystem_problems(where: str, uri: str) -> list[str]:
@@ -475,34 +724,93 @@ def _filesystem_problems(where: str, uri: str) -> list[str]:
     return []
 
 
-def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec) -> list[str]:
+def workdir_problems(workdir: str) -> list[str]:
+    """Whether a run could create `workdir` (a local path or an fsspec URI) and write in it."""
+    if "://" in workdir:
+        return _filesystem_problems("workdir", workdir) or _remote_write_problems(workdir)
+    return _local_write_problems(Path(workdir))
+
+
+def _local_write_problems(workdir: Path) -> list[str]:
+    # The nearest existing folder on the way: the run creates the rest of the path from there.
+    ancestor = workdir
+    try:  # exists() raises when a folder on the way may not be searched
+        if workdir.exists() and not workdir.is_dir():
+            return [f"workdir: {workdir} is a file. Fix: point workdir at a folder, or move the file away."]
+        ancestor = next(p for p in (workdir, *workdir.parents) if p.exists())
+        if not ancestor.is_dir():
+            return [f"workdir: cannot create {workdir}, because {ancestor} is a file. "
+                    "Fix: choose a workdir whose path runs through folders only."]
+        # A real attempt: as root, permission bits say nothing, and /proc or read-only mounts refuse anyway.
+        os.rmdir(tempfile.mkdtemp(prefix=".mixloop-write-probe-", dir=ancestor))
+    except OSError as exc:
+        return [f"workdir: cannot create {workdir}: {ancestor} is not writable ({exc.strerror or exc}). "
+                "Fix: choose a workdir you may write to, or change the permissions of that folder."]
+    return []
+
+
+def _remote_write_problems(workdir: str) -> list[str]:
+    """Write and delete a probe object as the run will write (mixloop.storage makes the folders first)."""
+    probe = workdir.rstrip("/") + "/.mixloop-write-probe"
+    try:
+        fs, inner = fsspec.core.url_to_fs(probe)
+        fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(inner, b"mixloop checks that it may write here\n")
+        fs.rm_file(inner)
+    except Exception as exc:  # noqa: BLE001 - permissions, credentials (botocore), network: all stop a run
+        return [f"workdir: cannot write to {workdir} ({_first_line(exc)}). Fix: check the bucket and path, and "
+                "that this machine's credentials may write there (for s3: AWS_PROFILE or AWS_ACCESS_KEY_ID; "
+                "for gs: GOOGLE_APPLICATION_CREDENTIALS)."]
+    return []
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> list[str]:
     where = f"corpora.{name}"
     if (corpus.path is None) == (corpus.generate is None):
         return [f"{where}: give exactly one of `path` (files) or `generate` (mixloop writes them)."]
     if corpus.generate is not None:
         return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
-    problems = []
-    for key in ("path", "eval"):
-        pattern = getattr(corpus, key)
-        if pattern is None:
-            continue
-        files = expand_files(spec.path(pattern))
-        if not files:
-            problems.append(f"{where}.{key}: no file matches {spec.path(pattern)!r}. Fix: check the path or glob.")
-        elif corpus.format is None and any(file_format(f) is None for f in files):
-            problems.append(f"{where}.format: cannot tell the format of {files[0]!r} from its extension. Fix: set format: jsonl or parquet.")
-    return problems
+    if not files:
+        return []
+    return [problem for key in ("path", "eval") if getattr(corpus, key) is not None
+            for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)), corpus.format)]
 
 
-def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str]) -> list[str]:
-    """What is wrong with `stage` (at YAML path `where`) as the next stage of the spec's pipeline."""
+def _corpus_file_problems(where: str, key: str, pattern: str, declared_format: str | None) -> list[str]:
+    if "://" in pattern and (problems := _filesystem_problems(f"{where}.{key}", pattern)):
+        return problems
+    try:
+        files = expand_files(pattern)
+        empty = bool(files) and all(_size(f) == 0 for f in files)
+    except Exception as exc:  # noqa: BLE001 - credentials or network on object stores: report, not crash
+        return [f"{where}.{key}: cannot list {pattern!r} ({_first_line(exc)}). Fix: check the path and that "
+                "this machine's credentials may read it."]
+    if not files:
+        return [f"{where}.{key}: no file matches {pattern!r}. Fix: check the path or glob."]
+    if empty:
+        return [f"{where}.{key}: every file matching {pattern!r} is empty ({len(files)} file(s) of 0 bytes). "
+                "Fix: point it at the corpus's data, or wait until its files are written."]
+    if declared_format is None and any(file_format(f) is None for f in files):
+        return [f"{where}.format: cannot tell the format of {files[0]!r} from its extension. Fix: set format: jsonl or parquet."]
+    return []
+
+
+def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str | None], *,
+                   files: bool = True) -> list[str]:
+    """What is wrong with `stage` (at YAML path `where`) as the next stage of the spec's pipeline.
+    `spec` may be a partial pipeline: checks that need one of its Broken parts are left out."""
     corpora = spec.pipeline.corpora
     problems = []
     if stage.name in earlier:
         problems.append(f"{where}.name: stage name {stage.name!r} is used twice. Fix: stage names must be unique; they name versions.")
     if stage.name == BASE_VERSION:
         problems.append(f"{where}.name: {BASE_VERSION!r} names the starting model. Fix: choose another stage name.")
-    for corpus in stage.mixture:
+    for corpus in stage.mixture if _ok(corpora) else []:
         if corpus not in corpora:
             problems.append(f"{where}.mixture.{corpus}: unknown corpus. Fix: use one of {', '.join(corpora)} or add it under corpora.")
     if stage.mixture and (sum(r.start for r in stage.mixture.values()) <= 0 or sum(r.end for r in stage.mixture.values()) <= 0):
@@ -513,7 +821,21 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str])
     for corpus in stage.loss_weights or {}:
         if corpus not in stage.mixture:
             problems.append(f"{where}.loss_weights.{corpus}: not in this stage's mixture. Fix: remove it or add the corpus to the mixture.")
-    resolved = resolve_stage(spec.pipeline, stage)
+    if stage.start_from is not None and stage.start_from not in earlier + [BASE_VERSION]:
+        named = ", ".join(name for name in earlier if name) or "(none)"
+        problems.append(f"{where}.from: {stage.start_from!r} is not an earlier stage. Fix: use base or one of: {named}.")
+    if stage.seq_len is not None:  # an inherited seq_len is checked once, at defaults.seq_len
+        problems += _positions_problems(spec, f"{where}.seq_len", stage.seq_len, files)
+    pipeline = spec.pipeline
+    if _ok(pipeline.defaults):  # resolving needs them; the seed only rides along, so a Broken one is replaced
+        resolvable = pipeline if _ok(pipeline.seed) else pipeline.model_copy(update={"seed": 0})
+        problems += _resolved_problems(where, stage, resolve_stage(resolvable, stage))
+    return problems
+
+
+def _resolved_problems(where: str, stage: StageSpec, resolved: dict) -> list[str]:
+    """The checks of a stage's settings once the defaults are filled in: loss weights, GPUs, batches."""
+    problems = []
     if stage.mixture and not any(resolved["loss_weights"][c] > 0 for c in stage.mixture):
         problems.append(f"{where}.loss_weights: every corpus of the stage has loss weight 0, so it would learn nothing. Fix: give one a positive weight.")
     if resolved["balance"] == "token" and any(w != 1.0 for w in resolved["loss_weights"].values()):
@@ -522,8 +844,6 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str])
         problems.append(f"{where}.resources_per_worker.GPU: asks for GPUs but use_gpu is false, so workers would hold "
                         "GPUs and train on CPUs. Fix: set use_gpu: true (one GPU per worker; GPU here only changes the "
                         "count), or name a custom resource of the GPU nodes instead.")
-    if stage.start_from is not None and stage.start_from not in earlier + [BASE_VERSION]:
-        problems.append(f"{where}.from: {stage.start_from!r} is not an earlier stage. Fix: use base or one of: {', '.join(earlier) or '(none)'}.")
     rows_per_step, rem = divmod(resolved["global_batch_tokens"], resolved["seq_len"])
     if rem or rows_per_step == 0:
         problems.append(f"{where}.global_batch_tokens: {resolved['global_batch_tokens']} is not a multiple of seq_len {resolved['seq_len']}. Fix: make it one.")
@@ -536,6 +856,47 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str])
     if stage.tokens < resolved["global_batch_tokens"]:
         problems.append(f"{where}.tokens: {stage.tokens} is less than one step ({resolved['global_batch_tokens']} tokens). Fix: raise the budget or shrink the batch.")
     return problems
+
+
+def _positions_problems(spec: Spec, where: str, seq_len: int, files: bool) -> list[str]:
+    positions = max_positions(spec, files)
+    if positions is None or seq_len <= positions[0]:
+        return []
+    limit, source = positions
+    more = ("start from a model with more positions" if source.startswith("model.path")
+            else "raise model.config.max_position_embeddings")
+    users = " (every stage without its own seq_len, and the eval splits)" if where.startswith("defaults") else ""
+    return [f"{where}: rows of {seq_len} tokens{users}, but the model has {limit} positions ({source}). "
+            f"Fix: set seq_len to at most {limit}, or {more}."]
+
+
+def max_positions(spec: Spec, files: bool = True) -> tuple[int, str] | None:
+    """The model's max_position_embeddings and where it comes from; None when unknown (files=False with
+    model.path, an unreadable config.json, a Broken model section)."""
+    model = spec.pipeline.model
+    if not _ok(model):
+        return None
+    if model.path is not None:
+        value = _config_positions(spec.path(model.path)) if files else None
+        return (value, "model.path's config.json") if value else None
+    value = _as_number((model.config or {}).get("max_position_embeddings"))
+    if _is_whole(value):
+        return int(value), "model.config.max_position_embeddings"
+    if model.preset in PRESET_POSITIONS:
+        return PRESET_POSITIONS[model.preset], f"max_position_embeddings of preset {model.preset}"
+    return QWEN3_DEFAULT_POSITIONS, "Qwen3Config's default max_position_embeddings"
+
+
+@functools.lru_cache(maxsize=64)
+def _config_positions(folder: str) -> int | None:
+    """max_position_embeddings (n_positions for GPT-2-like models) of a model directory's config.json,
+    read as JSON so that validating needs no transformers."""
+    try:
+        config = json.loads(read_text(folder.rstrip("/") + "/config.json"))
+    except Exception:  # noqa: BLE001 - a missing or unreadable config is the model checks' business
+        return None
+    value = _as_number(next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None))
+    return int(value) if _is_whole(value) else None
 
 
 def _resources_problems(where: str, settings: StageSettings) -> list[str]:
@@ -577,3 +938,8 @@ def file_format(path: str) -> str | None:
 def _exists(path: str) -> bool:
     fs, inner = fsspec.core.url_to_fs(path)
     return fs.exists(inner)
+
+
+def _size(path: str) -> int:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.size(inner) or 0

@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 import yaml
+from fsspec.implementations.memory import MemoryFileSystem
 
 from mixloop.cli import main
 from mixloop.errors import SpecError
-from mixloop.spec import BUILTIN_DEFAULTS, load_spec
+from mixloop.spec import BUILTIN_DEFAULTS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, check_spec_data, load_spec
 
 JOBS = sorted((Path(__file__).parents[2] / "jobs").glob("*.yaml"))
 
@@ -98,8 +100,8 @@ def test_misspelt_nested_key_suggests_the_field(write_spec):
 
 def test_wrong_type_names_the_path_the_value_and_what_the_field_is(write_spec):
     problem = _only_problem(write_spec, lambda d: d["stages"][1].update(tokens="many"))
-    assert problem.startswith("stages[1].tokens:") and "'many'" in problem and "Fix:" in problem
-    assert "Token budget" in problem
+    assert problem == ("stages[1].tokens: expected a whole number, got 'many'. Fix: write a whole number such as "
+                       "160000 (Token budget of the stage (rounded up to whole optimizer steps)).")
 
 
 def test_missing_required_field_is_named(write_spec):
@@ -327,8 +329,9 @@ def test_loss_weights_that_silence_a_stage_or_are_ignored(write_spec):
 def test_workdir_on_a_filesystem_fsspec_cannot_open_is_refused_before_any_work(write_spec):
     message, problems = _problems(write_spec, lambda data: data.update(workdir="nofs://bucket/run"))
     assert any(p.startswith("workdir: cannot use nofs://") and "Fix:" in p for p in problems)
-    spec = load_spec(write_spec(lambda data: data.update(workdir="s3://bucket/run")))  # s3fs is installed
-    assert spec.workdir == "s3://bucket/run"
+    spec = load_spec(write_spec(lambda data: data.update(workdir="memory://bucket/run")))
+    assert spec.workdir == "memory://bucket/run"
+    assert not fsspec.filesystem("memory").exists("/bucket/run/.mixloop-write-probe"), "the probe is deleted"
 
 
 def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec):
@@ -403,3 +406,228 @@ def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_pa
     assert copy.workdir == spec.workdir
     assert copy.path(copy.pipeline.corpora["web"].path) == spec.path(spec.pipeline.corpora["web"].path)
     assert copy.resolved_stages() == spec.resolved_stages()
+
+
+# ---------------------------------------------------------------- everything at once
+
+
+def test_structural_and_semantic_problems_come_in_one_list(write_spec):
+    """A type error in one stage leaves the corpus file checks and the other stages' checks running."""
+    def edit(data):
+        data["stages"][1]["tokens"] = "lots"
+        data["corpora"]["web"]["kind"] = "audio"
+        data["corpora"]["chat"]["path"] = "data/none.jsonl"
+        data["stages"][0]["mixture"]["books"] = 1.0
+        data["stages"][0]["global_batch_tokens"] = 2000
+
+    message, problems = _problems(write_spec, edit)
+    assert message.splitlines()[0].endswith("5 problem(s) in the pipeline spec:")
+    assert [p.split(":")[0] for p in problems] == [  # structure first, then meaning
+        "corpora.web.kind", "stages[1].tokens",
+        "corpora.chat.path", "stages[0].mixture.books", "stages[0].global_batch_tokens",
+    ]
+    assert all("Fix:" in p for p in problems)
+
+
+def test_checks_that_need_a_broken_part_are_skipped_not_guessed(write_spec):
+    def edit(data):
+        data["defaults"]["micro_batch_rows"] = "eight"  # batch arithmetic would need it: skipped
+        data["stages"][1]["global_batch_tokens"] = 2000
+        data["stages"][0]["tokens"] = "lots"  # a broken stage keeps its name for `from` and duplicates
+        data["stages"][1]["from"] = "pretrain"
+        data["corpora"]["web"]["kind"] = "audio"  # a broken corpus keeps its name for mixtures
+
+    _, problems = _problems(write_spec, edit)
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "corpora.web.kind", "defaults.micro_batch_rows", "stages[0].tokens"]
+
+
+def test_a_broken_seed_leaves_the_batch_checks_running(write_spec):
+    _, problems = _problems(write_spec, lambda d: d.update(seed="seven") or d["defaults"].update(global_batch_tokens=2000))
+    assert [p.split(":")[0] for p in problems] == ["seed", "stages[0].global_batch_tokens", "stages[1].global_batch_tokens"]
+
+
+def test_check_spec_data_without_files_checks_the_spec_alone(tmp_path):
+    data = {**copy.deepcopy(BASE), "workdir": "s3://no-such-bucket/run", "model": {"path": "missing-model"},
+            "tokenizer": {"path": "missing-tokenizer"}}
+    assert check_spec_data(data, str(tmp_path), files=False) == []
+    paths = sorted(p.split(":")[0] for p in check_spec_data(data, str(tmp_path)))
+    assert paths == ["corpora.chat.path", "corpora.web.path", "model.path", "tokenizer.path", "workdir"]
+    data["stages"][0]["tokens"] = "lots"
+    data["stages"][1]["mixture"]["books"] = 1.0
+    assert [p.split(":")[0] for p in check_spec_data(data, str(tmp_path), files=False)] == [
+        "stages[0].tokens", "stages[1].mixture.books"]
+
+
+# ---------------------------------------------------------------- fixes that say what to write
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["stages"][0].update(tokens=2.5),
+     "stages[0].tokens: expected a whole number, got 2.5. Fix: write a whole number such as 160000 ("),
+    (lambda d: d["defaults"].update(seq_len=4),
+     "defaults.seq_len: expected a whole number greater than or equal to 8, got 4. "
+     "Fix: write a whole number greater than or equal to 8 such as 256 (Tokens per packed row)."),
+    (lambda d: d["defaults"].update(lr={"peak": "fast"}),
+     "defaults.lr.peak: expected a number, got 'fast'. Fix: write a number such as 0.001 ("),
+    (lambda d: d["defaults"].update(lr={"floor": 1.5}),
+     "defaults.lr.floor: expected a number less than or equal to 1, got 1.5. Fix: write a number greater than "
+     "or equal to 0 and less than or equal to 1 such as 0.1 ("),
+    (lambda d: d["defaults"].update(use_gpu="maybe"),
+     "defaults.use_gpu: expected true or false, got 'maybe'. Fix: write true or false ("),
+    (lambda d: d["stages"][1].update(balance="tokens"),
+     "stages[1].balance: expected one of corpus, token, got 'tokens'. Fix: did you mean 'token'? "
+     "write one of: corpus, token ("),
+    (lambda d: d["corpora"]["web"].update(kind="audio"),
+     "corpora.web.kind: expected one of text, chat, got 'audio'. Fix: write one of: text, chat ("),
+    (lambda d: d["stages"][0].update(name="Pre Train"),
+     "stages[0].name: expected a name of lowercase letters, digits, '_', '.' and '-', got 'Pre Train'. "
+     "Fix: write e.g. 'pre-train' ("),
+    (lambda d: d["stages"][0]["mixture"].update(web="lots"),
+     "stages[0].mixture.web: expected a weight or {from: W, to: W}, got 'lots'. Fix: write a weight or {from: W, to: W} ("),
+    (lambda d: d["defaults"].update(workers=2.5),
+     "defaults.workers: expected a whole number or {min: N, max: N}, got 2.5. Fix: write a whole number or {min: N, max: N} ("),
+    (lambda d: d["tokenizer"]["train"].update(vocab_size=100),
+     "tokenizer.train.vocab_size: expected a whole number greater than or equal to 260, got 100. Fix: write a whole "
+     "number greater than or equal to 260 and less than or equal to 262144 such as 6400 ("),
+    (lambda d: d.update(stages=[]),
+     "stages: List should have at least 1 item, got []. Fix: give at least 1 (The ordered stages of the model's life)."),
+])
+def test_a_type_error_says_what_to_write(write_spec, edit, expected):
+    problem = _only_problem(write_spec, edit)
+    assert problem.startswith(expected), problem
+    assert problem.endswith(").") or problem.endswith("."), problem
+
+
+def test_numbers_in_exponent_notation_are_whole_numbers_where_one_is_meant(write_spec):
+    """PyYAML (YAML 1.1) reads 2e9, 2.0e9 and 1e-3 as strings and 5.0e+8 as a float; all are numbers here."""
+    def edit(data):
+        data["defaults"]["global_batch_tokens"] = "2.048e3"
+        data["stages"][0]["tokens"] = "2e9"
+        data["stages"][1]["tokens"] = "2.0e9"
+        data["stages"].append({"name": "more", "mixture": {"web": "1e-1", "chat": {"from": "9e-1", "to": "5e-1"}},
+                               "tokens": 5.0e8, "workers": "1e0", "lr": {"peak": "3e-4"}})
+
+    path = write_spec(edit)
+    assert "tokens: 2e9\n" in path.read_text() and "tokens: 500000000.0\n" in path.read_text()
+    pretrain, sft, more = load_spec(path).resolved_stages()
+    assert (pretrain["tokens"], sft["tokens"], more["tokens"]) == (2_000_000_000, 2_000_000_000, 500_000_000)
+    assert all(type(s["tokens"]) is int and s["global_batch_tokens"] == 2048 for s in (pretrain, sft, more))
+    assert more["lr"]["peak"] == 3e-4 and more["mixture"]["web"]["from"] == pytest.approx(0.1)
+    assert (more["min_workers"], more["max_workers"]) == (1, 1)
+    problem = _only_problem(write_spec, lambda d: d["stages"][0].update(tokens="2.5e0"))
+    assert problem.startswith("stages[0].tokens: expected a whole number, got 2.5. Fix: write a whole number")
+
+
+def test_a_stage_name_that_reads_like_a_number_stays_a_name(write_spec):
+    spec = load_spec(write_spec(lambda d: d["stages"][1].update(name="1e5")))
+    assert spec.stage_names() == ["pretrain", "1e5"]
+
+
+# ---------------------------------------------------------------- seq_len against the model's positions
+
+
+def test_a_stage_longer_than_the_models_positions(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["stages"][1].update(seq_len=4096, global_batch_tokens=32768))
+    assert problem == ("stages[1].seq_len: rows of 4096 tokens, but the model has 2048 positions (max_position_embeddings "
+                       "of preset micro). Fix: set seq_len to at most 2048, or raise model.config.max_position_embeddings.")
+
+
+def test_a_defaults_seq_len_too_long_is_named_once_where_it_is_set(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["defaults"].update(seq_len=4096, global_batch_tokens=32768))
+    assert problem.startswith("defaults.seq_len: rows of 4096 tokens (every stage without its own seq_len, and the "
+                              "eval splits), but the model has 2048 positions")
+
+
+def test_positions_from_config_overrides_qwen3s_default_and_a_model_directory(write_spec, tmp_path):
+    problem = _only_problem(write_spec, lambda d: d["model"].update(config={"max_position_embeddings": 32}))
+    assert problem.startswith("defaults.seq_len: rows of 64 tokens") and "32 positions (model.config" in problem
+    config = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    problem = _only_problem(write_spec, lambda d: d.update(model={"config": config})
+                            or d["stages"][0].update(seq_len=65536, global_batch_tokens=65536 * 8, tokens=10**7))
+    assert f"{QWEN3_DEFAULT_POSITIONS} positions (Qwen3Config's default" in problem
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
+    problem = _only_problem(write_spec, lambda d: d.update(model={"path": "start"}) or d["stages"][1].update(seq_len=256))
+    assert problem.startswith("stages[1].seq_len: rows of 256 tokens, but the model has 128 positions (model.path's "
+                              "config.json). Fix: set seq_len to at most 128, or start from a model with more positions.")
+
+
+def test_preset_positions_match_the_models_presets_and_qwen3s_default():
+    """spec.py keeps its own copy so that validating imports no torch; this keeps the copies in step."""
+    from transformers import Qwen3Config
+
+    from mixloop.model import PRESETS
+
+    assert QWEN3_DEFAULT_POSITIONS == Qwen3Config().max_position_embeddings
+    assert PRESET_POSITIONS == {name: preset.get("max_position_embeddings", QWEN3_DEFAULT_POSITIONS)
+                                for name, preset in PRESETS.items()}
+
+
+# ---------------------------------------------------------------- the workdir and the corpus files
+
+
+def test_workdir_that_is_a_file_or_lies_under_one(write_spec, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    problem = _only_problem(write_spec, lambda d: d.update(workdir="afile"))
+    assert problem == f"workdir: {tmp_path / 'afile'} is a file. Fix: point workdir at a folder, or move the file away."
+    problem = _only_problem(write_spec, lambda d: d.update(workdir="afile/runs/one"))
+    assert problem.startswith(f"workdir: cannot create {tmp_path / 'afile/runs/one'}, because {tmp_path / 'afile'} is a file.")
+    assert "Fix:" in problem
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_workdir_that_cannot_be_created_even_by_root(write_spec):
+    """Permission bits do not stop root, so the check tries for real: nothing can be created in /proc."""
+    problem = _only_problem(write_spec, lambda d: d.update(workdir="/proc/mixloop-test/run"))
+    assert problem.startswith("workdir: cannot create /proc/mixloop-test/run: /proc is not writable (")
+    assert "Fix: choose a workdir you may write to" in problem
+
+
+def test_existing_and_new_local_workdirs_are_fine_and_left_as_they_were(write_spec, tmp_path):
+    (tmp_path / "runs").mkdir()
+    load_spec(write_spec())
+    load_spec(write_spec(lambda d: d.update(workdir="new/deeper/run")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs", "spec.yaml"]
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+class _RefusingFileSystem(MemoryFileSystem):
+    """An object store that refuses writes, as a bucket without write access or credentials does."""
+
+    protocol = "refusing"
+    error: Exception = PermissionError("Access Denied\nrequest id 123")
+
+    def pipe_file(self, path, value, **kwargs):
+        raise self.error
+
+
+def test_remote_workdir_that_cannot_be_written_names_the_error(write_spec):
+    fsspec.register_implementation("refusing", _RefusingFileSystem, clobber=True)
+    problem = _only_problem(write_spec, lambda d: d.update(workdir="refusing://bucket/run"))
+    assert problem.startswith("workdir: cannot write to refusing://bucket/run (PermissionError: Access Denied). Fix: ")
+    botocore = pytest.importorskip("botocore.exceptions")
+    _RefusingFileSystem.error = botocore.NoCredentialsError()
+    try:
+        problem = _only_problem(write_spec, lambda d: d.update(workdir="refusing://bucket/run"))
+    finally:
+        _RefusingFileSystem.error = PermissionError("Access Denied")
+    assert "(NoCredentialsError: Unable to locate credentials)" in problem and "credentials may write there" in problem
+
+
+def test_corpus_whose_files_are_all_empty(write_spec, tmp_path):
+    for name in ("web-0.jsonl", "web-1.jsonl"):
+        (tmp_path / "data" / name).write_text("")
+    problem = _only_problem(write_spec, lambda d: None)
+    assert problem.startswith("corpora.web.path: every file matching") and "2 file(s) of 0 bytes" in problem
+    assert "Fix:" in problem
+    (tmp_path / "data" / "web-1.jsonl").write_text('{"text": "hello"}\n')
+    load_spec(write_spec())  # one empty file among others is fine
+    (tmp_path / "data" / "chat-eval.jsonl").write_text("")
+    problem = _only_problem(write_spec, lambda d: d["corpora"]["chat"].update(eval="data/chat-eval.jsonl"))
+    assert problem.startswith("corpora.chat.eval: every file matching")
+
+
+def test_corpus_on_a_filesystem_fsspec_cannot_open(write_spec):
+    problem = _only_problem(write_spec, lambda d: d["corpora"]["web"].update(path="nofs://bucket/web/*.jsonl"))
+    assert problem.startswith("corpora.web.path: cannot use nofs://") and "Fix:" in problem
