@@ -93,6 +93,9 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.nd
     any template works, with or without {% generation %} markers: a turn's span
     runs from the end of the generation prompt before it to the end-of-turn
     token that closes it (what follows it, such as a newline, is not supervised).
+    A conversation the template refuses, or whose assistant tokens cannot be
+    located, raises DataError with the reason (the preparation then encodes the
+    batch record by record and rejects that conversation alone).
     """
     rendered = [_assistant_spans(tokenizer, conv) for conv in conversations]
     encoded = tokenizer(
@@ -109,19 +112,47 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.nd
 
 
 def _assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    full = _render(tokenizer, conversation)
     eos = tokenizer.eos_token
     spans = []
     for turn, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(conversation[:turn], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(conversation[: turn + 1], tokenize=False)
-        if not (full.startswith(prompt) and full.startswith(through)):
-            raise DataError(
-                "the tokenizer's chat template renders earlier turns differently as a conversation grows, "
-                "so assistant tokens cannot be located. Fix: use a template that renders history unchanged."
-            )
+        if turn:
+            prompt = _render(tokenizer, conversation[:turn], add_generation_prompt=True)
+        else:
+            prompt = _opening_prompt(tokenizer)
+        through = _render(tokenizer, conversation[: turn + 1])
+        # Both are per-conversation reasons (MiniMind's template opens an answer that holds a <think> block
+        # unlike its generation prompt), so the conversation is rejected, not the template.
+        if not full.startswith(prompt):
+            raise DataError(f"the chat template opens assistant turn {turn} differently from its generation "
+                            "prompt, so the turn's tokens cannot be located")
+        if not full.startswith(through):
+            raise DataError(f"the chat template renders the turns up to {turn} differently as the conversation "
+                            "goes on, so the assistant's tokens cannot be located")
         end = through.rfind(eos, len(prompt))
         spans.append((len(prompt), end + len(eos) if end >= 0 else len(through)))
     return full, spans
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError (the template's own raise_exception too), or transformers'
+        raise DataError(f"chat template failed: {exc}") from exc
+
+
+def _opening_prompt(tokenizer) -> str:
+    """The generation prompt of an empty conversation, before an assistant turn that opens one (a greeting).
+
+    Transformers renders no empty conversation, so it is what add_generation_prompt
+    appends to a one-turn conversation; a template that also renders something before
+    the first turn (a default system prompt) then fails the prefix check, as it should.
+    """
+    probe = [{"role": "user", "content": ""}]
+    before, after = _render(tokenizer, probe), _render(tokenizer, probe, add_generation_prompt=True)
+    if not after.startswith(before):
+        raise DataError("the chat template's generation prompt changes the turns before it, "
+                        "so the assistant's tokens cannot be located")
+    return after[len(before):]

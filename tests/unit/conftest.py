@@ -29,6 +29,14 @@ def trained_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def minimind_tokenizer():
+def minimind_tokenizer_dir() -> str:
+    """MiniMind's tokenizer folder (../shared/data/tokenizer); tests that need it skip where it is absent."""
+    if not (MINIMIND_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip(f"MiniMind's tokenizer is not at {MINIMIND_TOKENIZER} (the shared data folder is absent)")
+    return str(MINIMIND_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def minimind_tokenizer(minimind_tokenizer_dir):
     """MiniMind's real tokenizer (vocab 6400), whose template adds an empty <think> block."""
-    return load_tokenizer(str(MINIMIND_TOKENIZER))
+    return load_tokenizer(minimind_tokenizer_dir)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
+from mixloop.errors import DataError
 from mixloop.tokenizer import CHATML_TEMPLATE, encode_chats, encode_texts
 
 CONVERSATIONS = {
@@ -29,6 +32,12 @@ CONVERSATIONS = {
         {"role": "user", "content": "no!"},
         {"role": "assistant", "content": "dark moon"},
     ],
+    "assistant first (a greeting)": [
+        {"role": "assistant", "content": "hello! why?"},
+        {"role": "user", "content": "the sun"},
+        {"role": "assistant", "content": "is far."},
+    ],
+    "assistant only": [{"role": "assistant", "content": "the moon"}],
     "ends with a user turn": [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b c"},
@@ -109,6 +118,32 @@ def test_minimind_newline_after_end_of_turn_is_not_supervised(minimind_tokenizer
     for position in answer_ends:
         assert tok.decode([int(ids[position + 1])]) == "\n"
         assert not mask[position + 1]
+
+
+def test_minimind_trains_on_a_greeting_that_opens_the_chat(minimind_tokenizer):
+    tok = minimind_tokenizer
+    greeting = [{"role": "assistant", "content": "Hello! Ask me anything."}] + MINIMIND_CHAT[1:3]
+    [(ids, mask)] = encode_chats(tok, [greeting])
+    assert tok.decode(ids.tolist(), skip_special_tokens=False).startswith("<|im_start|>assistant\n<think>\n\n</think>")
+    runs = [tok.decode(run, skip_special_tokens=False) for run in _supervised_runs(ids, mask)]
+    assert runs == ["Hello! Ask me anything.<|im_end|>", "The capital of France is Paris.<|im_end|>"]
+
+
+def test_minimind_answers_with_a_think_block_before_the_end_cannot_be_located(minimind_tokenizer):
+    # The template renders such an answer's <think> block unlike the empty one of its generation prompt.
+    chat = MINIMIND_CHAT[:2] + [{"role": "assistant", "content": "<think>Paris.</think>Paris."}] + MINIMIND_CHAT[3:]
+    with pytest.raises(DataError, match="opens assistant turn 2 differently from its generation prompt"):
+        encode_chats(minimind_tokenizer, [chat])
+
+
+def test_a_template_that_refuses_a_conversation_says_why(trained_tokenizer):
+    tok = copy.deepcopy(trained_tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}"
+                         "{{ raise_exception('a conversation opens with the user') }}{% endif %}" + CHATML_TEMPLATE)
+    [(ids, _)] = encode_chats(tok, [CONVERSATIONS["one turn"]])
+    assert len(ids) > 0
+    with pytest.raises(DataError, match="^chat template failed: a conversation opens with the user$"):
+        encode_chats(tok, [CONVERSATIONS["assistant first (a greeting)"]])
 
 
 @pytest.mark.parametrize("tokenizer_fixture", ["trained_tokenizer", "minimind_tokenizer"])

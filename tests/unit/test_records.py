@@ -25,11 +25,43 @@ def test_good_records_pass():
         (b"", "malformed JSON"),
         (b'{"text": "caf\xe9"}', "not UTF-8"),
         (b"\xff\xfe{}", "not UTF-8"),
+        (b"[" * 100_000, "malformed JSON: nested too deeply"),
+        (b'{"text": "a", "n": ' + b"7" * 5000 + b"}", "malformed JSON: Exceeds the limit"),
     ],
 )
 def test_unreadable_lines(raw, reason):
     with pytest.raises(BadRecord, match=reason):
         parse_json_line(raw)
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b'{"text": "unterminated', "malformed JSON: Unterminated string starting at column 10"),
+        (b'{"text": "a"} trailing', "malformed JSON: Extra data at column 15"),
+        (b'{"text": "a",}', "malformed JSON: Expecting property name enclosed in double quotes at column 14"),
+        (b"", "malformed JSON: Expecting value at column 1"),
+        (b'{"text" "a"}', "malformed JSON: Expecting ':' delimiter at column 9"),
+        (b'{"text": "a\tb"}', "malformed JSON: Invalid control character at column 12"),
+        (b'{"text": "\\x"}', "malformed JSON: Invalid \\escape at column 11"),
+        (b'{"text": "\\ud8"}', "malformed JSON: Invalid \\uXXXX escape at column 12"),
+    ],
+)
+def test_json_reasons_read_well(raw, reason):
+    """json's messages, some of which end with "at", read as one sentence with the column."""
+    with pytest.raises(BadRecord) as info:
+        parse_json_line(raw)
+    assert str(info.value) == reason
+
+
+def test_lone_surrogates_are_refused_before_the_tokenizer_sees_them():
+    # Valid JSON, but no tokenizer encodes it (the Rust one raises an obscure TypeError).
+    with pytest.raises(BadRecord, match=r"field 'text' holds a lone surrogate '\\ud800' at character 1"):
+        check_text(parse_json_line(b'{"text": "a\\ud800b"}'))
+    lone = {"conversations": [USER, {"role": "assistant", "content": "\udfff"}]}
+    with pytest.raises(BadRecord, match="turn 1 content holds a lone surrogate"):
+        check_chat(lone)
+    assert check_text(parse_json_line(b'{"text": "\\ud83d\\ude00"}')) == "\U0001F600"  # a pair is fine
 
 
 @pytest.mark.parametrize(
@@ -63,7 +95,11 @@ ASSISTANT = {"role": "assistant", "content": "hello"}
         ({"conversations": [{"content": "hi"}, ASSISTANT]}, "turn 0 must be an object with 'role'"),
         ({"conversations": [USER, {"role": "bot", "content": "x"}]}, "turn 1 has unknown role 'bot'"),
         ({"conversations": [{"role": "user", "content": 3}, ASSISTANT]}, "turn 0 content must be a string, got int"),
-        ({"conversations": [USER, {"role": "assistant"}]}, "turn 1 content must be a string, got NoneType"),
+        ({"conversations": [USER, {"role": "assistant"}]}, "turn 1 has no 'content'"),
+        ({"conversations": [USER, {"role": "assistant", "content": None}]}, "turn 1 content must be a string, got NoneType"),
+        ({"conversations": [USER, {"role": "assistant", "content": {"text": "x"}}]}, "must be a string, got dict"),
+        ({"conversations": None}, "non-empty list"),
+        ({"conversations": [{"role": "system", "content": "be nice"}]}, "no assistant turn with content"),
         ({"conversations": [USER]}, "no assistant turn with content"),
         ({"conversations": [USER, {"role": "assistant", "content": "  "}]}, "no assistant turn with content"),
         ([USER, ASSISTANT], "expected an object with a 'conversations' field, got list"),
@@ -85,3 +121,10 @@ def test_bad_record_is_a_value_error_with_its_reason_as_message():
     with pytest.raises(ValueError) as info:
         check_text({})
     assert str(info.value) == "missing field 'text'"
+
+
+def test_a_chat_may_open_with_the_assistant():
+    """Turn order is the chat template's business: check_chat lets a greeting first through (see encode_chats)."""
+    greeting = [{"role": "assistant", "content": "Hello! How can I help?"}, USER, ASSISTANT]
+    assert check_chat({"conversations": greeting}) == greeting
+    assert check_chat({"conversations": [{"role": "system", "content": "be nice"}, ASSISTANT]})

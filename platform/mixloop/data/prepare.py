@@ -15,6 +15,8 @@ tokenize is appended to cache/prepare.jsonl.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import json
 import time
@@ -39,6 +41,7 @@ TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
 SHARD_ROWS = 4096
 PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing")
+BLANK_LINE = object()  # what iter_records yields for an empty or whitespace-only line: skipped, counted
 
 
 def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) -> str:
@@ -77,7 +80,10 @@ def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
 
 
 def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
-    """(where, raw record or BadRecord) for each record of one chunk."""
+    """(where, record) for each line or row of one chunk: the raw record, a BadRecord or BLANK_LINE.
+
+    jsonl lines may end with LF or CRLF, and a file may open with a UTF-8 byte-order mark.
+    """
     fs, inner = fsspec.core.url_to_fs(chunk["file"])
     if chunk["format"] == "parquet":
         with fs.open(inner, "rb") as f:
@@ -99,7 +105,10 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
             line_number += 1
             where = f"{chunk['file']}:{line_number}" if start == 0 else f"{chunk['file']}@byte {position}"
             position += len(raw)
+            if start == 0 and line_number == 1:  # Windows editors open files with a byte-order mark; json refuses it
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
+                yield where, BLANK_LINE
                 continue
             try:
                 yield where, records.parse_json_line(raw.rstrip(b"\r\n"))
@@ -109,7 +118,7 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
 
 
 class ChunkPacker:
-    """A Ray Data actor: one chunk in, shards of packed rows and a rejects file out, a summary back."""
+    """One chunk in, shards of packed rows and a rejects file out, a summary back."""
 
     def __init__(self, tokenizer_dir: str):
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -127,11 +136,11 @@ class ChunkPacker:
         check = records.check_text if kind == "text" else records.check_chat
         encode = encode_texts if kind == "text" else encode_chats
         limit = int(chunk["max_document_tokens"]) or None
-        stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0}
+        stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0, "blank_lines": 0}
 
         def tokenize(pending: list[tuple[str, object, object]]) -> None:
             """pending: (where, raw record, checked record)."""
-            for (where, raw, _), (ids, supervised) in zip(pending, encode(self.tokenizer, [p[2] for p in pending])):
+            for (where, raw, _), (ids, supervised) in encode_each(self.tokenizer, encode, pending, rejects):
                 if limit and len(ids) > limit:
                     if chunk["long_documents"] == "drop":
                         rejects.add(where, raw, f"document has {len(ids)} tokens, more than max_document_tokens {limit}")
@@ -146,6 +155,9 @@ class ChunkPacker:
 
         pending = []
         for where, record in iter_records(chunk):
+            if record is BLANK_LINE:
+                stats["blank_lines"] += 1
+                continue
             try:
                 if isinstance(record, records.BadRecord):
                     raise record
@@ -163,6 +175,26 @@ class ChunkPacker:
         return {"request": chunk["request"], "shard": chunk["shard"], "shards": json.dumps(shards.written),
                 "rows": sum(rows for _, rows in shards.written), "rejected": rejects.count,
                 "first_rejects": json.dumps(rejects.first), **stats}
+
+
+def encode_each(tokenizer, encode, pending: list[tuple[str, object, object]], rejects: "RejectWriter") -> list:
+    """(pending item, its encoding) for each item the tokenizer and chat template accept.
+
+    One record the template refuses fails the whole batch, so a failed batch is
+    encoded again record by record, and only the records that fail alone are rejected.
+    """
+    try:
+        return list(zip(pending, encode(tokenizer, [item[2] for item in pending])))
+    except Exception:  # noqa: BLE001 -- which record it was is found below
+        pass
+    encoded = []
+    for item in pending:
+        try:
+            encoded.append((item, encode(tokenizer, [item[2]])[0]))
+        except Exception as exc:  # noqa: BLE001 -- one record's failure, never the job's
+            reason = str(exc) if isinstance(exc, DataError) else f"tokenizer failed: {type(exc).__name__}: {exc}"
+            rejects.add(item[0], item[1], reason)
+    return encoded
 
 
 class ShardWriter:
@@ -212,8 +244,12 @@ def _preview(record: object) -> str:
     if isinstance(record, records.BadRecord):
         text = getattr(record, "raw", "")
     else:
-        text = json.dumps(record, ensure_ascii=False, default=str)
-    return text[:REJECT_PREVIEW_CHARS]
+        try:
+            text = json.dumps(record, ensure_ascii=False, default=str)
+        except RecursionError:  # parsed near the recursion limit, it cannot be dumped from deeper in the stack
+            text = f"<a {type(record).__name__} nested too deeply to show>"
+    # A lone surrogate (from a JSON \u escape) cannot be written as UTF-8: it is shown escaped.
+    return text[:REJECT_PREVIEW_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class CorpusRequest(NamedTuple):
@@ -251,11 +287,7 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
     started = time.time()
     chunks = []
     for index, (request, (key, files)) in enumerate(todo.items()):
-        for chunk in list_chunks(files, request.fmt):
-            chunk.update(request=index, out_dir=folders[request], rejects_dir=_rejects_dir(workdir, request, key),
-                         **{field: getattr(request, field) for field in PACKING_FIELDS})
-            chunk["max_document_tokens"] = request.max_document_tokens or 0  # Arrow columns want no None
-            chunks.append(chunk)
+        chunks += request_chunks(request, index, files, folders[request], _rejects_dir(workdir, request, key))
     summaries = _run_packers(chunks, tokenizer_dir)
     for index, (request, (key, files)) in enumerate(todo.items()):
         mine = [s for s in summaries if s["request"] == index]
@@ -268,26 +300,46 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
     return folders
 
 
+def request_chunks(request: CorpusRequest, index: int, files: list[str], out_dir: str, rejects_dir: str) -> list[dict]:
+    """The chunks of one request's files, each with all ChunkPacker.pack_chunk needs to know."""
+    chunks = list_chunks(files, request.fmt)
+    for chunk in chunks:
+        chunk.update(request=index, out_dir=out_dir, rejects_dir=rejects_dir,
+                     **{field: getattr(request, field) for field in PACKING_FIELDS})
+        chunk["max_document_tokens"] = request.max_document_tokens or 0  # Arrow columns want no None
+    return chunks
+
+
 def _rejects_dir(workdir: str, request: CorpusRequest, key: str) -> str:
     return join(workdir, "rejects", f"{request.name}-{request.split}-{key}")
 
 
+@functools.lru_cache(maxsize=4)
+def _packer(tokenizer_dir: str) -> ChunkPacker:
+    """One per worker process and tokenizer: Ray reuses its worker processes for later tasks."""
+    return ChunkPacker(tokenizer_dir)
+
+
+def pack_chunks(batch: dict[str, np.ndarray], tokenizer_dir: str) -> dict[str, list]:
+    return _packer(tokenizer_dir)(batch)
+
+
 def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
+    """Ray Data tasks, at most one per CPU. Tasks rather than an actor pool: a failed task is retried
+    alone, and Ray logs an error-level line for every restartable actor whose constructor arguments
+    sit in the object store, which an actor pool's do."""
     import ray
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        ChunkPacker,
-        fn_constructor_kwargs=dict(tokenizer_dir=tokenizer_dir),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parallel),
-        num_cpus=1,
+        pack_chunks, fn_kwargs=dict(tokenizer_dir=tokenizer_dir), batch_size=1, num_cpus=1, concurrency=parallel,
     )
     return sorted(dataset.take_all(), key=lambda s: s["shard"])
 
 
 def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: list[dict]) -> dict:
-    counts = ("rows", "documents", "tokens", "supervised_tokens", "split_documents", "rejected")
+    # blank_lines: manifests written before it existed lack it, so readers use .get("blank_lines", 0)
+    counts = ("rows", "documents", "tokens", "supervised_tokens", "split_documents", "rejected", "blank_lines")
     totals = {k: int(sum(s[k] for s in summaries)) for k in counts}
     return {
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
