@@ -25,3 +25,22 @@ class DataError(MixloopError):
 
 class StageConflictError(MixloopError):
     """A finished stage was edited after it produced its version."""
+
+
+class CorruptVersionError(MixloopError):
+    """A published version's files no longer match the hashes in its lineage."""
+
+    exit_code = 4
+
+
+class WorkdirLockedError(MixloopError):
+    """Another live process holds the workdir's lock (one run per workdir); the message names it
+    (host, pid, command, since when, last heartbeat) and says how to proceed."""
+
+    exit_code = 3
+
+
+class StorageError(MixloopError):
+    """A file or folder cannot be read or written: permissions, a read-only or full disk, credentials."""
+
+    exit_code = 5
