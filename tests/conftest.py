@@ -9,7 +9,7 @@ def ray_address():
     """A real local Ray cluster (4 logical CPUs on a 2-core machine is fine); its GCS address."""
     import ray
 
-    from mixloop.pipeline import init_ray
+    from mixloop.ray_setup import init_ray
 
     init_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address

@@ -1,16 +1,18 @@
-"""The mixloop command line: parse, validate, call the library. User mistakes print one
-clear message and exit non-zero; anything else is a bug and keeps its traceback."""
+"""The mixloop command line: parse, validate, call the library. User mistakes (and storage that
+cannot be read or written) print one clear message and exit with a documented code; anything else is
+a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import sys
 from pathlib import Path
 
 from mixloop import __version__, jobs
-from mixloop.errors import MixloopError
+from mixloop.errors import MixloopError, StorageError
 
 
 def _workdir(target: str) -> str:
@@ -18,7 +20,7 @@ def _workdir(target: str) -> str:
     from mixloop.spec import load_spec
 
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        return load_spec(target).workdir
+        return load_spec(target, files=False).workdir  # only its workdir is needed: no file checks
     if "://" in target:
         return target
     if not Path(target).is_dir():
@@ -36,20 +38,28 @@ def _spec(target: str):
 
 
 def cmd_validate(args) -> int:
-    from mixloop.spec import load_spec
+    from mixloop.errors import SpecError
+    from mixloop.pipeline import edited_stages
+    from mixloop.spec import format_problems, load_spec
 
     spec = load_spec(args.spec)
+    edited = edited_stages(spec)  # against the versions its workdir already holds
+    if edited:
+        raise SpecError(format_problems(args.spec, edited))
     print(f"{args.spec}: valid pipeline {spec.pipeline.name!r} with stages {', '.join(spec.stage_names())}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.lock import workdir_lock
     from mixloop.spec import load_spec
 
     spec = load_spec(args.spec)
-    init_ray(args.address)
-    Pipeline(spec).run()
+    # Taken before the heavy imports and before Ray starts: a second run is refused within seconds.
+    with workdir_lock(spec.workdir, "mixloop run") as lock:
+        from mixloop.pipeline import Pipeline
+
+        Pipeline(spec, address=args.address, lock=lock).run()
     return 0
 
 
@@ -109,12 +119,9 @@ def cmd_models_export(args) -> int:
 
 def cmd_chat(args) -> int:
     from mixloop.chat import chat
-    from mixloop.registry import read_lineage, version_dir
+    from mixloop.registry import verified_version
 
-    workdir = _workdir(args.target)
-    if read_lineage(workdir, args.version) is None:
-        raise MixloopError(f"no version {args.version!r} in {args.target}")
-    chat(version_dir(workdir, args.version), max_new_tokens=args.max_new_tokens)
+    chat(verified_version(_workdir(args.target), args.version), max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -154,28 +161,25 @@ def cmd_bench_data(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.pipeline import Pipeline
 
-    pipeline = Pipeline(_spec(args.target))
-    init_ray(args.address)
-    pipeline.prepare_all(pipeline.tokenizer_dir())
-    pipeline.report()
+    Pipeline(_spec(args.target), address=args.address).report()
     return 0
 
 
 def cmd_data_preview(args) -> int:
-    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.pipeline import Pipeline
     from mixloop.spec import load_spec
 
-    pipeline = Pipeline(load_spec(args.spec))
+    pipeline = Pipeline(load_spec(args.spec), address=args.address)
     if args.stage and args.stage not in pipeline.spec.stage_names():
         raise MixloopError(f"no stage {args.stage!r}; stages: {', '.join(pipeline.spec.stage_names())}")
-    init_ray(args.address)
-    print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'share':>8}{'passes':>8}")
     rows = pipeline.preview(args.stage)
+    print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'blank':>7}"
+          f"{'share':>8}{'passes':>8}")
     for r in rows:
         print(f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
-              f"{r['rejected']:>9,}{r['share']:>8.1%}{r['epochs']:>8.2f}")
+              f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}")
     for warning in (w for r in rows for w in r["warnings"]):
         print(f"warning: {warning}")
     return 0
@@ -188,93 +192,153 @@ def cmd_tune(args) -> int:
     return 0
 
 
+DESCRIPTION = """mixloop keeps small decoder LLMs current as data arrives: pretrain, fine-tune, then keep going.
+One YAML file describes the model's life; `mixloop run` trains what is missing and reports what each
+version gained and forgot."""
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  a problem you can fix: bad data, an edited finished stage, a missing version (the message says how)
+  2  the spec is invalid (every problem is listed with its YAML path and a fix)
+  3  another run holds the workdir's lock
+  4  a version's files are corrupt (they no longer match the hashes in its lineage)
+  5  a file or folder cannot be read or written (permissions, read-only or full disk, storage credentials)
+  130 interrupted: run the same command again to continue
+Use --debug to see the traceback of any error."""
+
+TARGET_HELP = "pipeline YAML, or its run directory (a path or URI such as s3://bucket/runs/x)"
+ADDRESS_HELP = "Ray cluster address, e.g. ray://head:10001 or auto (default: a private local Ray on 127.0.0.1)"
+
+
+def _command(commands, name: str, summary: str, example: str, func):
+    """A subcommand with a one-line summary (shown in the list), and an example under its own --help."""
+    parser = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                                 epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixloop", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mixloop", description=DESCRIPTION, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mixloop {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, not just a message")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run or continue a pipeline")
+    run = _command(commands, "run", "run or continue a pipeline: train the missing stages, evaluate, report",
+                   "mixloop run jobs/quickstart.yaml", cmd_run)
     run.add_argument("spec", help="pipeline YAML")
-    run.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
-    run.set_defaults(func=cmd_run)
+    run.add_argument("--address", help=ADDRESS_HELP)
 
-    tune = commands.add_parser("tune", help="search a stage's mix and LR re-warm with Ray Tune + Optuna (resumes)")
-    tune.add_argument("search", help="search YAML (see tuning/)")
-    tune.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    tune = _command(commands, "tune", "search a stage's mix and LR re-warm with Ray Tune + Optuna (resumes)",
+                    "mixloop tune tuning/quickstart.yaml --apply", cmd_tune)
+    tune.add_argument("search", help="search YAML (see tuning/README.md)")
+    tune.add_argument("--address", help=ADDRESS_HELP)
     tune.add_argument("--apply", action="store_true", help="append the best trial's stage to the pipeline spec")
     tune.add_argument("--trial", help="with several objectives, or to overrule the best: the trial whose stage to write")
-    tune.set_defaults(func=cmd_tune)
 
-    validate = commands.add_parser("validate", help="check a pipeline spec; every problem at once")
-    validate.add_argument("spec")
-    validate.set_defaults(func=cmd_validate)
+    validate = _command(commands, "validate", "check a pipeline spec and its files; every problem at once",
+                        "mixloop validate jobs/quickstart.yaml", cmd_validate)
+    validate.add_argument("spec", help="pipeline YAML")
 
-    models = commands.add_parser("models", help="list and inspect versions")
-    models_commands = models.add_subparsers(dest="models_command", required=True)
-    listing = models_commands.add_parser("list", help="versions of a run, oldest first")
-    listing.add_argument("target", help="pipeline YAML or run directory")
-    listing.set_defaults(func=cmd_models_list)
-    show = models_commands.add_parser("show", help="a version's lineage")
-    show.add_argument("target", help="pipeline YAML or run directory")
-    show.add_argument("version")
-    show.set_defaults(func=cmd_models_show)
-    diff = models_commands.add_parser("diff", help="what changed between two versions: data mix, schedule, metrics")
-    diff.add_argument("target", help="pipeline YAML or run directory")
-    diff.add_argument("a")
-    diff.add_argument("b")
-    diff.set_defaults(func=cmd_models_diff)
-    export = models_commands.add_parser("export", help="copy a version to a clean Hugging Face directory")
-    export.add_argument("target", help="pipeline YAML or run directory")
-    export.add_argument("version")
-    export.add_argument("dir")
-    export.set_defaults(func=cmd_models_export)
+    models = commands.add_parser("models", help="list, inspect, compare and export versions",
+                                 description="List, inspect, compare and export versions.")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    listing = _command(models_commands, "list", "the versions of a run, oldest first",
+                       "mixloop models list jobs/quickstart.yaml", cmd_models_list)
+    listing.add_argument("target", help=TARGET_HELP)
+    show = _command(models_commands, "show", "a version's lineage: parent, stage settings, data, metrics",
+                    "mixloop models show jobs/quickstart.yaml sft", cmd_models_show)
+    show.add_argument("target", help=TARGET_HELP)
+    show.add_argument("version", help="version name (a stage name, or base)")
+    diff = _command(models_commands, "diff", "what changed between two versions: data mix, schedule, metrics",
+                    "mixloop models diff jobs/quickstart.yaml sft astronomy", cmd_models_diff)
+    diff.add_argument("target", help=TARGET_HELP)
+    diff.add_argument("a", metavar="A", help="the first version")
+    diff.add_argument("b", metavar="B", help="the version to compare with A")
+    export = _command(models_commands, "export", "copy a version (checked against its hashes) to a clean Hugging Face directory",
+                      "mixloop models export jobs/quickstart.yaml sft ./sft-hf", cmd_models_export)
+    export.add_argument("target", help=TARGET_HELP)
+    export.add_argument("version", help="version name")
+    export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
 
-    chat = commands.add_parser("chat", help="talk to a version through its chat template (tokens stream)")
-    chat.add_argument("target", help="pipeline YAML or run directory")
-    chat.add_argument("version")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.set_defaults(func=cmd_chat)
+    chat = _command(commands, "chat", "talk to a version through its chat template (tokens stream; empty line ends)",
+                    "mixloop chat jobs/quickstart.yaml sft", cmd_chat)
+    chat.add_argument("target", help=TARGET_HELP)
+    chat.add_argument("version", help="version name")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
 
-    data = commands.add_parser("data", help="look at the data before training")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    preview = data_commands.add_parser("preview", help="per corpus: documents, tokens, rows, rejects, shares, passes")
-    preview.add_argument("spec")
+    data = commands.add_parser("data", help="look at the data before training",
+                               description="Look at the data before training.")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    preview = _command(data_commands, "preview", "per corpus: documents, tokens, rows, rejects, blank lines, shares, passes",
+                       "mixloop data preview jobs/quickstart.yaml --stage sft", cmd_data_preview)
+    preview.add_argument("spec", help="pipeline YAML")
     preview.add_argument("--stage", help="only this stage")
-    preview.add_argument("--address")
-    preview.set_defaults(func=cmd_data_preview)
+    preview.add_argument("--address", help=ADDRESS_HELP)
 
     for name, text in (("eval", "evaluate every version on every eval split (only what is missing) and print the table"),
                        ("report", "evaluate what is missing and write report/index.html")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("target", help="pipeline YAML or run directory")
-        command.add_argument("--address")
-        command.set_defaults(func=cmd_report)
-    bench = commands.add_parser("bench", help="benchmarks (JSON and a table)")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    shared = str(Path(__file__).resolve().parents[3] / "shared" / "data")
-    continual = bench_commands.add_parser(
-        "continual", help="absorb a new domain three ways (scratch, new data only, replay + re-warm)")
-    continual.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
-    continual.add_argument("--workdir", default="runs/bench-continual")
-    continual.add_argument("--address")
-    continual.set_defaults(func=cmd_bench_continual)
-    data = bench_commands.add_parser(
-        "data", help="preparation tokens/s per core, mixed-loader rows/s against training, peak memory at 1x and 10x")
-    data.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
-    data.add_argument("--workdir", default="runs/bench-data")
-    data.add_argument("--replicas", type=int, default=10, help="how many times the corpus grows for the memory test")
-    data.set_defaults(func=cmd_bench_data)
-    train = bench_commands.add_parser(
-        "train", help="useful tokens/s packed vs padded, step time split, Ray's per-step overhead, MFU on GPU")
-    train.add_argument("--data", default=shared, help="the real corpora (default: ../shared/data beside the checkout)")
-    train.add_argument("--workdir", default="runs/bench-train")
-    train.add_argument("--preset", default="tiny", help="model preset (minimind-3 on a GPU)")
-    train.add_argument("--steps", type=int, default=30)
-    train.add_argument("--seq-len", type=int, default=512)
-    train.add_argument("--address")
-    train.set_defaults(func=cmd_bench_train)
-    jobs.add_commands(commands)
+        command = _command(commands, name, text, f"mixloop {name} jobs/quickstart.yaml", cmd_report)
+        command.add_argument("target", help=TARGET_HELP)
+        command.add_argument("--address", help=ADDRESS_HELP)
+    _add_bench_commands(commands)
+    _add_job_commands(commands)
     return parser
+
+
+def _add_job_commands(commands) -> None:
+    address_help = "the Ray job server, http://HOST:8265 (default: $RAY_ADDRESS if it is an http address)"
+    job_help = "submission id: mixloop-<pipeline name> (see `mixloop jobs list`)"
+    submit = _command(commands, "submit", "run a pipeline as a Ray job on a cluster (one job per pipeline name)",
+                      "mixloop submit jobs/quickstart.yaml --address http://127.0.0.1:8265", jobs.cmd_submit)
+    submit.add_argument("spec", help="pipeline YAML")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+
+    group = commands.add_parser("jobs", help="pipelines submitted as Ray jobs: list, status, logs, stop",
+                                description="Pipelines submitted as Ray jobs: list, status, logs, stop.")
+    job_commands = group.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    listing = _command(job_commands, "list", "mixloop's jobs on the cluster, oldest first",
+                       "mixloop jobs list --address http://127.0.0.1:8265", jobs.cmd_jobs_list)
+    status = _command(job_commands, "status", "a job's status and message",
+                      "mixloop jobs status mixloop-quickstart", jobs.cmd_jobs_status)
+    logs = _command(job_commands, "logs", "a job's driver log", "mixloop jobs logs mixloop-quickstart --follow",
+                    jobs.cmd_jobs_logs)
+    logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
+    stop = _command(job_commands, "stop", "stop a job and wait until it has stopped",
+                    "mixloop jobs stop mixloop-quickstart", jobs.cmd_jobs_stop)
+    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop (default 60)")
+    for command in (status, logs, stop):
+        command.add_argument("job", help=job_help)
+    for command in (listing, status, logs, stop):
+        command.add_argument("--address", help=address_help)
+
+
+def _add_bench_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks on the real corpora (JSON and a table)",
+                                description="Benchmarks on the real corpora (JSON and a table).")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    shared = str(Path(__file__).resolve().parents[3] / "shared" / "data")
+    data_help = "the folder of real corpora: tokenizer/, pretrain/, sft/, domain/, eval/ (default: ../shared/data)"
+    continual = _command(bench_commands, "continual",
+                         "absorb a new domain three ways (scratch, new data only, replay + re-warm)",
+                         "mixloop bench continual --data ../shared/data", cmd_bench_continual)
+    data = _command(bench_commands, "data",
+                    "preparation tokens/s per core, mixed-loader rows/s against training, peak memory at 1x and 10x",
+                    "mixloop bench data --replicas 10", cmd_bench_data)
+    data.add_argument("--replicas", type=int, default=10, help="how many times the corpus grows for the memory test")
+    train = _command(bench_commands, "train",
+                     "useful tokens/s packed vs padded, step time split, Ray's per-step overhead, MFU on GPU",
+                     "mixloop bench train --preset tiny --steps 30 --seq-len 512", cmd_bench_train)
+    train.add_argument("--preset", default="tiny", help="model preset (default tiny; minimind-3 on a GPU)")
+    train.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (default 30)")
+    train.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    for name, command in (("continual", continual), ("data", data), ("train", train)):
+        command.add_argument("--data", default=shared, help=data_help)
+        command.add_argument("--workdir", default=f"runs/bench-{name}", help="where the benchmark writes its runs")
+        if name != "data":
+            command.add_argument("--address", help=ADDRESS_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,12 +348,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MixloopError as exc:
-        print(f"mixloop: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("mixloop: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user_error = as_user_error(exc)
+        if user_error is None or args.debug:
+            raise
+        print(f"mixloop: error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
+
+
+def as_user_error(exc: BaseException) -> MixloopError | None:
+    """The user-facing form of an error the user can fix; None for a bug (which keeps its traceback)."""
+    if isinstance(exc, MixloopError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in STORAGE_FIXES:
+        where = exc.filename or "a file"
+        return StorageError(f"{where}: {exc.strerror or exc}. Fix: {STORAGE_FIXES[exc.errno]}.")
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore, for s3://
+        return StorageError(f"{exc}. Fix: set AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "or a profile) for the s3:// paths of the spec.")
+    return None
+
+
+STORAGE_FIXES = {
+    errno.EACCES: "give your user write access to it, or choose a workdir you can write to",
+    errno.EPERM: "give your user access to it, or choose another path",
+    errno.EROFS: "the filesystem is read-only: choose a workdir on a writable disk",
+    errno.ENOSPC: "the disk is full: free space, or choose a workdir on a larger disk",
+    errno.EDQUOT: "your disk quota is used up: free space, or choose another disk",
+    errno.ENOENT: "check the path",
+}
 
 
 if __name__ == "__main__":

@@ -85,7 +85,11 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
 
 
 def _model_key(workdir: str, version: str) -> str:
-    return "{stage_hash}@{finished}".format(**read_lineage(workdir, version))
+    """What a stored result belongs to: the version's weights (their hashes), or, for versions
+    published before hashes were recorded, its stage and publication time."""
+    lineage = read_lineage(workdir, version)
+    weights = lineage.get("weights_sha256")
+    return ",".join(weights[name][:16] for name in sorted(weights)) if weights else "{stage_hash}@{finished}".format(**lineage)
 
 
 def format_matrix(matrix: dict, metric: str = "loss") -> str:

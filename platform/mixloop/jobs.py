@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mixloop import __version__
-from mixloop.errors import MixloopError
+from mixloop.errors import MixloopError, WorkdirLockedError
 
 JOB_PREFIX = "mixloop-"
 AGENT_WAIT_S = 60
@@ -149,6 +149,17 @@ def _local_paths(data: dict) -> list[str]:
     return [p for p in paths if "://" not in p]
 
 
+def _refuse_held_workdir(workdir: str) -> None:
+    """A workdir that a live run holds (here or on the cluster, when it is shared storage) would only
+    make the job fail once it started: refuse the submission instead."""
+    from mixloop.lock import describe, gone_reason, read_lock
+
+    holder = read_lock(workdir)
+    if holder is not None and gone_reason(holder) is None:
+        raise WorkdirLockedError(f"workdir {workdir} is in use by {describe(holder)}. One run per workdir: wait "
+                                 "for it to finish or stop it, then submit again.")
+
+
 def submit(spec_path: str, address: str | None) -> tuple[object, str]:
     """Validate the spec and submit it as a Ray job; (client, submission id)."""
     import yaml
@@ -165,6 +176,7 @@ def submit(spec_path: str, address: str | None) -> tuple[object, str]:
         raise MixloopError(f"pipeline {name!r} already runs on {address} as job {job} ({info.status}). "
                            f"Follow it with `mixloop jobs logs {job} --follow --address {address}`, or stop it "
                            f"first with `mixloop jobs stop {job} --address {address}`.")
+    _refuse_held_workdir(spec.workdir)
     earlier = ""
     if info is not None:
         # Ray refuses a submission id it still knows, even for a finished job. The finished job is only
@@ -331,34 +343,3 @@ def cmd_jobs_stop(args) -> int:
                            f"See `mixloop jobs status {args.job} --address {client.mixloop_address}`.")
     print(f"{args.job}: {info.status}")
     return 0
-
-
-def add_commands(commands) -> None:
-    """Register `submit` and `jobs list|status|logs|stop` on the CLI's subcommands."""
-    address_help = "the Ray job server, http://HOST:8265 (default: $RAY_ADDRESS if it is an http address)"
-    submit_parser = commands.add_parser("submit", help="run a pipeline as a Ray job on a cluster")
-    submit_parser.add_argument("spec", help="pipeline YAML")
-    submit_parser.add_argument("--address", help=address_help)
-    submit_parser.add_argument("--no-wait", action="store_true",
-                               help="return once submitted instead of following the logs")
-    submit_parser.set_defaults(func=cmd_submit)
-
-    jobs = commands.add_parser("jobs", help="pipelines submitted as Ray jobs: list, status, logs, stop")
-    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
-    listing = jobs_commands.add_parser("list", help="mixloop's jobs on the cluster, oldest first")
-    listing.add_argument("--address", help=address_help)
-    listing.set_defaults(func=cmd_jobs_list)
-    status = jobs_commands.add_parser("status", help="a job's status and message")
-    status.add_argument("job", help="submission id (mixloop-<pipeline>)")
-    status.add_argument("--address", help=address_help)
-    status.set_defaults(func=cmd_jobs_status)
-    logs = jobs_commands.add_parser("logs", help="a job's driver log")
-    logs.add_argument("job", help="submission id (mixloop-<pipeline>)")
-    logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
-    logs.add_argument("--address", help=address_help)
-    logs.set_defaults(func=cmd_jobs_logs)
-    stop = jobs_commands.add_parser("stop", help="stop a job and wait until it has stopped")
-    stop.add_argument("job", help="submission id (mixloop-<pipeline>)")
-    stop.add_argument("--address", help=address_help)
-    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
-    stop.set_defaults(func=cmd_jobs_stop)

@@ -65,8 +65,11 @@ def load_model(path: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_pretrained(
             local_copy(path), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise MixloopError(f"cannot load a causal LM from {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  safetensors, torch and transformers each raise their own kinds
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MixloopError(f"cannot load a causal LM from {path}: {type(exc).__name__}: {first_line}. Fix: point "
+                           "at a complete Hugging Face model directory (config.json and model.safetensors), or "
+                           "retrain the version it was copied from.") from None
 
 
 def load_config(path: str, trust_remote_code: bool = False):

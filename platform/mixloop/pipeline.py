@@ -13,69 +13,60 @@ import json
 import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from mixloop.data import synthetic
+from mixloop.data import records, synthetic
 from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import read_manifest
-from mixloop.storage import exists, is_local, join, makedirs, read_json, upload, write_json, write_text
+from mixloop.storage import (exists, is_local, join, makedirs, read_json, remove, share_with_umask, upload, write_json,
+                             write_text)
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions, format_deltas, format_matrix, health_versions, iteration_deltas
 from mixloop.health import eval_prompts
+from mixloop.lock import workdir_lock
 from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
-from mixloop.registry import list_versions, now, publish, read_lineage, version_dir
+from mixloop.ray_setup import init_ray
+from mixloop.registry import (list_versions, now, publish, read_lineage, remove_partial_publishes, verified_version,
+                              version_dir)
 from mixloop.report import write_report
 from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, PipelineSpec, Spec, expand_files, resolve_stage, stage_hash
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 Log = Callable[[str], None]
-# A custom resource that tuning trials' drivers take, so they never hold the CPUs training workers need.
-TRIAL_RESOURCE = "mixloop_trial"
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster, or start a private local one bound to 127.0.0.1 without a dashboard."""
-    import ray
-    import ray.data
-
-    # Ray Train's reports wait for the controller's poll; the default 2 s interval makes them slow.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
-    if ray.is_initialized():
-        return
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    if address:
-        ray.init(address=address)
-    else:
-        # The dashboard process also serves the state API that Ray Train polls; it listens on loopback only.
-        # Ray's own processes (Train's placement-group cleaner) call that API without an address: with
-        # another Ray on this machine they would find two and fail, so ours is named in their environment.
-        dashboard_port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        ray.init(dashboard_host="127.0.0.1", dashboard_port=dashboard_port, include_dashboard=True,
-                 num_cpus=num_cpus, resources={TRIAL_RESOURCE: 1000})
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Pipeline:
-    def __init__(self, spec: Spec, log: Log = print):
+    """A spec's run directory: prepares its data, trains and publishes its stages, evaluates and reports.
+    Ray starts (or is joined at `address`) on the first work that needs it, after the workdir's lock
+    is taken and the spec checked against the versions, so a refused run costs seconds. `lock`: the
+    workdir's lock when the caller already holds it."""
+
+    def __init__(self, spec: Spec, log: Log = print, address: str | None = None, lock=None):
         self.spec = spec
         self.pipeline = spec.pipeline
         self.workdir = spec.workdir
         self.log = log
-        makedirs(self.workdir)
+        self.address = address
+        self.lock = lock  # the workdir's lock while this pipeline holds it
+        self.folders: dict | None = None  # packed folder of each CorpusRequest, once prepare_all ran
+
+    @contextmanager
+    def locked(self, command: str):
+        """Hold the workdir's lock (one run per workdir); nested calls share the outer hold."""
+        if self.lock is not None:
+            yield self.lock
+            return
+        with workdir_lock(self.workdir, command, self.log) as lock:
+            self.lock = lock
+            try:
+                yield lock
+            finally:
+                self.lock = None
 
     # ------------------------------------------------------------ inputs
 
@@ -96,6 +87,7 @@ class Pipeline:
         """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
         Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
         target = join(self.workdir, "tokenizer")
+        makedirs(self.workdir)
         spec = self.pipeline.tokenizer
         # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
         source = {"spec": {**spec.model_dump(), "path": self.spec.path(spec.path) if spec.path else None},
@@ -118,6 +110,7 @@ class Pipeline:
                 train_tokenizer(self._tokenizer_texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
             write_json(record, source)
             if is_local(target):
+                share_with_umask(staging)  # mkdtemp made it private
                 os.replace(staging, target.removeprefix("file://"))
             else:
                 upload(staging, target, last="tokenizer.json")
@@ -130,16 +123,32 @@ class Pipeline:
         for name, corpus in self.pipeline.corpora.items():
             share = budget // len(self.pipeline.corpora)
             chunks = list_chunks(expand_files(self.corpus_files(name)["train"]), corpus.format)
-            for text in (_record_text(record) for chunk in chunks for _, record in iter_records(chunk)):
+            for text in (_record_text(record, corpus.kind) for chunk in chunks for _, record in iter_records(chunk)):
                 if share <= 0:
                     break
                 share -= len(text.encode())
                 yield text
 
+    def prepared_tokenizer(self, extra_stages: list[dict] = ()) -> str:
+        """The workdir's tokenizer, with every corpus the stages use packed and checked. A tokenizer
+        trained by this call is removed again when the data fails its checks, so the next run
+        trains it on the corrected data."""
+        fresh = not exists(join(self.workdir, "tokenizer", "tokenizer.json"))
+        tokenizer_dir = self.tokenizer_dir()
+        try:
+            self.prepare_all(tokenizer_dir, extra_stages)
+        except MixloopError:
+            if fresh:
+                remove(tokenizer_dir)
+                remove(join(self.workdir, "tokenizer-source.json"))
+            raise
+        return tokenizer_dir
+
     def prepare_all(self, tokenizer_dir: str, extra_stages: list[dict] = ()) -> None:
         """Pack, in one Ray Data job, every corpus split the spec (and `extra_stages`, resolved stages
         outside it such as a search's trials) uses that the cache lacks, so bad or missing data stops
         the run before any training."""
+        init_ray(self.address)
         requests = [self._request(n, "train", s["seq_len"], s["packing"])
                     for s in [*self.spec.resolved_stages(), *extra_stages] for n in s["mixture"]]
         requests += [self._request(n, "eval", self.default("seq_len"))
@@ -187,18 +196,30 @@ class Pipeline:
 
     def run(self) -> dict:
         """Train every missing stage, evaluate, print and store the eval matrix."""
-        trained = self.train()
-        if not trained:
-            self.log("every stage is done; nothing to train")
-        return {"trained": trained, **self.report()}
+        with self.locked("mixloop run"):
+            trained = self.train()
+            if not trained:
+                self.log("every stage is done; nothing to train")
+            return {"trained": trained, **self.report()}
 
     def train(self, until: str | None = None, extra_stages: list[dict] = ()) -> list[str]:
         """Train the missing stages in order, up to and including `until` (all by default); the
-        names of those trained. `extra_stages` are prepared too (see prepare_all)."""
-        write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
-        tokenizer_dir = self.tokenizer_dir()
+        names of those trained. `extra_stages` are prepared too (see prepare_all).
+
+        Nothing is written until the spec is accepted (no finished stage was edited) and the data
+        passed its checks: a run that fails those leaves the workdir as it was."""
+        conflicts = edited_stages(self.spec)
+        if conflicts:
+            raise StageConflictError("\n".join(conflicts))
+        with self.locked("mixloop run"):
+            return self._train(until, extra_stages)
+
+    def _train(self, until: str | None, extra_stages: list[dict]) -> list[str]:
+        for leftover in remove_partial_publishes(self.workdir):
+            self.log(f"removed {leftover}, left by a publish that was interrupted")
+        tokenizer_dir = self.prepared_tokenizer(extra_stages)
         previous = self.ensure_base(tokenizer_dir)
-        self.prepare_all(tokenizer_dir, extra_stages)
+        write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
         trained = []
         for stage in self.pipeline.stages if until != BASE_VERSION else []:
             resolved = resolve_stage(self.pipeline, stage)
@@ -206,11 +227,6 @@ class Pipeline:
             digest = stage_hash(resolved, parent["stage_hash"])
             existing = read_lineage(self.workdir, stage.name)
             if existing is not None:
-                if existing["stage_hash"] != digest:
-                    raise StageConflictError(
-                        f"stage {stage.name!r} changed after it produced version {stage.name} "
-                        f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: give the "
-                        f"changed stage a new name, or delete {version_dir(self.workdir, stage.name)} to retrain it.")
                 self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
                 previous = existing
             else:
@@ -222,6 +238,12 @@ class Pipeline:
 
     def report(self) -> dict:
         """Evaluate what is missing, then write eval/ and report/index.html and print the tables."""
+        with self.locked("mixloop report"):
+            return self._report()
+
+    def _report(self) -> dict:
+        if self.folders is None:  # `mixloop report` alone: the eval splits must be packed first
+            self.prepare_all(self.tokenizer_dir())
         matrix = self.evaluate()  # only pairs not stored yet are computed
         lineages = {v["version"]: v for v in list_versions(self.workdir)}
         deltas = iteration_deltas(matrix, lineages)
@@ -230,10 +252,14 @@ class Pipeline:
         write_text(join(self.workdir, "eval", "table.txt"), table + "\n")
         write_json(join(self.workdir, "eval", "matrix.json"), matrix)
         write_json(join(self.workdir, "eval", "deltas.json"), deltas)
-        page = write_report(self.workdir, lineages, matrix, deltas, health)
-        self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
+        unmeasured = [n for n in self.pipeline.corpora if "eval" not in self.corpus_files(n)]
+        page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
+        if any(matrix.values()):
+            self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:
             self.log("against each parent:\n" + format_deltas(deltas))
+        if unmeasured:
+            self.log(no_eval_note(unmeasured))
         self.log(f"report: {page}")
         return {"matrix": matrix, "deltas": deltas, "health": health, "report": page}
 
@@ -246,6 +272,7 @@ class Pipeline:
     def train_stage(self, stage: dict, parent: dict, digest: str, tokenizer_dir: str) -> dict:
         from mixloop.train.launch import fit_stage, run_name
 
+        verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
         job = self.stage_job(stage, parent)
         corpus_dirs, rows_per_step, total_steps = job["corpus_dirs"], job["rows_per_step"], job["total_steps"]
         self.log(f"stage {stage['name']}: training {total_steps} steps of {stage['global_batch_tokens']} tokens "
@@ -288,7 +315,8 @@ class Pipeline:
 
     def preview(self, stage_name: str | None = None) -> list[dict]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""
-        self.prepare_all(self.tokenizer_dir())
+        with self.locked("mixloop data preview"):
+            self.prepare_all(self.tokenizer_dir())
         report = []
         for stage in self.spec.resolved_stages():
             if stage_name not in (None, stage["name"]):
@@ -302,6 +330,7 @@ class Pipeline:
                 report.append({
                     "stage": stage["name"], "corpus": name, "documents": manifest["documents"],
                     "tokens": manifest["tokens"], "rows": manifest["rows"], "rejected": manifest["rejected"],
+                    "blank_lines": manifest.get("blank_lines", 0),  # manifests before the count lack it
                     "share": realised[name] / (rows_per_step * total_steps), "epochs": epochs[name],
                     "warnings": repeat_warnings(stage, {name: epochs[name]}),
                 })
@@ -312,12 +341,43 @@ class Pipeline:
         seq_len, rows = self.default("seq_len"), self.pipeline.eval_rows
         eval_dirs = {n: self.packed(n, "eval", seq_len) for n in self.pipeline.corpora if "eval" in self.corpus_files(n)}
         versions = [v["version"] for v in list_versions(self.workdir)]
+        for version in versions:  # cached results must not hide a version whose weights went bad
+            verified_version(self.workdir, version)
         return evaluate_versions(self.workdir, versions, eval_dirs, rows)
 
     def default(self, field: str):
         """A setting of the pipeline's defaults, or mixloop's own when the spec leaves it out."""
         value = getattr(self.pipeline.defaults, field)
         return value if value is not None else getattr(BUILTIN_DEFAULTS, field)
+
+
+def no_eval_note(corpora: list[str]) -> str:
+    return (f"no eval split for corpora {', '.join(corpora)}: their uptake and forgetting are not measured. "
+            "Fix: add `eval: <held-out file>` to each of them in the spec.")
+
+
+def edited_stages(spec: Spec) -> list[str]:
+    """A problem for every finished stage of the spec whose settings (or whose parent's) changed
+    after it produced its version: versions are immutable, so such a spec is refused."""
+    workdir = spec.workdir
+    base = read_lineage(workdir, BASE_VERSION)
+    if base is None:
+        return []
+    hashes, problems = {BASE_VERSION: base["stage_hash"]}, []
+    previous = BASE_VERSION
+    for index, stage in enumerate(spec.pipeline.stages):
+        parent = stage.start_from or previous
+        digest = stage_hash(resolve_stage(spec.pipeline, stage), hashes.get(parent, ""))
+        existing = read_lineage(workdir, stage.name)
+        if existing is not None and existing["stage_hash"] != digest:
+            problems.append(
+                f"stages[{index}] ({stage.name}): changed after it produced version {stage.name} "
+                f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: restore the stage's "
+                f"settings, give the changed stage a new name, or delete {version_dir(workdir, stage.name)} to "
+                "retrain it.")
+        hashes[stage.name] = existing["stage_hash"] if existing is not None else digest
+        previous = stage.name
+    return problems
 
 
 def stage_job(pipeline: PipelineSpec, workdir: str, stage: dict, parent: dict, corpus_dirs: dict[str, str],
@@ -348,9 +408,11 @@ def repeat_warnings(stage: dict, epochs: dict[str, float]) -> list[str]:
             if passes > stage["max_repeats"]]
 
 
-def _record_text(record) -> str:
-    if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return record["text"]
-    if isinstance(record, dict) and isinstance(record.get("conversations"), list):
-        return "\n".join(str(t.get("content", "")) for t in record["conversations"] if isinstance(t, dict))
-    return ""
+def _record_text(record, kind: str) -> str:
+    """The text a record trains on, or "" for a record that preparation will reject."""
+    try:
+        if kind == "text":
+            return records.check_text(record)
+        return "\n".join(turn["content"] for turn in records.check_chat(record))
+    except records.BadRecord:
+        return ""

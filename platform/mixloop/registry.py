@@ -5,11 +5,16 @@ tokenizer files with their chat template, and lineage.json. A version exists
 only once it is complete: locally it is assembled in a hidden folder and
 renamed into place; on object stores lineage.json is uploaded last, and
 readers treat a folder without it as absent.
+
+lineage.json records the SHA-256 of every weights file, and whoever loads a
+version (the next stage, eval, chat, export) checks them first: a truncated or
+altered file is named with the fix instead of failing deep inside transformers.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import shutil
 import tempfile
@@ -18,10 +23,13 @@ from pathlib import Path
 import fsspec
 
 from mixloop import __version__
-from mixloop.storage import is_local, join, local_copy, read_json, upload, write_json
+from mixloop.errors import CorruptVersionError, MixloopError
+from mixloop.storage import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
 
 LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
+WEIGHT_FILES = ("model.safetensors",)
+PARTIAL = ".partial-"
 
 
 def version_dir(workdir: str, version: str) -> str:
@@ -53,6 +61,8 @@ def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, line
         for name in MODEL_FILES:
             if Path(model_dir, name).exists():
                 shutil.copy2(Path(model_dir, name), Path(staging, name))
+        lineage["weights_sha256"] = {name: file_sha256(str(Path(staging, name)))
+                                     for name in WEIGHT_FILES if Path(staging, name).exists()}
         for file in Path(local_copy(tokenizer_dir)).iterdir():
             if not file.name.startswith("."):
                 shutil.copy2(file, Path(staging, file.name))
@@ -66,15 +76,60 @@ def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, line
 
 
 def _move_into_place(staging: str, target: str) -> None:
-    hidden = Path(target).parent / f".{Path(target).name}.partial-{os.getpid()}"
+    hidden = Path(target).parent / f".{Path(target).name}{PARTIAL}{os.getpid()}"
     shutil.rmtree(hidden, ignore_errors=True)
     shutil.copytree(staging, hidden)
+    share_with_umask(hidden)  # the staging folder was private (0700); a version is for everyone
     if Path(target, LINEAGE).exists():
         shutil.rmtree(hidden)
         raise FileExistsError(f"version {Path(target).name} was published meanwhile by another run")
     if Path(target).exists():  # an incomplete leftover (no lineage): readers already ignore it
         shutil.rmtree(target)
     os.replace(hidden, target)
+
+
+def remove_partial_publishes(workdir: str) -> list[str]:
+    """Delete the hidden staging folders of publishes that were killed midway. Only safe while this
+    process holds the workdir's lock, so no other publish is under way."""
+    models = Path(join(workdir, "models").removeprefix("file://"))
+    if not is_local(workdir) or not models.is_dir():
+        return []  # on object stores nothing is staged in the workdir
+    leftovers = [p for p in models.iterdir() if p.name.startswith(".") and PARTIAL in p.name]
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [str(p) for p in leftovers]
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a local file or URI, read in 8 MiB blocks (weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    fs, inner = fsspec.core.url_to_fs(path)
+    with fs.open(inner, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_version(workdir: str, version: str) -> str:
+    """The folder of a complete version whose weights match the hashes in its lineage; a clear
+    error naming the file and the fix otherwise. Versions published before hashes were recorded
+    are taken as they are."""
+    lineage = read_lineage(workdir, version)
+    folder = version_dir(workdir, version)
+    if lineage is None:
+        raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list {workdir}`.")
+    for name, expected in (lineage.get("weights_sha256") or {}).items():
+        path = join(folder, name)
+        try:
+            actual = file_sha256(path)
+        except FileNotFoundError:
+            actual = "missing"
+        if actual != expected:
+            raise CorruptVersionError(
+                f"{path}: the weights of version {version} are {'missing' if actual == 'missing' else 'corrupt'} "
+                f"(SHA-256 {actual[:12]}, lineage.json says {expected[:12]}). Fix: restore the file from a backup, "
+                f"or delete {folder} and run the pipeline again to retrain it.")
+    return folder
 
 
 def flatten(data, prefix: str = "") -> dict[str, object]:
@@ -101,7 +156,7 @@ def export(workdir: str, version: str, target: str) -> None:
     """A clean Hugging Face directory of a version: weights, config, tokenizer and chat template."""
     if read_lineage(workdir, version) is None:
         raise FileNotFoundError(f"no version {version!r} in {workdir}")
-    source = Path(local_copy(version_dir(workdir, version)))
+    source = Path(local_copy(verified_version(workdir, version)))
     out = Path(target)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")

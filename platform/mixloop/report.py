@@ -121,19 +121,22 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict) -> str:
-    """Write <workdir>/report/index.html and its plots; returns the page's path or URI."""
+def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict,
+                 unmeasured: list[str] = ()) -> str:
+    """Write <workdir>/report/index.html and its plots; returns the page's path or URI. `unmeasured`:
+    the corpora without an eval split, which the page names with how to add one."""
     target = join(workdir, "report")
     if is_local(target):
-        return str(_write_pages(Path(target.removeprefix("file://")), workdir, lineages, matrix, deltas, health))
+        folder = Path(target.removeprefix("file://"))
+        return str(_write_pages(folder, workdir, lineages, matrix, deltas, health, unmeasured))
     with tempfile.TemporaryDirectory() as staging:
-        _write_pages(Path(staging), workdir, lineages, matrix, deltas, health)
+        _write_pages(Path(staging), workdir, lineages, matrix, deltas, health, unmeasured)
         upload(staging, target, last="index.html")
     return join(target, "index.html")
 
 
 def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict,
-                 health: dict) -> Path:
+                 health: dict, unmeasured: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stages = [v for v, lineage in lineages.items() if lineage.get("stage")]
     curves = training_curves(join(workdir, "metrics.jsonl"), stages)
@@ -142,15 +145,16 @@ def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: 
         _plot_training(curves, folder / "training.png")
     else:
         images.pop("training.png")
-    _plot_matrix(matrix, folder / "eval_matrix.png")
-    images["eval_matrix.png"] = "Eval loss: versions by eval sets"
+    if any(matrix.values()):  # no eval split at all: nothing to draw
+        _plot_matrix(matrix, folder / "eval_matrix.png")
+        images["eval_matrix.png"] = "Eval loss: versions by eval sets"
     if deltas:
         _plot_deltas(deltas, folder / "uptake_forgetting.png")
         images["uptake_forgetting.png"] = "Uptake and forgetting against the parent version"
     _plot_lineage(lineages, folder / "lineage.png")
     images["lineage.png"] = "Lineage"
     page = folder / "index.html"
-    page.write_text(_html(lineages, matrix, deltas, health, images))
+    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured))
     return page
 
 
@@ -160,10 +164,13 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(lineages, matrix, deltas, health, images) -> str:
+def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
     sets = sorted({c for row in matrix.values() for c in row})
-    sections = [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
-                for name, title in images.items()]
+    sections = [f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
+                "are not measured on them. Add <code>eval: &lt;held-out file&gt;</code> to each of these corpora "
+                "in the spec and run <code>mixloop report</code> again.</p>"] if unmeasured else []
+    sections += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+                 for name, title in images.items()]
     sections.append("<h2>Eval loss</h2>" + _table(
         ["version"] + sets,
         [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()]))
@@ -187,7 +194,7 @@ def _html(lineages, matrix, deltas, health, images) -> str:
           lin.get("finished", "")] for v, lin in lineages.items()]))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;text-align:left;vertical-align:top}")
+             "font-size:13px;text-align:left;vertical-align:top}.note{background:#fff4d6;padding:8px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
             f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n")
 

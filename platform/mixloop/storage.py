@@ -28,6 +28,15 @@ import fsspec
 LOCAL_CACHE = Path(tempfile.gettempdir()) / "mixloop-cache"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts for local paths and URIs alike."""
     return "/".join([base.rstrip("/"), *parts])
@@ -42,9 +51,23 @@ def exists(path: str) -> bool:
     return fs.exists(inner)
 
 
+def remove(path: str) -> None:
+    """Delete a file or a folder with its contents, if it exists."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
 def makedirs(path: str) -> None:
     fs, inner = fsspec.core.url_to_fs(path)
     fs.makedirs(inner, exist_ok=True)
+
+
+def share_with_umask(folder: str | Path) -> None:
+    """Give a local folder staged with tempfile (private: 0700 folders, 0600 files) the modes any new
+    file would get, so other users of a shared run directory can read what it becomes."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
 def read_text(path: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 from support import write_spec
 
 from mixloop.data.store import PackedCorpus, read_manifest
-from mixloop.errors import DataError, MixloopError
+from mixloop.errors import DataError, MixloopError, SpecError
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
@@ -129,18 +129,32 @@ def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_p
     assert long_text[:100] in reject["record"]
 
 
-def test_empty_corpus_stops_before_training(ray_address, tmp_path):
-    spec = load_spec(write_spec(tmp_path, {
-        "name": "empty", "workdir": str(tmp_path / "run"),
-        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
-        "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))},
-                    "empty": {"kind": "chat", "path": str(corpus_path(tmp_path, "empty", []))}},
-        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
-        "stages": [{"name": "s", "mixture": {"good": 1, "empty": 1}, "tokens": 128}],
-    }))
+def test_empty_or_all_bad_corpus_stops_and_leaves_the_workdir_as_it_was(ray_address, tmp_path):
+    def spec_with(empty_lines):
+        return write_spec(tmp_path, {
+            "name": "empty", "workdir": str(tmp_path / "run"),
+            "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
+            "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))},
+                        "empty": {"kind": "chat", "path": str(corpus_path(tmp_path, "empty", empty_lines))}},
+            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+            "stages": [{"name": "s", "mixture": {"good": 1, "empty": 1}, "tokens": 128}],
+        })
+
+    # A file of no bytes is found by validation, before Ray or any file in the workdir.
+    with pytest.raises(SpecError, match=r"corpora\.empty\.path: every file matching .* is empty"):
+        load_spec(spec_with([]))
+    assert not (tmp_path / "run").exists()
+
+    # Blank lines and bad records only: found once the corpus is read, and nothing stays published.
+    (tmp_path / "empty.jsonl").unlink()
+    spec = load_spec(spec_with([b"", b"   ", b'{"conversations": []}', b""]))
     with pytest.raises(DataError, match="corpus 'empty' .*no usable document"):
         Pipeline(spec, log=lambda line: None).run()
-    assert not (tmp_path / "run" / "train").exists()
+    run = tmp_path / "run"
+    leftovers = {p.name for p in run.iterdir()} - {"cache", "rejects", "generated"}
+    assert leftovers == set(), leftovers  # no tokenizer, no models/base, no pipeline.yaml, no lock
+    manifest = json.loads(next((run / "cache").glob("empty-train-*/manifest.json")).read_text())
+    assert manifest["blank_lines"] == 3 and manifest["rejected"] == 1 and manifest["documents"] == 0
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_stops_before_training(tmp_path):

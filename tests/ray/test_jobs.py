@@ -24,6 +24,7 @@ from support import generated_spec, port_block, stop_head, write_spec
 
 from mixloop import cli, jobs
 from mixloop.errors import MixloopError
+from mixloop.lock import workdir_lock
 
 pytestmark = pytest.mark.slow
 
@@ -182,6 +183,12 @@ def test_second_submit_is_refused_while_running_and_stop_stops_it(mixloop, head,
         assert out.count(f"Running entrypoint for job {job}") == 1 and "] step 8/8" not in out, out
     assert mixloop(["jobs", "stop", job]) == 0
     assert "already ended: STOPPED" in capsys.readouterr().out
+
+    # A workdir that another run holds is refused before a job is made for it.
+    with workdir_lock(str(tmp_path / "run"), "mixloop tune search.yaml", log=lambda line: None):
+        assert mixloop(["submit", str(spec), "--no-wait"]) == 3
+    err = capsys.readouterr().err
+    assert f"workdir {tmp_path / 'run'} is in use by 'mixloop tune search.yaml' (pid {os.getpid()}" in err
 
 
 def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, monkeypatch, capsys):

@@ -105,21 +105,39 @@ def test_one_stage_on_two_workers(uninterrupted, capsys):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, uninterrupted, tmp_path):
+def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, uninterrupted, tmp_path, capsys):
+    """Also: while the first run trains, a second run of the spec is refused at once (one run per
+    workdir); after its kill -9 the next run takes its lock over; its output, written to a file, is
+    only mixloop's lines (no colour codes, nothing at error level)."""
     interrupted = tmp_path / "interrupted"
     spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED]))
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "mixloop.cli", "run", str(spec_path), "--address", ray_address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "mixloop.cli", "run", str(spec_path), "--address", ray_address],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         wait_for_checkpoint(interrupted, 15, lambda: driver.poll() is None)
+        started = time.time()
+        assert main(["run", str(spec_path)]) == 3
+        refused_after = time.time() - started
+        err = capsys.readouterr().err
+        assert refused_after < 5, refused_after
+        assert f"pid {driver.pid} on" in err and "'mixloop run'" in err and "One run per workdir" in err
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert not (interrupted / "models" / "mixed").exists()
+    output = (tmp_path / "driver.log").read_text()
+    assert "[mixed] step 10/40" in output
+    assert "\x1b[" not in output and "Traceback" not in output
+    assert not [line for line in output.splitlines() if " E " in line[:40] or "ERROR" in line or "WARNING" in line]
 
-    Pipeline(load_spec(spec_path), log=lambda line: None).run()
+    lines = []
+    Pipeline(load_spec(spec_path), log=lines.append).run()
+    assert any(f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line
+               for line in lines), lines
+    assert not (interrupted / ".lock").exists(), "the lock is released when the run ends"
     lineage = json.loads((interrupted / "models" / "mixed" / "lineage.json").read_text())
     assert lineage["metrics"]["resumed_from"] >= 10
     assert [m["step"] for m in metrics(interrupted, "mixed")].count(5) == 1, "the resumed run started again at step 0"

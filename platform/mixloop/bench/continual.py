@@ -51,7 +51,8 @@ def continual_spec(data: Path, workdir: Path) -> dict:
 
 
 def continual(data: Path, workdir: Path, address: str | None = None) -> dict:
-    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.pipeline import Pipeline
+    from mixloop.ray_setup import init_ray
     from mixloop.spec import load_spec
 
     workdir.mkdir(parents=True, exist_ok=True)

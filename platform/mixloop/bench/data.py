@@ -175,7 +175,7 @@ def _child(argv: list[str]) -> None:
 
     from mixloop.data.prepare import CorpusRequest, prepare_corpora
     from mixloop.data.store import read_manifest
-    from mixloop.pipeline import init_ray
+    from mixloop.ray_setup import init_ray
 
     init_ray()
     corpora = json.loads(args.corpora)

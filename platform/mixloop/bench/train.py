@@ -46,7 +46,8 @@ def train_benchmark(data: Path, workdir: Path, preset: str, steps: int, seq_len:
     import torch
 
     from mixloop.data.store import read_manifest
-    from mixloop.pipeline import Pipeline, init_ray
+    from mixloop.pipeline import Pipeline
+    from mixloop.ray_setup import init_ray
     from mixloop.registry import read_lineage
     from mixloop.spec import load_spec, stage_hash
     from mixloop.storage import join

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -303,8 +304,9 @@ def _resume_line(job: StageJob, step: int) -> str:
     logged = [m for m in logged if m["stage"] == job.stage["name"]]
     redo = max([m["step"] for m in logged] + [step]) - step
     since = time.time() - logged[-1]["time"] if logged else 0.0
+    lost = f"{redo} logged step(s) to redo" if redo else "no logged step lost"
     return (f"[{job.stage['name']}] resumed from checkpoint at step {step}/{job.total_steps}: "
-            f"at least {redo} step(s) to redo, {since:.1f} s since the last report")
+            f"{lost}, {since:.1f} s since the last report")
 
 
 class MicroBatch:
@@ -391,22 +393,34 @@ def _start(job: StageJob, device):
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    source = None
-    if checkpoint is not None:
-        source = checkpoint.to_directory()
+    if checkpoint is None:
+        state = {"step": 0, "lr": job.start_lr, "tokens": [0.0] * len(job.stage["mixture"]), "resumed_from": None}
+        model = load_model(job.parent_dir, job.trust_remote_code).to(device)
+        return model, _optimizer(model, job.stage, device), state
+    with restored(checkpoint) as source:
         state = json.loads((Path(source) / STATE_FILE).read_text())
         state["resumed_from"] = state["step"]
-    else:
-        state = {"step": 0, "lr": job.start_lr, "tokens": [0.0] * len(job.stage["mixture"]), "resumed_from": None}
-    model = load_model(source or job.parent_dir, job.trust_remote_code).to(device)
-    optimizer = _optimizer(model, job.stage, device)
-    if source is not None:
+        model = load_model(source, job.trust_remote_code).to(device)
+        optimizer = _optimizer(model, job.stage, device)
         optimizer.load_state_dict(torch.load(Path(source) / OPTIMIZER_FILE, weights_only=True, map_location=device))
         rng = torch.load(Path(source) / RNG_FILE, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return model, optimizer, state
+
+
+@contextmanager
+def restored(checkpoint):
+    """A checkpoint's files in a folder of this process's own, deleted afterwards. Ray's
+    `to_directory()` without a path gives every process of a node one shared folder, and a process
+    arriving after the first download has finished downloads again over files that others have
+    memory-mapped (safetensors): they die with SIGBUS. A private folder cannot be overwritten."""
+    folder = tempfile.mkdtemp(prefix=f"mixloop-restore-{os.getpid()}-")
+    try:
+        yield checkpoint.to_directory(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _optimizer(model, stage: dict, device) -> torch.optim.AdamW:

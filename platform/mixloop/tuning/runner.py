@@ -34,7 +34,8 @@ from ray.tune.search.optuna import OptunaSearch
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions
-from mixloop.pipeline import TRIAL_RESOURCE, Pipeline, init_ray, stage_job
+from mixloop.pipeline import Pipeline, stage_job
+from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
 from mixloop.registry import now, read_lineage
 from mixloop.spec import stage_hash
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
@@ -52,12 +53,14 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
     search = load_search(path)
     if apply:
         _check_apply(search, trial)
-    init_ray(address)
-    pipeline, context = _prepare(search, log)
-    grid = _tuner(search, context, log).fit()
-    results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
-    if apply:
-        _apply(search, pipeline, context, results, log)
+    pipeline = Pipeline(search.pipeline, log, address)
+    with pipeline.locked(f"mixloop tune {path}"):  # trials train from, and write into, the pipeline's workdir
+        init_ray(address)
+        context = _prepare(search, pipeline)
+        grid = _tuner(search, context, log).fit()
+        results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
+        if apply:
+            _apply(search, pipeline, context, results, log)
     return results
 
 
@@ -117,9 +120,8 @@ class TrialContext:
         return job
 
 
-def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
+def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
     """Train up to the start version, pack every corpus a trial may read, evaluate the start version."""
-    pipeline = Pipeline(search.pipeline, log)
     template = search.resolved_template
     candidates = {**template, "mixture": {c: 1.0 for c in {*template["mixture"], *search.searched_corpora}}}
     pipeline.train(until=search.start_from, extra_stages=[candidates])
@@ -130,7 +132,7 @@ def _prepare(search: Search, log: Log) -> tuple[Pipeline, TrialContext]:
     rows = search.pipeline.pipeline.eval_rows
     start = evaluate_versions(search.pipeline.workdir, [search.start_from], eval_dirs, rows)[search.start_from]
     trials = search.spec.trials
-    return pipeline, TrialContext(
+    return TrialContext(
         search=search, folder=join(search.pipeline.workdir, "tune", search.spec.name), corpus_dirs=corpus_dirs,
         parent=read_lineage(search.pipeline.workdir, search.start_from), eval_dirs=eval_dirs, eval_rows=rows,
         start_losses={c: r["loss"] for c, r in start.items()},

@@ -1,0 +1,136 @@
+"""Versions are verified before use and readable by others; the report copes with missing eval splits;
+user-caused errors become one line with a documented exit code."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mixloop.cli import as_user_error, build_parser, main
+from mixloop.errors import CorruptVersionError, SpecError, StorageError
+from mixloop.registry import export, publish, remove_partial_publishes, verified_version, version_dir
+from mixloop.report import write_report
+
+
+@pytest.fixture
+def version(tmp_path, trained_tokenizer):
+    """A published micro model `v1` in tmp_path/run."""
+    from mixloop.model import model_config, new_model
+
+    model_dir, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
+    new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(model_dir)
+    trained_tokenizer.save_pretrained(tokenizer_dir)
+    workdir = tmp_path / "run"
+    publish(str(workdir), "v1", str(model_dir), str(tokenizer_dir), {"parent": None, "stage_hash": "h"})
+    return workdir
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_version_records_its_weights_hash_and_a_corrupt_file_is_named_with_the_fix(version, tmp_path):
+    lineage = json.loads((version / "models/v1/lineage.json").read_text())
+    assert len(lineage["weights_sha256"]["model.safetensors"]) == 64
+    assert verified_version(str(version), "v1") == version_dir(str(version), "v1")
+    truncate(version / "models/v1/model.safetensors")
+    with pytest.raises(CorruptVersionError) as error:
+        verified_version(str(version), "v1")
+    message = str(error.value)
+    assert str(version / "models/v1/model.safetensors") in message and "Fix:" in message
+    with pytest.raises(CorruptVersionError):
+        export(str(version), "v1", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists(), "nothing is exported from a corrupt version"
+
+
+def test_cli_export_and_chat_refuse_a_corrupt_version_without_a_traceback(version, tmp_path, capsys):
+    truncate(version / "models/v1/model.safetensors")
+    for argv in (["models", "export", str(version), "v1", str(tmp_path / "out")], ["chat", str(version), "v1"]):
+        assert main(argv) == CorruptVersionError.exit_code
+        err = capsys.readouterr().err
+        assert err.startswith("mixloop: error: ") and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_versions_are_readable_under_the_umask_and_killed_publishes_are_cleaned_up(version):
+    mode = stat.S_IMODE(os.stat(version / "models/v1").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask, oct(mode)
+    files = [stat.S_IMODE(p.stat().st_mode) for p in (version / "models/v1").iterdir()]
+    assert all(m & 0o044 == 0o044 & ~umask for m in files)
+    leftover = version / "models" / ".v2.partial-12345"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert remove_partial_publishes(str(version)) == [str(leftover)]
+    assert not leftover.exists() and (version / "models/v1").exists()
+
+
+def test_report_without_eval_splits_renders_and_names_what_to_add(tmp_path):
+    lineages = {"base": {"version": "base", "parent": None}, "s": {"version": "s", "parent": "base",
+                                                                 "stage": {"mixture": {"web": {"from": 1, "to": 1}}}}}
+    page = Path(write_report(str(tmp_path), lineages, {"base": {}, "s": {}}, {}, {}, ["web", "chats"]))
+    text = page.read_text()
+    assert "No eval split for web, chats" in text and "eval: &lt;held-out file&gt;" in text
+    assert not (tmp_path / "report" / "eval_matrix.png").exists()
+    assert (tmp_path / "report" / "lineage.png").exists()
+
+
+def test_report_with_eval_splits_on_some_corpora_draws_them(tmp_path):
+    lineages = {"base": {"version": "base", "parent": None}}
+    matrix = {"base": {"web": {"loss": 2.0}}}
+    page = Path(write_report(str(tmp_path), lineages, matrix, {}, {}, ["chats"]))
+    assert (tmp_path / "report" / "eval_matrix.png").stat().st_size > 0
+    assert "No eval split for chats" in page.read_text() and "2.0000" in page.read_text()
+
+
+@pytest.mark.parametrize("code, words", [(errno.EACCES, "write access"), (errno.EROFS, "read-only"),
+                                         (errno.ENOSPC, "disk is full")])
+def test_storage_errors_become_one_line_with_the_path_and_a_fix(code, words):
+    error = as_user_error(OSError(code, os.strerror(code), "/data/run/models"))
+    assert isinstance(error, StorageError) and error.exit_code == 5
+    assert str(error).startswith("/data/run/models: ") and words in str(error)
+
+
+def test_a_bug_keeps_its_traceback():
+    assert as_user_error(KeyError("x")) is None
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    assert main(["validate", missing]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+    with pytest.raises(SpecError, match="no such spec file"):  # raised: Python prints its traceback
+        main(["--debug", "validate", missing])
+
+
+def _commands(parser, path=()):
+    for action in parser._actions:
+        if hasattr(action, "choices") and isinstance(action.choices, dict) and action.choices:
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+            return
+    yield path, parser
+
+
+def test_every_command_has_a_description_an_example_and_help_for_every_argument():
+    commands = list(_commands(build_parser()))
+    assert len(commands) >= 18
+    for path, parser in commands:
+        assert parser.description and parser.description.endswith("."), path
+        assert parser.epilog and f"mixloop {path[0]}" in parser.epilog, path
+        for action in parser._actions:
+            assert action.help, (path, action.dest)
+
+
+def test_the_top_level_help_is_whole_sentences_and_lists_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "reports what each\nversion gained and forgot." in out or "version gained and forgot." in out
+    assert "exit codes:" in out and "3  another run holds the workdir's lock" in out
