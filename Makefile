@@ -24,7 +24,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit -q
 
-# Whole searches (interrupted and resumed, --apply round trip): about 4 minutes on 2 cores.
+# Whole searches alone (interrupted and resumed, --apply round trip); make test runs them too.
 test-tuning: setup
 	$(BIN)/python -m pytest -m tuning tests/ray/test_tune_runs.py
 
