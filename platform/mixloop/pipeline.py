@@ -25,7 +25,7 @@ from mixloop.data import records, synthetic
 from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import read_manifest
-from mixloop.storage import (exists, is_local, join, makedirs, read_json, remove, share_with_umask, upload, write_json,
+from mixloop.storage import (exists, expand_files, is_local, join, makedirs, read_json, remove, share_with_umask, upload, write_json,
                              write_text)
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions, format_deltas, format_matrix, health_versions, iteration_deltas
@@ -36,7 +36,7 @@ from mixloop.ray_setup import init_ray
 from mixloop.registry import (list_versions, now, publish, read_lineage, remove_partial_publishes, verified_version,
                               version_dir)
 from mixloop.report import write_report
-from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, PipelineSpec, Spec, expand_files, resolve_stage, stage_hash
+from mixloop.spec import BASE_VERSION, BUILTIN_DEFAULTS, CorpusSpec, PipelineSpec, Spec, resolve_stage, stage_hash
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 Log = Callable[[str], None]

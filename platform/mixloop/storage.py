@@ -58,6 +58,32 @@ def remove(path: str) -> None:
         fs.rm(inner, recursive=True)
 
 
+def size(path: str) -> int:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.size(inner) or 0
+
+
+def expand_files(pattern: str) -> list[str]:
+    """Files matching a path, glob or URI, sorted, as URIs/paths usable by fsspec."""
+    fs, _ = fsspec.core.url_to_fs(pattern)
+    try:
+        matches = fs.expand_path(pattern.split("://", 1)[-1] if "://" in pattern else pattern, recursive=False)
+    except FileNotFoundError:
+        return []
+    files = sorted(m for m in matches if fs.isfile(m))
+    protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+    return [protocol + f if protocol and not f.startswith(protocol) else f for f in files]
+
+
+def file_format(path: str) -> str | None:
+    name = path.lower()
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
 def makedirs(path: str) -> None:
     fs, inner = fsspec.core.url_to_fs(path)
     fs.makedirs(inner, exist_ok=True)

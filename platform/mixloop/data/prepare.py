@@ -30,9 +30,8 @@ import pyarrow.parquet as pq
 from mixloop.data import records
 from mixloop.data.packing import Packer
 from mixloop.data.store import MANIFEST, read_manifest, write_shard
-from mixloop.storage import append_line, join, write_json
+from mixloop.storage import append_line, expand_files, file_format, join, write_json
 from mixloop.errors import DataError
-from mixloop.spec import expand_files, file_format
 from mixloop.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1

@@ -1,0 +1,30 @@
+"""The pipeline spec: one YAML file, validated strictly before any Ray work.
+
+Structure is checked by pydantic (unknown keys are errors), meaning by
+``checks``; every problem is reported at once with its YAML path and
+a fix. When the structure is wrong, the parts that validate on their own (the
+tokenizer, the model, each corpus, the defaults, each stage) still get their
+semantic checks, so one run of ``mixloop validate`` lists everything it can.
+Stages inherit unset settings from ``defaults``, which inherit from
+``BUILTIN_DEFAULTS``; ``resolve_stage`` produces the complete, plain stage that
+workers receive as JSON.
+
+The package's modules: schema (the pydantic models), resolve (stages filled in, and their hash),
+messages (structural problems in words), checks (semantic problems), load (YAML to a Spec).
+"""
+
+from mixloop.spec.checks import max_positions, stage_problems, workdir_problems
+from mixloop.spec.load import check_spec_data, load_spec, read_yaml, validate_yaml
+from mixloop.spec.messages import format_problems
+from mixloop.spec.resolve import TRAJECTORY_FIELDS, Spec, resolve_stage, stage_hash
+from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
+                                 QWEN3_DEFAULT_POSITIONS, STAGE_NAME_PATTERN, CorpusSpec, LRSpec, ModelSpec,
+                                 PipelineSpec, Ramp, StageSettings, StageSpec, StageTemplate, Strict, Workers)
+
+__all__ = [
+    "BASE_VERSION", "BUILTIN_DEFAULTS", "MODEL_PRESETS", "PRESET_POSITIONS", "QWEN3_DEFAULT_POSITIONS",
+    "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp", "Spec",
+    "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "check_spec_data", "format_problems",
+    "load_spec", "max_positions", "read_yaml", "resolve_stage", "stage_hash", "stage_problems", "validate_yaml",
+    "workdir_problems",
+]

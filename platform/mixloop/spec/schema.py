@@ -1,0 +1,285 @@
+"""The spec's schema: pydantic models of the pipeline YAML, strict (unknown keys are errors), each
+field documented where it is declared; numbers in exponent notation (2e9) read as numbers."""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_PRESETS = ("minimind-3", "small", "tiny", "micro")
+GENERATED_TOPICS = ("general", "astronomy")
+STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+BASE_VERSION = "base"
+# max_position_embeddings of mixloop.model.PRESETS, and Qwen3Config's default for a preset or config without
+# one. Copied so that validating a spec does not import torch and transformers (seconds); a unit test keeps
+# them in step.
+PRESET_POSITIONS = {"minimind-3": 32768, "small": 4096, "tiny": 2048, "micro": 2048}
+QWEN3_DEFAULT_POSITIONS = 32768
+
+
+# A number in exponent notation. YAML 1.1 (PyYAML) reads 2e9, 2.0e9 and 1e-3 as strings: it wants a dot
+# and a signed exponent (2.0e+9). Numeric fields take them as numbers; the YAML itself is left alone,
+# so a name such as 1e5 stays a string when a spec is dumped and read again.
+EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+")
+
+
+def _as_number(value: Any) -> Any:
+    """A string in exponent notation as its float (2e9 -> 2000000000.0); anything else as it is."""
+    return float(value) if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()) else value
+
+
+def _is_whole(value: Any) -> bool:
+    """An int, or a float without a fractional part (2e9 in YAML), as a count may be written."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] -> X, so walking sees the model inside."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, type(int | None)) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _numbers_where_numeric(value: Any, annotation: Any) -> Any:
+    """`value` with exponent strings turned into numbers wherever `annotation` wants an int or a float
+    (also inside lists, tuples and dict values); an int field then takes a whole float as its int."""
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation in (int, float):
+        return _as_number(value)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple) and isinstance(value, list) and args:
+        kinds = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+        return [_numbers_where_numeric(item, kind) for item, kind in zip(value, kinds)] + value[len(kinds):]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {key: _numbers_where_numeric(item, args[1]) for key, item in value.items()}
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exponent_numbers(cls, value: Any, info) -> Any:
+        return _numbers_where_numeric(value, cls.model_fields[info.field_name].annotation)
+
+
+class TrainTokenizer(Strict):
+    vocab_size: int = Field(ge=260, le=262144, examples=[6400])
+    """Size of the byte-level BPE vocabulary, special tokens included."""
+    sample_bytes: int = Field(default=50_000_000, gt=0)
+    """At most this many bytes of the pipeline's corpora are read to train it."""
+
+
+class TokenizerSpec(Strict):
+    path: str | None = None
+    """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json)."""
+    train: TrainTokenizer | None = None
+    """Train a byte-level BPE with a ChatML chat template on the pipeline's corpora."""
+
+
+class ModelSpec(Strict):
+    preset: Literal[MODEL_PRESETS] | None = None  # type: ignore[valid-type]
+    """A named Qwen3 configuration: minimind-3, small, tiny or micro."""
+    config: dict[str, Any] | None = None
+    """Qwen3Config fields, applied over the preset if one is given."""
+    path: str | None = None
+    """An existing Hugging Face causal-LM directory to start from."""
+    trust_remote_code: bool = False
+    """Allow code shipped inside a model directory to run. Off unless you trust it."""
+
+
+class Generate(Strict):
+    topic: Literal[GENERATED_TOPICS]  # type: ignore[valid-type]
+    """What the generated documents are about: general or astronomy."""
+    documents: int = Field(default=2000, gt=0)
+    """How many training documents to generate."""
+    eval_documents: int = Field(default=100, gt=0)
+    """How many held-out documents to generate for the eval split."""
+    seed: int = 0
+    """Seed of the generator: the same seed writes the same files."""
+
+
+class CorpusSpec(Strict):
+    kind: Literal["text", "chat"]
+    """text rows are {"text": ...} and train on every token; chat rows are
+    {"conversations": [...]} and train on assistant tokens only."""
+    path: str | None = None
+    """A path, glob or fsspec URI (s3://...) of jsonl or parquet files."""
+    format: Literal["jsonl", "parquet"] | None = None
+    """File format; taken from the file extension when not given."""
+    eval: str | None = None
+    """A held-out split in the same format, used to measure uptake and forgetting."""
+    generate: Generate | None = None
+    """Let mixloop generate this corpus (used by the quickstart; nothing to download)."""
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
+    """Stop when more than this share of records is malformed (they go to rejects/)."""
+    max_document_tokens: int | None = Field(default=None, gt=0)
+    """Longest document, in tokens, taken whole; longer ones are handled as `long_documents` says."""
+    long_documents: Literal["split", "drop"] = "split"
+    """split: cut a document longer than max_document_tokens into pieces trained as separate
+    documents (counted in the manifest); drop: write it to rejects/ with its length."""
+
+
+class LRSpec(Strict):
+    peak: float | None = Field(default=None, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    warmup: float | None = Field(default=None, ge=0, lt=1)
+    """Share of the stage's steps spent warming up to the peak."""
+    warmup_from: Literal["current", "zero"] | None = None
+    """current: re-warm from the parent version's final learning rate; zero: from 0."""
+    decay: Literal["cosine", "linear", "wsd", "constant"] | None = None
+    """Shape after warmup. wsd holds the peak, then decays linearly over the last `wsd_decay` share."""
+    floor: float | None = Field(default=None, ge=0, le=1)
+    """Learning rate at the end of the stage, as a fraction of the peak."""
+    wsd_decay: float | None = Field(default=None, gt=0, le=1)
+    """For decay: wsd, the share of the stage's steps spent decaying."""
+
+
+class Workers(Strict):
+    shape: ClassVar[str] = "a whole number or {min: N, max: N}"
+    min: int = Field(ge=1)
+    """Fewest workers the stage runs with."""
+    max: int = Field(ge=1)
+    """Most workers the stage runs with (elastic when larger than min)."""
+    resize_every_s: float = Field(default=60.0, gt=0)
+    """For an elastic stage, how often to check whether more workers fit the cluster (a grow is a
+    restart from the latest checkpoint, so not too often)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_int(cls, value: Any) -> Any:
+        value = _as_number(value)
+        return {"min": value, "max": value} if _is_whole(value) else value
+
+
+class Ramp(Strict):
+    shape: ClassVar[str] = "a weight or {from: W, to: W}"
+    start: float = Field(alias="from", ge=0)
+    """Weight at the start of the stage."""
+    end: float = Field(alias="to", ge=0)
+    """Weight at the end of the stage (linear in between)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_number(cls, value: Any) -> Any:
+        value = _as_number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"from": value, "to": value}
+        return value
+
+
+class StageSettings(Strict):
+    seq_len: int | None = Field(default=None, ge=8)
+    """Tokens per packed row."""
+    packing: bool | None = None
+    """true: pack documents into full rows; false: one document per row, padded (slower: the
+    padding costs compute and trains nothing)."""
+    global_batch_tokens: int | None = Field(default=None, gt=0)
+    """Tokens per optimizer step, whatever the number of workers (a multiple of seq_len)."""
+    micro_batch_rows: int | None = Field(default=None, gt=0)
+    """Rows per forward pass on one worker; gradient accumulation makes up the rest."""
+    lr: LRSpec = Field(default_factory=LRSpec)
+    """Learning-rate schedule; unset fields come from defaults."""
+    loss_weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    """Corpus name to a factor on its share of the loss (default 1; balance: corpus only)."""
+    balance: Literal["corpus", "token"] | None = None
+    """corpus: average the loss within each corpus, then weight by its share of rows;
+    token: a plain mean over supervised tokens."""
+    weight_decay: float | None = Field(default=None, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float | None = Field(default=None, gt=0)
+    """Clip the gradient norm to this value."""
+    checkpoint_every: int | None = Field(default=None, gt=0)
+    """Write a checkpoint every this many optimizer steps."""
+    log_every: int | None = Field(default=None, gt=0)
+    """Report metrics every this many optimizer steps."""
+    workers: Workers | None = None
+    """Number of training workers: an integer, or {min, max} for elastic training."""
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    """CPUs reserved per worker; leave some for Ray Data on small machines."""
+    use_gpu: bool | None = None
+    """Train on one GPU per worker (NCCL, bf16 autocast)."""
+    resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    """Ray resources each worker asks for besides its CPUs: a custom resource that the nodes to train
+    on declare, e.g. {"accelerator_type:A10G": 0.001}, or {GPU: 2} with use_gpu: true for two GPUs
+    per worker. Not CPU: cpus_per_worker sets that."""
+    max_failures: int | None = Field(default=None, ge=0)
+    """Worker-group restarts allowed before the stage fails."""
+    max_repeats: float | None = Field(default=None, gt=0)
+    """Warn when the stage passes over a corpus more than this many times: repeating data beyond
+    about 4 passes adds little (arXiv 2305.16264). Add data or lower the corpus's weight."""
+    nonfinite: Literal["stop", "skip"] | None = None
+    """On a non-finite loss or gradient: stop with an error (the last checkpoint stays), or skip
+    the step (counted in the metrics as skipped_steps)."""
+
+
+class StageTemplate(StageSettings):
+    """A stage without its name and start: what a tuning search varies."""
+
+    mixture: dict[str, Ramp]
+    """Corpus name to weight (share of trained tokens), or {from, to} to ramp it linearly over the
+    stage. Weights are normalised to sum 1 at every point, so ramp the other corpora too when a
+    share should end at an exact value."""
+    tokens: int = Field(gt=0, examples=[160_000])
+    """Token budget of the stage (rounded up to whole optimizer steps)."""
+
+
+class StageSpec(StageTemplate):
+    name: str = Field(pattern=STAGE_NAME_PATTERN)
+    """Stage name, which is also the name of the version it produces."""
+    start_from: str | None = Field(default=None, alias="from")
+    """Version to start from; default: the previous stage's version (or base)."""
+
+
+class PipelineSpec(Strict):
+    name: str = Field(pattern=STAGE_NAME_PATTERN)
+    """Pipeline name; also names the Ray Train runs."""
+    workdir: str
+    """Run directory (path relative to this file, or an fsspec URI)."""
+    seed: int = 0
+    """Seed for model init, the mix plan and shuffling."""
+    tokenizer: TokenizerSpec
+    """Where the tokenizer comes from."""
+    model: ModelSpec
+    """The architecture, or the model to start from."""
+    corpora: dict[str, CorpusSpec]
+    """Named sources of documents."""
+    defaults: StageSettings = Field(default_factory=StageSettings)
+    """Settings every stage inherits unless it sets its own."""
+    stages: list[StageSpec] = Field(min_length=1)
+    """The ordered stages of the model's life."""
+    eval_rows: int = Field(default=64, gt=0)
+    """Packed rows of each eval split used to evaluate a version (at the defaults' seq_len)."""
+    chat_prompts: int = Field(default=8, ge=0)
+    """Prompts of each chat eval split answered greedily by every version to measure chat health."""
+    chat_max_new_tokens: int = Field(default=64, gt=0)
+    """Longest answer generated for chat health; an answer that has not ended by then did not end."""
+
+
+BUILTIN_DEFAULTS = StageSettings(
+    seq_len=256,
+    packing=True,
+    global_batch_tokens=16384,
+    micro_batch_rows=8,
+    lr=LRSpec(peak=1e-3, warmup=0.05, warmup_from="current", decay="cosine", floor=0.1, wsd_decay=0.2),
+    loss_weights={},
+    balance="corpus",
+    weight_decay=0.1,
+    grad_clip=1.0,
+    checkpoint_every=50,
+    log_every=10,
+    workers=Workers(min=1, max=1),
+    cpus_per_worker=1.0,
+    use_gpu=False,
+    resources_per_worker={},
+    max_failures=2,
+    max_repeats=4.0,
+    nonfinite="stop",
+)
