@@ -7,13 +7,41 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import ray.cloudpickle
 import yaml
+
+from mixloop.train.step import StepHooks
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class NanLoss(StepHooks):
+    """The loss of the batches of these steps (1-based) is NaN."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def loss(self, step, ce):
+        return ce * float("nan") if step + 1 in self.steps else ce
+
+
+class SlowSteps(StepHooks):
+    """Every step takes `seconds` longer, so a test can act while a stage trains."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def before_step(self, step):
+        time.sleep(self.seconds)
+
+
+# Ray's workers cannot import this module (tests/ is not on their path): its hooks travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def write_spec(folder: Path, spec: dict, name: str = "pipeline.yaml") -> Path:

@@ -39,7 +39,7 @@ def _spec(target: str):
 
 def cmd_validate(args) -> int:
     from mixloop.errors import SpecError
-    from mixloop.pipeline import edited_stages
+    from mixloop.stages import edited_stages
     from mixloop.spec import format_problems, load_spec
 
     spec = load_spec(args.spec)

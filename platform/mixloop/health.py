@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import torch
 
-from mixloop.data.records import BadRecord, check_chat, parse_json_line
+from mixloop.data.records import BadRecord, check_chat
+from mixloop.storage import expand_files
 
 
 def repetition_rate(tokens: list[int], n: int = 4) -> float:
@@ -37,20 +37,24 @@ def summarise(generations: list[list[int]], eos_id: int, max_new_tokens: int) ->
     }
 
 
-def eval_prompts(path: str, count: int) -> list[list[dict]]:
-    """The first `count` valid conversations of a chat eval file, cut before their last assistant turn."""
+def eval_prompts(pattern: str, count: int, fmt: str | None = None) -> list[list[dict]]:
+    """The first `count` valid conversations of a chat eval split (a path, glob or URI of jsonl or
+    parquet files, read as preparation reads them), each cut before its last assistant turn."""
+    from mixloop.data.prepare import iter_records, list_chunks
+
     prompts = []
-    with fsspec.open(path, "rb") as f:
-        for raw in f:
+    for chunk in list_chunks(expand_files(pattern), fmt):
+        for _, record in iter_records(chunk):
             try:
-                turns = check_chat(parse_json_line(raw.rstrip(b"\r\n")))
+                turns = check_chat(record)
             except BadRecord:
                 continue
             last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-            prompts.append(turns[:last])
+            if turns[:last]:  # a chat that opens with the assistant has no prompt before it
+                prompts.append(turns[:last])
             if len(prompts) == count:
-                break
-    return [p for p in prompts if p]
+                return prompts
+    return prompts
 
 
 @torch.no_grad()

@@ -142,6 +142,18 @@ class WorkdirLock:
         write_text(self.path, json.dumps(self.record, indent=2))
         return self._ours_after_pause()
 
+    def ensure_held(self) -> None:
+        """Raise before writing what only the holder may write (a version), when another run has
+        taken the lock over (this one's heartbeat stalled past the timeout) or it was deleted."""
+        if self.lost or not self._ours():
+            self.lost = True
+            holder = _read(self.path)
+            raise WorkdirLockedError(
+                f"this run lost the lock of workdir {self.workdir}"
+                + (f" to {describe(holder)}" if holder else " (it was deleted)")
+                + f": its heartbeat stalled for more than {self.timeout_s:g} s. It stops before publishing, so "
+                "the two runs do not write the same versions. Fix: let the other run finish, then run again.")
+
     def _ours(self) -> bool:
         return (_read(self.path) or {}).get("token") == self.record["token"]
 

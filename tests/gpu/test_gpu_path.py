@@ -1,6 +1,6 @@
 """The GPU path: NCCL, bf16 autocast, fused AdamW, SDPA with packed-document masks, pinned memory.
 
-Marked `gpu`: deselected by default (`addopts = -m 'not gpu and not tuning'`); run with `pytest -m gpu tests/gpu`
+Marked `gpu`: deselected by default (`addopts = -m 'not gpu'`); run with `pytest -m gpu tests/gpu`
 on a machine with a CUDA device.
 """
 
@@ -47,12 +47,14 @@ def test_gpu_optimizer_is_fused_and_batches_are_pinned(tmp_path):
     from mixloop.data.store import PackedCorpus, write_shard
     from mixloop.model import PRESETS, new_model
     from mixloop.storage import write_json
-    from mixloop.train.loop import MicroBatch, _optimizer
+    from mixloop.spec import ResolvedLR, ResolvedStage
+    from mixloop.train.batches import MicroBatch
+    from mixloop.train.checkpoint import optimizer_for
     from transformers import Qwen3Config
 
     model = new_model(Qwen3Config(**PRESETS["micro"], vocab_size=256, head_dim=16), seed=0).cuda()
-    stage = {"weight_decay": 0.1, "lr": {"peak": 1e-3}}
-    assert _optimizer(model, stage, torch.device("cuda")).defaults["fused"] is True
+    stage = ResolvedStage.model_construct(weight_decay=0.1, lr=ResolvedLR.model_construct(peak=1e-3))
+    assert optimizer_for(model, stage, torch.device("cuda")).defaults["fused"] is True
 
     rows = [(np.arange(16, dtype=np.int32), np.ones(16, bool), np.ones(16, np.int16))] * 4
     write_shard(str(tmp_path), "s0", rows)

@@ -1,6 +1,6 @@
 """Run one elastic stage on a multi-node local cluster and change the cluster under it.
 
-Run as a script by test_elastic.py (a `ray.cluster_utils.Cluster` needs its own process: the
+Run as a script by test_stage.py (a `ray.cluster_utils.Cluster` needs its own process: the
 session's Ray is another cluster, and nodes can only be added from the main thread). The pipeline
 runs in a thread; the main thread waits for training milestones in metrics.jsonl and:
   1. gives node B a preemption notice (a drain with a deadline), then removes it after the deadline;
@@ -30,6 +30,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from mixloop.pipeline import Pipeline  # noqa: E402
 from mixloop.spec import load_spec  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support
+from support import SlowSteps  # noqa: E402
 
 NODE = {"num_cpus": 1}
 PREEMPTION_NOTICE_S = 4.0
@@ -93,7 +96,8 @@ def main(spec_path: str) -> None:
 
     def run() -> None:
         try:
-            Pipeline(spec, log=lambda line: print(line, file=sys.stderr, flush=True)).run()
+            # Steps slowed down, so the cluster changes while the stage trains.
+            Pipeline(spec, log=lambda line: print(line, file=sys.stderr, flush=True), hooks=SlowSteps(0.3)).run()
             outcome["finished"] = True
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(exc)

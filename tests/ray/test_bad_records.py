@@ -55,8 +55,7 @@ def spec_for(tmp_path, max_bad_fraction):
 
 def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, tmp_path):
     spec, text_lines, chat_lines = spec_for(tmp_path, max_bad_fraction=0.5)
-    pipeline = Pipeline(spec, log=lambda line: None)
-    pipeline.prepare_all(pipeline.tokenizer_dir())
+    Pipeline(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages())
     for corpus, expected, good in (("text", text_lines, GOOD_TEXT), ("chat", chat_lines, GOOD_CHAT)):
         rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects").glob(f"{corpus}-train-*/*.jsonl")
                    for line in f.read_text().splitlines()]
@@ -85,8 +84,7 @@ def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
     with pytest.raises(DataError):
         Pipeline(spec, log=lambda line: None).run()
     spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.5)
-    pipeline = Pipeline(spec, log=lambda line: None)
-    pipeline.prepare_all(pipeline.tokenizer_dir())
+    Pipeline(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages())
     assert len((tmp_path / "run" / "cache" / "prepare.jsonl").read_text().splitlines()) == 2, "tokenized twice"
 
 
@@ -108,18 +106,18 @@ def long_document_spec(tmp_path, long_text):
 
 def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_path):
     long_text = " ".join(f"word{i}" for i in range(60))
-    pipeline = Pipeline(long_document_spec(tmp_path, long_text), log=lambda line: None)
-    pipeline.prepare_all(pipeline.tokenizer_dir())
-    manifests = {name: read_manifest(pipeline.packed(name, "train", 64)) for name in ("whole", "split", "dropped")}
+    spec = long_document_spec(tmp_path, long_text)
+    packed = Pipeline(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages()).for_stage(spec.resolved_stages()[0])
+    manifests = {name: read_manifest(packed[name]) for name in ("whole", "split", "dropped")}
     long_tokens = manifests["whole"]["tokens"] - manifests["dropped"]["tokens"]
     assert long_tokens > 40, "the long document must be well over the limit for this test to mean anything"
 
     # split: every token kept, counted as split, and no piece longer than the limit
     assert manifests["split"]["tokens"] == manifests["whole"]["tokens"]
     assert manifests["split"]["split_documents"] == 1 and manifests["split"]["rejected"] == 0
-    _, _, segments = PackedCorpus(pipeline.packed("split", "train", 64)).read(np.arange(manifests["split"]["rows"]))
+    _, _, segments = PackedCorpus(packed["split"]).read(np.arange(manifests["split"]["rows"]))
     assert max(np.bincount(row[row > 0]).max() for row in segments) <= 20
-    _, _, whole_segments = PackedCorpus(pipeline.packed("whole", "train", 64)).read(np.arange(manifests["whole"]["rows"]))
+    _, _, whole_segments = PackedCorpus(packed["whole"]).read(np.arange(manifests["whole"]["rows"]))
     assert max(np.bincount(row[row > 0]).max() for row in whole_segments) > 20
 
     # drop: quarantined with its line and length, the other documents kept

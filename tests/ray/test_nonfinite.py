@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from support import generated_spec, write_spec
+from support import NanLoss, generated_spec, write_spec
 
 from mixloop.errors import MixloopError
 from mixloop.pipeline import Pipeline
@@ -15,14 +15,13 @@ from mixloop.spec import load_spec
 STAGE = {"name": "s", "mixture": {"facts": 1.0}, "tokens": 10240}  # 10 steps
 
 
-def run(tmp_path, nonfinite, nan_steps, monkeypatch):
-    monkeypatch.setenv("MIXLOOP_FAULT_NAN_STEPS", nan_steps)  # the loss of these steps' batches is NaN
+def run(tmp_path, nonfinite, nan_steps):
     spec = generated_spec(tmp_path / "run", [STAGE], workers=1, nonfinite=nonfinite, max_failures=0)
-    return Pipeline(load_spec(write_spec(tmp_path, spec)), log=lambda line: None).run()
+    return Pipeline(load_spec(write_spec(tmp_path, spec)), log=lambda line: None, hooks=NanLoss(nan_steps)).run()
 
 
-def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path, monkeypatch):
-    result = run(tmp_path, "skip", "3,7", monkeypatch)
+def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path):
+    result = run(tmp_path, "skip", [3, 7])
     lineage = json.loads((tmp_path / "run" / "models" / "s" / "lineage.json").read_text())
     assert lineage["metrics"]["skipped_steps"] == 2
     assert all(math.isfinite(loss["loss"]) for loss in result["matrix"]["s"].values())
@@ -30,9 +29,9 @@ def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path, monkeypatch)
     assert all(math.isfinite(m["loss"]) for m in logged)
 
 
-def test_nan_batch_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_address, tmp_path, monkeypatch):
+def test_nan_batch_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_address, tmp_path):
     with pytest.raises(MixloopError, match="non-finite loss or gradient at step 7"):
-        run(tmp_path, "stop", "7", monkeypatch)
+        run(tmp_path, "stop", [7])
     assert not (tmp_path / "run" / "models" / "s").exists()
     checkpoints = [p.name for p in (tmp_path / "run" / "train").glob("*/step-*")]
     assert checkpoints == ["step-0000005"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import generated_spec, write_spec
+from support import SlowSteps, generated_spec, write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.cli import main
@@ -22,6 +22,18 @@ from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
+# Micro steps take about 0.06 s, less than a stage's whole 40 steps take to start: slowed down, the run
+# is still going when a test interrupts it.
+STEP_DELAY_S = 0.1
+# `mixloop run` of a spec, with the steps slowed down (as STEP_DELAY_S says).
+SLOW_DRIVER = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from support import SlowSteps
+from mixloop.pipeline import Pipeline
+from mixloop.spec import load_spec
+Pipeline(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
+"""
 
 
 def metrics(workdir: Path, stage: str) -> list[dict]:
@@ -49,14 +61,26 @@ def assert_same_training(workdir: Path, reference: Path) -> None:
 
 
 def wait_for_checkpoint(workdir: Path, step: int, still_running) -> None:
-    """Until the checkpoint folder of `step` exists. Ray may not have registered it yet when a
-    failure strikes (RAY_NOTES: the last report can be lost), so a restart may resume from the one
-    before: tests expect at least `step` - checkpoint_every."""
+    """Until Ray Train has registered the checkpoint of `step` (its snapshot of the run's checkpoints
+    names it). A checkpoint folder exists before Ray registers it, and reports closer together than the
+    controller's poll can be dropped (docs/ARCHITECTURE.md, "Ray 2.60"), so a failure right after the
+    folder appears may resume from an earlier one: tests expect at least `step` - checkpoint_every."""
     deadline = time.time() + 240
-    while not list(workdir.glob(f"train/*/step-{step:07d}")):
+    while step not in registered_steps(workdir):
         assert still_running(), "the run ended before it could be interrupted"
         assert time.time() < deadline, f"no checkpoint at step {step} within 4 minutes"
-        time.sleep(0.2)
+        time.sleep(0.1)
+
+
+def registered_steps(workdir: Path) -> set[int]:
+    steps = set()
+    for snapshot in workdir.glob("train/*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (ValueError, KeyError):  # being written
+            continue
+        steps |= {int(r["checkpoint_dir_name"].removeprefix("step-")) for r in results}
+    return steps
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +136,8 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     interrupted = tmp_path / "interrupted"
     spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED]))
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "mixloop.cli", "run", str(spec_path), "--address", ray_address],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(spec_path), ray_address],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_checkpoint(interrupted, 15, lambda: driver.poll() is None)
         started = time.time()
@@ -153,7 +175,8 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     workdir = tmp_path / "run"
     spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED])))
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(Pipeline(spec, log=lambda line: None).run()))
+    pipeline = Pipeline(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
+    runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
     runner.start()
     wait_for_checkpoint(workdir, 15, runner.is_alive)
     workers = list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -189,7 +212,7 @@ def test_elastic_stage_shrinks_on_preemption_and_node_loss_grows_back_and_change
     spec_path = write_spec(tmp_path, {**generated_spec(workdir, [stage], log_every=1), "chat_prompts": 0})
     driver = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("elastic_driver.py")), str(spec_path)],
-        env={**os.environ, "MIXLOOP_FAULT_STEP_SECONDS": "0.3", "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": ""},
         capture_output=True, text=True, timeout=900)
     output = driver.stdout + driver.stderr  # workers' lines reach the driver's console through Ray
     assert driver.returncode == 0, output[-4000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mixloop.model import load_model, model_config, new_model
-from mixloop.train.loop import restored
+from mixloop.train.checkpoint import restored
 
 
 def weights_digest(model) -> float:

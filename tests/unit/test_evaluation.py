@@ -101,3 +101,23 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
     assert expected_targets - cuts <= result["tokens"] <= expected_targets
     assert result["rows"] == len(rows)
     assert result["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-4)
+
+
+def test_chat_health_prompts_come_from_every_file_of_a_glob_and_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mixloop.health import eval_prompts
+
+    def chat(question):
+        return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}]}
+
+    (tmp_path / "eval-0.jsonl").write_text(json.dumps(chat("first?")) + "\n{broken\n")
+    (tmp_path / "eval-1.jsonl").write_text(
+        json.dumps({"conversations": [{"role": "assistant", "content": "hello"}]}) + "\n" + json.dumps(chat("second?")) + "\n")
+    prompts = eval_prompts(str(tmp_path / "eval-*.jsonl"), 5)
+    assert [p[-1]["content"] for p in prompts] == ["first?", "second?"]  # bad and prompt-less chats skipped
+    assert eval_prompts(str(tmp_path / "eval-*.jsonl"), 1) == [[{"role": "user", "content": "first?"}]]
+
+    pq.write_table(pa.Table.from_pylist([chat("from parquet?")]), tmp_path / "eval.parquet")
+    assert eval_prompts(str(tmp_path / "eval.parquet"), 3) == [[{"role": "user", "content": "from parquet?"}]]

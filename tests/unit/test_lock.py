@@ -176,6 +176,18 @@ def test_release_checks_the_token_even_before_a_heartbeat_notices(tmp_path):
     assert lock.lost and json.loads(path.read_text())["token"] == "f" * 32
 
 
+def test_a_run_that_lost_its_lock_stops_before_publishing(tmp_path):
+    path = tmp_path / LOCK_NAME
+    with workdir_lock(str(tmp_path), log=lambda _: None) as lock:
+        lock.ensure_held()  # still ours: nothing happens
+        path.write_text(json.dumps(foreign_lock(heartbeat_age_s=0)))  # another run took it over
+        with pytest.raises(WorkdirLockedError) as error:
+            lock.ensure_held()
+    message = str(error.value)
+    assert f"lost the lock of workdir {tmp_path}" in message and "other-host.example" in message
+    assert "Fix:" in message and json.loads(path.read_text())["token"] == "f" * 32
+
+
 def test_an_empty_lock_left_by_a_holder_that_died_before_writing_times_out(tmp_path):
     path = tmp_path / LOCK_NAME
     path.write_text("")

@@ -133,7 +133,7 @@ def test_permute_depends_on_the_key_and_shuffles():
 @pytest.mark.parametrize("micro_batch_rows", [4, 8])
 def test_one_two_or_three_workers_train_the_same_global_batches(micro_batch_rows):
     """Each worker reads only its micro-batches; together, in order, they are each global batch."""
-    from mixloop.train.loop import micro_batches_of, row_hash
+    from mixloop.train.batches import micro_batches_of, row_hash
 
     plan, rows_per_step = _plan(), 48
     micro_batches = rows_per_step // micro_batch_rows

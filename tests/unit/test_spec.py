@@ -251,7 +251,7 @@ def test_stage_settings_layer_builtin_then_defaults_then_stage(write_spec):
         data["defaults"].update(lr={"peak": 0.003, "warmup": 0.1}, workers=2, weight_decay=0.05)
         data["stages"][1].update(lr={"peak": 0.001}, seq_len=128, workers={"min": 1, "max": 2})
 
-    pretrain, sft = load_spec(write_spec(edit)).resolved_stages()
+    pretrain, sft = (stage.as_json() for stage in load_spec(write_spec(edit)).resolved_stages())
     builtin = BUILTIN_DEFAULTS
     # builtin defaults fill what nobody sets
     assert pretrain["grad_clip"] == sft["grad_clip"] == builtin.grad_clip
@@ -273,7 +273,7 @@ def test_mixture_weights_are_normalised_and_loss_weights_filled(write_spec):
         data["stages"][1]["mixture"] = {"chat": 3, "web": 1}
         data["stages"][1]["loss_weights"] = {"chat": 2.0}
 
-    _, sft = load_spec(write_spec(edit)).resolved_stages()
+    sft = load_spec(write_spec(edit)).resolved_stages()[1].as_json()
     assert sft["mixture"] == {
         "chat": {"from": pytest.approx(0.75), "to": pytest.approx(0.75)},
         "web": {"from": pytest.approx(0.25), "to": pytest.approx(0.25)},
@@ -285,8 +285,7 @@ def test_ramped_weight_is_normalised_at_each_end(write_spec):
     def edit(data):
         data["stages"][1]["mixture"] = {"chat": 0.7, "web": {"from": 0.3, "to": 0.1}}
 
-    _, sft = load_spec(write_spec(edit)).resolved_stages()
-    mixture = sft["mixture"]
+    mixture = load_spec(write_spec(edit)).resolved_stages()[1].as_json()["mixture"]
     assert sum(w["from"] for w in mixture.values()) == pytest.approx(1.0)
     assert sum(w["to"] for w in mixture.values()) == pytest.approx(1.0)
     assert mixture["web"]["from"] == pytest.approx(0.3)
@@ -294,9 +293,13 @@ def test_ramped_weight_is_normalised_at_each_end(write_spec):
     assert mixture["web"]["to"] < mixture["web"]["from"]
 
 
-def test_resolved_stage_is_plain_json(write_spec):
+def test_a_resolved_stage_crosses_to_workers_as_json_and_comes_back_the_same(write_spec):
+    from mixloop.spec import ResolvedStage
+
     for stage in load_spec(write_spec()).resolved_stages():
-        assert json.loads(json.dumps(stage)) == stage
+        sent = json.loads(json.dumps(stage.as_json()))  # what Ray Train hands each worker
+        assert ResolvedStage.model_validate(sent) == stage
+        assert sent["mixture"]["web"].keys() == {"from", "to"}  # as the YAML names a ramp's ends
 
 
 # ---------------------------------------------------------------- every shipped spec
@@ -309,7 +312,7 @@ def test_there_are_shipped_specs():
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_every_shipped_spec_validates(path):
     spec = load_spec(path)
-    stages = spec.resolved_stages()
+    stages = [stage.as_json() for stage in spec.resolved_stages()]
     assert stages and all(re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", s["name"]) for s in stages)
     for stage in stages:
         assert sum(w["from"] for w in stage["mixture"].values()) == pytest.approx(1.0)
@@ -368,7 +371,7 @@ def test_resources_per_worker_leave_the_known_stage_hash_alone(write_spec):
         data["stages"][0].update(resources_per_worker={"accelerator_type:H100": 0.001})
 
     spec = load_spec(write_spec(edit))
-    assert spec.resolved_stages()[0]["resources_per_worker"] == {"accelerator_type:H100": 0.001}
+    assert spec.resolved_stages()[0].resources_per_worker == {"accelerator_type:H100": 0.001}
     assert stage_hash(spec.resolved_stages()[0], "parent") == KNOWN_STAGE_HASH
 
 
@@ -378,9 +381,9 @@ def test_resources_per_worker_layer_and_default_to_empty(write_spec):
         data["stages"][1].update(use_gpu=True, resources_per_worker={"GPU": 2, "memory": 1e9})
 
     pretrain, sft = load_spec(write_spec(edit)).resolved_stages()
-    assert pretrain["resources_per_worker"] == {"accelerator_type:A10G": 0.001}
-    assert sft["resources_per_worker"] == {"GPU": 2, "memory": 1e9}  # replaces the defaults' dict
-    assert all(s["resources_per_worker"] == {} for s in load_spec(write_spec()).resolved_stages())
+    assert pretrain.resources_per_worker == {"accelerator_type:A10G": 0.001}
+    assert sft.resources_per_worker == {"GPU": 2, "memory": 1e9}  # replaces the defaults' dict
+    assert all(s.resources_per_worker == {} for s in load_spec(write_spec()).resolved_stages())
 
 
 def test_resources_per_worker_refuses_cpu_gpu_without_use_gpu_and_non_positive_amounts(write_spec):
@@ -510,7 +513,7 @@ def test_numbers_in_exponent_notation_are_whole_numbers_where_one_is_meant(write
 
     path = write_spec(edit)
     assert "tokens: 2e9\n" in path.read_text() and "tokens: 500000000.0\n" in path.read_text()
-    pretrain, sft, more = load_spec(path).resolved_stages()
+    pretrain, sft, more = (stage.as_json() for stage in load_spec(path).resolved_stages())
     assert (pretrain["tokens"], sft["tokens"], more["tokens"]) == (2_000_000_000, 2_000_000_000, 500_000_000)
     assert all(type(s["tokens"]) is int and s["global_batch_tokens"] == 2048 for s in (pretrain, sft, more))
     assert more["lr"]["peak"] == 3e-4 and more["mixture"]["web"]["from"] == pytest.approx(0.1)

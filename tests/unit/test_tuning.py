@@ -230,7 +230,7 @@ def test_a_baseline_inside_the_space_encodes_to_parameters_that_give_it_back(wri
 
     # With the mix not searched, the template's ramp is part of every point: stratified is not.
     unsearched = load_search(write_search(lambda d: d["space"].pop("mixture")))
-    warmup = unsearched.resolved_template["lr"]["warmup"]  # the built-in default
+    warmup = unsearched.resolved_template.lr.warmup  # the built-in default
     assert unsearched.encode(unsearched.template) == {"lr_peak": 0.002, "warmup": warmup, "decay": "wsd"}
     stratified = unsearched.trial_stage({"baseline": "stratified", "mixture": {"news": 0.25, "web": 0.75}})
     assert unsearched.encode(stratified) is None

@@ -47,9 +47,9 @@ def train_benchmark(data: Path, workdir: Path, preset: str, steps: int, seq_len:
 
     from mixloop.data.store import read_manifest
     from mixloop.pipeline import Pipeline
-    from mixloop.ray_setup import init_ray
     from mixloop.registry import read_lineage
-    from mixloop.spec import load_spec, stage_hash
+    from mixloop.spec import BASE_VERSION, load_spec, stage_hash
+    from mixloop.stages import StageRunner
     from mixloop.storage import join
     from mixloop.train.launch import fit_stage
 
@@ -57,23 +57,21 @@ def train_benchmark(data: Path, workdir: Path, preset: str, steps: int, seq_len:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-train.yaml"
     path.write_text(yaml.safe_dump(train_spec(data, workdir, preset, steps, seq_len, use_gpu), sort_keys=False))
-    init_ray(address)
-    pipeline = Pipeline(load_spec(path), log=lambda line: None)
-    tokenizer = pipeline.tokenizer_dir()
-    base = pipeline.ensure_base(tokenizer)
-    pipeline.prepare_all(tokenizer)
-    stages = {s["name"]: s for s in pipeline.spec.resolved_stages()}
+    pipeline = Pipeline(load_spec(path), log=lambda line: None, address=address)
+    prepared = pipeline.train(until=BASE_VERSION).prepared  # tokenizer, packed corpora and base: no stage
+    base = read_lineage(str(workdir), BASE_VERSION)
+    runner = StageRunner(pipeline.spec, prepared)
     results = {}
     for variant in VARIANTS:
-        stage = stages["packed" if variant == "in-process" else variant]
-        job = pipeline.stage_job(stage, base)
-        job["metrics_path"] = join(str(workdir), f"metrics-{variant}.jsonl")
-        Path(job["metrics_path"]).unlink(missing_ok=True)
+        stage = next(s for s in pipeline.spec.resolved_stages() if s.name == ("packed" if variant == "in-process" else variant))
+        metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
+        Path(metrics_path).unlink(missing_ok=True)
+        job = runner.job(stage, base).model_copy(update={"metrics_path": metrics_path})
         # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
         name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
         fit_stage(job, join(str(workdir), "train"), name, in_process=variant == "in-process")
-        results[variant] = summarise(job["metrics_path"])
-    manifest = read_manifest(pipeline.packed("sft", "train", seq_len))
+        results[variant] = summarise(metrics_path)
+    manifest = read_manifest(prepared.train[("sft", seq_len, True)])
     mean_length = manifest["tokens"] / manifest["documents"]
     parameters = read_lineage(str(workdir), "base")["parameters"]
     packed, padded, local = results["packed"], results["padded"], results["in-process"]

@@ -2,7 +2,7 @@
 
 A pure function of (seed, weights, schedule, row counts, global row index), so
 any worker of any world size, before or after a restart, computes the same
-sequence without reading data or keeping state (ARCHITECTURE step 3).
+sequence without reading data or keeping state (docs/ARCHITECTURE.md, section "Determinism").
 
 How rows are chosen:
 - The stage is cut into blocks of BLOCK rows. Each block's weights are the
@@ -23,6 +23,8 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+
+from mixloop.spec import ResolvedStage
 
 BLOCK = 256
 
@@ -50,11 +52,11 @@ class MixPlan:
         self._last_block: tuple = (-1, None, None)
 
     @classmethod
-    def for_stage(cls, stage: dict, corpus_rows: dict[str, int], total_rows: int) -> "MixPlan":
-        """The plan of a resolved stage (see spec.resolve_stage) over corpora of the given sizes."""
-        names = list(stage["mixture"])
-        return cls(names, [stage["mixture"][n]["from"] for n in names], [stage["mixture"][n]["to"] for n in names],
-                   [corpus_rows[n] for n in names], total_rows, stage["seed"])
+    def for_stage(cls, stage: ResolvedStage, corpus_rows: dict[str, int], total_rows: int) -> "MixPlan":
+        """The plan of a resolved stage over corpora of the given sizes."""
+        names = list(stage.mixture)
+        return cls(names, [stage.mixture[n].start for n in names], [stage.mixture[n].end for n in names],
+                   [corpus_rows[n] for n in names], total_rows, stage.seed)
 
     def _block_weights(self, block: int) -> np.ndarray:
         middle = (block * BLOCK + BLOCK / 2) / max(self.total_rows, 1)

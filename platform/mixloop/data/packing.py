@@ -5,7 +5,7 @@ A packed row stores three arrays of length L:
   supervised True where the token is a training target (all text tokens, assistant chat tokens)
   segments   1, 2, ... numbering the documents of the row, 0 for padding
 Attention masks, position ids and labels are derived from them, so documents in
-one row never see each other (ARCHITECTURE step 2, TRANSFORMERS_NOTES).
+one row never see each other (docs/ARCHITECTURE.md, section "transformers 5").
 """
 
 from __future__ import annotations

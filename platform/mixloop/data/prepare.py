@@ -331,7 +331,8 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        pack_chunks, fn_kwargs=dict(tokenizer_dir=tokenizer_dir), batch_size=1, num_cpus=1, concurrency=parallel,
+        pack_chunks, fn_kwargs=dict(tokenizer_dir=tokenizer_dir), batch_size=1, num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=parallel),
     )
     return sorted(dataset.take_all(), key=lambda s: s["shard"])
 

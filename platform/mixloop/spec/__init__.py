@@ -16,15 +16,17 @@ messages (structural problems in words), checks (semantic problems), load (YAML 
 from mixloop.spec.checks import max_positions, stage_problems, workdir_problems
 from mixloop.spec.load import check_spec_data, load_spec, read_yaml, validate_yaml
 from mixloop.spec.messages import format_problems
-from mixloop.spec.resolve import TRAJECTORY_FIELDS, Spec, resolve_stage, stage_hash
+from mixloop.spec.resolve import (TRAJECTORY_FIELDS, ResolvedLR, ResolvedStage, Share, Spec, StepGeometry, base_hash,
+                                  resolve_stage, stage_hash)
 from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
                                  QWEN3_DEFAULT_POSITIONS, STAGE_NAME_PATTERN, CorpusSpec, LRSpec, ModelSpec,
                                  PipelineSpec, Ramp, StageSettings, StageSpec, StageTemplate, Strict, Workers)
 
 __all__ = [
     "BASE_VERSION", "BUILTIN_DEFAULTS", "MODEL_PRESETS", "PRESET_POSITIONS", "QWEN3_DEFAULT_POSITIONS",
-    "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp", "Spec",
-    "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "check_spec_data", "format_problems",
+    "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp",
+    "ResolvedLR", "ResolvedStage", "Share", "Spec", "StepGeometry",
+    "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "base_hash", "check_spec_data", "format_problems",
     "load_spec", "max_positions", "read_yaml", "resolve_stage", "stage_hash", "stage_problems", "validate_yaml",
     "workdir_problems",
 ]

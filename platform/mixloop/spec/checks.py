@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from mixloop.spec.resolve import Spec, resolve_stage
+from mixloop.spec.resolve import ResolvedStage, Spec, resolve_stage
 from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
                                  QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec, _as_number, _is_whole)
 from mixloop.storage import exists, expand_files, file_format, read_text, size
@@ -207,28 +207,27 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str |
     return problems
 
 
-def _resolved_problems(where: str, stage: StageSpec, resolved: dict) -> list[str]:
+def _resolved_problems(where: str, stage: StageSpec, resolved: ResolvedStage) -> list[str]:
     """The checks of a stage's settings once the defaults are filled in: loss weights, GPUs, batches."""
-    problems = []
-    if stage.mixture and not any(resolved["loss_weights"][c] > 0 for c in stage.mixture):
+    problems, geometry = [], resolved.geometry
+    if stage.mixture and not any(resolved.loss_weights[c] > 0 for c in stage.mixture):
         problems.append(f"{where}.loss_weights: every corpus of the stage has loss weight 0, so it would learn nothing. Fix: give one a positive weight.")
-    if resolved["balance"] == "token" and any(w != 1.0 for w in resolved["loss_weights"].values()):
+    if resolved.balance == "token" and any(w != 1.0 for w in resolved.loss_weights.values()):
         problems.append(f"{where}.loss_weights: ignored with balance: token. Fix: use balance: corpus or remove loss_weights.")
-    if resolved["resources_per_worker"].get("GPU") and not resolved["use_gpu"]:
+    if resolved.resources_per_worker.get("GPU") and not resolved.use_gpu:
         problems.append(f"{where}.resources_per_worker.GPU: asks for GPUs but use_gpu is false, so workers would hold "
                         "GPUs and train on CPUs. Fix: set use_gpu: true (one GPU per worker; GPU here only changes the "
                         "count), or name a custom resource of the GPU nodes instead.")
-    rows_per_step, rem = divmod(resolved["global_batch_tokens"], resolved["seq_len"])
-    if rem or rows_per_step == 0:
-        problems.append(f"{where}.global_batch_tokens: {resolved['global_batch_tokens']} is not a multiple of seq_len {resolved['seq_len']}. Fix: make it one.")
-    elif rows_per_step % resolved["micro_batch_rows"]:
-        problems.append(f"{where}.micro_batch_rows: {rows_per_step} rows per step do not split into micro-batches of {resolved['micro_batch_rows']}. Fix: choose a divisor of {rows_per_step}.")
-    elif rows_per_step // resolved["micro_batch_rows"] < resolved["max_workers"]:
-        problems.append(f"{where}.workers: {resolved['max_workers']} workers but only {rows_per_step // resolved['micro_batch_rows']} micro-batches per step. Fix: fewer workers, a larger global batch or smaller micro-batches.")
-    if resolved["min_workers"] > resolved["max_workers"]:
-        problems.append(f"{where}.workers: min {resolved['min_workers']} is larger than max {resolved['max_workers']}.")
-    if stage.tokens < resolved["global_batch_tokens"]:
-        problems.append(f"{where}.tokens: {stage.tokens} is less than one step ({resolved['global_batch_tokens']} tokens). Fix: raise the budget or shrink the batch.")
+    if resolved.global_batch_tokens % resolved.seq_len or geometry.rows_per_step == 0:
+        problems.append(f"{where}.global_batch_tokens: {resolved.global_batch_tokens} is not a multiple of seq_len {resolved.seq_len}. Fix: make it one.")
+    elif geometry.rows_per_step % resolved.micro_batch_rows:
+        problems.append(f"{where}.micro_batch_rows: {geometry.rows_per_step} rows per step do not split into micro-batches of {resolved.micro_batch_rows}. Fix: choose a divisor of {geometry.rows_per_step}.")
+    elif geometry.micro_batches < resolved.max_workers:
+        problems.append(f"{where}.workers: {resolved.max_workers} workers but only {geometry.micro_batches} micro-batches per step. Fix: fewer workers, a larger global batch or smaller micro-batches.")
+    if resolved.min_workers > resolved.max_workers:
+        problems.append(f"{where}.workers: min {resolved.min_workers} is larger than max {resolved.max_workers}.")
+    if stage.tokens < resolved.global_batch_tokens:
+        problems.append(f"{where}.tokens: {stage.tokens} is less than one step ({resolved.global_batch_tokens} tokens). Fix: raise the budget or shrink the batch.")
     return problems
 
 

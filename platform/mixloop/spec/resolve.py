@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from mixloop.spec.schema import BUILTIN_DEFAULTS, LRSpec, PipelineSpec, StageSettings, StageSpec
+
 
 class Spec:
     """A validated pipeline spec and the folder its relative paths start from."""
@@ -40,12 +45,104 @@ class Spec:
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.pipeline.stages]
 
-    def resolved_stages(self) -> list[dict]:
+    def resolved_stages(self) -> list[ResolvedStage]:
         return [resolve_stage(self.pipeline, stage) for stage in self.pipeline.stages]
 
 
-def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
-    """The stage with every setting filled in, as plain JSON-able data."""
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Share(Frozen):
+    """A corpus's normalised weight at the start and at the end of a stage (linear in between)."""
+
+    start: float = Field(alias="from")
+    end: float = Field(alias="to")
+
+
+class ResolvedLR(Frozen):
+    peak: float
+    warmup: float
+    warmup_from: Literal["current", "zero"]
+    decay: Literal["cosine", "linear", "wsd", "constant"]
+    floor: float
+    wsd_decay: float
+
+
+@dataclass(frozen=True)
+class StepGeometry:
+    """The arithmetic of a stage's batches: the one place that turns tokens into rows and steps."""
+
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_rows: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.global_batch_tokens // self.seq_len
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step, shared out over the workers."""
+        return self.rows_per_step // self.micro_batch_rows
+
+    def steps_for(self, tokens: int) -> int:
+        """Steps that train a token budget, rounded up to whole steps."""
+        return math.ceil(tokens / self.global_batch_tokens)
+
+    def whole_steps_within(self, tokens: int) -> int:
+        """The most whole steps that stay within `tokens`."""
+        return tokens // self.global_batch_tokens
+
+    def tokens_for(self, steps: int) -> int:
+        return steps * self.global_batch_tokens
+
+
+class ResolvedStage(Frozen):
+    """A stage with every setting filled in (stage, then defaults, then BUILTIN_DEFAULTS): what the
+    driver plans with and every worker trains by. It crosses to Ray Train's workers as JSON
+    (`as_json`) and is validated back on the other side; versions keep that JSON in lineage.json."""
+
+    name: str
+    tokens: int
+    start_from: str | None
+    seed: int
+    mixture: dict[str, Share]
+    seq_len: int
+    packing: bool
+    global_batch_tokens: int
+    micro_batch_rows: int
+    lr: ResolvedLR
+    loss_weights: dict[str, float]
+    balance: Literal["corpus", "token"]
+    weight_decay: float
+    grad_clip: float
+    checkpoint_every: int
+    log_every: int
+    min_workers: int
+    max_workers: int
+    resize_every_s: float
+    cpus_per_worker: float
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    max_failures: int
+    max_repeats: float
+    nonfinite: Literal["stop", "skip"]
+
+    @property
+    def geometry(self) -> StepGeometry:
+        return StepGeometry(self.seq_len, self.global_batch_tokens, self.micro_batch_rows)
+
+    @property
+    def total_steps(self) -> int:
+        return self.geometry.steps_for(self.tokens)
+
+    def as_json(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> ResolvedStage:
+    """The stage with every setting filled in."""
     layers = [BUILTIN_DEFAULTS, pipeline.defaults, stage]
     settings: dict[str, Any] = {}
     for field in StageSettings.model_fields:
@@ -68,7 +165,7 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> dict:
     }
     settings["loss_weights"] = {name: settings["loss_weights"].get(name, 1.0) for name in stage.mixture}
     settings.update(name=stage.name, tokens=stage.tokens, start_from=stage.start_from, seed=pipeline.seed)
-    return json.loads(json.dumps(settings))
+    return ResolvedStage.model_validate(settings)
 
 
 # The settings that decide what a stage trains: its rows, their order and the updates. The others
@@ -79,10 +176,22 @@ TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "packing", "global_batch_to
                      "balance", "weight_decay", "grad_clip", "seed", "start_from")
 
 
-def stage_hash(resolved_stage: dict, parent_hash: str) -> str:
+def stage_hash(resolved_stage: ResolvedStage, parent_hash: str) -> str:
     """Content hash of a stage: the settings that decide its training, and what it starts from."""
-    trajectory = {key: resolved_stage[key] for key in TRAJECTORY_FIELDS if key in resolved_stage}
+    settings = resolved_stage.as_json()
+    trajectory = {key: settings[key] for key in TRAJECTORY_FIELDS if key in settings}
     if trajectory.get("packing", True):  # packed rows were the only kind before the option: same hashes
         trajectory.pop("packing", None)
+    return _content_hash(trajectory, parent_hash)
+
+
+def base_hash(seed: int, tokenizer_fingerprint: str) -> str:
+    """The hash of version `base`, which every stage hash chains from: the seed over the tokenizer.
+    (The model it starts from is compared through the `model` record of base's lineage instead, so
+    the hashes of existing workdirs stay as they were.)"""
+    return _content_hash({"seed": seed}, tokenizer_fingerprint)
+
+
+def _content_hash(trajectory: dict, parent_hash: str) -> str:
     payload = json.dumps({"stage": trajectory, "parent": parent_hash}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mixloop.storage import train_storage
 from mixloop.errors import MixloopError
+from mixloop.storage import train_storage
+from mixloop.train.job import StageJob
 from mixloop.train.loop import train_stage
+from mixloop.train.step import StepHooks
 
 
 def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, str]) -> str:
@@ -23,33 +24,34 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def fit_stage(job: dict, storage: str, name: str, in_process: bool = False, callbacks: list | None = None
-              ) -> ray.train.Result:
+def fit_stage(job: StageJob, storage: str, name: str, in_process: bool = False, callbacks: list | None = None,
+              hooks: StepHooks | None = None) -> ray.train.Result:
     """Train a stage on Ray Train workers as the run `name` under the folder or URI `storage` (the same
     name resumes from its latest checkpoint); `in_process` runs the same loop in this process instead
-    (Ray Train's local mode), which the training benchmark uses to measure Ray's overhead."""
-    stage = job["stage"]
+    (Ray Train's local mode), which the training benchmark uses to measure Ray's overhead. `hooks`:
+    tests' way into the step loop (pickled with the config; none in production)."""
+    stage = job.stage
     storage_path, storage_filesystem = train_storage(storage)
-    elastic = stage["min_workers"] != stage["max_workers"]
-    workers = 0 if in_process else (stage["min_workers"], stage["max_workers"]) if elastic else stage["max_workers"]
+    elastic = stage.min_workers != stage.max_workers
+    workers = 0 if in_process else (stage.min_workers, stage.max_workers) if elastic else stage.max_workers
     trainer = TorchTrainer(
         train_stage,
-        train_loop_config=job,
+        train_loop_config={"job": job.as_json(), "hooks": hooks},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=stage["use_gpu"],
-            resources_per_worker={"CPU": stage["cpus_per_worker"], **stage["resources_per_worker"]},
-            elastic_resize_monitor_interval_s=stage["resize_every_s"],
+            num_workers=workers, use_gpu=stage.use_gpu,
+            resources_per_worker={"CPU": stage.cpus_per_worker, **stage.resources_per_worker},
+            elastic_resize_monitor_interval_s=stage.resize_every_s,
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=stage["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (one per report and rank) would drown the progress lines,
             # and its print patch would show each of them twice.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_fault_injection()}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=callbacks,
         ),
     )
@@ -61,11 +63,6 @@ def fit_stage(job: dict, storage: str, name: str, in_process: bool = False, call
             if user_error is not None:
                 raise user_error from None
         raise
-
-
-def _fault_injection() -> dict[str, str]:
-    """MIXLOOP_FAULT_* variables of the driver, for tests that inject faults into workers."""
-    return {k: v for k, v in os.environ.items() if k.startswith("MIXLOOP_FAULT_")}
 
 
 def _find_user_error(error: BaseException | None) -> MixloopError | None:

@@ -62,8 +62,8 @@ def trial_row(search: Search, result, keys: list[str], interrupted: bool) -> dic
     return {
         "trial": metrics.get("trial_id") or Path(result.path).name, "arm": config.get("baseline", "search"),
         "status": status,
-        "mixture": resolved["mixture"], "lr_peak": resolved["lr"]["peak"], "warmup": resolved["lr"]["warmup"],
-        "decay": resolved["lr"]["decay"], "tokens": resolved["tokens"],
+        "mixture": resolved.as_json()["mixture"], "lr_peak": resolved.lr.peak, "warmup": resolved.lr.warmup,
+        "decay": resolved.lr.decay, "tokens": resolved.tokens,
         **{key: metrics.get(key) for key in keys},
         "loss": metrics.get("loss", {}), "forgetting": metrics.get("forgetting", {}),
         "trained_tokens": metrics.get("trained_tokens"), "evals": metrics.get("eval", 0),

@@ -34,10 +34,13 @@ from ray.tune.search.optuna import OptunaSearch
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions
-from mixloop.pipeline import Pipeline, stage_job
+from mixloop.corpora import PreparedCorpora
+from mixloop.pipeline import Pipeline
 from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
-from mixloop.registry import now, read_lineage
-from mixloop.spec import stage_hash
+from mixloop.registry import now, read_lineage, verified_version, version_dir
+from mixloop.spec import Share, stage_hash
+from mixloop.stages import StageRunner, stage_plan
+from mixloop.train.job import StageJob, stage_job
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
                              write_text)
 from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
@@ -60,7 +63,7 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
         grid = _tuner(search, context, log).fit()
         results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
         if apply:
-            _apply(search, pipeline, context, results, log)
+            _apply(search, context, results, log)
     return results
 
 
@@ -74,7 +77,7 @@ def _check_apply(search: Search, trial: str | None) -> None:
                            "pick a trial of the Pareto front, then add --apply --trial ID.")
 
 
-def _apply(search: Search, pipeline: Pipeline, context: TrialContext, results: dict, log: Log) -> None:
+def _apply(search: Search, context: TrialContext, results: dict, log: Log) -> None:
     """Publish the chosen trial's final checkpoint as the stage's version, then append the stage to the
     pipeline file. The stage resolves to the trial's trajectory (the same stage hash), so `mixloop run`
     finds it done instead of training it again."""
@@ -83,12 +86,13 @@ def _apply(search: Search, pipeline: Pipeline, context: TrialContext, results: d
         raise MixloopError("not applied: the search did not end with a finished trial. "
                            "Fix: run it again (it resumes), then add --apply.")
     stage = search.resolve(best["stage"])
-    total_steps = pipeline.stage_job(stage, context.parent)["total_steps"]
-    checkpoint = join(context.folder, "train", best["trial"], f"step-{total_steps:07d}")
+    checkpoint = join(context.folder, "train", best["trial"], f"step-{stage.total_steps:07d}")
     trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
-    pipeline.publish_stage(stage, context.parent, stage_hash(stage, context.parent["stage_hash"]),
-                           local_copy(checkpoint), pipeline.tokenizer_dir(), metrics, now())
+    runner = StageRunner(search.pipeline, context.prepared, log)
+    job = runner.job(stage, context.parent)
+    runner.publish(job, stage_plan(stage, job.corpus_dirs), context.parent,
+                   stage_hash(stage, context.parent["stage_hash"]), local_copy(checkpoint), metrics, now())
     # One append: the report's training curves then show the stage like any other.
     append_line(join(search.pipeline.workdir, "metrics.jsonl"), "\n".join(trial_lines))
     append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
@@ -101,6 +105,7 @@ class TrialContext:
 
     search: Search
     folder: str  # <workdir>/tune/<name>
+    prepared: PreparedCorpora
     corpus_dirs: dict[str, str]  # packed train splits of every corpus a trial may mix
     parent: dict  # lineage of the start version
     eval_dirs: dict[str, str]
@@ -109,34 +114,34 @@ class TrialContext:
     workers: int
     cpus_per_worker: float
 
-    def job(self, stage: dict, metrics_path: str) -> dict:
-        """The StageJob of a trial: the stage, with intermediate evals at its checkpoints."""
+    def job(self, stage: dict, metrics_path: str) -> StageJob:
+        """The StageJob of a trial: the stage on the trials' workers, with intermediate evals at its
+        checkpoints (neither changes what the stage trains)."""
         resolved = self.search.resolve(stage)
-        resolved.update(min_workers=self.workers, max_workers=self.workers, cpus_per_worker=self.cpus_per_worker)
+        evals_every = math.ceil(resolved.total_steps / self.search.spec.trials.evals)
+        trial = resolved.model_copy(update={"min_workers": self.workers, "max_workers": self.workers,
+                                            "cpus_per_worker": self.cpus_per_worker, "checkpoint_every": evals_every})
         pipeline = self.search.pipeline
-        job = stage_job(pipeline.pipeline, pipeline.workdir, resolved, self.parent, self.corpus_dirs, metrics_path)
-        job["stage"]["checkpoint_every"] = math.ceil(job["total_steps"] / self.search.spec.trials.evals)
-        job.update(evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
-        return job
+        return stage_job(pipeline.pipeline.name, trial, self.parent, version_dir(pipeline.workdir, self.parent["version"]),
+                         self.corpus_dirs, metrics_path, pipeline.pipeline.model.trust_remote_code,
+                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
 
 
 def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
     """Train up to the start version, pack every corpus a trial may read, evaluate the start version."""
-    template = search.resolved_template
-    candidates = {**template, "mixture": {c: 1.0 for c in {*template["mixture"], *search.searched_corpora}}}
-    pipeline.train(until=search.start_from, extra_stages=[candidates])
-    seq_len, packing = template["seq_len"], template["packing"]
-    corpus_dirs = {c: pipeline.packed(c, "train", seq_len, packing) for c in candidates["mixture"]}
-    eval_dirs = {c: pipeline.packed(c, "eval", pipeline.default("seq_len"))
-                 for c in search.pipeline.pipeline.corpora if "eval" in pipeline.corpus_files(c)}
+    template, workdir = search.resolved_template, search.pipeline.workdir
+    everything = {c: Share(start=1.0, end=1.0) for c in {*template.mixture, *search.searched_corpora}}
+    candidates = template.model_copy(update={"mixture": everything})  # every corpus a trial may mix
+    prepared = pipeline.train(until=search.start_from, extra_stages=[candidates]).prepared
     rows = search.pipeline.pipeline.eval_rows
-    start = evaluate_versions(search.pipeline.workdir, [search.start_from], eval_dirs, rows)[search.start_from]
+    verified_version(workdir, search.start_from)  # every trial starts from it
+    start = evaluate_versions(workdir, [search.start_from], prepared.eval, rows)[search.start_from]
     trials = search.spec.trials
     return TrialContext(
-        search=search, folder=join(search.pipeline.workdir, "tune", search.spec.name), corpus_dirs=corpus_dirs,
-        parent=read_lineage(search.pipeline.workdir, search.start_from), eval_dirs=eval_dirs, eval_rows=rows,
-        start_losses={c: r["loss"] for c, r in start.items()},
-        workers=trials.workers or template["max_workers"], cpus_per_worker=trials.cpus_per_worker or template["cpus_per_worker"],
+        search=search, folder=join(workdir, "tune", search.spec.name), prepared=prepared,
+        corpus_dirs=prepared.for_stage(candidates), parent=read_lineage(workdir, search.start_from),
+        eval_dirs=prepared.eval, eval_rows=rows, start_losses={c: r["loss"] for c, r in start.items()},
+        workers=trials.workers or template.max_workers, cpus_per_worker=trials.cpus_per_worker or template.cpus_per_worker,
     )
 
 
@@ -199,8 +204,8 @@ def _concurrency(search: Search, context: TrialContext) -> int:
         return search.spec.trials.max_concurrent
     resources = ray.cluster_resources()
     template = search.resolved_template
-    per_worker = {"CPU": context.cpus_per_worker, **template["resources_per_worker"]}
-    if template["use_gpu"]:
+    per_worker = {"CPU": context.cpus_per_worker, **template.resources_per_worker}
+    if template.use_gpu:
         per_worker.setdefault("GPU", 1)
     fits = min(int(resources.get(name, 0) // (amount * context.workers)) for name, amount in per_worker.items())
     return max(1, min(fits, search.spec.trials.count))
@@ -249,7 +254,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     stage = context.search.trial_stage(config)
     write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
     job = context.job(stage, join(folder, "metrics.jsonl"))
-    every = job["stage"]["checkpoint_every"]
+    every = job.stage.checkpoint_every
     callback = ReportObjectives(context.search.objectives, context.start_losses, every)
     clock = time.time()
     result = fit_stage(job, join(context.folder, "train"), trial_id, callbacks=[callback])

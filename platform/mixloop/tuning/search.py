@@ -20,8 +20,8 @@ from typing import Literal
 from pydantic import Field
 
 from mixloop.errors import SpecError
-from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, Spec, StageSpec, StageTemplate, Strict, format_problems,
-                          load_spec, resolve_stage, stage_hash, stage_problems, validate_yaml)
+from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, ResolvedStage, Spec, StageSpec, StageTemplate, Strict,
+                          format_problems, load_spec, resolve_stage, stage_hash, stage_problems, validate_yaml)
 
 OBJECTIVE_TERMS = ("loss", "gain", "forgetting")
 BASELINES = ("current", "stratified")
@@ -114,11 +114,11 @@ class Search:
         mixture = self.spec.space.mixture
         return mixture.corpora if mixture else list(self.template["mixture"])
 
-    def resolve(self, stage: dict) -> dict:
+    def resolve(self, stage: dict) -> ResolvedStage:
         return resolve_stage(self.pipeline.pipeline, StageSpec.model_validate(stage))
 
     @functools.cached_property
-    def resolved_template(self) -> dict:
+    def resolved_template(self) -> ResolvedStage:
         """The template with every setting filled in (the trials' settings before their changes)."""
         return self.resolve(self.template)
 
@@ -145,8 +145,9 @@ class Search:
         if space.decay:
             params["decay"] = tune.choice(space.decay)
         if space.tokens:
-            step = self.resolved_template["global_batch_tokens"]
-            params["steps"] = tune.randint(math.ceil(space.tokens[0] / step), space.tokens[1] // step + 1)
+            geometry = self.resolved_template.geometry
+            params["steps"] = tune.randint(geometry.steps_for(space.tokens[0]),
+                                           geometry.whole_steps_within(space.tokens[1]) + 1)
         return params
 
     def decode(self, config: dict) -> dict:
@@ -166,7 +167,7 @@ class Search:
         if lr:
             changes["lr"] = lr
         if "steps" in config:
-            changes["tokens"] = int(config["steps"]) * self.resolved_template["global_batch_tokens"]
+            changes["tokens"] = self.resolved_template.geometry.tokens_for(int(config["steps"]))
         return changes
 
     def trial_stage(self, config: dict) -> dict:
@@ -184,10 +185,11 @@ class Search:
         """The searched parameters that give `stage` (a baseline's), or None where it lies outside the
         space (a ramped mix, a value out of range): Optuna then learns from the baselines it can represent."""
         resolved, params = self.resolve(stage), {}
-        lr, step = resolved["lr"], resolved["global_batch_tokens"]
-        values = {"lr_peak": lr["peak"], "warmup": lr["warmup"], "decay": lr["decay"], "steps": resolved["tokens"] // step}
+        lr = resolved.lr
+        values = {"lr_peak": lr.peak, "warmup": lr.warmup, "decay": lr.decay,
+                  "steps": resolved.geometry.whole_steps_within(resolved.tokens)}
         if self.spec.space.mixture:  # a ramp's start weights: the round trip below turns the ramp away
-            draws = simplex_draws({c: w["from"] for c, w in resolved["mixture"].items()}, self.spec.space.mixture.min_share)
+            draws = simplex_draws({c: w.start for c, w in resolved.mixture.items()}, self.spec.space.mixture.min_share)
             values.update({f"share.{c}": u for c, u in (draws or {}).items()})
         for name, domain in self.param_space().items():
             if values.get(name) is None or not _in_domain(values[name], domain):
@@ -328,7 +330,7 @@ def _default_start(spec: SearchSpec, pipeline: Spec) -> str:
 
 
 def _search_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
-    names, corpora = pipeline.stage_names(), pipeline.pipeline.corpora
+    names = pipeline.stage_names()
     if (spec.stage is None) == (spec.new_stage is None):
         return ["stage: give exactly one of `stage` (a stage of the pipeline to tune again) or `new_stage` "
                 "(a new stage: mixture, tokens, lr...)."]
@@ -369,9 +371,10 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     problems += _range_problems("space.lr_peak", space.lr_peak, low=0.0, low_open=True)
     problems += _range_problems("space.warmup", space.warmup, low=0.0, high=1.0)
     if space.tokens:
-        step = search.resolved_template["global_batch_tokens"]
+        geometry = search.resolved_template.geometry
+        step = geometry.global_batch_tokens
         problems += _range_problems("space.tokens", space.tokens, low=step)
-        if not problems and space.tokens[1] // step < math.ceil(space.tokens[0] / step):
+        if not problems and geometry.whole_steps_within(space.tokens[1]) < geometry.steps_for(space.tokens[0]):
             problems.append(f"space.tokens: {list(space.tokens)} holds no whole step of {step} tokens. Fix: widen it.")
     return problems
 

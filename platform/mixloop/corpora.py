@@ -1,0 +1,159 @@
+"""A spec's corpora in its workdir: their files, the workdir's tokenizer, and their packed splits.
+
+`Corpora.prepare` hands back a `PreparedCorpora` value that knows every packed
+folder, so later steps (training, evaluation, tuning trials) never depend on
+which method ran first. A tokenizer trained by a preparation whose data then
+fails its checks is removed again: the next run trains it on the corrected data.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from mixloop.data import records, synthetic
+from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
+from mixloop.errors import MixloopError, StageConflictError
+from mixloop.health import eval_prompts
+from mixloop.ray_setup import init_ray
+from mixloop.spec import BUILTIN_DEFAULTS, ResolvedStage, Spec
+from mixloop.storage import (exists, expand_files, is_local, join, makedirs, read_json, remove, share_with_umask,
+                             upload, write_json)
+from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PreparedCorpora:
+    """Where every packed split of a preparation lies."""
+
+    tokenizer_dir: str
+    train: dict[tuple[str, int, bool], str]
+    """(corpus, seq_len, packing) -> packed train split."""
+    eval: dict[str, str]
+    """corpus -> packed eval split, at the pipeline's default seq_len (corpora with an eval split only)."""
+
+    def for_stage(self, stage: ResolvedStage) -> dict[str, str]:
+        """The packed train split of every corpus of a stage's mixture."""
+        return {name: self.train[(name, stage.seq_len, stage.packing)] for name in stage.mixture}
+
+
+class Corpora:
+    def __init__(self, spec: Spec, log: Log = print, address: str | None = None):
+        self.spec, self.log, self.address = spec, log, address
+        self.workdir = spec.workdir
+
+    @functools.cache
+    def files(self, name: str) -> dict[str, str]:
+        """{'train': pattern, 'eval': pattern?}, generating the corpus first (once) if the spec asks for it."""
+        corpus = self.spec.pipeline.corpora[name]
+        if corpus.generate is not None:
+            g = corpus.generate
+            return synthetic.write_corpus(join(self.workdir, "generated", name), corpus.kind, g.topic,
+                                          g.documents, g.eval_documents, g.seed)
+        files = {"train": self.spec.path(corpus.path)}
+        if corpus.eval:
+            files["eval"] = self.spec.path(corpus.eval)
+        return files
+
+    def without_eval(self) -> list[str]:
+        return [name for name in self.spec.pipeline.corpora if "eval" not in self.files(name)]
+
+    def chat_prompts(self) -> dict[str, list]:
+        """The prompts of each chat corpus's eval split that chat health asks every version."""
+        count = self.spec.pipeline.chat_prompts
+        return {name: eval_prompts(self.files(name)["eval"], count, corpus.format)
+                for name, corpus in self.spec.pipeline.corpora.items()
+                if corpus.kind == "chat" and count and "eval" in self.files(name)}
+
+    def prepare(self, stages: Iterable[ResolvedStage]) -> PreparedCorpora:
+        """The workdir's tokenizer and every split that `stages` and the evaluation use, packed and
+        checked (in one Ray Data job for whatever the cache lacks)."""
+        fresh = not exists(join(self.workdir, "tokenizer", "tokenizer.json"))
+        tokenizer_dir = self.tokenizer()
+        try:
+            return self._pack(tokenizer_dir, list(stages))
+        except MixloopError:
+            if fresh:
+                remove(tokenizer_dir)
+                remove(join(self.workdir, "tokenizer-source.json"))
+            raise
+
+    def _pack(self, tokenizer_dir: str, stages: list[ResolvedStage]) -> PreparedCorpora:
+        init_ray(self.address)
+        train = {(name, stage.seq_len, stage.packing): self._request(name, "train", stage.seq_len, stage.packing)
+                 for stage in stages for name in stage.mixture}
+        seq_len = self.spec.pipeline.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
+        evals = {name: self._request(name, "eval", seq_len, True)
+                 for name in self.spec.pipeline.corpora if "eval" in self.files(name)}
+        folders = prepare_corpora([*train.values(), *evals.values()], tokenizer_dir, self.workdir)
+        return PreparedCorpora(tokenizer_dir, {key: folders[request] for key, request in train.items()},
+                               {name: folders[request] for name, request in evals.items()})
+
+    def _request(self, name: str, split: str, seq_len: int, packing: bool) -> CorpusRequest:
+        corpus = self.spec.pipeline.corpora[name]
+        return CorpusRequest(name, split, self.files(name)[split], corpus.format, corpus.kind,
+                             corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents,
+                             packing)
+
+    def tokenizer(self) -> str:
+        """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
+        Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
+        target = join(self.workdir, "tokenizer")
+        makedirs(self.workdir)
+        spec = self.spec.pipeline.tokenizer
+        # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
+        source = {"spec": {**spec.model_dump(), "path": self.spec.path(spec.path) if spec.path else None},
+                  "files": tokenizer_fingerprint(self.spec.path(spec.path)) if spec.path else None}
+        record = join(self.workdir, "tokenizer-source.json")
+        if exists(join(target, "tokenizer.json")):
+            if read_json(record) != source:
+                raise StageConflictError(
+                    f"{target} was made from another tokenizer spec or files, and the versions here use it. "
+                    "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section.")
+            return target
+        # Staged beside the target when local, so it appears by one rename.
+        local_workdir = self.workdir.removeprefix("file://") if is_local(target) else None
+        staging = tempfile.mkdtemp(dir=local_workdir, prefix=".tokenizer-")
+        try:
+            if spec.path:
+                load_tokenizer(self.spec.path(spec.path)).save_pretrained(staging)
+            else:
+                self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
+                train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
+            write_json(record, source)
+            if is_local(target):
+                share_with_umask(staging)  # mkdtemp made it private
+                os.replace(staging, target.removeprefix("file://"))
+            else:
+                upload(staging, target, last="tokenizer.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _texts(self, budget: int):
+        """Text of every corpus, an equal share of `budget` bytes from each."""
+        corpora = self.spec.pipeline.corpora
+        for name, corpus in corpora.items():
+            share = budget // len(corpora)
+            chunks = list_chunks(expand_files(self.files(name)["train"]), corpus.format)
+            for text in (_record_text(record, corpus.kind) for chunk in chunks for _, record in iter_records(chunk)):
+                if share <= 0:
+                    break
+                share -= len(text.encode())
+                yield text
+
+
+def _record_text(record, kind: str) -> str:
+    """The text a record trains on, or "" for a record that preparation will reject."""
+    try:
+        if kind == "text":
+            return records.check_text(record)
+        return "\n".join(turn["content"] for turn in records.check_chat(record))
+    except records.BadRecord:
+        return ""

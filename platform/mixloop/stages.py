@@ -1,0 +1,145 @@
+"""Versions from stages: the starting version `base`, each stage trained on Ray Train and published
+as its version, and the check that no finished stage was edited (versions are immutable)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mixloop.corpora import PreparedCorpora
+from mixloop.data.mixplan import MixPlan
+from mixloop.data.store import read_manifest
+from mixloop.errors import MixloopError, StageConflictError
+from mixloop.registry import now, publish, read_lineage, verified_version, version_dir
+from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
+from mixloop.storage import join
+from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mixloop.train.job import StageJob, stage_job
+
+Log = Callable[[str], None]
+
+
+def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
+    """The lineage of version `base`, the starting weights (a seeded new model, or a copy of
+    model.path), published first if the workdir lacks it."""
+    from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
+
+    workdir, model_spec, seed = spec.workdir, spec.pipeline.model, spec.pipeline.seed
+    source = {**model_spec.model_dump(), "path": spec.path(model_spec.path) if model_spec.path else None}
+    digest = base_hash(seed, tokenizer_fingerprint(tokenizer_dir))
+    existing = read_lineage(workdir, BASE_VERSION)
+    if existing:
+        # Versions published before the record was kept compare their hash only.
+        if existing["stage_hash"] != digest or existing.get("model", source) != source:
+            raise StageConflictError(
+                f"{version_dir(workdir, BASE_VERSION)} was made from another model, tokenizer or seed. "
+                "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed.")
+        return existing
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if model_spec.path:
+        path = spec.path(model_spec.path)
+        check_vocabulary(load_config(path, model_spec.trust_remote_code).vocab_size, tokenizer)
+        model = load_model(path, model_spec.trust_remote_code)
+    else:
+        model = new_model(model_config(model_spec.preset, model_spec.config, tokenizer), seed)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        lineage = {"parent": None, "stage": None, "stage_hash": digest, "model": source, "started": now(),
+                   "parameters": sum(p.numel() for p in model.parameters()), "metrics": {"final_lr": 0.0}}
+        publish(workdir, BASE_VERSION, folder, tokenizer_dir, lineage)
+    log(f"published version {BASE_VERSION} ({lineage['parameters']:,} parameters)")
+    return read_lineage(workdir, BASE_VERSION)
+
+
+def edited_stages(spec: Spec) -> list[str]:
+    """A problem for every finished stage of the spec whose settings (or whose parent's) changed
+    after it produced its version: versions are immutable, so such a spec is refused."""
+    workdir = spec.workdir
+    base = read_lineage(workdir, BASE_VERSION)
+    if base is None:
+        return []
+    hashes, problems = {BASE_VERSION: base["stage_hash"]}, []
+    previous = BASE_VERSION
+    for index, stage in enumerate(spec.pipeline.stages):
+        parent = stage.start_from or previous
+        digest = stage_hash(resolve_stage(spec.pipeline, stage), hashes.get(parent, ""))
+        existing = read_lineage(workdir, stage.name)
+        if existing is not None and existing["stage_hash"] != digest:
+            problems.append(
+                f"stages[{index}] ({stage.name}): changed after it produced version {stage.name} "
+                f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: restore the stage's "
+                f"settings, give the changed stage a new name, or delete {version_dir(workdir, stage.name)} to "
+                "retrain it.")
+        hashes[stage.name] = existing["stage_hash"] if existing is not None else digest
+        previous = stage.name
+    return problems
+
+
+def stage_plan(stage: ResolvedStage, corpus_dirs: dict[str, str]) -> MixPlan:
+    """The mix plan of a whole stage over its packed corpora."""
+    rows = {name: read_manifest(folder)["rows"] for name, folder in corpus_dirs.items()}
+    return MixPlan.for_stage(stage, rows, stage.total_steps * stage.geometry.rows_per_step)
+
+
+def repeat_warnings(stage: ResolvedStage, epochs: dict[str, float]) -> list[str]:
+    return [f"stage {stage.name} passes over corpus {name!r} {passes:.1f} times, more than max_repeats "
+            f"{stage.max_repeats:g}: add data to it or lower its weight" for name, passes in epochs.items()
+            if passes > stage.max_repeats]
+
+
+class StageRunner:
+    """Trains the stages of one preparation and publishes each as its version."""
+
+    def __init__(self, spec: Spec, prepared: PreparedCorpora, log: Log = print, hooks=None, lock=None):
+        """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks."""
+        self.spec, self.prepared, self.log, self.hooks, self.lock = spec, prepared, log, hooks, lock
+        self.workdir = spec.workdir
+
+    def job(self, stage: ResolvedStage, parent: dict, **extra) -> StageJob:
+        return stage_job(self.spec.pipeline.name, stage, parent, version_dir(self.workdir, parent["version"]),
+                         self.prepared.for_stage(stage), join(self.workdir, "metrics.jsonl"),
+                         self.spec.pipeline.model.trust_remote_code, **extra)
+
+    def train(self, stage: ResolvedStage, parent: dict, digest: str) -> dict:
+        """Train `stage` from the version `parent` (its lineage) and publish it; the new lineage."""
+        from mixloop.train.launch import fit_stage, run_name
+
+        verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
+        job = self.job(stage, parent)
+        plan = stage_plan(stage, job.corpus_dirs)
+        self.log(f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
+                 f"from version {parent['version']} on {stage.max_workers} worker(s)")
+        for warning in repeat_warnings(stage, plan.epochs()):
+            self.log(f"warning: {warning}")
+        started, clock = now(), time.time()
+        name = run_name(self.spec.pipeline.name, stage.name, digest, job.corpus_dirs)
+        result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
+        metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
+                   "wall_seconds": round(time.time() - clock, 1)}
+        with result.checkpoint.as_directory() as folder:
+            return self.publish(job, plan, parent, digest, folder, metrics, started)
+
+    def publish(self, job: StageJob, plan: MixPlan, parent: dict, digest: str, checkpoint_dir: str, metrics: dict,
+                started: str) -> dict:
+        """Publish a stage's final checkpoint as its version, with its lineage."""
+        from mixloop.train.checkpoint import read_state
+
+        stage = job.stage
+        state = read_state(checkpoint_dir)
+        if state.step != stage.total_steps:
+            raise MixloopError(f"stage {stage.name}: the last checkpoint is at step {state.step}, "
+                               f"not {stage.total_steps}; run again to finish it")
+        lineage = {
+            "parent": parent["version"], "stage": stage.as_json(), "stage_hash": digest, "started": started,
+            "tokens_per_corpus": dict(zip(stage.mixture, state.tokens)),
+            "rows_per_corpus": plan.rows_per_corpus(), "epochs_per_corpus": plan.epochs(),
+            "data_fingerprints": {n: Path(d).name for n, d in job.corpus_dirs.items()},
+            "metrics": {**metrics, "final_lr": state.lr, "steps": state.step},
+        }
+        if self.lock is not None:
+            self.lock.ensure_held()
+        publish(self.workdir, stage.name, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
+        self.log(f"stage {stage.name}: published version {stage.name}")
+        return read_lineage(self.workdir, stage.name)

@@ -1,0 +1,47 @@
+"""What the driver hands every worker of a stage: built once by `stage_job`, crossing to Ray Train's
+workers as JSON and validated back into this type on the other side."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from mixloop.spec import ResolvedStage
+
+
+class StageJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pipeline: str
+    stage: ResolvedStage
+    corpus_dirs: dict[str, str]
+    """Packed train split of every corpus of the stage's mixture."""
+    parent_dir: str
+    """The version the stage starts from."""
+    start_lr: float
+    """Where the warmup starts: the parent's final learning rate (warmup_from: current) or 0."""
+    metrics_path: str
+    trust_remote_code: bool = False
+    evals: dict[str, str] | None = None
+    """Eval split folders to measure at every checkpoint (tuning trials report them to Ray Tune)."""
+    eval_rows: int = 0
+    progress_lines: bool = True
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage.total_steps
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.stage.geometry.rows_per_step
+
+    def as_json(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def stage_job(pipeline: str, stage: ResolvedStage, parent: dict, parent_dir: str, corpus_dirs: dict[str, str],
+              metrics_path: str, trust_remote_code: bool = False, **extra) -> StageJob:
+    """The job of a resolved stage that starts from the version whose lineage is `parent`."""
+    return StageJob(
+        pipeline=pipeline, stage=stage, corpus_dirs={n: corpus_dirs[n] for n in stage.mixture},
+        parent_dir=parent_dir, metrics_path=metrics_path, trust_remote_code=trust_remote_code,
+        start_lr=parent["metrics"]["final_lr"] if stage.lr.warmup_from == "current" else 0.0, **extra)
