@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixloop import __version__, jobs
+from mixloop import __version__, api, jobs
 from mixloop.errors import MixloopError, StorageError
 
 
@@ -42,7 +42,7 @@ def cmd_validate(args) -> int:
     from mixloop.stages import edited_stages
     from mixloop.spec import format_problems, load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.overrides)
     edited = edited_stages(spec)  # against the versions its workdir already holds
     if edited:
         raise SpecError(format_problems(args.spec, edited))
@@ -51,22 +51,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from mixloop.lock import workdir_lock
-    from mixloop.spec import load_spec
-
-    spec = load_spec(args.spec)
-    # Taken before the heavy imports and before Ray starts: a second run is refused within seconds.
-    with workdir_lock(spec.workdir, "mixloop run") as lock:
-        from mixloop.pipeline import Pipeline
-
-        Pipeline(spec, address=args.address, lock=lock).run()
+    api.run(api.load(args.spec, args.overrides), args.address)
     return 0
 
 
 def cmd_models_list(args) -> int:
-    from mixloop.registry import list_versions
-
-    versions = list_versions(_workdir(args.target))
+    versions = api.versions(_workdir(args.target))
     if not versions:
         print("no versions yet")
     for lineage in versions:
@@ -161,20 +151,12 @@ def cmd_bench_data(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from mixloop.pipeline import Pipeline
-
-    Pipeline(_spec(args.target), address=args.address).report()
+    api.evaluate(_spec(args.target), args.address)
     return 0
 
 
 def cmd_data_preview(args) -> int:
-    from mixloop.pipeline import Pipeline
-    from mixloop.spec import load_spec
-
-    pipeline = Pipeline(load_spec(args.spec), address=args.address)
-    if args.stage and args.stage not in pipeline.spec.stage_names():
-        raise MixloopError(f"no stage {args.stage!r}; stages: {', '.join(pipeline.spec.stage_names())}")
-    rows = pipeline.preview(args.stage)
+    rows = api.preview(api.load(args.spec), args.stage, args.address)
     print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'blank':>7}"
           f"{'share':>8}{'passes':>8}")
     for r in rows:
@@ -189,6 +171,63 @@ def cmd_tune(args) -> int:
     from mixloop.tuning.runner import run_search
 
     run_search(args.search, args.address, apply=args.apply, trial=args.trial)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    client = jobs.JobClient(args.address)
+    job = client.submit(args.spec)
+    print(f"submitted {args.spec} to {client.address} as job {job}\n{client.commands(job)}", flush=True)
+    if args.no_wait:
+        return 0
+    try:
+        client.follow(job)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job} keeps running. Stop it with "
+              f"`mixloop jobs stop {job} --address {client.address}`.", file=sys.stderr)
+        return 130
+    info = client.require(job)
+    print(f"job {job}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    return 0 if str(info.status) == "SUCCEEDED" else 1
+
+
+def cmd_jobs_list(args) -> int:
+    client = jobs.JobClient(args.address)
+    found = client.jobs()
+    if not found:
+        print(f"no mixloop jobs on {client.address}")
+        return 0
+    width = max(len(j.submission_id) for j in found)
+    print(f"{'job':<{width}}  {'status':<9}  {'started':<19}  {'pipeline':<16}  spec")
+    for j in found:
+        print(f"{j.submission_id:<{width}}  {str(j.status):<9}  {jobs.job_time(j.start_time):<19}  "
+              f"{j.metadata.get('pipeline', '-'):<16}  {j.metadata.get('spec', '-')}")
+    return 0
+
+
+def cmd_jobs_status(args) -> int:
+    info = jobs.JobClient(args.address).require(args.job)
+    print(f"{args.job}: {info.status}")
+    if info.message:
+        print(info.message)
+    print(f"started {jobs.job_time(info.start_time)}, ended {jobs.job_time(info.end_time)}")
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    client = jobs.JobClient(args.address)
+    if args.follow:
+        client.follow(args.job)
+    else:
+        sys.stdout.write(client.logs(args.job))
+    return 0
+
+
+def cmd_jobs_stop(args) -> int:
+    client = jobs.JobClient(args.address)
+    info = client.stop(args.job, args.timeout)
+    print(f"{args.job} has already ended: {client.require(args.job).status}" if info is None
+          else f"{args.job}: {info.status}")
     return 0
 
 
@@ -207,6 +246,8 @@ EXIT_CODES = """exit codes:
 Use --debug to see the traceback of any error."""
 
 TARGET_HELP = "pipeline YAML, or its run directory (a path or URI such as s3://bucket/runs/x)"
+OVERRIDES_HELP = ("settings over the file's, validated like it and kept in the workdir's pipeline.yaml and in "
+                  "lineage, e.g. defaults.lr.peak=0.002 stages[1].tokens=2e5 stages.sft.workers=4")
 ADDRESS_HELP = "Ray cluster address, e.g. ray://head:10001 or auto (default: a private local Ray on 127.0.0.1)"
 
 
@@ -226,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = _command(commands, "run", "run or continue a pipeline: train the missing stages, evaluate, report",
-                   "mixloop run jobs/quickstart.yaml", cmd_run)
+                   "mixloop run jobs/quickstart.yaml defaults.workers=1", cmd_run)
     run.add_argument("spec", help="pipeline YAML")
+    run.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help=OVERRIDES_HELP)
     run.add_argument("--address", help=ADDRESS_HELP)
 
     tune = _command(commands, "tune", "search a stage's mix and LR re-warm with Ray Tune + Optuna (resumes)",
@@ -240,27 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = _command(commands, "validate", "check a pipeline spec and its files; every problem at once",
                         "mixloop validate jobs/quickstart.yaml", cmd_validate)
     validate.add_argument("spec", help="pipeline YAML")
+    validate.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help=OVERRIDES_HELP)
 
-    models = commands.add_parser("models", help="list, inspect, compare and export versions",
-                                 description="List, inspect, compare and export versions.")
-    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    listing = _command(models_commands, "list", "the versions of a run, oldest first",
-                       "mixloop models list jobs/quickstart.yaml", cmd_models_list)
-    listing.add_argument("target", help=TARGET_HELP)
-    show = _command(models_commands, "show", "a version's lineage: parent, stage settings, data, metrics",
-                    "mixloop models show jobs/quickstart.yaml sft", cmd_models_show)
-    show.add_argument("target", help=TARGET_HELP)
-    show.add_argument("version", help="version name (a stage name, or base)")
-    diff = _command(models_commands, "diff", "what changed between two versions: data mix, schedule, metrics",
-                    "mixloop models diff jobs/quickstart.yaml sft astronomy", cmd_models_diff)
-    diff.add_argument("target", help=TARGET_HELP)
-    diff.add_argument("a", metavar="A", help="the first version")
-    diff.add_argument("b", metavar="B", help="the version to compare with A")
-    export = _command(models_commands, "export", "copy a version (checked against its hashes) to a clean Hugging Face directory",
-                      "mixloop models export jobs/quickstart.yaml sft ./sft-hf", cmd_models_export)
-    export.add_argument("target", help=TARGET_HELP)
-    export.add_argument("version", help="version name")
-    export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
+    _add_model_commands(commands)
 
     chat = _command(commands, "chat", "talk to a version through its chat template (tokens stream; empty line ends)",
                     "mixloop chat jobs/quickstart.yaml sft", cmd_chat)
@@ -291,7 +315,7 @@ def _add_job_commands(commands) -> None:
     address_help = "the Ray job server, http://HOST:8265 (default: $RAY_ADDRESS if it is an http address)"
     job_help = "submission id: mixloop-<pipeline name> (see `mixloop jobs list`)"
     submit = _command(commands, "submit", "run a pipeline as a Ray job on a cluster (one job per pipeline name)",
-                      "mixloop submit jobs/quickstart.yaml --address http://127.0.0.1:8265", jobs.cmd_submit)
+                      "mixloop submit jobs/quickstart.yaml --address http://127.0.0.1:8265", cmd_submit)
     submit.add_argument("spec", help="pipeline YAML")
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
@@ -300,19 +324,42 @@ def _add_job_commands(commands) -> None:
                                 description="Pipelines submitted as Ray jobs: list, status, logs, stop.")
     job_commands = group.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
     listing = _command(job_commands, "list", "mixloop's jobs on the cluster, oldest first",
-                       "mixloop jobs list --address http://127.0.0.1:8265", jobs.cmd_jobs_list)
+                       "mixloop jobs list --address http://127.0.0.1:8265", cmd_jobs_list)
     status = _command(job_commands, "status", "a job's status and message",
-                      "mixloop jobs status mixloop-quickstart", jobs.cmd_jobs_status)
+                      "mixloop jobs status mixloop-quickstart", cmd_jobs_status)
     logs = _command(job_commands, "logs", "a job's driver log", "mixloop jobs logs mixloop-quickstart --follow",
-                    jobs.cmd_jobs_logs)
+                    cmd_jobs_logs)
     logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the job ends")
     stop = _command(job_commands, "stop", "stop a job and wait until it has stopped",
-                    "mixloop jobs stop mixloop-quickstart", jobs.cmd_jobs_stop)
+                    "mixloop jobs stop mixloop-quickstart", cmd_jobs_stop)
     stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop (default 60)")
     for command in (status, logs, stop):
         command.add_argument("job", help=job_help)
     for command in (listing, status, logs, stop):
         command.add_argument("--address", help=address_help)
+
+
+def _add_model_commands(commands) -> None:
+    models = commands.add_parser("models", help="list, inspect, compare and export versions",
+                                 description="List, inspect, compare and export versions.")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    listing = _command(models_commands, "list", "the versions of a run, oldest first",
+                       "mixloop models list jobs/quickstart.yaml", cmd_models_list)
+    listing.add_argument("target", help=TARGET_HELP)
+    show = _command(models_commands, "show", "a version's lineage: parent, stage settings, data, metrics",
+                    "mixloop models show jobs/quickstart.yaml sft", cmd_models_show)
+    show.add_argument("target", help=TARGET_HELP)
+    show.add_argument("version", help="version name (a stage name, or base)")
+    diff = _command(models_commands, "diff", "what changed between two versions: data mix, schedule, metrics",
+                    "mixloop models diff jobs/quickstart.yaml sft astronomy", cmd_models_diff)
+    diff.add_argument("target", help=TARGET_HELP)
+    diff.add_argument("a", metavar="A", help="the first version")
+    diff.add_argument("b", metavar="B", help="the version to compare with A")
+    export = _command(models_commands, "export", "copy a version (checked against its hashes) to a clean Hugging Face directory",
+                      "mixloop models export jobs/quickstart.yaml sft ./sft-hf", cmd_models_export)
+    export.add_argument("target", help=TARGET_HELP)
+    export.add_argument("version", help="version name")
+    export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
 
 
 def _add_bench_commands(commands) -> None:

@@ -1,9 +1,10 @@
 """Evaluate versions on every corpus's held-out split: token-mean loss and perplexity.
 
 Chat sets count assistant tokens only (their labels carry that mask). Each
-(version, eval set) pair is computed once, as a Ray task, and stored under
-<workdir>/eval/<version>/<corpus>.json keyed by the packed eval set and the row
-count, so later runs reuse it.
+(version, eval set) pair is computed once (one Ray task per version, for all of
+its missing sets) and stored under <workdir>/eval/<version>/<corpus>.json, keyed
+by the version's weights, the packed eval set and the row count, so later runs
+reuse it.
 """
 
 from __future__ import annotations

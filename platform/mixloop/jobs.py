@@ -1,4 +1,4 @@
-"""Pipelines as Ray jobs: `mixloop submit SPEC --address http://HOST:8265` and `mixloop jobs ...`.
+"""Pipelines as Ray jobs (`mixloop submit`, `mixloop jobs ...`): a JobClient for one Ray job server.
 
 The spec travels in the job's runtime environment (its portable form, every path absolute, as
 pipeline.yaml in the working_dir); the cluster runs `mixloop run pipeline.yaml --address auto`, so
@@ -113,34 +113,167 @@ def _address_not_overridden():
         os.environ.update(saved)
 
 
-def connect(address: str | None):
-    """A JobSubmissionClient for the job server, with the token where there is one."""
-    from ray.job_submission import JobSubmissionClient
+class JobClient:
+    """mixloop's jobs on one Ray job server: Ray's JobSubmissionClient with the token sent and its
+    errors turned into messages a user can act on. `sdk` is Ray's client itself."""
 
-    address = job_address(address)
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    with _ray_errors(address), _address_not_overridden():
-        client = JobSubmissionClient(address, headers=headers)
-    client.mixloop_address = address
-    return client
+    def __init__(self, address: str | None):
+        from ray.job_submission import JobSubmissionClient
 
+        self.address = job_address(address)
+        token = auth_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        with _ray_errors(self.address), _address_not_overridden():
+            self.sdk = JobSubmissionClient(self.address, headers=headers)
 
-def job_info(client, job: str):
-    """The job's details, or None when the cluster has no job with that id."""
-    try:
-        with _ray_errors(client.mixloop_address):
-            return client.get_job_info(job)
-    except RuntimeError as exc:
-        if "status code 404" in str(exc):
+    def info(self, job: str):
+        """The job's details, or None when the cluster has no job with that id."""
+        try:
+            with _ray_errors(self.address):
+                return self.sdk.get_job_info(job)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return None
+            raise
+
+    def require(self, job: str):
+        info = self.info(job)
+        if info is None:
+            raise MixloopError(f"no job {job!r} on {self.address}. See `mixloop jobs list --address {self.address}`.")
+        return info
+
+    def commands(self, job: str) -> str:
+        """How to follow, inspect and stop a job, as commands to copy."""
+        return (f"  follow: mixloop jobs logs {job} --follow --address {self.address}\n"
+                f"  status: mixloop jobs status {job} --address {self.address}\n"
+                f"  stop:   mixloop jobs stop {job} --address {self.address}")
+
+    def submit(self, spec_path: str) -> str:
+        """Validate the spec and submit it as a Ray job; its submission id."""
+        import yaml
+
+        from mixloop.spec import load_spec
+
+        spec = load_spec(spec_path)
+        job = submission_id(spec.pipeline.name)
+        earlier = self._make_room(job, spec.pipeline.name, spec.workdir)
+        data = spec.portable()
+        host = self.address.split("://", 1)[1].split(":")[0].split("/")[0]
+        if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
+            print(f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
+                  "(use s3:// or gs:// for the workdir and corpora of a remote cluster)", file=sys.stderr)
+        spec_source = spec_path if "://" in str(spec_path) else str(Path(spec_path).resolve())
+        with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
+            Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            self._submit(spec.pipeline.name, dict(
+                entrypoint="mixloop run pipeline.yaml --address auto", submission_id=job,
+                runtime_env={"working_dir": folder},
+                metadata={"mixloop": __version__, "pipeline": spec.pipeline.name, "spec": spec_source,
+                          "workdir": data["workdir"], "log_offset": str(len(earlier)), "log_tail": earlier[-80:]},
+                entrypoint_num_cpus=0))
+        return job
+
+    def _make_room(self, job: str, name: str, workdir: str) -> str:
+        """Refuse a pipeline that runs (as a job, or anywhere its workdir is held); remove the record of
+        its finished job. The finished job's driver log, which the new run appends to."""
+        info = self.info(job)
+        if info is not None and not info.status.is_terminal():
+            raise MixloopError(f"pipeline {name!r} already runs on {self.address} as job {job} ({info.status}). "
+                               f"Follow it with `mixloop jobs logs {job} --follow --address {self.address}`, or "
+                               f"stop it first with `mixloop jobs stop {job} --address {self.address}`.")
+        _refuse_held_workdir(workdir)
+        if info is None:
+            return ""
+        # Ray refuses a submission id it still knows, even for a finished job. The finished job is only
+        # a record (status and driver log); its results live in the workdir, and running the pipeline
+        # again continues from them (finished stages are skipped). So the record goes and the id is
+        # reused, which keeps "one job per pipeline" checkable by id, and a race between two submits
+        # of one pipeline is settled by Ray (the second is refused). delete_job keeps the driver log
+        # file, and the new run appends to it: its length is kept so `jobs logs` shows this run only.
+        with _ray_errors(self.address, job):
+            earlier = self.sdk.get_job_logs(job)
+            self.sdk.delete_job(job)
+        return earlier
+
+    def _submit(self, name: str, request: dict) -> None:
+        job, deadline = request["submission_id"], time.time() + AGENT_WAIT_S
+        while True:
+            try:
+                with _ray_errors(self.address):
+                    self.sdk.submit_job(**request)
+                return
+            except RuntimeError as exc:
+                if "already exists" in str(exc):  # another submit of the same pipeline won the race
+                    raise MixloopError(f"pipeline {name!r} was just submitted to {self.address} as job {job} by "
+                                       f"someone else. Follow it with `mixloop jobs logs {job} --follow "
+                                       f"--address {self.address}`.") from None
+                # A head that has just started serves HTTP before its job agent has registered.
+                if "No available agent" not in str(exc):
+                    raise
+                if time.time() > deadline:
+                    raise MixloopError(f"the Ray cluster at {self.address} has no job agent ready after "
+                                       f"{AGENT_WAIT_S} s (has its head just started?). Try again.") from None
+                time.sleep(1)
+
+    def jobs(self) -> list:
+        """mixloop's jobs on the cluster, oldest first."""
+        with _ray_errors(self.address):
+            found = [j for j in self.sdk.list_jobs() if j.submission_id and "mixloop" in (j.metadata or {})]
+        return sorted(found, key=lambda j: j.start_time or 0)
+
+    def logs(self, job: str) -> str:
+        """This run's part of the job's driver log."""
+        info = self.require(job)
+        with _ray_errors(self.address, job):
+            return _this_run(self.sdk.get_job_logs(job), info)
+
+    def follow(self, job: str) -> None:
+        """Stream the job's log (this run's part) until it ends."""
+        import asyncio
+
+        info = self.require(job)
+        offset = int((info.metadata or {}).get("log_offset", 0))
+
+        async def tail():
+            held = ""  # the first `offset` characters, until it is known whether they are an earlier run's
+            async for chunk in self.sdk.tail_job_logs(job):
+                if offset and held is not None:
+                    held += chunk
+                    if len(held) < offset:
+                        continue
+                    chunk, held = _this_run(held, info), None
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            if held:
+                sys.stdout.write(held)
+
+        try:
+            with _ray_errors(self.address, job):
+                asyncio.run(tail())
+        except RuntimeError as exc:
+            raise MixloopError(f"lost the log stream of job {job} ({exc}); the job is unaffected: "
+                               f"run `mixloop jobs logs {job} --follow --address {self.address}` again") from None
+
+    def stop(self, job: str, timeout_s: float):
+        """Stop a job and wait until it has; its final details (None if it had already ended)."""
+        if self.require(job).status.is_terminal():
             return None
-        raise
+        with _ray_errors(self.address, job):
+            self.sdk.stop_job(job)
+        deadline = time.time() + timeout_s
+        while not (info := self.require(job)).status.is_terminal() and time.time() < deadline:
+            time.sleep(0.5)
+        if not info.status.is_terminal():
+            raise MixloopError(f"{job} is still {info.status} {timeout_s:.0f} s after the stop request. "
+                               f"See `mixloop jobs status {job} --address {self.address}`.")
+        return info
 
 
-def _commands(job: str, address: str) -> str:
-    return (f"  follow: mixloop jobs logs {job} --follow --address {address}\n"
-            f"  status: mixloop jobs status {job} --address {address}\n"
-            f"  stop:   mixloop jobs stop {job} --address {address}")
+def _this_run(logs: str, info) -> str:
+    """The part of a driver log written by this run of the job (see `submit`: a reused id's log
+    continues the earlier run's file); all of it when it does not start with the earlier run's."""
+    offset, tail = int((info.metadata or {}).get("log_offset", 0)), (info.metadata or {}).get("log_tail", "")
+    return logs[offset:] if offset and len(logs) >= offset and logs[:offset].endswith(tail) else logs
 
 
 def _local_paths(data: dict) -> list[str]:
@@ -160,186 +293,5 @@ def _refuse_held_workdir(workdir: str) -> None:
                                  "for it to finish or stop it, then submit again.")
 
 
-def submit(spec_path: str, address: str | None) -> tuple[object, str]:
-    """Validate the spec and submit it as a Ray job; (client, submission id)."""
-    import yaml
-
-    from mixloop.spec import load_spec
-
-    spec = load_spec(spec_path)
-    client = connect(address)
-    address = client.mixloop_address
-    name = spec.pipeline.name
-    job = submission_id(name)
-    info = job_info(client, job)
-    if info is not None and not info.status.is_terminal():
-        raise MixloopError(f"pipeline {name!r} already runs on {address} as job {job} ({info.status}). "
-                           f"Follow it with `mixloop jobs logs {job} --follow --address {address}`, or stop it "
-                           f"first with `mixloop jobs stop {job} --address {address}`.")
-    _refuse_held_workdir(spec.workdir)
-    earlier = ""
-    if info is not None:
-        # Ray refuses a submission id it still knows, even for a finished job. The finished job is only
-        # a record (status and driver log); its results live in the workdir, and running the pipeline
-        # again continues from them (finished stages are skipped). So the record goes and the id is
-        # reused, which keeps "one job per pipeline" checkable by id, and a race between two submits
-        # of one pipeline is settled by Ray (the second is refused). delete_job keeps the driver log
-        # file, and the new run appends to it: its length is kept so `jobs logs` shows this run only.
-        with _ray_errors(address, job):
-            earlier = client.get_job_logs(job)
-            client.delete_job(job)
-    data = spec.portable()
-    host = address.split("://", 1)[1].split(":")[0].split("/")[0]
-    if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
-        print(f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
-              "(use s3:// or gs:// for the workdir and corpora of a remote cluster)", file=sys.stderr)
-    spec_source = spec_path if "://" in str(spec_path) else str(Path(spec_path).resolve())
-    with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
-        Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        request = dict(
-            entrypoint="mixloop run pipeline.yaml --address auto",
-            submission_id=job,
-            runtime_env={"working_dir": folder},
-            metadata={"mixloop": __version__, "pipeline": name, "spec": spec_source, "workdir": data["workdir"],
-                      "log_offset": str(len(earlier)), "log_tail": earlier[-80:]},
-            entrypoint_num_cpus=0,
-        )
-        deadline = time.time() + AGENT_WAIT_S
-        while True:
-            try:
-                with _ray_errors(address):
-                    client.submit_job(**request)
-                break
-            except RuntimeError as exc:
-                if "already exists" in str(exc):  # another submit of the same pipeline won the race
-                    raise MixloopError(f"pipeline {name!r} was just submitted to {address} as job {job} by "
-                                       f"someone else. Follow it with `mixloop jobs logs {job} --follow "
-                                       f"--address {address}`.") from None
-                # A head that has just started serves HTTP before its job agent has registered.
-                if "No available agent" not in str(exc):
-                    raise
-                if time.time() > deadline:
-                    raise MixloopError(f"the Ray cluster at {address} has no job agent ready after "
-                                       f"{AGENT_WAIT_S} s (has its head just started?). Try again.") from None
-                time.sleep(1)
-    return client, job
-
-
-def _this_run(logs: str, info) -> str:
-    """The part of a driver log written by this run of the job (see `submit`: a reused id's log
-    continues the earlier run's file); all of it when it does not start with the earlier run's."""
-    offset, tail = int((info.metadata or {}).get("log_offset", 0)), (info.metadata or {}).get("log_tail", "")
-    return logs[offset:] if offset and len(logs) >= offset and logs[:offset].endswith(tail) else logs
-
-
-def follow(client, job: str, info) -> None:
-    """Stream the job's log until it ends."""
-    import asyncio
-
-    offset = int((info.metadata or {}).get("log_offset", 0))
-
-    async def tail():
-        held = ""  # the first `offset` characters, until it is known whether they are an earlier run's
-        async for chunk in client.tail_job_logs(job):
-            if offset and held is not None:
-                held += chunk
-                if len(held) < offset:
-                    continue
-                chunk, held = _this_run(held, info), None
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        if held:
-            sys.stdout.write(held)
-
-    try:
-        with _ray_errors(client.mixloop_address, job):
-            asyncio.run(tail())
-    except RuntimeError as exc:
-        raise MixloopError(f"lost the log stream of job {job} ({exc}); the job is unaffected: "
-                           f"run `mixloop jobs logs {job} --follow --address {client.mixloop_address}` again") from None
-
-
-def _require(client, job: str):
-    info = job_info(client, job)
-    if info is None:
-        raise MixloopError(f"no job {job!r} on {client.mixloop_address}. "
-                           f"See `mixloop jobs list --address {client.mixloop_address}`.")
-    return info
-
-
-def _time(ms: int | None) -> str:
+def job_time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-
-
-# ------------------------------------------------------------------ commands
-
-
-def cmd_submit(args) -> int:
-    client, job = submit(args.spec, args.address)
-    address = client.mixloop_address
-    print(f"submitted {args.spec} to {address} as job {job}\n{_commands(job, address)}", flush=True)
-    if args.no_wait:
-        return 0
-    try:
-        follow(client, job, _require(client, job))
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job} keeps running. Stop it with "
-              f"`mixloop jobs stop {job} --address {address}`.", file=sys.stderr)
-        return 130
-    info = _require(client, job)
-    print(f"job {job}: {info.status}" + (f" ({info.message})" if info.message else ""))
-    return 0 if str(info.status) == "SUCCEEDED" else 1
-
-
-def cmd_jobs_list(args) -> int:
-    client = connect(args.address)
-    with _ray_errors(client.mixloop_address):
-        jobs = [j for j in client.list_jobs() if j.submission_id and "mixloop" in (j.metadata or {})]
-    if not jobs:
-        print(f"no mixloop jobs on {client.mixloop_address}")
-        return 0
-    width = max(len(j.submission_id) for j in jobs)
-    print(f"{'job':<{width}}  {'status':<9}  {'started':<19}  {'pipeline':<16}  spec")
-    for j in sorted(jobs, key=lambda j: j.start_time or 0):
-        print(f"{j.submission_id:<{width}}  {str(j.status):<9}  {_time(j.start_time):<19}  "
-              f"{j.metadata.get('pipeline', '-'):<16}  {j.metadata.get('spec', '-')}")
-    return 0
-
-
-def cmd_jobs_status(args) -> int:
-    client = connect(args.address)
-    info = _require(client, args.job)
-    print(f"{args.job}: {info.status}")
-    if info.message:
-        print(info.message)
-    print(f"started {_time(info.start_time)}, ended {_time(info.end_time)}")
-    return 0
-
-
-def cmd_jobs_logs(args) -> int:
-    client = connect(args.address)
-    info = _require(client, args.job)
-    if args.follow:
-        follow(client, args.job, info)
-    else:
-        with _ray_errors(client.mixloop_address, args.job):
-            sys.stdout.write(_this_run(client.get_job_logs(args.job), info))
-    return 0
-
-
-def cmd_jobs_stop(args) -> int:
-    client = connect(args.address)
-    info = _require(client, args.job)
-    if info.status.is_terminal():
-        print(f"{args.job} has already ended: {info.status}")
-        return 0
-    with _ray_errors(client.mixloop_address, args.job):
-        client.stop_job(args.job)
-    deadline = time.time() + args.timeout
-    while not (info := _require(client, args.job)).status.is_terminal() and time.time() < deadline:
-        time.sleep(0.5)
-    if not info.status.is_terminal():
-        raise MixloopError(f"{args.job} is still {info.status} {args.timeout:.0f} s after the stop request. "
-                           f"See `mixloop jobs status {args.job} --address {client.mixloop_address}`.")
-    print(f"{args.job}: {info.status}")
-    return 0

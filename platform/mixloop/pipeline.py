@@ -80,8 +80,9 @@ class Pipeline:
         """Train the missing stages in order, up to and including `until` (all by default).
         `extra_stages` (a search's trials) have their corpora packed too.
 
-        Nothing is written until the spec is accepted (no finished stage was edited) and the data
-        passed its checks: a run that fails those leaves the workdir as it was."""
+        Nothing is published, and the workdir's pipeline.yaml is not rewritten, until the spec is
+        accepted (no finished stage was edited) and the data passed its checks. What a failed check
+        leaves is the packed corpora and their rejects, content-addressed, for the next run to reuse."""
         conflicts = edited_stages(self.spec)
         if conflicts:
             raise StageConflictError("\n".join(conflicts))

@@ -138,6 +138,8 @@ class StageRunner:
             "data_fingerprints": {n: Path(d).name for n, d in job.corpus_dirs.items()},
             "metrics": {**metrics, "final_lr": state.lr, "steps": state.step},
         }
+        if self.spec.overrides:  # set on the command line, not in the spec file
+            lineage["overrides"] = self.spec.overrides
         if self.lock is not None:
             self.lock.ensure_held()
         publish(self.workdir, stage.name, checkpoint_dir, self.prepared.tokenizer_dir, lineage)

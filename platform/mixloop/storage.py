@@ -1,7 +1,8 @@
 """Files under a run directory that is a local path or any fsspec URI (s3://, gs://, ...).
 
-Everything mixloop writes goes through these helpers, so a workdir on object
-storage behaves like a local one. Object stores have no rename and no append:
+What mixloop writes to a workdir goes through these helpers (or through fsspec
+directly where a call needs more, such as the lock's conditional create), so a
+workdir on object storage behaves like a local one. Object stores have no rename and no append:
 JSON is written in one PUT, a log's appends are objects of their own (rewriting
 the log at every line would make a long run's appends cost ever more), and
 folders that must appear whole (versions) are uploaded with their completion

@@ -12,6 +12,7 @@ import pytest
 from support import SHARED_DATA, open_in_browser, write_spec
 
 from mixloop.cli import main
+from mixloop.health import eval_prompts
 from mixloop.pipeline import Pipeline
 from mixloop.registry import list_versions
 from mixloop.spec import load_spec
@@ -68,7 +69,10 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     deltas = first["deltas"]
     assert deltas["medical"]["uptake"]["medical"] > 0 and set(deltas["medical"]["forgetting"]) == {"shakespeare", "gsm8k"}
     assert set(first["health"]["sft"]) == {"gsm8k", "medical_chat"}
-    assert 0 <= first["health"]["sft"]["gsm8k"]["ended"] <= 1
+    gsm8k_health = first["health"]["sft"]["gsm8k"]
+    assert gsm8k_health["samples"] == 3 and gsm8k_health["ended"] in (0, 1 / 3, 2 / 3, 1)  # chat_prompts: 3
+    asked = eval_prompts(str(SHARED_DATA / "eval/sft_en.jsonl"), 1)[0][-1]["content"]  # the first eval prompt
+    assert gsm8k_health["examples"][0]["prompt"] == json.dumps(asked, ensure_ascii=False)[1:-1][:300]
 
     # The report renders in a real browser with every plot loaded and no console error.
     images, errors = open_in_browser(workdir / "report" / "index.html")

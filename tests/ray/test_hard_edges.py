@@ -7,10 +7,10 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import yaml
 from support import write_spec
 
+import mixloop
 from mixloop.cli import main
 
 WORDS = "the a star planet orbit moon light far near cold hot sun ring dust gas rock ice".split()
@@ -48,9 +48,14 @@ def test_no_eval_splits_edited_stage_and_corrupt_weights(ray_address, tmp_path, 
     workdir = tmp_path / "run"
 
     # No corpus has an eval split: the run trains, publishes and reports, and says what to add.
-    code, out = run_cli(capsys, "run", str(spec))
+    # (Every step logged: an override on the command line, kept in the workdir's spec and in lineage.)
+    code, out = run_cli(capsys, "run", str(spec), "stages.s1.log_every=1")
     assert code == 0, out
     assert "Traceback" not in out and "no eval split for corpora web" in out
+    assert [m["step"] for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    assert yaml.safe_load((workdir / "pipeline.yaml").read_text())["stages"][0]["log_every"] == 1
+    assert json.loads((workdir / "models" / "s1" / "lineage.json").read_text())["overrides"] == ["stages.s1.log_every=1"]
+    assert [v["version"] for v in mixloop.versions(mixloop.load(str(spec)))] == ["base", "s1"]
     page = (workdir / "report" / "index.html").read_text()
     assert "No eval split for web" in page
     code, out = run_cli(capsys, "report", str(spec))

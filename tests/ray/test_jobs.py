@@ -122,7 +122,7 @@ def test_submit_runs_the_pipeline_and_jobs_commands_follow_it(mixloop, head, tmp
     job = "mixloop-test"
     assert f"as job {job}" in out and f"mixloop jobs logs {job} --follow --address {head['address']}" in out
 
-    client = jobs.connect(None)
+    client = jobs.JobClient(None).sdk
     timeline, seen = [], 0  # (seconds since submit, line) as each line first shows in the job's logs
     deadline = time.time() + 240
     while (status := str(client.get_job_status(job))) not in TERMINAL:
@@ -164,7 +164,7 @@ def test_second_submit_is_refused_while_running_and_stop_stops_it(mixloop, head,
     # After the first test, mixloop-test has finished: this submit replaces it.
     assert mixloop(["submit", str(spec), "--no-wait", "--address", head["address"]]) == 0
     job = "mixloop-test"
-    client = jobs.connect(head["address"])
+    client = jobs.JobClient(head["address"]).sdk
     assert wait_status(client, job, {"RUNNING"} | TERMINAL, timeout=60) == "RUNNING", client.get_job_logs(job)
     capsys.readouterr()
 
@@ -204,11 +204,11 @@ def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, 
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # token mode on this side, and still no token anywhere
     with pytest.raises(MixloopError, match="RAY_AUTH_MODE=token but no Ray authentication token"):
-        jobs.connect(None)
+        jobs.JobClient(None)
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     with pytest.raises(MixloopError, match="refused the authentication token.*RAY_AUTH_TOKEN"):
-        jobs.connect(None)
+        jobs.JobClient(None)
 
     # The token in ~/.ray/auth_token is found the way Ray finds it.
     monkeypatch.delenv("RAY_AUTH_TOKEN")
@@ -217,7 +217,7 @@ def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, 
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with pytest.raises(MixloopError, match="not the HTTP address of a Ray job server"):
-        jobs.connect(None)
+        jobs.JobClient(None)
 
 
 def test_the_embedded_rays_own_processes_find_its_state_api_beside_another_ray(ray_address, head):

@@ -106,8 +106,7 @@ def test_one_stage_on_two_workers(uninterrupted, capsys):
     logged = metrics(workdir, "mixed")
     assert [m["step"] for m in logged] == list(range(5, 41, 5))
     assert logged[-1]["loss"] < logged[0]["loss"]
-    for loss in result["matrix"]["mixed"].values():
-        assert loss is not None
+    assert set(result["matrix"]["mixed"]) == {"facts", "chats"}
     assert all(result["matrix"]["mixed"][c]["loss"] < result["matrix"]["base"][c]["loss"] for c in ("facts", "chats"))
 
     capsys.readouterr()  # Ray's log monitor may still print worker lines: read only our own below

@@ -634,3 +634,36 @@ def test_corpus_whose_files_are_all_empty(write_spec, tmp_path):
 def test_corpus_on_a_filesystem_fsspec_cannot_open(write_spec):
     problem = _only_problem(write_spec, lambda d: d["corpora"]["web"].update(path="nofs://bucket/web/*.jsonl"))
     assert problem.startswith("corpora.web.path: cannot use nofs://") and "Fix:" in problem
+
+
+# ---------------------------------------------------------------- overrides and the Python API
+
+
+def test_overrides_set_values_by_path_index_or_stage_name_and_are_validated_like_the_file(write_spec):
+    path = write_spec()
+    spec = load_spec(path, ["defaults.lr.peak=0.002", "stages[0].tokens=2e5", "stages.sft.workers=1"])
+    pretrain, sft = spec.resolved_stages()
+    assert (pretrain.lr.peak, pretrain.tokens, sft.max_workers) == (0.002, 200_000, 1)
+    assert spec.portable()["defaults"]["lr"]["peak"] == 0.002  # what the workdir keeps
+    assert spec.overrides == ["defaults.lr.peak=0.002", "stages[0].tokens=2e5", "stages.sft.workers=1"]
+    assert load_spec(path).resolved_stages()[0].tokens == 100_000  # the file itself is unchanged
+
+    with pytest.raises(SpecError) as error:
+        load_spec(path, ["stages.nope.tokens=3", "defaults.lr.peek=0.1", "oops", "stages[0].tokens=lots"])
+    message = str(error.value)
+    assert "'stages.nope.tokens=3': no stage named 'nope'. Fix: use one of pretrain, sft." in message
+    assert "defaults.lr.peek: unknown key. Fix: did you mean 'peak'?" in message
+    assert "'oops': not an override. Fix: write KEY.PATH=VALUE" in message
+    assert "stages[0].tokens: expected a whole number, got 'lots'" in message
+
+
+def test_the_python_api_takes_a_spec_from_a_dict(tmp_path, write_spec):
+    import mixloop
+
+    data = yaml.safe_load(write_spec().read_text())
+    spec = mixloop.from_dict(data, base_dir=str(tmp_path), overrides=["stages[1].tokens=60000"])
+    assert spec.stage_names() == ["pretrain", "sft"] and spec.resolved_stages()[1].tokens == 60_000
+    assert mixloop.versions(spec) == []  # nothing trained yet
+    with pytest.raises(SpecError, match="no file matches"):
+        mixloop.from_dict({**data, "corpora": {**data["corpora"], "web": {"kind": "text", "path": "none/*.jsonl"}}},
+                          base_dir=str(tmp_path))

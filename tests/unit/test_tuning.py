@@ -13,7 +13,9 @@ from mixloop.cli import main
 from mixloop.errors import MixloopError, SpecError
 from mixloop.spec import load_spec
 from mixloop.tuning.results import append_stage, pareto_front, pick, stage_yaml, verdict_line
-from mixloop.tuning.search import load_search, objective_terms, objective_value, simplex_weights
+from mixloop.tuning.objectives import objective_terms, objective_value
+from mixloop.tuning.search import load_search
+from mixloop.tuning.simplex import simplex_weights
 
 REPO = Path(__file__).parents[2]
 

@@ -2,11 +2,11 @@
 and whether preparation's memory stays flat when the corpus grows tenfold.
 
 - preparation: every train corpus of the shared data, MiniMind's tokenizer, one Ray Data job in a
-  fresh process with its own local Ray; tokens per second and per CPU core (actor start-up included).
+  fresh process with its own local Ray; tokens per second and per CPU core (worker start-up included).
 - loader: rows per second the mix plan and packed-row reads deliver to one of the quickstart's two
   workers, against the rows per second that worker trains with the quickstart model (tiny preset,
   512-token vocabulary, one thread, micro-batches of 8 rows of 128 tokens).
-- memory: peak resident memory of the whole process tree (driver, raylet, Ray Data actors) while
+- memory: peak resident memory of the whole process tree (driver, raylet, Ray Data's task workers) while
   preparing the English pretraining text, then the same text repeated ten times in each file.
 """
 

@@ -1,11 +1,11 @@
 """Prepare a corpus once: read, validate, tokenize and pack it with Ray Data.
 
-Files are cut into chunks (byte ranges of jsonl, row groups of parquet); a pool
-of Ray Data actors, each holding the tokenizer, streams one chunk at a time into
-shards of at most SHARD_ROWS packed rows written straight to the cache, and
-sends back only a small summary. Memory therefore depends on the shard and
-tokenizer batch sizes, never on the chunk or corpus size, and no data passes
-through the driver.
+Files are cut into chunks (byte ranges of jsonl, row groups of parquet, whole
+.gz files). Ray Data tasks (TaskPoolStrategy, at most one per CPU), with one
+tokenizer cached per worker process, each stream one chunk into shards of at
+most SHARD_ROWS packed rows written straight to the cache, and send back only a
+small summary. Memory therefore depends on the shard and tokenizer batch sizes,
+never on the chunk or corpus size, and no data passes through the driver.
 
 The result is content-addressed by the files' identities, the tokenizer, the
 sequence length and the packing rules, so every later stage, iteration or

@@ -6,15 +6,15 @@ a fix. When the structure is wrong, the parts that validate on their own (the
 tokenizer, the model, each corpus, the defaults, each stage) still get their
 semantic checks, so one run of ``mixloop validate`` lists everything it can.
 Stages inherit unset settings from ``defaults``, which inherit from
-``BUILTIN_DEFAULTS``; ``resolve_stage`` produces the complete, plain stage that
-workers receive as JSON.
+``BUILTIN_DEFAULTS``; ``resolve_stage`` produces the complete, typed and frozen
+``ResolvedStage`` that the driver plans with and workers receive (as JSON, inside their job).
 
 The package's modules: schema (the pydantic models), resolve (stages filled in, and their hash),
 messages (structural problems in words), checks (semantic problems), load (YAML to a Spec).
 """
 
 from mixloop.spec.checks import max_positions, stage_problems, workdir_problems
-from mixloop.spec.load import check_spec_data, load_spec, read_yaml, validate_yaml
+from mixloop.spec.load import apply_overrides, check_spec_data, load_spec, read_yaml, spec_from_data, validate_yaml
 from mixloop.spec.messages import format_problems
 from mixloop.spec.resolve import (TRAJECTORY_FIELDS, ResolvedLR, ResolvedStage, Share, Spec, StepGeometry, base_hash,
                                   resolve_stage, stage_hash)
@@ -26,7 +26,7 @@ __all__ = [
     "BASE_VERSION", "BUILTIN_DEFAULTS", "MODEL_PRESETS", "PRESET_POSITIONS", "QWEN3_DEFAULT_POSITIONS",
     "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp",
     "ResolvedLR", "ResolvedStage", "Share", "Spec", "StepGeometry",
-    "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "base_hash", "check_spec_data", "format_problems",
-    "load_spec", "max_positions", "read_yaml", "resolve_stage", "stage_hash", "stage_problems", "validate_yaml",
+    "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "apply_overrides", "base_hash", "check_spec_data", "format_problems",
+    "load_spec", "max_positions", "read_yaml", "resolve_stage", "spec_from_data", "stage_hash", "stage_problems", "validate_yaml",
     "workdir_problems",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,17 +19,66 @@ from mixloop.spec.resolve import Spec
 from mixloop.spec.schema import CorpusSpec, PipelineSpec, StageSpec, _numbers_where_numeric
 from mixloop.storage import exists, read_text
 
-def load_spec(path: str | Path, *, files: bool = True) -> Spec:
-    """Read and validate a pipeline YAML (a path or a URI); raise SpecError listing every problem.
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (), *, files: bool = True) -> Spec:
+    """Read and validate a pipeline YAML (a path or a URI), with `overrides` (KEY.PATH=VALUE, see
+    apply_overrides) applied first; raise SpecError listing every problem.
 
     files=False checks the spec alone: nothing is read from (or written to) files, folders or fsspec."""
     data = read_yaml(path, PipelineSpec, "pipeline", "jobs/")
     # A remote spec is a workdir's own copy, whose paths are all absolute.
     base_dir = str(path).rsplit("/", 1)[0] if "://" in str(path) else str(Path(path).resolve().parent)
-    spec, problems = _checked_spec(data, base_dir, files)
-    if problems:
-        raise SpecError(format_problems(path, problems))
+    return spec_from_data(data, base_dir, overrides, files=files, source=str(path))
+
+
+def spec_from_data(data: dict, base_dir: str = ".", overrides: Sequence[str] = (), *, files: bool = True,
+                   source: str = "spec") -> Spec:
+    """A validated Spec from data shaped like the YAML (relative paths start at `base_dir`); SpecError
+    naming `source` and listing every problem."""
+    data, problems = apply_overrides(data, overrides)
+    spec, more = _checked_spec(data, base_dir, files)
+    if problems or more:
+        raise SpecError(format_problems(source, problems + more))
+    spec.overrides = list(overrides)
     return spec
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, list[str]]:
+    """A copy of `data` with each `KEY.PATH=VALUE` set (VALUE read as YAML; a list item as `stages[1]`
+    or, in stages, by name: `stages.sft.tokens=2e5`), and a problem for each one that names no place."""
+    data, problems = copy.deepcopy(data), []
+    for override in overrides:
+        path, sep, raw = override.partition("=")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = None
+        keys = [int(part) if part.isdigit() else part for part in re.split(r"\.|\[(\d+)\]\.?", path) if part]
+        if not sep or not keys or (value is None and raw.strip() not in ("null", "~", "")):
+            problems.append(f"{override!r}: not an override. Fix: write KEY.PATH=VALUE, e.g. stages[0].tokens=2e5 "
+                            "or defaults.lr.peak=0.002.")
+            continue
+        problems += _set(data, keys, value, override)
+    return data, problems
+
+
+def _set(data: dict, keys: list, value: Any, override: str) -> list[str]:
+    if keys[0] == "stages" and len(keys) > 2 and isinstance(keys[1], str) and isinstance(data.get("stages"), list):
+        names = {stage.get("name"): index for index, stage in enumerate(data["stages"]) if isinstance(stage, dict)}
+        if keys[1] not in names:
+            return [f"{override!r}: no stage named {keys[1]!r}. Fix: use one of {', '.join(map(str, names))}."]
+        keys[1] = names[keys[1]]
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        try:
+            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+        except (IndexError, TypeError, AttributeError):
+            return [f"{override!r}: {'.'.join(map(str, keys[:depth + 1]))} holds no {key!r}. Fix: check the key path."]
+    try:
+        node[keys[-1]] = value
+    except (IndexError, TypeError):
+        return [f"{override!r}: cannot set {keys[-1]!r} there. Fix: check the key path."]
+    return []
 
 
 def check_spec_data(data: dict, base_dir: str, files: bool = True) -> list[str]:

@@ -21,6 +21,7 @@ class Spec:
     def __init__(self, pipeline: PipelineSpec, base_dir: str):
         self.pipeline = pipeline
         self.base_dir = base_dir
+        self.overrides: list[str] = []  # KEY.PATH=VALUE applied over the file (kept in lineage)
 
     def path(self, value: str) -> str:
         """Resolve a spec path: URIs and absolute paths stay, others start at the spec's folder."""

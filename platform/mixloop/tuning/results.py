@@ -21,6 +21,7 @@ import yaml  # noqa: E402
 from mixloop.errors import MixloopError, SpecError  # noqa: E402
 from mixloop.spec import load_spec  # noqa: E402
 from mixloop.storage import join, upload, write_json, write_text  # noqa: E402
+from mixloop.tuning.objectives import objective_keys  # noqa: E402
 from mixloop.tuning.search import Search  # noqa: E402
 
 Log = Callable[[str], None]
@@ -29,7 +30,6 @@ Log = Callable[[str], None]
 def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | None = None, log: Log = print) -> dict:
     """Write results.csv, results.json, objective.png and the best (or `chosen`) trial's stage as
     best-stage.yaml under `folder`; print the table and the verdict."""
-    from mixloop.tuning.runner import objective_keys
 
     keys = objective_keys(len(search.objectives))
     ended = grid.num_terminated + grid.num_errors

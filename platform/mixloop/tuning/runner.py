@@ -44,7 +44,8 @@ from mixloop.train.job import StageJob, stage_job
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
                              write_text)
 from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
-from mixloop.tuning.search import Search, load_search, objective_value
+from mixloop.tuning.objectives import objective_keys, objective_value
+from mixloop.tuning.search import Search, load_search
 
 Log = Callable[[str], None]
 RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
@@ -63,7 +64,7 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
         grid = _tuner(search, context, log).fit()
         results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
         if apply:
-            _apply(search, context, results, log)
+            _apply(search, context, results, log, pipeline.lock)
     return results
 
 
@@ -77,7 +78,7 @@ def _check_apply(search: Search, trial: str | None) -> None:
                            "pick a trial of the Pareto front, then add --apply --trial ID.")
 
 
-def _apply(search: Search, context: TrialContext, results: dict, log: Log) -> None:
+def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock) -> None:
     """Publish the chosen trial's final checkpoint as the stage's version, then append the stage to the
     pipeline file. The stage resolves to the trial's trajectory (the same stage hash), so `mixloop run`
     finds it done instead of training it again."""
@@ -89,7 +90,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log) -> No
     checkpoint = join(context.folder, "train", best["trial"], f"step-{stage.total_steps:07d}")
     trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
-    runner = StageRunner(search.pipeline, context.prepared, log)
+    runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
     job = runner.job(stage, context.parent)
     runner.publish(job, stage_plan(stage, job.corpus_dirs), context.parent,
                    stage_hash(stage, context.parent["stage_hash"]), local_copy(checkpoint), metrics, now())
@@ -232,10 +233,6 @@ def _scheduler(search: Search) -> TrialScheduler:
     return SparingBaselines(metric="objective", mode="min", time_attr="eval",
                             max_t=search.spec.trials.evals, grace_period=asha.grace_evals,
                             reduction_factor=asha.reduction_factor)
-
-
-def objective_keys(count: int) -> list[str]:
-    return ["objective"] if count == 1 else [f"objective_{i + 1}" for i in range(count)]
 
 
 # ---------------------------------------------------------------- inside a trial

@@ -7,13 +7,10 @@ settings put in. Its YAML is valid in the pipeline as it is, so the best trial c
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
 import hashlib
 import json
-import math
-import operator
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +19,9 @@ from pydantic import Field
 from mixloop.errors import SpecError
 from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, ResolvedStage, Spec, StageSpec, StageTemplate, Strict,
                           format_problems, load_spec, resolve_stage, stage_hash, stage_problems, validate_yaml)
+from mixloop.tuning.objectives import objective_terms
+from mixloop.tuning.simplex import rounded_weights, simplex_draws, simplex_weights
 
-OBJECTIVE_TERMS = ("loss", "gain", "forgetting")
 BASELINES = ("current", "stratified")
 
 
@@ -207,14 +205,6 @@ class Search:
                 {"baseline": "stratified", "mixture": rounded_weights({c: n / total for c, n in tokens.items()})}]
 
 
-def simplex_weights(uniforms: dict[str, float], min_share: float) -> dict[str, float]:
-    """Uniform draws mapped to weights that sum to 1, each at least `min_share`."""
-    spacings = {c: -math.log(max(1.0 - u, 1e-12)) + 1e-12 for c, u in uniforms.items()}
-    total = sum(spacings.values())
-    free = 1.0 - min_share * len(spacings)
-    return rounded_weights({c: min_share + free * s / total for c, s in spacings.items()})
-
-
 def _in_domain(value, domain) -> bool:
     """Whether a Ray Tune domain can draw `value` (a randint's upper bound is exclusive)."""
     from ray.tune.search.sample import Categorical, Integer
@@ -222,86 +212,6 @@ def _in_domain(value, domain) -> bool:
     if isinstance(domain, Categorical):
         return value in domain.categories
     return domain.lower <= value and (value < domain.upper if isinstance(domain, Integer) else value <= domain.upper)
-
-
-def simplex_draws(weights: dict[str, float], min_share: float) -> dict[str, float] | None:
-    """The uniform draws that `simplex_weights` maps to these weights (spacings scaled to mean 1), or
-    None when a weight is below `min_share`."""
-    if any(w < min_share - 1e-9 for w in weights.values()):
-        return None
-    free = 1.0 - min_share * len(weights)
-    return {c: 1.0 - math.exp(-len(weights) * max(w - min_share, 0.0) / free) for c, w in weights.items()}
-
-
-def rounded_weights(weights: dict[str, float]) -> dict[str, float]:
-    """Three decimals that still sum to 1 (the largest weight absorbs the rounding)."""
-    rounded = {c: round(w, 3) for c, w in weights.items()}
-    largest = max(rounded, key=rounded.get)
-    rounded[largest] = round(1.0 - sum(w for c, w in rounded.items() if c != largest), 3)
-    return rounded
-
-
-# ---------------------------------------------------------------- objectives
-
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def objective_value(expression: str, losses: dict[str, float], start_losses: dict[str, float]) -> float:
-    """The expression's value for a model with these eval losses, started from one with `start_losses`."""
-    terms = {"loss": losses,
-             "gain": {c: start_losses[c] - losses[c] for c in losses},
-             "forgetting": {c: losses[c] - start_losses[c] for c in losses}}
-
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.BinOp):
-            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp):
-            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
-        if isinstance(node, ast.Constant):
-            return float(node.value)
-        kind, corpus = _term(node)
-        return terms[kind][corpus]
-
-    return float(value(ast.parse(expression, mode="eval").body))
-
-
-def objective_terms(expression: str) -> list[tuple[str, str]]:
-    """The (kind, corpus) pairs an expression uses; ValueError naming what is not allowed."""
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"not an expression ({exc.msg})") from None
-    terms = []
-    for node in _operands(tree.body):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            continue
-        terms.append(_term(node))
-    return terms
-
-
-def _operands(node: ast.AST):
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        yield from _operands(node.left)
-        yield from _operands(node.right)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        yield from _operands(node.operand)
-    else:
-        yield node
-
-
-def _term(node: ast.AST) -> tuple[str, str]:
-    """loss.X or loss["X"] (for corpus names that are not identifiers)."""
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-        kind, corpus = node.value.id, node.attr
-    elif (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
-          and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
-        kind, corpus = node.value.id, node.slice.value
-    else:
-        raise ValueError(f"{ast.unparse(node)!r} is not allowed: use numbers, + - * /, and "
-                         f"{', '.join(k + '.CORPUS' for k in OBJECTIVE_TERMS)}")
-    if kind not in OBJECTIVE_TERMS:
-        raise ValueError(f"{kind!r} is not a metric: use {', '.join(OBJECTIVE_TERMS)}")
-    return kind, corpus
 
 
 # ---------------------------------------------------------------- loading

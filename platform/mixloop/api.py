@@ -1,0 +1,67 @@
+"""mixloop from Python: what the command line does, for notebooks and orchestrators.
+
+    import mixloop
+
+    spec = mixloop.load("jobs/quickstart.yaml", overrides=["defaults.lr.peak=0.002"])
+    result = mixloop.run(spec)           # train what is missing, evaluate, report
+    result["matrix"]["sft"]["general"]   # {"loss": ..., "perplexity": ...}
+    mixloop.versions(spec)               # lineage of every version, oldest first
+
+A spec can also come from a dict shaped like the YAML (`mixloop.from_dict`). Every function
+validates first and raises `mixloop.errors.MixloopError` subclasses for what a user can fix
+(`SpecError` lists every problem). Ray starts on the first call that needs it: a private local
+Ray, or the cluster at `address`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mixloop.spec import Spec, load_spec, spec_from_data
+
+Log = Callable[[str], None]
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Spec:
+    """A pipeline spec from a YAML file or URI, with KEY.PATH=VALUE overrides applied."""
+    return load_spec(path, overrides)
+
+
+def from_dict(data: dict, base_dir: str = ".", overrides: Sequence[str] = ()) -> Spec:
+    """A pipeline spec from data shaped like the YAML; relative paths start at `base_dir`."""
+    return spec_from_data(data, base_dir, overrides)
+
+
+def run(spec: Spec, address: str | None = None, log: Log = print) -> dict:
+    """Train every missing stage, then evaluate and report: {"trained", "matrix", "deltas", "health",
+    "report"}. Holds the workdir's lock, taken before anything heavy so a second run is refused at once."""
+    from mixloop.lock import workdir_lock
+
+    with workdir_lock(spec.workdir, "mixloop run", log) as lock:
+        from mixloop.pipeline import Pipeline
+
+        return Pipeline(spec, log, address, lock).run()
+
+
+def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> dict:
+    """Evaluate what is missing and write the report: {"matrix", "deltas", "health", "report"}."""
+    from mixloop.pipeline import Pipeline
+
+    return Pipeline(spec, log, address).report()
+
+
+def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[dict]:
+    """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
+    from mixloop.errors import MixloopError
+    from mixloop.pipeline import Pipeline
+
+    if stage is not None and stage not in spec.stage_names():
+        raise MixloopError(f"no stage {stage!r}; stages: {', '.join(spec.stage_names())}")
+    return Pipeline(spec, log, address).preview(stage)
+
+
+def versions(spec_or_workdir: Spec | str) -> list[dict]:
+    """The lineage of every complete version of a spec's workdir (or of a workdir path or URI), oldest first."""
+    from mixloop.registry import list_versions
+
+    return list_versions(spec_or_workdir.workdir if isinstance(spec_or_workdir, Spec) else spec_or_workdir)
