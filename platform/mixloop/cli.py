@@ -158,13 +158,21 @@ def cmd_report(args) -> int:
 def cmd_data_preview(args) -> int:
     rows = api.preview(api.load(args.spec), args.stage, args.address)
     print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'blank':>7}"
-          f"{'share':>8}{'passes':>8}")
+          f"{'share':>8}{'passes':>8}  format")
     for r in rows:
         print(f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
-              f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}")
+              f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}  {_shapes(r['formats'])}")
     for warning in (w for r in rows for w in r["warnings"]):
         print(f"warning: {warning}")
     return 0
+
+
+def _shapes(formats: dict[str, int]) -> str:
+    """The shapes records were read in: `sharegpt`, or `messages 60%,alpaca 40%` for a mix."""
+    total = sum(formats.values())
+    if len(formats) <= 1:
+        return next(iter(formats), "-")
+    return ",".join(f"{name} {count / total:.0%}" for name, count in sorted(formats.items(), key=lambda kv: -kv[1]))
 
 
 def cmd_tune(args) -> int:

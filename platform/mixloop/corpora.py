@@ -9,6 +9,7 @@ fails its checks is removed again: the next run trains it on the corrected data.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepa
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.health import eval_prompts
 from mixloop.ray_setup import init_ray
-from mixloop.spec import BUILTIN_DEFAULTS, ResolvedStage, Spec
+from mixloop.spec import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
 from mixloop.storage import (exists, expand_files, is_local, join, makedirs, read_json, remove, share_with_umask,
                              upload, write_json)
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
@@ -67,7 +68,7 @@ class Corpora:
     def chat_prompts(self) -> dict[str, list]:
         """The prompts of each chat corpus's eval split that chat health asks every version."""
         count = self.spec.pipeline.chat_prompts
-        return {name: eval_prompts(self.files(name)["eval"], count, corpus.format)
+        return {name: eval_prompts(self.files(name)["eval"], count, corpus.file_format, corpus.format, corpus.columns)
                 for name, corpus in self.spec.pipeline.corpora.items()
                 if corpus.kind == "chat" and count and "eval" in self.files(name)}
 
@@ -97,9 +98,9 @@ class Corpora:
 
     def _request(self, name: str, split: str, seq_len: int, packing: bool) -> CorpusRequest:
         corpus = self.spec.pipeline.corpora[name]
-        return CorpusRequest(name, split, self.files(name)[split], corpus.format, corpus.kind,
+        return CorpusRequest(name, split, self.files(name)[split], corpus.file_format, corpus.kind,
                              corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents,
-                             packing)
+                             packing, corpus.format, json.dumps(corpus.columns, sort_keys=True) if corpus.columns else "")
 
     def tokenizer(self) -> str:
         """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
@@ -141,18 +142,19 @@ class Corpora:
         corpora = self.spec.pipeline.corpora
         for name, corpus in corpora.items():
             share = budget // len(corpora)
-            chunks = list_chunks(expand_files(self.files(name)["train"]), corpus.format)
-            for text in (_record_text(record, corpus.kind) for chunk in chunks for _, record in iter_records(chunk)):
+            chunks = list_chunks(expand_files(self.files(name)["train"]), corpus.file_format)
+            for text in (_record_text(record, corpus) for chunk in chunks for _, record in iter_records(chunk)):
                 if share <= 0:
                     break
                 share -= len(text.encode())
                 yield text
 
 
-def _record_text(record, kind: str) -> str:
+def _record_text(record, corpus: CorpusSpec) -> str:
     """The text a record trains on, or "" for a record that preparation will reject."""
     try:
-        if kind == "text":
+        record, _ = records.normalize(record, corpus.kind, corpus.format, corpus.columns)
+        if corpus.kind == "text":
             return records.check_text(record)
         return "\n".join(turn["content"] for turn in records.check_chat(record))
     except records.BadRecord:

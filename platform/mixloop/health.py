@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from mixloop.data.records import BadRecord, check_chat
+from mixloop.data.records import BadRecord, check_chat, normalize
 from mixloop.storage import expand_files
 
 
@@ -37,16 +37,17 @@ def summarise(generations: list[list[int]], eos_id: int, max_new_tokens: int) ->
     }
 
 
-def eval_prompts(pattern: str, count: int, fmt: str | None = None) -> list[list[dict]]:
-    """The first `count` valid conversations of a chat eval split (a path, glob or URI of jsonl or
-    parquet files, read as preparation reads them), each cut before its last assistant turn."""
+def eval_prompts(pattern: str, count: int, file_format: str | None = None, record_format: str = "auto",
+                 columns: dict[str, str] | None = None) -> list[list[dict]]:
+    """The first `count` valid conversations of a chat eval split (files and records read as
+    preparation reads them), each cut before its last assistant turn."""
     from mixloop.data.prepare import iter_records, list_chunks
 
     prompts = []
-    for chunk in list_chunks(expand_files(pattern), fmt):
+    for chunk in list_chunks(expand_files(pattern), file_format):
         for _, record in iter_records(chunk):
             try:
-                turns = check_chat(record)
+                turns = check_chat(normalize(record, "chat", record_format, columns)[0])
             except BadRecord:
                 continue
             last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")

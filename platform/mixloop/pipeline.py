@@ -158,6 +158,7 @@ class Pipeline:
                     "stage": stage.name, "corpus": name, "documents": manifest["documents"],
                     "tokens": manifest["tokens"], "rows": manifest["rows"], "rejected": manifest["rejected"],
                     "blank_lines": manifest.get("blank_lines", 0),  # manifests before the count lack it
+                    "formats": manifest.get("formats", {}),
                     "share": realised[name] / plan.total_rows, "epochs": epochs[name],
                     "warnings": repeat_warnings(stage, {name: epochs[name]}),
                 })

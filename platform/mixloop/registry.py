@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -66,6 +67,7 @@ def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, line
         for file in Path(local_copy(tokenizer_dir)).iterdir():
             if not file.name.startswith("."):
                 shutil.copy2(file, Path(staging, file.name))
+        loadable_everywhere(staging)
         write_json(str(Path(staging, LINEAGE)), lineage)
         target = version_dir(workdir, version)
         if is_local(target):
@@ -132,6 +134,31 @@ def verified_version(workdir: str, version: str) -> str:
     return folder
 
 
+# transformers 5 writes a tokenizer class that 4.x cannot import; this one both load as the same
+# fast tokenizer (tokenizer.json decides every token).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def loadable_everywhere(folder: str) -> None:
+    """Make a local Hugging Face folder load the same under transformers 4.x as under 5.x (and in tools
+    that read config.json, such as GGUF converters): 5.x keeps RoPE settings only in `rope_parameters`,
+    so 4.x silently falls back to its default base (10000). The 4.x keys get the same values."""
+    config_path, tokenizer_path = Path(folder, "config.json"), Path(folder, "tokenizer_config.json")
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_path.exists():
+        settings = json.loads(tokenizer_path.read_text())
+        if settings.get("tokenizer_class") == "TokenizersBackend":
+            settings["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+            tokenizer_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
 def flatten(data, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}, for comparing nested records key by key."""
     if not isinstance(data, dict):
@@ -164,3 +191,4 @@ def export(workdir: str, version: str, target: str) -> None:
     for file in source.iterdir():
         if file.name != LINEAGE and not file.name.startswith("."):
             shutil.copy2(file, out / file.name)
+    loadable_everywhere(str(out))  # versions published before mixloop wrote both forms

@@ -72,17 +72,25 @@ def expand_files(pattern: str) -> list[str]:
     except FileNotFoundError:
         return []
     files = sorted(m for m in matches if fs.isfile(m))
+    if not files and len(matches) == 1 and fs.isfile(f"{matches[0]}/state.json"):
+        files = _saved_dataset_files(fs, matches[0])
     protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
     return [protocol + f if protocol and not f.startswith(protocol) else f for f in files]
 
 
+def _saved_dataset_files(fs, folder: str) -> list[str]:
+    """The data files of a folder written by Hugging Face datasets' `save_to_disk`, in order."""
+    state = json.loads(fs.cat_file(f"{folder}/state.json"))
+    return [f"{folder}/{entry['filename']}" for entry in state.get("_data_files", [])]
+
+
 def file_format(path: str) -> str | None:
+    """jsonl (also .json: a JSON array in it is found when read), parquet, csv or arrow (the files of a
+    Hugging Face `save_to_disk` folder), from the extension; None when it says nothing."""
     name = path.lower()
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return None
+    return next((kind for kind in ("parquet", "csv", "arrow") if name.endswith(f".{kind}")), None)
 
 
 def makedirs(path: str) -> None:

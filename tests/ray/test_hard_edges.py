@@ -137,3 +137,44 @@ def test_messy_files_lose_only_their_bad_records(ray_address, tmp_path, capsys):
         assert set(found) == set(bad), (corpus, found)
         for number, reason in bad.items():
             assert reason in found[number], (corpus, number, found[number])
+
+
+def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    questions = [(f"what is {i} plus {i}?", f"{2 * i}.") for i in range(6)]
+    sharegpt = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in questions]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt))  # one JSON array, not JSON lines
+    messages = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in questions]
+    pq.write_table(pa.Table.from_pylist(messages), tmp_path / "messages.parquet")
+    alpaca = pa.Table.from_pylist([{"instruction": q, "input": "", "output": a} for q, a in questions])
+    pyarrow.csv.write_csv(alpaca, tmp_path / "alpaca.csv")
+    saved = tmp_path / "saved"  # the layout of Hugging Face datasets' save_to_disk: Arrow stream files, state.json
+    saved.mkdir()
+    texts = pa.Table.from_pylist([{"body": f"document {i} about the {WORDS[i]}."} for i in range(6)])
+    with pa.ipc.new_stream(str(saved / "data-00000-of-00001.arrow"), texts.schema) as writer:
+        writer.write_table(texts)
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    corpora = {
+        "sharegpt": {"kind": "chat", "path": str(tmp_path / "sharegpt.json")},
+        "messages": {"kind": "chat", "path": str(tmp_path / "messages.parquet"), "format": "messages"},
+        "alpaca": {"kind": "chat", "path": str(tmp_path / "alpaca.csv")},
+        "saved": {"kind": "text", "path": str(saved), "columns": {"text": "body"}},
+    }
+    stage = {"name": "s1", "mixture": {name: 1.0 for name in corpora}, "tokens": 1024}
+    spec = write_spec(tmp_path, small_spec(tmp_path, corpora, [stage]))
+
+    code, out = run_cli(capsys, "data", "preview", str(spec))
+    assert code == 0 and "Traceback" not in out, out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("s1 ")}
+    assert {name: (row[2], row[5], row[9]) for name, row in rows.items()} == {
+        "sharegpt": ("6", "0", "sharegpt"), "messages": ("6", "0", "messages"),
+        "alpaca": ("6", "0", "alpaca"), "saved": ("6", "0", "text")}
+
+    # A corpus whose records are not in the shape its format says: every record rejected, with why.
+    corpora["alpaca"]["format"] = "sharegpt"
+    spec = write_spec(tmp_path, small_spec(tmp_path, corpora, [stage]))
+    code, out = run_cli(capsys, "data", "preview", str(spec))
+    assert code == 1 and "corpus 'alpaca'" in out and "missing field 'conversations' (sharegpt format)" in out

@@ -12,11 +12,13 @@ def test_preview_shows_shares_passes_and_rows_without_training(ray_address, tmp_
     spec = write_spec(tmp_path, generated_spec(tmp_path / "run", [stage]))
     assert main(["data", "preview", str(spec), "--address", ray_address]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert ["stage", "corpus", "documents", "tokens", "rows", "rejected", "blank", "share", "passes"] in [l.split() for l in lines]
+    assert ["stage", "corpus", "documents", "tokens", "rows", "rejected", "blank", "share", "passes", "format"] in [
+        l.split() for l in lines]
     rows = {line.split()[1]: line.split() for line in lines if line.startswith("mixed ")}
     assert set(rows) == {"facts", "chats"}
     assert rows["facts"][2] == "400" and rows["chats"][2] == "300"  # documents generated
     assert rows["facts"][6] == "0"  # blank lines
+    assert (rows["facts"][9], rows["chats"][9]) == ("text", "conversations")  # the records' shapes
     assert abs(float(rows["facts"][7].rstrip("%")) - 75.0) <= 1.0
     assert float(rows["facts"][8]) > 1.0, "200k tokens of a ~25k-token corpus need repeats"
     warned = {line.split("'")[1] for line in lines if line.startswith("warning:")}

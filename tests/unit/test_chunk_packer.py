@@ -63,7 +63,7 @@ CHAT_LINES = [
     (b'{"conversations": [{"role": "user", "content": "q"}, ["assistant", "a"]]}', b"\n", "turn 1 must be an object"),
     (chat(("user", "q"), ("assistant", "<think>hm</think>a"), ("user", "q2"), ("assistant", "b")), b"\n",
      "chat template opens assistant turn 1 differently from its generation prompt"),
-    (b'{"messages": []}', b"\n", "missing field 'conversations'"),
+    (b'{"messages": []}', b"\n", "field 'messages' must be a non-empty list"),
     (b'{"conversations": [{"role": "user", "content": "', b"\n", "malformed JSON: Unterminated string"),
     (chat(("system", "Be brief."), ("user", "Sun?"), ("assistant", "A star.")), b"\n", None),
 ]

@@ -73,7 +73,6 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
     token, whatever the rows; the token count is the number of supervised targets."""
     import math
 
-    import numpy as np
     import torch
 
     from mixloop.data.packing import Packer

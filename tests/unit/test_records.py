@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from mixloop.data.records import BadRecord, check_chat, check_text, parse_json_line
+from mixloop.data.records import BadRecord, check_chat, check_text, normalize, parse_json_line
 
 
 def test_good_records_pass():
@@ -128,3 +130,51 @@ def test_a_chat_may_open_with_the_assistant():
     greeting = [{"role": "assistant", "content": "Hello! How can I help?"}, USER, ASSISTANT]
     assert check_chat({"conversations": greeting}) == greeting
     assert check_chat({"conversations": [{"role": "system", "content": "be nice"}, ASSISTANT]})
+
+
+# ---------------------------------------------------------------- the shapes users bring
+
+SHAPES = [  # (record, format it is read as)
+    ({"conversations": [USER, ASSISTANT]}, "conversations"),
+    ({"messages": [USER, ASSISTANT]}, "messages"),
+    ({"conversations": [{"from": "human", "value": USER["content"]}, {"from": "gpt", "value": ASSISTANT["content"]}]},
+     "sharegpt"),
+    ({"instruction": USER["content"], "input": "", "output": ASSISTANT["content"]}, "alpaca"),
+]
+
+
+@pytest.mark.parametrize("record, shape", SHAPES, ids=[shape for _, shape in SHAPES])
+def test_every_chat_shape_reads_as_the_same_conversation(record, shape):
+    for fmt in ("auto", shape):  # detected from its fields, or as the corpus says
+        normalized, found = normalize(record, "chat", fmt)
+        assert found == shape and check_chat(normalized) == [USER, ASSISTANT]
+
+
+def test_alpaca_input_and_system_and_renamed_columns():
+    record = {"q": "Add them.", "ctx": "2 and 3", "a": "5", "sys": "Be exact."}
+    columns = {"instruction": "q", "input": "ctx", "output": "a", "system": "sys"}
+    normalized, _ = normalize(record, "chat", "alpaca", columns)
+    assert check_chat(normalized) == [{"role": "system", "content": "Be exact."},
+                                      {"role": "user", "content": "Add them.\n\n2 and 3"},
+                                      {"role": "assistant", "content": "5"}]
+    dialog = {"dialog": [{"speaker": "user", "utterance": "hi"}, {"speaker": "assistant", "utterance": "yo"}]}
+    columns = {"conversations": "dialog", "role": "speaker", "content": "utterance"}
+    assert check_chat(normalize(dialog, "chat", "auto", columns)[0])[1] == {"role": "assistant", "content": "yo"}
+    assert check_text(normalize({"body": "a document"}, "text", "auto", {"text": "body"})[0]) == "a document"
+
+
+@pytest.mark.parametrize("record, fmt, reason", [
+    ({"prompt": "x", "completion": "y"}, "auto", "not a chat in a shape mixloop reads"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "auto", "unknown speaker 'alien'"),
+    ({"messages": [USER, ASSISTANT]}, "sharegpt", "missing field 'conversations' (sharegpt format)"),
+    ({"instruction": "x", "output": 3}, "auto", "field 'output' must be a string (alpaca format)"),
+    ({"messages": "hello"}, "auto", "field 'messages' must be a non-empty list of turns"),
+])
+def test_a_record_in_no_known_shape_is_rejected_with_what_was_expected(record, fmt, reason):
+    with pytest.raises(BadRecord, match=re.escape(reason)):
+        check_chat(normalize(record, "chat", fmt)[0])
+
+
+def test_a_text_corpus_field_named_in_columns_must_be_there():
+    with pytest.raises(BadRecord, match="missing field 'body' \\(columns.text\\)"):
+        normalize({"text": "x"}, "text", "auto", {"text": "body"})

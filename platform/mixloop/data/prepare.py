@@ -16,8 +16,10 @@ tokenize is appended to cache/prepare.jsonl.
 from __future__ import annotations
 
 import codecs
+import csv
 import functools
 import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -39,7 +41,8 @@ CHUNK_BYTES = 32 * 1024 * 1024
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
 SHARD_ROWS = 4096
-PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing")
+PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing", "record_format", "columns")
+WHOLE_FILE_FORMATS = ("json", "csv", "arrow")  # read whole, as one chunk per file
 BLANK_LINE = object()  # what iter_records yields for an empty or whitespace-only line: skipped, counted
 
 
@@ -62,11 +65,13 @@ def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
     for file_index, path in enumerate(files):
         kind = fmt or file_format(path)
         fs, inner = fsspec.core.url_to_fs(path)
+        if kind == "jsonl" and path.lower().endswith(".json") and _json_array(fs, inner):
+            kind = "json"
         if kind == "parquet":
             with fs.open(inner, "rb") as f:
                 groups = pq.ParquetFile(f).num_row_groups
             spans = [(g, g + 1) for g in range(groups)]
-        elif path.lower().endswith(".gz"):
+        elif kind in WHOLE_FILE_FORMATS or path.lower().endswith(".gz"):
             spans = [(0, -1)]
         else:
             size = fs.size(inner)
@@ -76,6 +81,12 @@ def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
                 {"file": path, "format": kind, "start": start, "end": end, "shard": f"{file_index:05d}-{chunk_index:05d}"}
             )
     return chunks
+
+
+def _json_array(fs, inner: str) -> bool:
+    """Whether a .json file holds one JSON array (rather than JSON lines)."""
+    with fs.open(inner, "rb") as f:
+        return f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n")[:1] == b"["
 
 
 def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
@@ -89,6 +100,9 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
             table = pq.ParquetFile(f).read_row_group(chunk["start"])
         for index, row in enumerate(table.to_pylist()):
             yield f"{chunk['file']}:row-group {chunk['start']} row {index}", row
+        return
+    if chunk["format"] in WHOLE_FILE_FORMATS:
+        yield from _whole_file_records(chunk["file"], chunk["format"], fs, inner)
         return
     compression = "gzip" if chunk["file"].lower().endswith(".gz") else None
     with fs.open(inner, "rb", compression=compression) as f:
@@ -116,6 +130,28 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
                 yield where, exc
 
 
+def _whole_file_records(path: str, kind: str, fs, inner: str) -> Iterator[tuple[str, object]]:
+    """The rows of a CSV file (its first line names the columns), an Arrow file of a `save_to_disk` folder, or
+    the items of a JSON array; a file that cannot be read at all is one bad record."""
+    import pyarrow.ipc
+
+    with fs.open(inner, "rb") as f:
+        try:
+            if kind == "json":
+                items = json.loads(f.read().decode("utf-8-sig"))
+                if not isinstance(items, list):
+                    raise ValueError("a .json file holds JSON lines or one array of records")
+                yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
+            elif kind == "csv":  # every field as text, as written (Arrow would read "3." as a float)
+                reader = csv.DictReader(io.StringIO(f.read().decode("utf-8-sig"), newline=""))
+                yield from ((f"{path}:{reader.line_num}", row) for row in reader)
+            else:
+                rows = pyarrow.ipc.open_stream(f).read_all().to_pylist()
+                yield from ((f"{path}:row {i}", row) for i, row in enumerate(rows))
+        except (ValueError, csv.Error, pyarrow.ArrowInvalid) as exc:  # JSONDecodeError, UnicodeDecodeError too
+            yield path, records.BadRecord(f"cannot read the {kind} file: {str(exc).splitlines()[0]}")
+
+
 class ChunkPacker:
     """One chunk in, shards of packed rows and a rejects file out, a summary back."""
 
@@ -133,6 +169,8 @@ class ChunkPacker:
         shards = ShardWriter(chunk["out_dir"], chunk["shard"])
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
         check = records.check_text if kind == "text" else records.check_chat
+        record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
+        shapes: dict[str, int] = {}
         encode = encode_texts if kind == "text" else encode_chats
         limit = int(chunk["max_document_tokens"]) or None
         stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0, "blank_lines": 0}
@@ -160,7 +198,9 @@ class ChunkPacker:
             try:
                 if isinstance(record, records.BadRecord):
                     raise record
-                pending.append((where, record, check(record)))
+                normalized, shape = records.normalize(record, kind, record_format, columns)
+                pending.append((where, record, check(normalized)))
+                shapes[shape] = shapes.get(shape, 0) + 1
             except records.BadRecord as exc:
                 rejects.add(where, record, str(exc))
             if len(pending) >= TOKENIZE_BATCH:
@@ -173,7 +213,7 @@ class ChunkPacker:
         rejects.close()
         return {"request": chunk["request"], "shard": chunk["shard"], "shards": json.dumps(shards.written),
                 "rows": sum(rows for _, rows in shards.written), "rejected": rejects.count,
-                "first_rejects": json.dumps(rejects.first), **stats}
+                "first_rejects": json.dumps(rejects.first), "formats": json.dumps(shapes), **stats}
 
 
 def encode_each(tokenizer, encode, pending: list[tuple[str, object, object]], rejects: "RejectWriter") -> list:
@@ -264,6 +304,8 @@ class CorpusRequest(NamedTuple):
     max_document_tokens: int | None = None
     long_documents: str = "split"
     packing: bool = True
+    record_format: str = "auto"
+    columns: str = ""  # JSON of the corpus's `columns` ("" for none): a request is a dict key, so hashable
 
 
 def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:
@@ -345,8 +387,17 @@ def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: lis
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
         "shards": [{"name": name, "rows": rows} for s in summaries for name, rows in json.loads(s["shards"])],
         "reject_examples": [r for s in summaries for r in json.loads(s["first_rejects"])][:3],
+        "formats": _sum_counts(json.loads(s["formats"]) for s in summaries),  # records read in each shape
         **totals,
     }
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _check_quality(request: CorpusRequest, manifest: dict, rejects_dir: str) -> None:

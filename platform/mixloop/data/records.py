@@ -1,4 +1,7 @@
-"""Validate raw records of MiniMind's two formats; a bad record gets a reason, never a crash.
+"""Validate raw records; a bad record gets a reason, never a crash.
+
+Records arrive in the shapes users have (`normalize`: plain text under any field name; chats as
+MiniMind's conversations, OpenAI messages, ShareGPT or Alpaca) and are checked in MiniMind's two:
 
 text: {"text": "<non-empty string>"}
 chat: {"conversations": [{"role": "system"|"user"|"assistant", "content": "<string>"}, ...]}
@@ -17,6 +20,12 @@ import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+# The shapes of records users bring, by the name a corpus's `format` gives them.
+TEXT_FORMATS = ("auto", "text")
+CHAT_FORMATS = ("auto", "conversations", "messages", "sharegpt", "alpaca")
+# ShareGPT's speakers, as chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                  "model": "assistant", "system": "system"}
 
 
 class BadRecord(ValueError):
@@ -37,6 +46,73 @@ def parse_json_line(raw: bytes) -> Any:
         raise BadRecord("malformed JSON: nested too deeply") from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise BadRecord(f"malformed JSON: {exc}") from None
+
+
+def normalize(record: Any, kind: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> tuple[Any, str]:
+    """A record of any shape a corpus's `format` allows, in MiniMind's shape for its kind ({"text"} or
+    {"conversations": [{"role", "content"}]}) for check_text / check_chat, and the shape it had.
+
+    text: the field `columns.text` (default "text"). chat, by its fields (format: auto) or as told:
+    conversations (role/content turns), messages (OpenAI), sharegpt (from/value turns), alpaca
+    (instruction, input, output, system). `columns` renames any of these fields."""
+    columns = columns or {}
+    if not isinstance(record, dict):
+        return record, fmt  # the checks say what is wrong with it
+    if kind == "text":
+        field = columns.get("text", "text")
+        if field != "text" and field not in record:
+            raise BadRecord(f"missing field {field!r} (columns.text)")
+        return ({"text": record[field]} if field != "text" else record), "text"
+    shape = _chat_shape(record, columns) if fmt == "auto" else fmt
+    if shape == "alpaca":
+        return {"conversations": _alpaca_turns(record, columns)}, shape
+    list_field = "messages" if shape == "messages" else "conversations"
+    field = columns.get(list_field, list_field)
+    if field not in record:
+        raise BadRecord(f"missing field {field!r} ({shape} format)")
+    turns = record[field]
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"field {field!r} must be a non-empty list of turns")
+    if shape == "sharegpt":
+        turns = [_sharegpt_turn(turn, index) for index, turn in enumerate(turns)]
+    elif "role" in columns or "content" in columns:
+        role, content = columns.get("role", "role"), columns.get("content", "content")
+        turns = [{"role": t.get(role), "content": t.get(content)} if isinstance(t, dict) else t for t in turns]
+    return {"conversations": turns}, shape
+
+
+def _chat_shape(record: dict, columns: dict[str, str]) -> str:
+    if columns.get("messages", "messages") in record:
+        return "messages"
+    if columns.get("conversations", "conversations") in record:
+        turns = record[columns.get("conversations", "conversations")]
+        first = turns[0] if isinstance(turns, list) and turns else None
+        return "sharegpt" if isinstance(first, dict) and "from" in first and "value" in first else "conversations"
+    if columns.get("instruction", "instruction") in record:
+        return "alpaca"
+    raise BadRecord("not a chat in a shape mixloop reads: expected 'conversations' (role/content or ShareGPT "
+                    "from/value turns), 'messages' (OpenAI) or 'instruction'/'output' (Alpaca) fields")
+
+
+def _sharegpt_turn(turn: Any, index: int) -> Any:
+    if not isinstance(turn, dict) or "from" not in turn:
+        return turn  # check_chat names what is wrong
+    speaker = turn["from"]
+    if speaker not in SHAREGPT_ROLES:
+        raise BadRecord(f"turn {index} has unknown speaker {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")}
+
+
+def _alpaca_turns(record: dict, columns: dict[str, str]) -> list[dict]:
+    """Alpaca's instruction (and input) as the user's turn, its output as the assistant's."""
+    get = {key: record.get(columns.get(key, key)) for key in ("instruction", "input", "output", "system")}
+    for key in ("instruction", "output"):
+        if not isinstance(get[key], str):
+            raise BadRecord(f"field {columns.get(key, key)!r} must be a string (alpaca format), "
+                            f"got {type(get[key]).__name__}")
+    prompt = get["instruction"] + (f"\n\n{get['input']}" if isinstance(get["input"], str) and get["input"].strip() else "")
+    system = [{"role": "system", "content": get["system"]}] if isinstance(get["system"], str) and get["system"] else []
+    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": get["output"]}]
 
 
 def check_text(record: Any) -> str:

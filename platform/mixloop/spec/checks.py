@@ -15,8 +15,13 @@ import fsspec
 
 from mixloop.spec.resolve import ResolvedStage, Spec, resolve_stage
 from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
-                                 QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec, _as_number, _is_whole)
+                                 FILE_FORMATS, QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec,
+                                 _as_number, _is_whole)
+from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
 from mixloop.storage import exists, expand_files, file_format, read_text, size
+
+# The fields of each kind of record that `columns` may rename.
+CHAT_FIELDS = ("conversations", "messages", "role", "content", "instruction", "input", "output", "system")
 
 
 class Broken:
@@ -149,10 +154,25 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
         return [f"{where}: give exactly one of `path` (files) or `generate` (mixloop writes them)."]
     if corpus.generate is not None:
         return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
+    problems = _record_format_problems(where, corpus)
     if not files:
-        return []
-    return [problem for key in ("path", "eval") if getattr(corpus, key) is not None
-            for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)), corpus.format)]
+        return problems
+    return problems + [problem for key in ("path", "eval") if getattr(corpus, key) is not None
+                       for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)),
+                                                            corpus.file_format)]
+
+
+def _record_format_problems(where: str, corpus: CorpusSpec) -> list[str]:
+    formats, fields = (TEXT_FORMATS, ("text",)) if corpus.kind == "text" else (CHAT_FORMATS, CHAT_FIELDS)
+    problems = []
+    if corpus.format not in formats:
+        problems.append(f"{where}.format: {corpus.format} records are not {corpus.kind} records. Fix: use one of "
+                        f"{', '.join(formats)}, or kind: {'chat' if corpus.kind == 'text' else 'text'}.")
+    for key in corpus.columns:
+        if key not in fields:
+            problems.append(f"{where}.columns.{key}: not a field of {corpus.kind} records. Fix: use "
+                            f"{' or '.join(fields)} (the name mixloop expects), mapped to your records' name.")
+    return problems
 
 
 def _corpus_file_problems(where: str, key: str, pattern: str, declared_format: str | None) -> list[str]:
@@ -170,7 +190,8 @@ def _corpus_file_problems(where: str, key: str, pattern: str, declared_format: s
         return [f"{where}.{key}: every file matching {pattern!r} is empty ({len(files)} file(s) of 0 bytes). "
                 "Fix: point it at the corpus's data, or wait until its files are written."]
     if declared_format is None and any(file_format(f) is None for f in files):
-        return [f"{where}.format: cannot tell the format of {files[0]!r} from its extension. Fix: set format: jsonl or parquet."]
+        return [f"{where}.file_format: cannot tell the format of {files[0]!r} from its extension. "
+                f"Fix: set file_format: one of {', '.join(FILE_FORMATS)}."]
     return []
 
 

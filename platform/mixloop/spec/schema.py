@@ -106,13 +106,24 @@ class Generate(Strict):
     """Seed of the generator: the same seed writes the same files."""
 
 
+RECORD_FORMATS = ("auto", "text", "conversations", "messages", "sharegpt", "alpaca")
+FILE_FORMATS = ("jsonl", "json", "parquet", "csv", "arrow")
+
+
 class CorpusSpec(Strict):
     kind: Literal["text", "chat"]
-    """text rows are {"text": ...} and train on every token; chat rows are
-    {"conversations": [...]} and train on assistant tokens only."""
+    """text documents train on every token; chats train on the assistant's tokens only."""
     path: str | None = None
-    """A path, glob or fsspec URI (s3://...) of jsonl or parquet files."""
-    format: Literal["jsonl", "parquet"] | None = None
+    """A path, glob or fsspec URI (s3://...) of jsonl, json, parquet or csv files, or a folder written
+    by Hugging Face datasets' save_to_disk."""
+    format: Literal[RECORD_FORMATS] = "auto"  # type: ignore[valid-type]
+    """The records' shape. text: {"text": ...}; chats: conversations (MiniMind's role/content turns),
+    messages (OpenAI), sharegpt (from/value turns) or alpaca (instruction/input/output); auto: told
+    apart by their fields, record by record (`mixloop data preview` shows what it found)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Field names where the records use others than the format's: {text: body}, or for chats any of
+    conversations, messages, role, content, instruction, input, output, system."""
+    file_format: Literal[FILE_FORMATS] | None = None  # type: ignore[valid-type]
     """File format; taken from the file extension when not given."""
     eval: str | None = None
     """A held-out split in the same format, used to measure uptake and forgetting."""
@@ -125,6 +136,15 @@ class CorpusSpec(Strict):
     long_documents: Literal["split", "drop"] = "split"
     """split: cut a document longer than max_document_tokens into pieces trained as separate
     documents (counted in the manifest); drop: write it to rejects/ with its length."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_format_was_format(cls, value: Any) -> Any:
+        """Specs written before record formats said `format: jsonl` or `parquet` for the file format."""
+        if isinstance(value, dict) and value.get("format") in FILE_FORMATS and "file_format" not in value:
+            value = {**value, "file_format": value["format"]}
+            value.pop("format")
+        return value
 
 
 class LRSpec(Strict):
