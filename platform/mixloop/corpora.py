@@ -108,9 +108,10 @@ class Corpora:
         target = join(self.workdir, "tokenizer")
         makedirs(self.workdir)
         spec = self.spec.pipeline.tokenizer
+        # Given, or the model's own (neither path nor train): copied from a folder.
+        folder = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_folder()[0]
         # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
-        source = {"spec": {**spec.model_dump(), "path": self.spec.path(spec.path) if spec.path else None},
-                  "files": tokenizer_fingerprint(self.spec.path(spec.path)) if spec.path else None}
+        source = {"spec": {**spec.model_dump(), "path": folder}, "files": tokenizer_fingerprint(folder) if folder else None}
         record = join(self.workdir, "tokenizer-source.json")
         if exists(join(target, "tokenizer.json")):
             if read_json(record) != source:
@@ -122,8 +123,8 @@ class Corpora:
         local_workdir = self.workdir.removeprefix("file://") if is_local(target) else None
         staging = tempfile.mkdtemp(dir=local_workdir, prefix=".tokenizer-")
         try:
-            if spec.path:
-                load_tokenizer(self.spec.path(spec.path)).save_pretrained(staging)
+            if folder:
+                load_tokenizer(folder).save_pretrained(staging)
             else:
                 self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size, staging)

@@ -27,7 +27,7 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
     from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
 
     workdir, model_spec, seed = spec.workdir, spec.pipeline.model, spec.pipeline.seed
-    source = {**model_spec.model_dump(), "path": spec.path(model_spec.path) if model_spec.path else None}
+    source = {**model_spec.model_dump(exclude_none=True), "path": spec.model_source() if model_spec.path else None}
     digest = base_hash(seed, tokenizer_fingerprint(tokenizer_dir))
     existing = read_lineage(workdir, BASE_VERSION)
     if existing:
@@ -37,9 +37,9 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
                 f"{version_dir(workdir, BASE_VERSION)} was made from another model, tokenizer or seed. "
                 "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed.")
         return existing
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer, commit = load_tokenizer(tokenizer_dir), None
     if model_spec.path:
-        path = spec.path(model_spec.path)
+        path, commit = spec.model_folder()
         check_vocabulary(load_config(path, model_spec.trust_remote_code).vocab_size, tokenizer)
         model = load_model(path, model_spec.trust_remote_code)
     else:
@@ -48,6 +48,8 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
         model.save_pretrained(folder, safe_serialization=True)
         lineage = {"parent": None, "stage": None, "stage_hash": digest, "model": source, "started": now(),
                    "parameters": sum(p.numel() for p in model.parameters()), "metrics": {"final_lr": 0.0}}
+        if commit:
+            lineage["model_commit"] = commit  # the hub snapshot it was copied from
         publish(workdir, BASE_VERSION, folder, tokenizer_dir, lineage)
     log(f"published version {BASE_VERSION} ({lineage['parameters']:,} parameters)")
     return read_lineage(workdir, BASE_VERSION)

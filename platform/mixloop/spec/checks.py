@@ -18,6 +18,7 @@ from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, 
                                  FILE_FORMATS, QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec,
                                  _as_number, _is_whole)
 from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
+from mixloop.hub import cached_config, is_hub_id, not_cached_message, offline
 from mixloop.storage import exists, expand_files, file_format, read_text, size
 
 # The fields of each kind of record that `columns` may rename.
@@ -62,9 +63,12 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
 
 
 def _tokenizer_problems(spec: Spec, files: bool) -> list[str]:
-    tok = spec.pipeline.tokenizer
-    if (tok.path is None) == (tok.train is None):
-        return ["tokenizer: give exactly one of `path` (a tokenizer directory) or `train: {vocab_size: N}`."]
+    tok, model = spec.pipeline.tokenizer, spec.pipeline.model
+    if tok.path is not None and tok.train is not None:
+        return ["tokenizer: give one of `path` (a tokenizer directory) or `train: {vocab_size: N}`, not both."]
+    if tok.path is None and tok.train is None and (not _ok(model) or model.path is None):
+        return ["tokenizer: required unless model.path gives the model's own. Fix: add `path` (a tokenizer "
+                "directory) or `train: {vocab_size: N}`."]
     if files and tok.path is not None and not exists(spec.path(tok.path) + "/tokenizer.json"):
         return [f"tokenizer.path: no tokenizer.json in {spec.path(tok.path)}. Fix: point it at a Hugging Face tokenizer directory."]
     return []
@@ -76,8 +80,16 @@ def _model_problems(spec: Spec, files: bool) -> list[str]:
         return ["model: `path` starts from an existing model; it cannot be combined with `preset` or `config`."]
     if model.path is None and model.preset is None and model.config is None:
         return ["model: give `preset` (one of " + ", ".join(MODEL_PRESETS) + "), `config`, or `path`."]
-    if files and model.path is not None and not exists(spec.path(model.path) + "/config.json"):
-        return [f"model.path: no config.json in {spec.path(model.path)}. Fix: point it at a Hugging Face model directory."]
+    if model.revision is not None and (model.path is None or not is_hub_id(model.path, spec.path(model.path))):
+        return ["model.revision: only a hub id in model.path has revisions. Fix: remove it, or name a hub model."]
+    if not files or model.path is None:
+        return []
+    if is_hub_id(model.path, spec.path(model.path)):
+        return [not_cached_message(model.path, model.revision)] if offline() and not cached_config(
+            model.path, model.revision) else []
+    if not exists(spec.path(model.path) + "/config.json"):
+        return [f"model.path: no config.json in {spec.path(model.path)}. Fix: point it at a Hugging Face model "
+                "directory, or give a hub id such as Qwen/Qwen3-0.6B."]
     return []
 
 
@@ -271,7 +283,9 @@ def max_positions(spec: Spec, files: bool = True) -> tuple[int, str] | None:
     if not _ok(model):
         return None
     if model.path is not None:
-        value = _config_positions(spec.path(model.path)) if files else None
+        config = (cached_config(model.path, model.revision) if is_hub_id(model.path, spec.path(model.path))
+                  else spec.path(model.path) + "/config.json")
+        value = _config_positions(config) if files and config else None
         return (value, "model.path's config.json") if value else None
     value = _as_number((model.config or {}).get("max_position_embeddings"))
     if _is_whole(value):
@@ -282,11 +296,11 @@ def max_positions(spec: Spec, files: bool = True) -> tuple[int, str] | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _config_positions(folder: str) -> int | None:
-    """max_position_embeddings (n_positions for GPT-2-like models) of a model directory's config.json,
-    read as JSON so that validating needs no transformers."""
+def _config_positions(config_path: str) -> int | None:
+    """max_position_embeddings (n_positions for GPT-2-like models) of a model's config.json, read as
+    JSON so that validating needs no transformers."""
     try:
-        config = json.loads(read_text(folder.rstrip("/") + "/config.json"))
+        config = json.loads(read_text(config_path))
     except Exception:  # noqa: BLE001 - a missing or unreadable config is the model checks' business
         return None
     value = _as_number(next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None))

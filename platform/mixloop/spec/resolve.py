@@ -33,6 +33,20 @@ class Spec:
     def workdir(self) -> str:
         return self.path(self.pipeline.workdir)
 
+    def model_folder(self) -> tuple[str, str | None]:
+        """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
+        from mixloop.hub import local_model
+
+        model = self.pipeline.model
+        return local_model(model.path, self.path(model.path), model.revision)
+
+    def model_source(self) -> str:
+        """model.path as the workdir records it: a hub id as it is, a folder made absolute."""
+        from mixloop.hub import is_hub_id
+
+        path = self.pipeline.model.path
+        return path if is_hub_id(path, self.path(path)) else self.path(path)
+
     def portable(self) -> dict:
         """The spec as data with every path absolute, valid wherever it is written (the workdir's copy)."""
         data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -90,7 +90,10 @@ class ModelSpec(Strict):
     config: dict[str, Any] | None = None
     """Qwen3Config fields, applied over the preset if one is given."""
     path: str | None = None
-    """An existing Hugging Face causal-LM directory to start from."""
+    """A Hugging Face causal-LM to start from: a folder (or URI), or a hub id such as Qwen/Qwen3-0.6B
+    (downloaded once into the Hugging Face cache; HF_HUB_OFFLINE is honoured)."""
+    revision: str | None = None
+    """For a hub id: the branch, tag or commit to take (default: main). The commit is kept in lineage."""
     trust_remote_code: bool = False
     """Allow code shipped inside a model directory to run. Off unless you trust it."""
 
@@ -265,8 +268,8 @@ class PipelineSpec(Strict):
     """Run directory (path relative to this file, or an fsspec URI)."""
     seed: int = 0
     """Seed for model init, the mix plan and shuffling."""
-    tokenizer: TokenizerSpec
-    """Where the tokenizer comes from."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    """Where the tokenizer comes from; left out with a model.path, the model's own tokenizer."""
     model: ModelSpec
     """The architecture, or the model to start from."""
     corpora: dict[str, CorpusSpec]

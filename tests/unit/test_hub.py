@@ -1,0 +1,113 @@
+"""Models from the Hugging Face Hub by id: Llama, Qwen2 and Qwen3 tiny models saved in the real cache
+layout and read with HF_HUB_OFFLINE=1; the spec's tokenizer comes from the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from mixloop.cli import main
+from mixloop.corpora import Corpora
+from mixloop.data.packing import Packer, model_inputs
+from mixloop.errors import SpecError
+from mixloop.model import load_model
+from mixloop.spec import load_spec
+from mixloop.stages import ensure_base
+
+ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                 "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_model(cache: Path, repo: str, architecture: str, tokenizer) -> Path:
+    """A tiny model of `architecture` as huggingface_hub keeps a download: snapshots/<commit>/, refs/main."""
+    config_class, model_class = ARCHITECTURES[architecture]
+    config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
+                          rope_theta=5e4, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    repo_folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_folder / "snapshots" / COMMIT
+    model_class(config).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo_folder / "refs").mkdir(parents=True)
+    (repo_folder / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, trained_tokenizer):
+    cache = tmp_path / "hf-cache"
+    for name in ARCHITECTURES:
+        cache_model(cache, f"tiny-org/{name}", name, trained_tokenizer)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def spec_file(tmp_path: Path, model: dict) -> Path:
+    (tmp_path / "web.jsonl").write_text('{"text": "the sun is far"}\n')
+    spec = {"name": "hub", "workdir": str(tmp_path / "run"), "model": model,
+            "corpora": {"web": {"kind": "text", "path": "web.jsonl"}},
+            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+            "stages": [{"name": "s", "mixture": {"web": 1}, "tokens": 128}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def row(documents: list[np.ndarray], seq_len: int, pad: int) -> dict:
+    packer = Packer(seq_len, pad, split_documents=False)
+    rows = [r for ids in documents for r in packer.add(ids, np.ones(len(ids), bool))] + list(packer.flush())
+    inputs = model_inputs(*(a[None] for a in rows[0]))
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_a_hub_model_loads_offline_and_packed_documents_never_see_each_other(hub, tmp_path, architecture):
+    spec = load_spec(spec_file(tmp_path, {"path": f"tiny-org/{architecture}"}))
+    folder, commit = spec.model_folder()
+    assert Path(folder) == hub / f"models--tiny-org--{architecture}" / "snapshots" / COMMIT and commit == COMMIT
+    model = load_model(folder).eval()
+    assert type(model).__name__ == ARCHITECTURES[architecture][1].__name__
+    rng = np.random.default_rng(0)
+    vocab, pad = model.config.vocab_size, model.config.pad_token_id
+    second = rng.integers(3, vocab, 12).astype(np.int32)
+    with torch.no_grad():
+        logits = [model(**row([rng.integers(3, vocab, 10).astype(np.int32), second], 32, pad)).logits[0, 10:22]
+                  for _ in range(2)]
+        alone = model(input_ids=torch.as_tensor(second[None], dtype=torch.long)).logits[0]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)  # the first document changed: not the second
+    torch.testing.assert_close(logits[0], alone, atol=1e-4, rtol=0)
+
+
+def test_the_base_version_copies_the_hub_model_with_its_tokenizer_and_commit(hub, tmp_path):
+    spec = load_spec(spec_file(tmp_path, {"path": "tiny-org/qwen2", "revision": "main"}))
+    corpora = Corpora(spec, log=lambda line: None)
+    lineage = ensure_base(spec, corpora.tokenizer(), log=lambda line: None)
+    assert lineage["model"]["path"] == "tiny-org/qwen2" and lineage["model_commit"] == COMMIT
+    snapshot = hub / "models--tiny-org--qwen2" / "snapshots" / COMMIT
+    texts = ["the sun is far", "hello world 42, why?"]  # no tokenizer section: the model's own
+    assert [AutoTokenizer.from_pretrained(tmp_path / "run/models/base")(t)["input_ids"] for t in texts] == [
+        AutoTokenizer.from_pretrained(snapshot)(t)["input_ids"] for t in texts]
+    base, original = load_model(str(tmp_path / "run/models/base")), load_model(str(snapshot))
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), original.state_dict().values()))
+
+
+def test_a_hub_model_missing_from_the_cache_offline_is_a_spec_problem_with_its_fix(hub, tmp_path, capsys):
+    path = spec_file(tmp_path, {"path": "tiny-org/not-downloaded"})
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    assert "model.path: tiny-org/not-downloaded is not in the Hugging Face cache" in str(error.value)
+    assert "Fix: download it once where there is a network (`hf download tiny-org/not-downloaded`)" in str(error.value)
+    assert main(["validate", str(path)]) == 2 and "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SpecError, match="model.revision: only a hub id in model.path has revisions"):
+        load_spec(spec_file(tmp_path, {"preset": "micro", "revision": "main"}))
+    with pytest.raises(SpecError, match="tokenizer: required unless model.path gives the model's own"):
+        load_spec(spec_file(tmp_path, {"preset": "micro"}))
