@@ -97,13 +97,11 @@ def _cell(value) -> str:
 
 
 def cmd_models_export(args) -> int:
-    from mixloop.registry import export
+    from mixloop.export import export
 
-    try:
-        export(_workdir(args.target), args.version, args.dir)
-    except (FileNotFoundError, FileExistsError) as exc:
-        raise MixloopError(str(exc)) from None
-    print(f"exported {args.version} to {args.dir} (load it with AutoModelForCausalLM.from_pretrained)")
+    out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
+    print(f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
+          "(load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -363,11 +361,15 @@ def _add_model_commands(commands) -> None:
     diff.add_argument("target", help=TARGET_HELP)
     diff.add_argument("a", metavar="A", help="the first version")
     diff.add_argument("b", metavar="B", help="the version to compare with A")
-    export = _command(models_commands, "export", "copy a version (checked against its hashes) to a clean Hugging Face directory",
-                      "mixloop models export jobs/quickstart.yaml sft ./sft-hf", cmd_models_export)
+    export = _command(models_commands, "export", "a version (checked against its hashes) as a Hugging Face folder "
+                      "with lineage and a model card", "mixloop models export jobs/quickstart.yaml sft ./sft-hf --dtype bf16",
+                      cmd_models_export)
     export.add_argument("target", help=TARGET_HELP)
     export.add_argument("version", help="version name")
     export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="weights' dtype (default fp32, as versions are kept)")
+    export.add_argument("--max-shard-size", help="split the weights into files of at most this size, e.g. 2GB")
 
 
 def _add_bench_commands(commands) -> None:

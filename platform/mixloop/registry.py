@@ -177,18 +177,3 @@ def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
     volatile = ("metrics.time", "metrics.wall_seconds", "metrics.tokens_per_s", "metrics.step_seconds")
     return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
             if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key]
-
-
-def export(workdir: str, version: str, target: str) -> None:
-    """A clean Hugging Face directory of a version: weights, config, tokenizer and chat template."""
-    if read_lineage(workdir, version) is None:
-        raise FileNotFoundError(f"no version {version!r} in {workdir}")
-    source = Path(local_copy(verified_version(workdir, version)))
-    out = Path(target)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    for file in source.iterdir():
-        if file.name != LINEAGE and not file.name.startswith("."):
-            shutil.copy2(file, out / file.name)
-    loadable_everywhere(str(out))  # versions published before mixloop wrote both forms

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mixloop.model import model_config, new_model
-from mixloop.registry import export, publish
+from mixloop.export import export
+from mixloop.registry import publish
 
 pytestmark = pytest.mark.slow
 

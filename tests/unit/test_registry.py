@@ -1,12 +1,8 @@
-"""Lineage diff and export of versions."""
+"""Lineage diff of versions, and saving and loading them quietly."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
-from mixloop.registry import diff_lineages, export
+from mixloop.registry import diff_lineages
 
 
 def test_diff_names_what_changed_in_mix_schedule_and_metrics():
@@ -23,21 +19,6 @@ def test_diff_names_what_changed_in_mix_schedule_and_metrics():
     assert changed["metrics.loss"] == (2.0, 1.5)
     assert "stage.lr.decay" not in changed
     assert "metrics.wall_seconds" not in changed  # timing noise is not a change of the model
-
-
-def test_export_copies_a_clean_directory_and_refuses_to_overwrite(tmp_path):
-    version = tmp_path / "run" / "models" / "v1"
-    version.mkdir(parents=True)
-    (version / "config.json").write_text("{}")
-    (version / "model.safetensors").write_bytes(b"weights")
-    (version / "tokenizer.json").write_text("{}")
-    (version / "lineage.json").write_text(json.dumps({"version": "v1"}))
-    export(str(tmp_path / "run"), "v1", str(tmp_path / "out"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    with pytest.raises(FileExistsError):
-        export(str(tmp_path / "run"), "v1", str(tmp_path / "out"))
-    with pytest.raises(FileNotFoundError):
-        export(str(tmp_path / "run"), "v2", str(tmp_path / "other"))
 
 
 def test_saving_and_loading_a_version_prints_no_progress_bars(trained_tokenizer, tmp_path, capfd):

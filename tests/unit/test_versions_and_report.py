@@ -10,10 +10,12 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixloop.cli import as_user_error, build_parser, main
 from mixloop.errors import CorruptVersionError, SpecError, StorageError
-from mixloop.registry import export, publish, remove_partial_publishes, verified_version, version_dir
+from mixloop.export import export
+from mixloop.registry import publish, remove_partial_publishes, verified_version, version_dir
 from mixloop.report import write_report
 
 
@@ -134,3 +136,25 @@ def test_the_top_level_help_is_whole_sentences_and_lists_exit_codes(capsys):
     out = capsys.readouterr().out
     assert "reports what each\nversion gained and forgot." in out or "version gained and forgot." in out
     assert "exit codes:" in out and "3  another run holds the workdir's lock" in out
+
+
+def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (version / "eval").mkdir()
+    (version / "eval" / "matrix.json").write_text(json.dumps({"v1": {"web": {"loss": 2.5}}}))
+    out = tmp_path / "exported"
+    assert main(["models", "export", str(version), "v1", str(out), "--dtype", "bf16", "--max-shard-size", "40KB"]) == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16 and AutoTokenizer.from_pretrained(out).chat_template
+    original = AutoModelForCausalLM.from_pretrained(version / "models" / "v1")
+    ids = torch.tensor([[5, 9, 33, 40, 41]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), original(ids).logits, atol=0.05, rtol=0.05)
+    assert json.loads((out / "lineage.json").read_text())["version"] == "v1"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: \"transformers\"") and "# v1" in card and "| web | 2.5000 |" in card
+    assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
+    assert "exists and is not empty" in capsys.readouterr().err
