@@ -100,7 +100,8 @@ class Corpora:
         corpus = self.spec.pipeline.corpora[name]
         return CorpusRequest(name, split, self.files(name)[split], corpus.file_format, corpus.kind,
                              corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents,
-                             packing, corpus.format, json.dumps(corpus.columns, sort_keys=True) if corpus.columns else "")
+                             packing, corpus.format, json.dumps(corpus.columns, sort_keys=True) if corpus.columns else "",
+                             self.spec.chat_template(corpus.chat_template) or "")
 
     def tokenizer(self) -> str:
         """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
@@ -110,8 +111,11 @@ class Corpora:
         spec = self.spec.pipeline.tokenizer
         # Given, or the model's own (neither path nor train): copied from a folder.
         folder = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_folder()[0]
+        template = self.spec.chat_template(self.spec.pipeline.chat_template)
         # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
         source = {"spec": {**spec.model_dump(), "path": folder}, "files": tokenizer_fingerprint(folder) if folder else None}
+        if template is not None:  # recorded only when set, so workdirs from before the setting stay valid
+            source["chat_template"] = template
         record = join(self.workdir, "tokenizer-source.json")
         if exists(join(target, "tokenizer.json")):
             if read_json(record) != source:
@@ -128,6 +132,10 @@ class Corpora:
             else:
                 self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
+            if template is not None:
+                tokenizer = load_tokenizer(staging)
+                tokenizer.chat_template = template
+                tokenizer.save_pretrained(staging)
             write_json(record, source)
             if is_local(target):
                 share_with_umask(staging)  # mkdtemp made it private

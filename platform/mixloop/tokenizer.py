@@ -75,48 +75,71 @@ def tokenizer_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def encode_texts(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each document's ids followed by the end-of-text token; every token is supervised."""
+def encode_texts(tokenizer, texts: list[str]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Each text as one document: its ids followed by the end-of-text token, every token supervised
+    (in a list, as encode_chats gives the documents of each conversation)."""
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     out = []
     for ids in encoded:
         ids = np.asarray(ids + [eos], dtype=np.int32)
-        out.append((ids, np.ones(len(ids), dtype=bool)))
+        out.append([(ids, np.ones(len(ids), dtype=bool))])
     return out
 
 
-def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each conversation rendered by the chat template; supervised tokens are the assistant's.
+def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The documents of each conversation rendered by the chat template; supervised tokens are the
+    assistant's.
 
     Assistant spans are found by rendering the conversation prefix by prefix, so
     any template works, with or without {% generation %} markers: a turn's span
     runs from the end of the generation prompt before it to the end-of-turn
     token that closes it (what follows it, such as a newline, is not supervised).
+    A conversation is one document when the template renders its history the same
+    as it grows. Templates that render earlier turns differently later (Qwen3's
+    drops earlier answers' reasoning) make one document per assistant turn: the
+    conversation up to that turn as the template renders it then, that turn
+    supervised, as the model will see it when it answers.
     A conversation the template refuses, or whose assistant tokens cannot be
     located, raises DataError with the reason (the preparation then encodes the
     batch record by record and rejects that conversation alone).
     """
-    rendered = [_assistant_spans(tokenizer, conv) for conv in conversations]
-    encoded = tokenizer(
-        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )
-    out = []
-    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        mask = np.zeros(len(ids), dtype=bool)
-        for start, end in spans:
-            mask |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
-        out.append((np.asarray(ids, dtype=np.int32), mask))
-    return out
+    documents = [_rendered_documents(tokenizer, conv) for conv in conversations]
+    flat = [document for conversation in documents for document in conversation]
+    encoded = tokenizer([text for text, _ in flat], add_special_tokens=False, return_offsets_mapping=True)
+    masked = iter(zip(flat, encoded["input_ids"], encoded["offset_mapping"]))
+    return [[_masked(ids, offsets, spans) for (_, spans), ids, offsets in
+             (next(masked) for _ in conversation)] for conversation in documents]
 
 
-def _assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _masked(ids: list[int], offsets, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and which of them lie inside the character spans."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        mask |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
+    return np.asarray(ids, dtype=np.int32), mask
+
+
+class _HistoryChanges(DataError):
+    """The template renders earlier turns differently as the conversation grows."""
+
+
+def _rendered_documents(tokenizer, conversation: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(text, assistant spans) of the documents a conversation becomes (see encode_chats)."""
+    try:
+        return [_assistant_spans(tokenizer, conversation)]
+    except _HistoryChanges:
+        return [_assistant_spans(tokenizer, conversation[:turn + 1], only_last=True)
+                for turn, message in enumerate(conversation) if message["role"] == "assistant"]
+
+
+def _assistant_spans(tokenizer, conversation: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
     full = _render(tokenizer, conversation)
     eos = tokenizer.eos_token
     spans = []
     for turn, message in enumerate(conversation):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (only_last and turn != len(conversation) - 1):
             continue
         if turn:
             prompt = _render(tokenizer, conversation[:turn], add_generation_prompt=True)
@@ -129,8 +152,8 @@ def _assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tup
             raise DataError(f"the chat template opens assistant turn {turn} differently from its generation "
                             "prompt, so the turn's tokens cannot be located")
         if not full.startswith(through):
-            raise DataError(f"the chat template renders the turns up to {turn} differently as the conversation "
-                            "goes on, so the assistant's tokens cannot be located")
+            raise _HistoryChanges(f"the chat template renders the turns up to {turn} differently as the "
+                                  "conversation goes on")
         end = through.rfind(eos, len(prompt))
         spans.append((len(prompt), end + len(eos) if end >= 0 else len(through)))
     return full, spans

@@ -49,7 +49,7 @@ CONVERSATIONS = {
 @pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
 def test_mask_matches_transformers_generation_mask(trained_tokenizer, conversation):
     assert trained_tokenizer.chat_template == CHATML_TEMPLATE
-    [(ids, supervised)] = encode_chats(trained_tokenizer, [conversation])
+    [[(ids, supervised)]] = encode_chats(trained_tokenizer, [conversation])
     reference = trained_tokenizer.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -59,8 +59,8 @@ def test_mask_matches_transformers_generation_mask(trained_tokenizer, conversati
 
 def test_batch_encoding_equals_one_by_one(trained_tokenizer):
     batch = encode_chats(trained_tokenizer, list(CONVERSATIONS.values()))
-    for (ids, mask), conversation in zip(batch, CONVERSATIONS.values()):
-        [(one_ids, one_mask)] = encode_chats(trained_tokenizer, [conversation])
+    for [(ids, mask)], conversation in zip(batch, CONVERSATIONS.values()):
+        [[(one_ids, one_mask)]] = encode_chats(trained_tokenizer, [conversation])
         assert np.array_equal(ids, one_ids) and np.array_equal(mask, one_mask)
 
 
@@ -87,7 +87,7 @@ MINIMIND_CHAT = [
 
 def test_minimind_supervises_exactly_each_answer_and_its_end_token(minimind_tokenizer):
     tok = minimind_tokenizer
-    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    [[(ids, mask)]] = encode_chats(tok, [MINIMIND_CHAT])
     rendered = tok.decode(ids.tolist(), skip_special_tokens=False)
     assert "<think>\n\n</think>\n\n" in rendered  # the template's empty thinking block is there...
 
@@ -99,7 +99,7 @@ def test_minimind_supervises_exactly_each_answer_and_its_end_token(minimind_toke
 
 def test_minimind_supervises_no_prompt_text(minimind_tokenizer):
     tok = minimind_tokenizer
-    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    [[(ids, mask)]] = encode_chats(tok, [MINIMIND_CHAT])
     unsupervised = tok.decode(ids[~mask].tolist(), skip_special_tokens=False)
     for message in MINIMIND_CHAT:
         if message["role"] != "assistant":
@@ -111,7 +111,7 @@ def test_minimind_supervises_no_prompt_text(minimind_tokenizer):
 
 def test_minimind_newline_after_end_of_turn_is_not_supervised(minimind_tokenizer):
     tok = minimind_tokenizer
-    [(ids, mask)] = encode_chats(tok, [MINIMIND_CHAT])
+    [[(ids, mask)]] = encode_chats(tok, [MINIMIND_CHAT])
     end_positions = np.flatnonzero(ids == tok.convert_tokens_to_ids("<|im_end|>"))
     answer_ends = [p for p in end_positions if mask[p]]
     assert len(answer_ends) == 2
@@ -123,7 +123,7 @@ def test_minimind_newline_after_end_of_turn_is_not_supervised(minimind_tokenizer
 def test_minimind_trains_on_a_greeting_that_opens_the_chat(minimind_tokenizer):
     tok = minimind_tokenizer
     greeting = [{"role": "assistant", "content": "Hello! Ask me anything."}] + MINIMIND_CHAT[1:3]
-    [(ids, mask)] = encode_chats(tok, [greeting])
+    [[(ids, mask)]] = encode_chats(tok, [greeting])
     assert tok.decode(ids.tolist(), skip_special_tokens=False).startswith("<|im_start|>assistant\n<think>\n\n</think>")
     runs = [tok.decode(run, skip_special_tokens=False) for run in _supervised_runs(ids, mask)]
     assert runs == ["Hello! Ask me anything.<|im_end|>", "The capital of France is Paris.<|im_end|>"]
@@ -140,7 +140,7 @@ def test_a_template_that_refuses_a_conversation_says_why(trained_tokenizer):
     tok = copy.deepcopy(trained_tokenizer)
     tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}"
                          "{{ raise_exception('a conversation opens with the user') }}{% endif %}" + CHATML_TEMPLATE)
-    [(ids, _)] = encode_chats(tok, [CONVERSATIONS["one turn"]])
+    [[(ids, _)]] = encode_chats(tok, [CONVERSATIONS["one turn"]])
     assert len(ids) > 0
     with pytest.raises(DataError, match="^chat template failed: a conversation opens with the user$"):
         encode_chats(tok, [CONVERSATIONS["assistant first (a greeting)"]])
@@ -152,8 +152,42 @@ def test_text_documents_end_with_eos_and_train_on_every_token(request, tokenizer
     texts = ["the cat sat on a mat.", "hello world", "x"]
     encoded = encode_texts(tok, texts)
     assert len(encoded) == len(texts)
-    for text, (ids, mask) in zip(texts, encoded):
+    for text, [(ids, mask)] in zip(texts, encoded):
         assert ids[-1] == tok.eos_token_id
         assert (ids[:-1] != tok.eos_token_id).all()
         assert tok.decode(ids[:-1].tolist()) == text
         assert mask.dtype == bool and mask.all() and len(mask) == len(ids)
+
+
+# Like Qwen3's: an answer before the last user turn is rendered without its reasoning.
+DROPS_EARLIER_REASONING = (
+    "{%- set ns = namespace(last_user=0) -%}"
+    "{%- for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in m['content'] -%}"
+    "{{ m['content'].split('</think>')[-1].lstrip('\\n') }}"
+    "{%- else -%}{{ m['content'] }}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}"
+)
+
+
+def test_a_template_that_rewrites_history_gives_one_document_per_answer_as_the_model_sees_it(trained_tokenizer):
+    tok = copy.deepcopy(trained_tokenizer)
+    tok.chat_template = DROPS_EARLIER_REASONING
+    chat = [{"role": "user", "content": "why is the sun far?"},
+            {"role": "assistant", "content": "<think>it is a star</think>\n\nthe sun is far."},
+            {"role": "user", "content": "and the moon?"},
+            {"role": "assistant", "content": "<think>the moon is near</think>\n\nthe moon is near."}]
+    [documents] = encode_chats(tok, [chat])
+    assert len(documents) == 2
+    for turn, (ids, mask) in zip((1, 3), documents):
+        rendered = tok.apply_chat_template(chat[:turn + 1], tokenize=False)
+        assert tok.decode(ids.tolist()) == rendered  # the conversation up to that answer, as rendered then
+        assert _supervised_runs(ids, mask) == [tok(chat[turn]["content"] + "<|im_end|>",
+                                                   add_special_tokens=False)["input_ids"]]
+    second = tok.decode(documents[1][0].tolist())
+    assert "<think>it is a star" not in second and "the sun is far." in second  # earlier reasoning dropped
+    assert "<think>the moon is near</think>" in second  # the supervised answer keeps its own

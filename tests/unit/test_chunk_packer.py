@@ -218,3 +218,15 @@ def test_a_reject_preview_never_fails():
         deep = [deep]
     assert prepare._preview(deep) == "<a list nested too deeply to show>"
     assert prepare._preview({"text": "lone \ud800"}) == '{"text": "lone \\ud800"}'  # written as UTF-8 later
+
+
+def test_a_corpus_template_renders_its_chats_and_the_next_corpus_gets_the_tokenizers_again(packer, tmp_path):
+    from mixloop.tokenizer import CHATML_TEMPLATE
+
+    question = chat(("user", "The moon?"), ("assistant", "It orbits the earth."))
+    own, _ = pack(packer, tmp_path / "own", [(question, b"\n", None)], "chat", chat_template=CHATML_TEMPLATE)
+    default, _ = pack(packer, tmp_path / "default", [(question, b"\n", None)], "chat")
+    decode = lambda folder: packer.tokenizer.decode(PackedCorpus(str(folder)).read(np.arange(1))[0][0].tolist())
+    assert decode(tmp_path / "own" / "packed").startswith("<|im_start|>user\nThe moon?<|im_end|>\n<|im_start|>assistant\n")
+    assert "<think>" in decode(tmp_path / "default" / "packed")  # MiniMind's template, back for the next chunk
+    assert own["documents"] == default["documents"] == 1

@@ -82,8 +82,8 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
     from mixloop.model import model_config, new_model
     from mixloop.tokenizer import encode_chats, encode_texts
 
-    docs = encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"])
-    docs += encode_chats(trained_tokenizer, [[{"role": "user", "content": "why"}, {"role": "assistant", "content": "yes"}]])
+    docs = [doc for record in encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"]) for doc in record]
+    docs += encode_chats(trained_tokenizer, [[{"role": "user", "content": "why"}, {"role": "assistant", "content": "yes"}]])[0]
     packer = Packer(16, trained_tokenizer.pad_token_id, split_documents=True)
     rows = [row for ids, sup in docs for row in packer.add(ids, sup)] + list(packer.flush())
     folder = tmp_path / "packed"

@@ -111,3 +111,23 @@ def test_a_hub_model_missing_from_the_cache_offline_is_a_spec_problem_with_its_f
         load_spec(spec_file(tmp_path, {"preset": "micro", "revision": "main"}))
     with pytest.raises(SpecError, match="tokenizer: required unless model.path gives the model's own"):
         load_spec(spec_file(tmp_path, {"preset": "micro"}))
+
+
+def test_a_pipeline_chat_template_goes_into_the_workdirs_tokenizer_and_cannot_change_later(tmp_path):
+    from mixloop.errors import StageConflictError
+    from mixloop.tokenizer import load_tokenizer
+
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    path = spec_file(tmp_path, {"preset": "micro"})
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "template.jinja"}))
+    tokenizer_dir = Corpora(load_spec(path), log=lambda line: None).tokenizer()
+    assert load_tokenizer(tokenizer_dir).chat_template == template.read_text()
+    template.write_text("{{ messages }}")
+    with pytest.raises(StageConflictError, match="was made from another tokenizer spec or files"):
+        Corpora(load_spec(path), log=lambda line: None).tokenizer()
+    path.write_text(yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "none.jinja"}))
+    with pytest.raises(SpecError, match="chat_template: no template in .*none.jinja"):
+        load_spec(path)

@@ -41,7 +41,8 @@ CHUNK_BYTES = 32 * 1024 * 1024
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
 SHARD_ROWS = 4096
-PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing", "record_format", "columns")
+PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing", "record_format", "columns",
+                  "chat_template")
 WHOLE_FILE_FORMATS = ("json", "csv", "arrow")  # read whole, as one chunk per file
 BLANK_LINE = object()  # what iter_records yields for an empty or whitespace-only line: skipped, counted
 
@@ -157,6 +158,7 @@ class ChunkPacker:
 
     def __init__(self, tokenizer_dir: str):
         self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.template = self.tokenizer.chat_template
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         summaries = [self.pack_chunk({key: batch[key][i] for key in batch}) for i in range(len(batch["file"]))]
@@ -170,6 +172,7 @@ class ChunkPacker:
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
         check = records.check_text if kind == "text" else records.check_chat
         record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
+        self.tokenizer.chat_template = chunk["chat_template"] or self.template  # the corpus's, else the tokenizer's
         shapes: dict[str, int] = {}
         encode = encode_texts if kind == "text" else encode_chats
         limit = int(chunk["max_document_tokens"]) or None
@@ -177,18 +180,20 @@ class ChunkPacker:
 
         def tokenize(pending: list[tuple[str, object, object]]) -> None:
             """pending: (where, raw record, checked record)."""
-            for (where, raw, _), (ids, supervised) in encode_each(self.tokenizer, encode, pending, rejects):
-                if limit and len(ids) > limit:
+            for (where, raw, _), documents in encode_each(self.tokenizer, encode, pending, rejects):
+                longest = max(len(ids) for ids, _ in documents)
+                if limit and longest > limit:
                     if chunk["long_documents"] == "drop":
-                        rejects.add(where, raw, f"document has {len(ids)} tokens, more than max_document_tokens {limit}")
+                        rejects.add(where, raw, f"document has {longest} tokens, more than max_document_tokens {limit}")
                         continue
                     stats["split_documents"] += 1
                 stats["documents"] += 1
-                stats["tokens"] += len(ids)
-                stats["supervised_tokens"] += int(supervised.sum())
-                for start in range(0, len(ids), limit or len(ids)):
-                    piece = slice(start, start + limit) if limit else slice(None)
-                    shards.add(packer.add(ids[piece], supervised[piece]))
+                for ids, supervised in documents:  # a chat whose template rewrites history: one per answer
+                    stats["tokens"] += len(ids)
+                    stats["supervised_tokens"] += int(supervised.sum())
+                    for start in range(0, len(ids), limit or len(ids)):
+                        piece = slice(start, start + limit) if limit else slice(None)
+                        shards.add(packer.add(ids[piece], supervised[piece]))
 
         pending = []
         for where, record in iter_records(chunk):
@@ -306,6 +311,7 @@ class CorpusRequest(NamedTuple):
     packing: bool = True
     record_format: str = "auto"
     columns: str = ""  # JSON of the corpus's `columns` ("" for none): a request is a dict key, so hashable
+    chat_template: str = ""  # the corpus's own template ("": the tokenizer's)
 
 
 def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:

@@ -49,6 +49,8 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
         problems += _tokenizer_problems(spec, files)
     if _ok(pipeline.model):
         problems += _model_problems(spec, files)
+    if _ok(pipeline.chat_template) and files:
+        problems += _template_problems(spec, "chat_template", pipeline.chat_template)
     if _ok(pipeline.workdir) and files:
         problems += workdir_problems(spec.workdir)
     for name, corpus in pipeline.corpora.items() if _ok(pipeline.corpora) else []:
@@ -167,11 +169,22 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
     if corpus.generate is not None:
         return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
     problems = _record_format_problems(where, corpus)
+    if corpus.chat_template is not None and corpus.kind != "chat":
+        problems.append(f"{where}.chat_template: a text corpus has no chats to render. Fix: remove it.")
     if not files:
         return problems
+    problems += _template_problems(spec, f"{where}.chat_template", corpus.chat_template)
     return problems + [problem for key in ("path", "eval") if getattr(corpus, key) is not None
                        for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)),
                                                             corpus.file_format)]
+
+
+def _template_problems(spec: Spec, where: str, value: str | None) -> list[str]:
+    if value is None or value == "chatml":
+        return []
+    if not exists(spec.path(value)) or not read_text(spec.path(value)).strip():
+        return [f"{where}: no template in {spec.path(value)}. Fix: name a Jinja file of a chat template, or chatml."]
+    return []
 
 
 def _record_format_problems(where: str, corpus: CorpusSpec) -> list[str]:

@@ -33,6 +33,18 @@ class Spec:
     def workdir(self) -> str:
         return self.path(self.pipeline.workdir)
 
+    def chat_template(self, value: str | None) -> str | None:
+        """The text of a chat_template setting: the built-in chatml, or a Jinja file's."""
+        from mixloop.storage import read_text
+
+        if value is None:
+            return None
+        if value == "chatml":
+            from mixloop.tokenizer import CHATML_TEMPLATE
+
+            return CHATML_TEMPLATE
+        return read_text(self.path(value))
+
     def model_folder(self) -> tuple[str, str | None]:
         """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
         from mixloop.hub import local_model

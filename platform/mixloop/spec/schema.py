@@ -128,6 +128,9 @@ class CorpusSpec(Strict):
     conversations, messages, role, content, instruction, input, output, system."""
     file_format: Literal[FILE_FORMATS] | None = None  # type: ignore[valid-type]
     """File format; taken from the file extension when not given."""
+    chat_template: str | None = None
+    """For chats: the template this corpus is rendered with instead of the tokenizer's: chatml, or a
+    Jinja file (path relative to the spec)."""
     eval: str | None = None
     """A held-out split in the same format, used to measure uptake and forgetting."""
     generate: Generate | None = None
@@ -268,6 +271,9 @@ class PipelineSpec(Strict):
     """Run directory (path relative to this file, or an fsspec URI)."""
     seed: int = 0
     """Seed for model init, the mix plan and shuffling."""
+    chat_template: str | None = None
+    """The chat template every version carries (and chats are rendered with): chatml, or a Jinja file
+    (path relative to the spec); default: the tokenizer's own."""
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     """Where the tokenizer comes from; left out with a model.path, the model's own tokenizer."""
     model: ModelSpec
