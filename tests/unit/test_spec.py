@@ -451,7 +451,9 @@ def test_a_broken_seed_leaves_the_batch_checks_running(write_spec):
 
 
 def test_check_spec_data_without_files_checks_the_spec_alone(tmp_path):
-    data = {**copy.deepcopy(BASE), "workdir": "s3://no-such-bucket/run", "model": {"path": "missing-model"},
+    # A filesystem that refuses every write: the check reaches no network (a real s3:// would ask AWS).
+    fsspec.register_implementation("refusing", _RefusingFileSystem, clobber=True)
+    data = {**copy.deepcopy(BASE), "workdir": "refusing://no-such-bucket/run", "model": {"path": "missing-model"},
             "tokenizer": {"path": "missing-tokenizer"}}
     assert check_spec_data(data, str(tmp_path), files=False) == []
     paths = sorted(p.split(":")[0] for p in check_spec_data(data, str(tmp_path)))
