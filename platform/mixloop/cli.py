@@ -28,13 +28,13 @@ def _workdir(target: str) -> str:
     return str(Path(target).resolve())
 
 
-def _spec(target: str):
+def _spec(target: str, files: bool = True):
     """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
     from mixloop.spec import load_spec
     from mixloop.storage import join
 
     is_spec = Path(target).is_file() or target.endswith((".yaml", ".yml"))
-    return load_spec(target if is_spec else join(_workdir(target), "pipeline.yaml"))
+    return load_spec(target if is_spec else join(_workdir(target), "pipeline.yaml"), files=files)
 
 
 def cmd_validate(args) -> int:
@@ -55,14 +55,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from mixloop.status import status_lines
+
+    print("\n".join(status_lines(_spec(args.target, files=False))))
+    return 0
+
+
 def cmd_models_list(args) -> int:
     versions = api.versions(_workdir(args.target))
     if not versions:
         print("no versions yet")
+        return 0
+    # Trained tokens are the documents' own; the budget counts every slot of its steps, padding included.
+    print(f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  finished")
     for lineage in versions:
-        tokens = sum((lineage.get("tokens_per_corpus") or {}).values())
-        print(f"{lineage['version']:<20} parent={str(lineage['parent']):<20} tokens={tokens:>12,.0f} "
-              f"finished={lineage['finished']}")
+        trained = sum((lineage.get("tokens_per_corpus") or {}).values())
+        stage, steps = lineage.get("stage") or {}, (lineage.get("metrics") or {}).get("steps", 0)
+        budget = steps * stage.get("global_batch_tokens", 0)
+        print(f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
+              f"{lineage['finished']}")
     return 0
 
 
@@ -78,6 +90,7 @@ def cmd_models_show(args) -> int:
 
 def cmd_models_diff(args) -> int:
     from mixloop.registry import diff_lineages, read_lineage
+    from mixloop.storage import join, read_json
 
     workdir = _workdir(args.target)
     lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
@@ -85,8 +98,18 @@ def cmd_models_diff(args) -> int:
         if lineage is None:
             raise MixloopError(f"no version {version!r} in {args.target}. See `mixloop models list {args.target}`.")
     differences = diff_lineages(*lineages)
-    width = max([len(key) for key, _, _ in differences] + [10])
-    print(f"{'':<{width}}  {args.a:>20}  {args.b:>20}")
+    matrix = read_json(join(workdir, "eval", "matrix.json")) or {}
+    losses = [matrix.get(v) or {} for v in (args.a, args.b)]
+    corpora = sorted(set(losses[0]) | set(losses[1]))
+    width = max([len(key) for key, _, _ in differences] + [len(c) for c in corpora] + [16])
+    print(f"{'eval loss':<{width}}  {args.a:>20}  {args.b:>20}  {'change':>9}")
+    for corpus in corpora:
+        a, b = ((row.get(corpus) or {}).get("loss") for row in losses)
+        change = f"{b - a:+9.4f}" if a is not None and b is not None else f"{'-':>9}"
+        print(f"{corpus:<{width}}  {_cell(a):>20}  {_cell(b):>20}  {change}")
+    if not corpora:
+        print("(no eval results yet: run `mixloop report` first)")
+    print(f"\n{'setting':<{width}}  {args.a:>20}  {args.b:>20}")
     for key, left, right in differences:
         print(f"{key:<{width}}  {_cell(left):>20}  {_cell(right):>20}")
     return 0
@@ -284,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help=ADDRESS_HELP)
     tune.add_argument("--apply", action="store_true", help="append the best trial's stage to the pipeline spec")
     tune.add_argument("--trial", help="with several objectives, or to overrule the best: the trial whose stage to write")
+
+    status = _command(commands, "status", "where a pipeline stands: versions done, what runs now, what is left",
+                      "mixloop status jobs/quickstart.yaml", cmd_status)
+    status.add_argument("target", help=TARGET_HELP)
 
     validate = _command(commands, "validate", "check a pipeline spec and its files; every problem at once",
                         "mixloop validate jobs/quickstart.yaml", cmd_validate)

@@ -141,13 +141,32 @@ def _ancestors(version: str, lineages: dict[str, dict]) -> list[str]:
     return chain
 
 
+# One sign convention for every table, page and plot: uptake > 0 means the version got better on the
+# corpora its stage brought in (their eval loss fell); forgetting > 0 means it got worse on earlier ones
+# (their loss rose). A negative forgetting is good news.
+SIGNS = "uptake > 0: loss fell on the new corpora; forgetting > 0: loss rose on earlier ones"
+
+
+def format_pairs(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:+.3f}" for name, value in values.items()) or "-"
+
+
 def format_deltas(deltas: dict[str, dict]) -> str:
-    lines = []
+    lines = [f"against each parent ({SIGNS}):"]
     for version, d in deltas.items():
-        gained = ", ".join(f"{c} {-x:+.3f}" for c, x in d["uptake"].items()) or "-"
-        forgot = ", ".join(f"{c} {x:+.3f}" for c, x in d["forgetting"].items()) or "-"
-        lines.append(f"{version} (from {d['parent']}): new corpora loss {gained}; earlier corpora loss {forgot}")
+        lines.append(f"{version} (from {d['parent']}): uptake {format_pairs(d['uptake'])}; "
+                     f"forgetting {format_pairs(d['forgetting'])}")
     return "\n".join(lines)
+
+
+def delta_bars(deltas: dict[str, dict]) -> list[tuple[str, float, bool]]:
+    """(label, fall of eval loss against the parent, better) for every corpus of every version: the
+    same story as the tables, drawn as one axis where up is better."""
+    bars = []
+    for version, d in deltas.items():
+        bars += [(f"{version}\n{corpus} (new)", gain, gain > 0) for corpus, gain in d["uptake"].items()]
+        bars += [(f"{version}\n{corpus}", -rise, rise < 0) for corpus, rise in d["forgetting"].items()]
+    return bars
 
 
 def health_versions(workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int) -> dict:

@@ -128,7 +128,7 @@ class Pipeline:
         if any(matrix.values()):
             self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:
-            self.log("against each parent:\n" + format_deltas(deltas))
+            self.log(format_deltas(deltas))
         if unmeasured:
             self.log(no_eval_note(unmeasured))
         self.log(f"report: {page}")

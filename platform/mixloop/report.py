@@ -17,7 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
 from mixloop.storage import is_local, join, read_lines, upload  # noqa: E402
+
+BETTER, WORSE = "tab:green", "tab:red"
 
 
 def training_curves(metrics_path: str, stage_order: list[str]) -> list[dict]:
@@ -59,7 +62,7 @@ def _plot_training(curves: list[dict], path: Path) -> None:
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("tokens trained since the start of the pipeline")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
     plt.close(fig)
 
 
@@ -78,28 +81,20 @@ def _plot_matrix(matrix: dict, path: Path) -> None:
                     color="white" if value > middle else "black")
     fig.colorbar(image, ax=ax, label="eval loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
     plt.close(fig)
 
 
 def _plot_deltas(deltas: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(10, 4))
-    labels, values, colours = [], [], []
-    for version, d in deltas.items():
-        for corpus, gain in d["uptake"].items():
-            labels.append(f"{version}\n+{corpus}")
-            values.append(gain)
-            colours.append("tab:green")
-        for corpus, loss in d["forgetting"].items():
-            labels.append(f"{version}\n-{corpus}")
-            values.append(-loss)
-            colours.append("tab:red")
-    ax.bar(range(len(values)), values, color=colours)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    bars = delta_bars(deltas)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4))
+    ax.bar(range(len(bars)), [value for _, value, _ in bars],
+           color=[BETTER if better else WORSE for _, _, better in bars])
+    ax.set_xticks(range(len(bars)), [label for label, _, _ in bars], fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylabel("eval loss fall vs parent\n(green: new corpora, red: earlier)")
+    ax.set_ylabel("fall of eval loss vs parent\n(green: better, red: worse)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
     plt.close(fig)
 
 
@@ -117,7 +112,7 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     ax.set_ylim(-1, 1)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
     plt.close(fig)
 
 
@@ -174,11 +169,10 @@ def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
     sections.append("<h2>Eval loss</h2>" + _table(
         ["version"] + sets,
         [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()]))
-    sections.append("<h2>What each version gained and forgot</h2>" + _table(
-        ["version", "parent", "uptake (loss fall, new corpora)", "forgetting (loss rise, earlier corpora)",
-         "forgetting vs best ancestor"],
-        [[v, d["parent"], _pairs(d["uptake"]), _pairs(d["forgetting"]), _pairs(d["forgetting_vs_best"])]
-         for v, d in deltas.items()]))
+    sections.append(f"<h2>What each version gained and forgot</h2><p>{html.escape(SIGNS)}.</p>" + _table(
+        ["version", "parent", "uptake (new corpora)", "forgetting (earlier corpora)", "forgetting vs best ancestor"],
+        [[v, d["parent"], format_pairs(d["uptake"]), format_pairs(d["forgetting"]),
+          format_pairs(d["forgetting_vs_best"])] for v, d in deltas.items()]))
     if health:
         sections.append("<h2>Chat health (greedy answers to eval prompts)</h2>" + _table(
             ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
@@ -197,10 +191,6 @@ def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
              "font-size:13px;text-align:left;vertical-align:top}.note{background:#fff4d6;padding:8px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
             f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n")
-
-
-def _pairs(values: dict) -> str:
-    return ", ".join(f"{k} {v:+.3f}" for k, v in values.items()) or "-"
 
 
 def _mixture(lineage: dict) -> str:

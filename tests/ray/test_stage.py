@@ -111,11 +111,21 @@ def test_one_stage_on_two_workers(uninterrupted, capsys):
 
     capsys.readouterr()  # Ray's log monitor may still print worker lines: read only our own below
     assert main(["models", "list", str(workdir)]) == 0
-    listing = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "parent=" in line]
-    assert listing == ["base", "mixed"]
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:4] == ["version", "parent", "trained", "tokens"]
+    rows = {line.split()[0]: line.split() for line in listing[1:]}
+    assert list(rows) == ["base", "mixed"] and rows["mixed"][1] == "base"
+    budget = int(rows["mixed"][3].replace(",", ""))
+    assert budget == 40 * 1024 and 0 < int(rows["mixed"][2].replace(",", "")) <= budget  # trained <= slots
     assert main(["models", "show", str(workdir), "mixed"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):out.rindex("}") + 1])["parent"] == "base"
+    assert main(["models", "diff", str(workdir), "base", "mixed"]) == 0
+    diff = capsys.readouterr().out.splitlines()
+    assert diff[0].split() == ["eval", "loss", "base", "mixed", "change"]  # the eval change leads
+    changes = {line.split()[0]: float(line.split()[-1]) for line in diff[1:3]}
+    assert set(changes) == {"chats", "facts"} and all(change < 0 for change in changes.values())
+    assert any(line.startswith("stage.mixture.facts.from") for line in diff)
 
     # The version is an ordinary Hugging Face model with a chat template.
     model = AutoModelForCausalLM.from_pretrained(version)
@@ -145,9 +155,15 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
         err = capsys.readouterr().err
         assert refused_after < 5, refused_after
         assert f"pid {driver.pid} on" in err and "'mixloop run'" in err and "One run per workdir" in err
+        assert main(["status", str(spec_path)]) == 0
+        status = capsys.readouterr().out
+        assert f"running: 'mixloop run' (pid {driver.pid} on" in status and "stage mixed at step" in status
+        assert "done:    base" in status and "left:    mixed (40 steps of 1,024 tokens)" in status
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    assert main(["status", str(interrupted)]) == 0  # the run directory alone tells it too
+    assert "stopped: stage mixed at step" in capsys.readouterr().out
     assert not (interrupted / "models" / "mixed").exists()
     output = (tmp_path / "driver.log").read_text()
     assert "[mixed] step 10/40" in output

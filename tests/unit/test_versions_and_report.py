@@ -158,3 +158,20 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
     assert card.startswith("---\nlibrary_name: \"transformers\"") and "# v1" in card and "| web | 2.5000 |" in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_path):
+    from mixloop.evaluate import delta_bars, format_deltas
+
+    # v2 brought in `new` (its loss fell by 0.5) and, on earlier corpora, improved `old` (loss fell 0.2)
+    # and forgot `older` (loss rose 0.3).
+    deltas = {"v2": {"parent": "v1", "uptake": {"new": 0.5}, "forgetting": {"old": -0.2, "older": 0.3},
+                     "forgetting_vs_best": {"old": -0.1, "older": 0.3}}}
+    line = format_deltas(deltas).splitlines()[1]
+    assert line == "v2 (from v1): uptake new +0.500; forgetting old -0.200, older +0.300"
+    lineages = {"v1": {"version": "v1", "parent": None}, "v2": {"version": "v2", "parent": "v1"}}
+    page = Path(write_report(str(tmp_path), lineages, {"v1": {}, "v2": {}}, deltas, {})).read_text()
+    assert "<td>new +0.500</td><td>old -0.200, older +0.300</td>" in page
+    assert "uptake &gt; 0: loss fell on the new corpora; forgetting &gt; 0: loss rose on earlier ones" in page
+    bars = {label: (value, better) for label, value, better in delta_bars(deltas)}
+    assert bars == {"v2\nnew (new)": (0.5, True), "v2\nold": (0.2, True), "v2\nolder": (-0.3, False)}

@@ -1,0 +1,53 @@
+"""`mixloop status`: where a pipeline stands, from its workdir alone (local or object storage): the
+versions done, what runs now (who holds the lock, the stage's last logged step), and what is left."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+from mixloop.lock import describe, gone_reason, read_lock
+from mixloop.registry import list_versions
+from mixloop.spec import Spec
+from mixloop.storage import join, read_lines
+
+
+def status_lines(spec: Spec) -> list[str]:
+    workdir = spec.workdir
+    done = {v["version"]: v for v in list_versions(workdir)}
+    left = [stage for stage in spec.resolved_stages() if stage.name not in done]
+    last = _last_logged(workdir, left[0].name) if left else None
+    holder = read_lock(workdir)
+    lines = [f"pipeline {spec.pipeline.name} (workdir {workdir})",
+             "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet")]
+    if holder is not None and gone_reason(holder) is None:
+        lines.append(f"running: {describe(holder)}")
+        if last is not None:
+            lines.append("         " + _progress(last))
+    elif last is not None:
+        lines.append(f"stopped: {_progress(last)}; `mixloop run` continues it from its last checkpoint")
+    else:
+        lines.append("running: nothing")
+    lines.append("left:    " + (", ".join(f"{stage.name} ({stage.total_steps} steps of "
+                                          f"{stage.global_batch_tokens:,} tokens)" for stage in left) or "nothing"))
+    return lines
+
+
+def _last_logged(workdir: str, stage: str) -> dict | None:
+    """The last metrics line of a stage (its steps so far), or None when it has not logged one."""
+    records = [json.loads(line) for line in read_lines(join(workdir, "metrics.jsonl"))]
+    mine = [r for r in records if r.get("stage") == stage]
+    return mine[-1] if mine else None
+
+
+def _progress(record: dict) -> str:
+    eta = int(record["step_seconds"] * (record["total_steps"] - record["step"]))
+    return (f"stage {record['stage']} at step {record['step']}/{record['total_steps']}, loss {record['loss']:.3f}, "
+            f"{record['tokens_per_s']:,.0f} tok/s, logged {time.time() - record['time']:.0f} s ago, "
+            f"ETA {eta // 60}:{eta % 60:02d}")
+
+
+def _ago(finished: str) -> str:
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(finished)).total_seconds()
+    return f"{seconds / 3600:.1f} h ago" if seconds >= 3600 else f"{seconds / 60:.0f} min ago"
