@@ -28,6 +28,7 @@ from mixloop.report import write_report
 from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
 from mixloop.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
 from mixloop.storage import join, write_json, write_text
+from mixloop.tracking import Trackers
 from mixloop.train.step import StepHooks
 
 Log = Callable[[str], None]
@@ -54,6 +55,7 @@ class Pipeline:
         self.lock = lock  # the workdir's lock while this pipeline holds it
         self.hooks = hooks  # tests' way into the step loop; none in production
         self.corpora = Corpora(spec, log, address)
+        self.trackers = Trackers(spec.workdir, spec.pipeline.tracking.tensorboard, log)
 
     @contextmanager
     def locked(self, command: str):
@@ -92,7 +94,7 @@ class Pipeline:
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
             previous = ensure_base(self.spec, prepared.tokenizer_dir, self.log)
             write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
-            return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock), previous, until), prepared)
+            return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers), previous, until), prepared)
 
     def _train_stages(self, runner: StageRunner, previous: dict, until: str | None) -> list[str]:
         trained = []
@@ -125,6 +127,7 @@ class Pipeline:
             write_json(join(self.workdir, "eval", "deltas.json"), deltas)
             unmeasured = self.corpora.without_eval()
             page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
+            self.trackers.log_versions(matrix, deltas, lineages)
         if any(matrix.values()):
             self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:

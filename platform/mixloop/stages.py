@@ -12,10 +12,11 @@ from mixloop.corpora import PreparedCorpora
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
-from mixloop.registry import now, publish, read_lineage, verified_version, version_dir
+from mixloop.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
 from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
 from mixloop.storage import join
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mixloop.tracking import Trackers, tokens_through
 from mixloop.train.job import StageJob, stage_job
 
 Log = Callable[[str], None]
@@ -94,9 +95,12 @@ def repeat_warnings(stage: ResolvedStage, epochs: dict[str, float]) -> list[str]
 class StageRunner:
     """Trains the stages of one preparation and publishes each as its version."""
 
-    def __init__(self, spec: Spec, prepared: PreparedCorpora, log: Log = print, hooks=None, lock=None):
-        """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks."""
+    def __init__(self, spec: Spec, prepared: PreparedCorpora, log: Log = print, hooks=None, lock=None,
+                 trackers: Trackers | None = None):
+        """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks;
+        `trackers`: where the stage's metrics are forwarded while it trains."""
         self.spec, self.prepared, self.log, self.hooks, self.lock = spec, prepared, log, hooks, lock
+        self.trackers = trackers or Trackers(spec.workdir, tensorboard=False)
         self.workdir = spec.workdir
 
     def job(self, stage: ResolvedStage, parent: dict, **extra) -> StageJob:
@@ -117,7 +121,9 @@ class StageRunner:
             self.log(f"warning: {warning}")
         started, clock = now(), time.time()
         name = run_name(self.spec.pipeline.name, stage.name, digest, job.corpus_dirs)
-        result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
+        before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
+        with self.trackers.follow(stage.name, before):
+            result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
         metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
                    "wall_seconds": round(time.time() - clock, 1)}
         with result.checkpoint.as_directory() as folder:

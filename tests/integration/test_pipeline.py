@@ -10,6 +10,7 @@ import json
 
 import pytest
 from support import SHARED_DATA, open_in_browser, write_spec
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mixloop.cli import main
 from mixloop.health import eval_prompts
@@ -79,6 +80,18 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     assert {src for src, _ in images} == {"training.png", "eval_matrix.png", "uptake_forgetting.png", "lineage.png"}
     assert all(loaded for _, loaded in images), images
     assert errors == []
+
+    # TensorBoard, on by default: the stages line up on one axis of cumulative tokens, with each version's eval.
+    runs = {}
+    for stage in ("pretrain", "sft", "medical"):
+        accumulator = EventAccumulator(str(workdir / "tensorboard" / stage))
+        accumulator.Reload()
+        runs[stage] = accumulator
+    steps = {stage: [e.step for e in run.Scalars("train/loss")] for stage, run in runs.items()}
+    assert all(s == sorted(s) and len(s) >= 2 for s in steps.values())
+    assert steps["pretrain"][-1] < steps["sft"][0] and steps["sft"][-1] < steps["medical"][0]
+    assert runs["medical"].Scalars("eval/medical")[0].value == pytest.approx(matrix["medical"]["medical"]["loss"], rel=1e-5)
+    assert runs["medical"].Scalars("uptake/medical")[0].value > 0
 
     lineage = json.loads((workdir / "models" / "medical" / "lineage.json").read_text())
     assert lineage["parent"] == "sft"

@@ -264,6 +264,12 @@ class StageSpec(StageTemplate):
     """Version to start from; default: the previous stage's version (or base)."""
 
 
+class TrackingSpec(Strict):
+    tensorboard: bool = True
+    """TensorBoard event files under <workdir>/tensorboard/, one run per stage, cumulative tokens as
+    the step (`tensorboard --logdir <workdir>/tensorboard`)."""
+
+
 class PipelineSpec(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Pipeline name; also names the Ray Train runs."""
@@ -284,6 +290,8 @@ class PipelineSpec(Strict):
     """Settings every stage inherits unless it sets its own."""
     stages: list[StageSpec] = Field(min_length=1)
     """The ordered stages of the model's life."""
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """Experiment trackers the metrics are forwarded to (metrics.jsonl stays the record)."""
     eval_rows: int = Field(default=64, gt=0)
     """Packed rows of each eval split used to evaluate a version (at the defaults' seq_len)."""
     chat_prompts: int = Field(default=8, ge=0)

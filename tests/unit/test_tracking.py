@@ -1,0 +1,56 @@
+"""Trackers as sinks: TensorBoard event files read back with TensorBoard's own reader; a tracker that
+fails warns once and never stops training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mixloop.tracking import Trackers, scalars, tokens_through
+
+
+def record(stage: str, step: int, loss: float, tokens: float) -> dict:
+    return {"stage": stage, "step": step, "total_steps": 4, "lr": 1e-3, "loss": loss, "grad_norm": 0.5,
+            "loss_per_corpus": {"web": loss}, "tokens_per_s": 100.0, "step_seconds": 0.5, "data_s": 0.1,
+            "tokens": {"web": tokens}, "time": 0.0}
+
+
+def events(folder) -> EventAccumulator:
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return accumulator
+
+
+def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    trackers = Trackers(str(tmp_path), log=lambda line: None)
+    with trackers.follow("sft", tokens_before=1000):
+        metrics.write_text("\n".join(json.dumps(r) for r in [record("pretrain", 2, 3.0, 1000),
+                                                             record("sft", 2, 2.0, 200), record("sft", 4, 1.5, 400)]))
+    loss = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
+    assert [(e.step, e.value) for e in loss] == [(1200, 2.0), (1400, 1.5)]  # after pretrain's 1000 tokens
+    assert {"train/loss/web", "train/lr", "train/data_wait_share"} <= set(events(tmp_path / "tensorboard" / "sft").Tags()["scalars"])
+    assert not (tmp_path / "tensorboard" / "pretrain").exists()
+
+    lineages = {"base": {"parent": None}, "pretrain": {"parent": "base", "tokens_per_corpus": {"web": 1000}},
+                "sft": {"parent": "pretrain", "tokens_per_corpus": {"web": 400}}}
+    assert tokens_through("sft", lineages) == 1400
+    trackers.log_versions({"sft": {"web": {"loss": 1.25}}}, {"sft": {"uptake": {}, "forgetting": {"web": -0.1}}},
+                          lineages)
+    evaluation = events(tmp_path / "tensorboard" / "sft")
+    assert [(e.step, e.value) for e in evaluation.Scalars("eval/web")] == [(1400, 1.25)]
+    assert evaluation.Scalars("forgetting/web")[0].value == pytest.approx(-0.1)
+
+
+def test_a_failing_tracker_warns_once_and_is_tried_again(tmp_path):
+    (tmp_path / "tensorboard").write_text("not a folder")  # every write there fails
+    notes = []
+    trackers = Trackers(str(tmp_path), log=notes.append)
+    for step in (1, 2):
+        trackers.forward("s", scalars(record("s", step, 2.0, 10.0 * step)), step)
+    assert len(notes) == 1 and notes[0].startswith("warning: tracker TensorBoard failed")
+    (tmp_path / "tensorboard").unlink()  # the disk is fixed: the same trackers write again
+    trackers.forward("s", scalars(record("s", 3, 1.0, 30.0)), 3)
+    assert len(notes) == 1 and events(tmp_path / "tensorboard" / "s").Scalars("train/loss")[0].value == 1.0
