@@ -97,8 +97,8 @@ class Pipeline:
             return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers), previous, until), prepared)
 
     def _train_stages(self, runner: StageRunner, previous: dict, until: str | None) -> list[str]:
-        trained = []
-        for stage in self.spec.pipeline.stages if until != BASE_VERSION else []:
+        trained: list[dict] = []
+        for index, stage in enumerate(self.spec.pipeline.stages if until != BASE_VERSION else []):
             resolved = resolve_stage(self.spec.pipeline, stage)
             parent = read_lineage(self.workdir, stage.start_from) if stage.start_from else previous
             existing = read_lineage(self.workdir, stage.name)
@@ -106,11 +106,26 @@ class Pipeline:
                 self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
                 previous = existing
             else:
+                self.log(self._pipeline_line(index, trained))
                 previous = runner.train(resolved, parent, stage_hash(resolved, parent["stage_hash"]))
-                trained.append(stage.name)
+                trained.append(previous)
             if stage.name == until:
                 break
-        return trained
+        return [lineage["version"] for lineage in trained]
+
+    def _pipeline_line(self, index: int, trained: list[dict]) -> str:
+        """Where the whole pipeline stands as stage `index` starts: budgets done and left, and an ETA at
+        the speed of the stages this run trained."""
+        stages = self.spec.resolved_stages()
+        budgets = [stage.geometry.tokens_for(stage.total_steps) for stage in stages]
+        done = sum(b for stage, b in zip(stages, budgets) if read_lineage(self.workdir, stage.name) is not None)
+        left = sum(budgets) - done
+        seconds = sum(lineage["metrics"].get("wall_seconds", 0) for lineage in trained)
+        rate = sum(budgets[[s.name for s in stages].index(l["version"])] for l in trained) / seconds if seconds else 0
+        eta_s = int(left / rate) if rate else 0
+        eta = f"; ETA {eta_s // 60}:{eta_s % 60:02d} at {rate:,.0f} tokens/s (so far, start-up included)" if rate else ""
+        return (f"pipeline: stage {index + 1} of {len(stages)} ({stages[index].name}); {done:,} of "
+                f"{sum(budgets):,} budgeted tokens done, {left:,} left{eta}")
 
     def report(self, prepared: PreparedCorpora | None = None) -> dict:
         """Evaluate what is missing, then write eval/ and report/index.html and print the tables."""

@@ -52,6 +52,7 @@ def test_no_eval_splits_edited_stage_and_corrupt_weights(ray_address, tmp_path, 
     code, out = run_cli(capsys, "run", str(spec), "stages.s1.log_every=1")
     assert code == 0, out
     assert "Traceback" not in out and "no eval split for corpora web" in out
+    assert "pipeline: stage 1 of 1 (s1); 0 of 1,024 budgeted tokens done, 1,024 left" in out
     assert [m["step"] for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
     assert yaml.safe_load((workdir / "pipeline.yaml").read_text())["stages"][0]["log_every"] == 1
     assert json.loads((workdir / "models" / "s1" / "lineage.json").read_text())["overrides"] == ["stages.s1.log_every=1"]
