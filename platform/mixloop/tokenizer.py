@@ -8,6 +8,7 @@ supervised, each closing end-of-turn token included).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -104,12 +105,32 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[list[tuple[
     located, raises DataError with the reason (the preparation then encodes the
     batch record by record and rejects that conversation alone).
     """
+    if GENERATION_MARKER.search(tokenizer.chat_template or ""):
+        return [[_marked(tokenizer, conversation)] for conversation in conversations]
     documents = [_rendered_documents(tokenizer, conv) for conv in conversations]
     flat = [document for conversation in documents for document in conversation]
     encoded = tokenizer([text for text, _ in flat], add_special_tokens=False, return_offsets_mapping=True)
     masked = iter(zip(flat, encoded["input_ids"], encoded["offset_mapping"]))
     return [[_masked(ids, offsets, spans) for (_, spans), ids, offsets in
              (next(masked) for _ in conversation)] for conversation in documents]
+
+
+# A template that marks what the assistant says ({% generation %} ... {% endgeneration %}) says itself
+# which tokens train; transformers reads the markers (return_assistant_tokens_mask).
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _marked(tokenizer, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """A conversation's ids, and its assistant tokens as the template's generation markers mark them."""
+    try:
+        out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Exception as exc:  # jinja2's TemplateError (the template's own raise_exception too), or transformers'
+        raise DataError(f"chat template failed: {exc}") from exc
+    mask = np.asarray(out["assistant_masks"], dtype=bool)
+    if not mask.any():
+        raise DataError("the chat template's {% generation %} markers mark no token of this conversation")
+    return np.asarray(out["input_ids"], dtype=np.int32), mask
 
 
 def _masked(ids: list[int], offsets, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -46,15 +47,34 @@ CONVERSATIONS = {
 }
 
 
+def without_markers(tokenizer):
+    """The tokenizer with its template's {% generation %} markers taken out: the same text, but the
+    assistant's tokens must then be found by rendering prefixes."""
+    unmarked = copy.deepcopy(tokenizer)
+    unmarked.chat_template = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", tokenizer.chat_template)
+    return unmarked
+
+
 @pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-def test_mask_matches_transformers_generation_mask(trained_tokenizer, conversation):
+def test_prefix_rendering_finds_what_transformers_generation_markers_mark(trained_tokenizer, conversation):
     assert trained_tokenizer.chat_template == CHATML_TEMPLATE
-    [[(ids, supervised)]] = encode_chats(trained_tokenizer, [conversation])
     reference = trained_tokenizer.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    assert ids.tolist() == list(reference["input_ids"])
-    assert supervised.astype(int).tolist() == list(reference["assistant_masks"])
+    for tok in (trained_tokenizer, without_markers(trained_tokenizer)):  # markers read, or prefixes rendered
+        [[(ids, supervised)]] = encode_chats(tok, [conversation])
+        assert ids.tolist() == list(reference["input_ids"])
+        assert supervised.astype(int).tolist() == list(reference["assistant_masks"])
+
+
+def test_generation_markers_decide_which_tokens_train(trained_tokenizer):
+    tok = copy.deepcopy(trained_tokenizer)  # this template marks the answer but not its end-of-turn token
+    tok.chat_template = CHATML_TEMPLATE.replace("{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+                                                "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+    assert tok.chat_template != CHATML_TEMPLATE
+    [[(ids, mask)]] = encode_chats(tok, [CONVERSATIONS["one turn"]])
+    answer = CONVERSATIONS["one turn"][-1]["content"]
+    assert tok.decode(ids[mask].tolist()) == answer  # the marked answer, without <|im_end|>
 
 
 def test_batch_encoding_equals_one_by_one(trained_tokenizer):
