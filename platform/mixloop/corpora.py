@@ -112,8 +112,10 @@ class Corpora:
         # Given, or the model's own (neither path nor train): copied from a folder.
         folder = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_folder()[0]
         template = self.spec.chat_template(self.spec.pipeline.chat_template)
-        # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original.
-        source = {"spec": {**spec.model_dump(), "path": folder}, "files": tokenizer_fingerprint(folder) if folder else None}
+        # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original; the
+        # model's own tokenizer is named as the model is (a hub id, not the cache folder it lies in).
+        named = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_source()
+        source = {"spec": {**spec.model_dump(), "path": named}, "files": tokenizer_fingerprint(folder) if folder else None}
         if template is not None:  # recorded only when set, so workdirs from before the setting stay valid
             source["chat_template"] = template
         record = join(self.workdir, "tokenizer-source.json")

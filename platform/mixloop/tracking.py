@@ -71,10 +71,13 @@ class Trackers:
                 sink.flush()
                 self.failing.discard(name)
             except Exception as exc:  # noqa: BLE001 -- a tracker must never stop training
-                if name not in self.failing:
-                    self.failing.add(name)
-                    self.log(f"warning: tracker {name} failed ({type(exc).__name__}: {exc}); training goes on, "
-                             "and it is tried again at the next report")
+                self._warn(name, exc)
+
+    def _warn(self, name: str, exc: Exception) -> None:
+        if name not in self.failing:
+            self.failing.add(name)
+            self.log(f"warning: tracker {name} failed ({type(exc).__name__}: {exc}); training goes on, "
+                     "and it is tried again at the next report")
 
     @contextmanager
     def follow(self, stage: str, tokens_before: float):
@@ -85,8 +88,12 @@ class Trackers:
         stop, forwarded = threading.Event(), [0]
 
         def forward_new() -> None:
-            records = [json.loads(line) for line in read_lines(join(self.workdir, "metrics.jsonl"))]
-            mine = [r for r in records if r.get("stage") == stage]
+            try:
+                lines = read_lines(join(self.workdir, "metrics.jsonl"))
+            except Exception as exc:  # noqa: BLE001 -- a storage blip: the next poll reads again
+                self._warn("metrics.jsonl", exc)
+                return
+            mine = [r for r in map(_record, lines) if r is not None and r.get("stage") == stage]
             for record in mine[forwarded[0]:]:
                 self.forward(stage, scalars(record), int(tokens_before + sum(record["tokens"].values())))
             forwarded[0] = len(mine)
@@ -114,6 +121,14 @@ class Trackers:
             values.update({f"forgetting/{c}": v for c, v in delta.get("forgetting", {}).items()})
             if values:
                 self.forward(version, values, int(tokens_through(version, lineages)))
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line, or None for one still being written (its reader came between two writes)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def tokens_through(version: str | None, lineages: dict[str, dict]) -> float:

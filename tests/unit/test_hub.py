@@ -92,6 +92,11 @@ def test_the_base_version_copies_the_hub_model_with_its_tokenizer_and_commit(hub
     corpora = Corpora(spec, log=lambda line: None)
     lineage = ensure_base(spec, corpora.tokenizer(), log=lambda line: None)
     assert lineage["model"]["path"] == "tiny-org/qwen2" and lineage["model_commit"] == COMMIT
+    copy_path = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's own copy names the model by its id
+    copy_path.parent.mkdir()
+    copy_path.write_text(yaml.safe_dump(spec.portable()))
+    assert spec.portable()["model"]["path"] == "tiny-org/qwen2"
+    assert load_spec(copy_path).model_folder() == spec.model_folder()
     snapshot = hub / "models--tiny-org--qwen2" / "snapshots" / COMMIT
     texts = ["the sun is far", "hello world 42, why?"]  # no tokenizer section: the model's own
     assert [AutoTokenizer.from_pretrained(tmp_path / "run/models/base")(t)["input_ids"] for t in texts] == [

@@ -27,8 +27,9 @@ def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_pat
     metrics = tmp_path / "metrics.jsonl"
     trackers = Trackers(str(tmp_path), log=lambda line: None)
     with trackers.follow("sft", tokens_before=1000):
-        metrics.write_text("\n".join(json.dumps(r) for r in [record("pretrain", 2, 3.0, 1000),
-                                                             record("sft", 2, 2.0, 200), record("sft", 4, 1.5, 400)]))
+        lines = [json.dumps(r) for r in [record("pretrain", 2, 3.0, 1000), record("sft", 2, 2.0, 200),
+                                         record("sft", 4, 1.5, 400)]]
+        metrics.write_text("\n".join(lines) + '\n{"stage": "sft", "st')  # the last line still being written
     loss = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
     assert [(e.step, e.value) for e in loss] == [(1200, 2.0), (1400, 1.5)]  # after pretrain's 1000 tokens
     assert {"train/loss/web", "train/lr", "train/data_wait_share"} <= set(events(tmp_path / "tensorboard" / "sft").Tags()["scalars"])

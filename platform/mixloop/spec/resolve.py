@@ -63,10 +63,15 @@ class Spec:
         """The spec as data with every path absolute, valid wherever it is written (the workdir's copy)."""
         data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["workdir"] = self.workdir
-        for section in (data["tokenizer"], data["model"], *data["corpora"].values()):
+        for section in (data["tokenizer"], *data["corpora"].values()):
             for key in ("path", "eval"):
                 if key in section:
                     section[key] = self.path(section[key])
+        if "path" in data["model"]:
+            data["model"]["path"] = self.model_source()  # a hub id stays one
+        for holder in (data, *data["corpora"].values()):  # template files, as for corpora
+            if holder.get("chat_template") not in (None, "chatml"):
+                holder["chat_template"] = self.path(holder["chat_template"])
         return data
 
     def stage_names(self) -> list[str]:
