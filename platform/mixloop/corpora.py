@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mixloop.data import records, synthetic
-from mixloop.data.prepare import CorpusRequest, iter_records, list_chunks, prepare_corpora
+from mixloop.data.files import iter_records, list_chunks
+from mixloop.data.prepare import CorpusRequest, prepare_corpora
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.health import eval_prompts
 from mixloop.ray_setup import init_ray

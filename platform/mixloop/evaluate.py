@@ -54,6 +54,12 @@ def _result_path(workdir: str, version: str, corpus: str) -> str:
     return join(workdir, "eval", version, f"{corpus}.json")
 
 
+def eval_file(workdir: str, name: str) -> str:
+    """<workdir>/eval/<name>: the report's table.txt, matrix.json (loss per version and eval set) and
+    deltas.json (uptake and forgetting per version)."""
+    return join(workdir, "eval", name)
+
+
 def _cached(workdir: str, version: str, corpus: str, key: str) -> dict | None:
     fs, inner = fsspec.core.url_to_fs(_result_path(workdir, version, corpus))
     if not fs.exists(inner):

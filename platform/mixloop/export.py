@@ -12,7 +12,7 @@ from pathlib import Path
 from mixloop import __version__
 from mixloop.errors import MixloopError
 from mixloop.registry import list_versions, loadable_everywhere, read_lineage, verified_version
-from mixloop.storage import join, local_copy, read_json
+from mixloop.storage import local_copy, read_json
 
 DTYPES = ("fp32", "bf16", "fp16")
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
@@ -79,7 +79,9 @@ def _chain(version: str, versions: dict[str, dict]) -> list[dict]:
 
 
 def _evaluation(workdir: str, version: str) -> list[str]:
-    matrix, deltas = read_json(join(workdir, "eval", "matrix.json")), read_json(join(workdir, "eval", "deltas.json"))
+    from mixloop.evaluate import eval_file
+
+    matrix, deltas = read_json(eval_file(workdir, "matrix.json")), read_json(eval_file(workdir, "deltas.json"))
     row = (matrix or {}).get(version) or {}
     if not row:
         return ["", "No evaluation yet (run `mixloop report` on its pipeline)."]

@@ -41,7 +41,7 @@ def eval_prompts(pattern: str, count: int, file_format: str | None = None, recor
                  columns: dict[str, str] | None = None) -> list[list[dict]]:
     """The first `count` valid conversations of a chat eval split (files and records read as
     preparation reads them), each cut before its last assistant turn."""
-    from mixloop.data.prepare import iter_records, list_chunks
+    from mixloop.data.files import iter_records, list_chunks
 
     prompts = []
     for chunk in list_chunks(expand_files(pattern), file_format):

@@ -21,7 +21,8 @@ import yaml
 from mixloop.corpora import Corpora, PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import StageConflictError
-from mixloop.evaluate import evaluate_versions, format_deltas, format_matrix, health_versions, iteration_deltas
+from mixloop.evaluate import (eval_file, evaluate_versions, format_deltas, format_matrix, health_versions,
+                              iteration_deltas)
 from mixloop.lock import workdir_lock
 from mixloop.registry import list_versions, read_lineage, remove_partial_publishes, verified_version
 from mixloop.report import write_report
@@ -137,9 +138,9 @@ class Pipeline:
             health = health_versions(self.workdir, list(lineages), self.corpora.chat_prompts(),
                                      self.spec.pipeline.chat_max_new_tokens)
             table = format_matrix(matrix)
-            write_text(join(self.workdir, "eval", "table.txt"), table + "\n")
-            write_json(join(self.workdir, "eval", "matrix.json"), matrix)
-            write_json(join(self.workdir, "eval", "deltas.json"), deltas)
+            write_text(eval_file(self.workdir, "table.txt"), table + "\n")
+            write_json(eval_file(self.workdir, "matrix.json"), matrix)
+            write_json(eval_file(self.workdir, "deltas.json"), deltas)
             unmeasured = self.corpora.without_eval()
             page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
             self.trackers.log_versions(matrix, deltas, lineages)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from mixloop.data import prepare
+from mixloop.data import files, prepare
 from mixloop.data.prepare import ChunkPacker, CorpusRequest, RejectWriter, encode_each, request_chunks
 from mixloop.data.store import MANIFEST, PackedCorpus
 from mixloop.errors import DataError
@@ -168,7 +168,7 @@ def test_chunk_boundaries_keep_every_line_once_with_a_bom_and_blank_lines(packer
             lines.append((b" ", b"\n", "blank"))
     good = "zero" + EOS + "".join(f"row {i}{EOS}" for i in range(1, 30) if i % 3)
     for chunk_bytes in range(16, 56):  # boundaries at every offset of the lines, the BOM's first line too
-        monkeypatch.setattr(prepare, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(files, "CHUNK_BYTES", chunk_bytes)
         folder = tmp_path / str(chunk_bytes)
         manifest, rejects = pack(packer, folder, lines, "text")
         assert (manifest["documents"], manifest["rejected"], manifest["blank_lines"]) == (21, 9, 5), chunk_bytes

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from mixloop.data.prepare import iter_records, list_chunks
+from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.records import BadRecord
 from mixloop.storage import expand_files
 

@@ -22,6 +22,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of a stage's checkpoint at `step` inside its Ray Train run."""
+    return f"step-{step:07d}"
+
+
 @dataclass
 class TrainState:
     """Where a stage stands: its step, the learning rate of that step, the tokens trained per corpus
@@ -115,4 +120,4 @@ class Checkpointer:
                        os.path.join(folder, RNG_FILE))
             Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step-{state.step:07d}")
+                             checkpoint_dir_name=checkpoint_dir_name(state.step))

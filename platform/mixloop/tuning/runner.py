@@ -40,6 +40,7 @@ from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
 from mixloop.registry import now, read_lineage, verified_version, version_dir
 from mixloop.spec import Share, stage_hash
 from mixloop.stages import StageRunner, stage_plan
+from mixloop.train.checkpoint import checkpoint_dir_name
 from mixloop.train.job import StageJob, stage_job
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
                              write_text)
@@ -87,7 +88,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
         raise MixloopError("not applied: the search did not end with a finished trial. "
                            "Fix: run it again (it resumes), then add --apply.")
     stage = search.resolve(best["stage"])
-    checkpoint = join(context.folder, "train", best["trial"], f"step-{stage.total_steps:07d}")
+    checkpoint = join(context.folder, "train", best["trial"], checkpoint_dir_name(stage.total_steps))
     trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
