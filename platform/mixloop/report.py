@@ -2,7 +2,8 @@
 
 <workdir>/report/index.html shows training loss per corpus and the learning rate against
 cumulative tokens with stage boundaries, the eval matrix as a heatmap, uptake and forgetting
-per version, the lineage as a graph, chat health and sample generations.
+per version, the lineage as a graph, chat health, every version's answers to the same prompts side
+by side, and the workdir's tuning searches (verdict, trials, objective plot).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import fsspec
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
-from mixloop.storage import is_local, join, read_lines, upload  # noqa: E402
+from mixloop.storage import is_local, join, read_json, read_lines, upload  # noqa: E402
 
 BETTER, WORSE = "tab:green", "tab:red"
 
@@ -149,8 +151,40 @@ def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: 
     _plot_lineage(lineages, folder / "lineage.png")
     images["lineage.png"] = "Lineage"
     page = folder / "index.html"
-    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured))
+    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder)))
     return page
+
+
+def _searches(workdir: str, folder: Path) -> list[str]:
+    """A section per tuning search of the workdir: its verdict, its trials and its objective plot."""
+    fs, root = fsspec.core.url_to_fs(join(workdir, "tune"))
+    if not fs.isdir(root):
+        return []
+    sections = []
+    for name in sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)):
+        results = read_json(join(workdir, "tune", name, "results.json"))
+        if results is None:
+            continue
+        keys = [k for k in (results["trials"][0] if results["trials"] else {}) if k.startswith("objective")]
+        rows = [[t["trial"], t["arm"], t["status"], *(_number(t.get(k)) for k in keys), _shares(t["mixture"]),
+                 t["lr_peak"], f"{t['tokens']:,}"] for t in results["trials"]]
+        section = (f"<h3>{html.escape(name)}</h3><p>{html.escape(results['verdict'])}</p>"
+                   + _table(["trial", "arm", "status", *keys, "mixture", "peak LR", "tokens"], rows))
+        plot = f"{root}/{name}/objective.png"
+        if fs.exists(plot):
+            fs.get_file(plot, str(folder / f"tune-{name}.png"))
+            section += f"<img src='tune-{name}.png' alt='objective of the trials of {html.escape(name)}'>"
+        sections.append(section)
+    return sections
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def _shares(mixture: dict) -> str:
+    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
+                     for c, w in mixture.items()) or "-"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -159,7 +193,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
+def _html(lineages, matrix, deltas, health, images, unmeasured, searches) -> str:
     sets = sorted({c for row in matrix.values() for c in row})
     sections = [f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
                 "are not measured on them. Add <code>eval: &lt;held-out file&gt;</code> to each of these corpora "
@@ -178,10 +212,9 @@ def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
             ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
             [[v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
              for v, corpora in health.items() for c, h in corpora.items()]))
-        sections.append("<h2>Sample generations</h2>" + _table(
-            ["version", "chat set", "prompt", "answer"],
-            [[v, c, e["prompt"], e["answer"]] for v, corpora in health.items() for c, h in corpora.items()
-             for e in h["examples"][:1]]))
+        sections.append("<h2>Sample answers, version by version</h2>" + _answers_side_by_side(health))
+    if searches:
+        sections.append("<h2>Tuning searches</h2>" + "".join(searches))
     sections.append("<h2>Versions</h2>" + _table(
         ["version", "parent", "mixture", "tokens", "finished"],
         [[v, lin.get("parent") or "-", _mixture(lin), f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}",
@@ -194,6 +227,17 @@ def _html(lineages, matrix, deltas, health, images, unmeasured) -> str:
 
 
 def _mixture(lineage: dict) -> str:
-    mixture = (lineage.get("stage") or {}).get("mixture", {})
-    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
-                     for c, w in mixture.items()) or "-"
+    return _shares((lineage.get("stage") or {}).get("mixture", {}))
+
+
+def _answers_side_by_side(health: dict) -> str:
+    """One row per eval prompt, one column per version: how each answered the same prompt."""
+    versions = list(health)
+    rows = []
+    for corpus in sorted({c for corpora in health.values() for c in corpora}):
+        examples = {v: (health[v].get(corpus) or {}).get("examples", []) for v in versions}
+        prompts = max(examples.values(), key=len)
+        for index, example in enumerate(prompts):
+            rows.append([corpus, example["prompt"]] + [examples[v][index]["answer"] if index < len(examples[v])
+                                                        else "-" for v in versions])
+    return _table(["chat set", "prompt", *versions], rows)

@@ -175,3 +175,23 @@ def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_pat
     assert "uptake &gt; 0: loss fell on the new corpora; forgetting &gt; 0: loss rose on earlier ones" in page
     bars = {label: (value, better) for label, value, better in delta_bars(deltas)}
     assert bars == {"v2\nnew (new)": (0.5, True), "v2\nold": (0.2, True), "v2\nolder": (-0.3, False)}
+
+
+def test_the_report_shows_answers_side_by_side_and_the_tuning_searches(tmp_path):
+    health = {v: {"chats": {"ended": 1.0, "repetition": 0.0, "length": 3.0,
+                            "examples": [{"prompt": "hi?", "answer": f"{v} says hi"},
+                                         {"prompt": "bye?", "answer": f"{v} says bye"}]}} for v in ("sft", "sft2")}
+    search = tmp_path / "tune" / "mix-search"
+    search.mkdir(parents=True)
+    trials = [{"trial": "t1", "arm": "current", "status": "finished", "objective": 0.61, "lr_peak": 0.001,
+               "mixture": {"web": {"from": 0.3, "to": 0.3}, "new": {"from": 0.7, "to": 0.7}}, "tokens": 20480}]
+    (search / "results.json").write_text(json.dumps({"verdict": "t1 beat the stratified mix by 0.2.", "trials": trials}))
+    import matplotlib.pyplot as plt
+    plt.figure().savefig(search / "objective.png")
+    lineages = {"sft": {"version": "sft", "parent": None}, "sft2": {"version": "sft2", "parent": "sft"}}
+    page = Path(write_report(str(tmp_path), lineages, {}, {}, health)).read_text()
+    assert "<th>chat set</th><th>prompt</th><th>sft</th><th>sft2</th>" in page
+    assert "<td>chats</td><td>bye?</td><td>sft says bye</td><td>sft2 says bye</td>" in page
+    assert "<h3>mix-search</h3><p>t1 beat the stratified mix by 0.2.</p>" in page
+    assert "<td>t1</td><td>current</td><td>finished</td><td>0.6100</td><td>web 30%, new 70%</td>" in page
+    assert "src='tune-mix-search.png'" in page and (tmp_path / "report" / "tune-mix-search.png").exists()
