@@ -56,7 +56,7 @@ class Pipeline:
         self.lock = lock  # the workdir's lock while this pipeline holds it
         self.hooks = hooks  # tests' way into the step loop; none in production
         self.corpora = Corpora(spec, log, address)
-        self.trackers = Trackers(spec.workdir, spec.pipeline.tracking.tensorboard, log)
+        self.trackers = Trackers.of(spec, log)
 
     @contextmanager
     def locked(self, command: str):
@@ -144,6 +144,7 @@ class Pipeline:
             unmeasured = self.corpora.without_eval()
             page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
             self.trackers.log_versions(matrix, deltas, lineages)
+            self.trackers.close(join(self.workdir, "report"))
         if any(matrix.values()):
             self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:

@@ -100,7 +100,7 @@ class StageRunner:
         """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks;
         `trackers`: where the stage's metrics are forwarded while it trains."""
         self.spec, self.prepared, self.log, self.hooks, self.lock = spec, prepared, log, hooks, lock
-        self.trackers = trackers or Trackers(spec.workdir, tensorboard=False)
+        self.trackers = trackers or Trackers(spec.workdir, sinks=[])
         self.workdir = spec.workdir
 
     def job(self, stage: ResolvedStage, parent: dict, **extra) -> StageJob:
@@ -122,7 +122,7 @@ class StageRunner:
         started, clock = now(), time.time()
         name = run_name(self.spec.pipeline.name, stage.name, digest, job.corpus_dirs)
         before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
-        with self.trackers.follow(stage.name, before):
+        with self.trackers.follow(stage.name, before, stage.as_json()):
             result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
         metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
                    "wall_seconds": round(time.time() - clock, 1)}

@@ -1,21 +1,27 @@
 """Experiment trackers as sinks: metrics.jsonl stays the source of truth, and the driver forwards what
 it gains (the workers' reports, while a stage trains; each version's evaluation, at the report) to the
-trackers the spec names. TensorBoard is on by default: one run per stage under <workdir>/tensorboard/,
-with the pipeline's cumulative trained tokens as the step, so every stage lines up in one chart.
+trackers the spec names (`tracking:`):
 
-A tracker that fails (a full disk, a server that is down) never stops training: the failure is logged
-once, and the tracker is tried again at the next forward.
+- TensorBoard, on by default: one run per stage under <workdir>/tensorboard/;
+- MLflow: one parent run per pipeline run, a nested run per stage (and per evaluated version);
+- Weights & Biases: one run per stage, grouped by pipeline (online, or offline files to sync later).
+
+Every tracker takes the pipeline's cumulative trained tokens as the step, so all stages line up in one
+chart, and a stage's resolved settings as its params. A tracker that fails (a full disk, a server that
+is down) never stops training: the failure is logged once, and it is tried again at the next forward.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from mixloop.storage import LOCAL_CACHE, is_local, join, read_lines, upload
+from mixloop.storage import LOCAL_CACHE, is_local, join, local_copy, read_lines, upload
 
 Log = Callable[[str], None]
 FOLLOW_EVERY_S = 2.0
@@ -30,14 +36,33 @@ def scalars(record: dict) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value == value}  # NaN: a skipped step
 
 
+def flat(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"lr": {"peak": 1e-3}} -> {"lr.peak": "0.001"}: params as trackers keep them."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+def _local_folder(workdir: str, name: str) -> Path:
+    """<workdir>/<name> on a local workdir; for one on object storage, a folder here (uploaded after)."""
+    return Path(join(workdir, name).removeprefix("file://")) if is_local(workdir) else LOCAL_CACHE / name
+
+
 class TensorBoard:
-    """Event files under <workdir>/tensorboard/<stage>/ (for a workdir on object storage: written here
-    and uploaded after each forward)."""
+    """Event files under <workdir>/tensorboard/<run>/ (for a workdir on object storage: written here and
+    uploaded after each forward). TensorBoard has no params: they are left out."""
 
     def __init__(self, workdir: str):
-        self.target = join(workdir, "tensorboard")
-        self.root = Path(self.target.removeprefix("file://")) if is_local(workdir) else LOCAL_CACHE / "tensorboard"
+        self.target, self.root = join(workdir, "tensorboard"), _local_folder(workdir, "tensorboard")
         self.writers: dict = {}
+
+    def params(self, run: str, params: dict) -> None:
+        pass
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -53,38 +78,138 @@ class TensorBoard:
         if not is_local(self.target) and self.root.exists():
             upload(str(self.root), self.target)
 
+    def close(self, report_dir: str | None) -> None:
+        self.flush()
+
+
+class MLflow:
+    """A parent run per pipeline run (the report as its artifacts), a nested run per stage or version."""
+
+    def __init__(self, tracking_uri: str, experiment: str, pipeline: str):
+        # A server that is down must cost a report seconds, not the client's minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.tracking_uri, self.experiment, self.pipeline = tracking_uri, experiment, pipeline
+        self.client, self.parent, self.runs = None, None, {}
+
+    def _run(self, name: str) -> str:
+        from mlflow.tracking import MlflowClient
+
+        if self.client is None:
+            self.client = MlflowClient(self.tracking_uri)
+        if self.parent is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
+            self.parent = self.client.create_run(experiment, run_name=self.pipeline,
+                                                 tags={"mixloop.pipeline": self.pipeline}).info
+        if name not in self.runs:
+            self.runs[name] = self.client.create_run(self.parent.experiment_id, run_name=name, tags={
+                "mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline}).info.run_id
+        return self.runs[name]
+
+    def params(self, run: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        run_id = self._run(run)
+        self.client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in flat(params).items()])
+
+    def log(self, run: str, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        run_id, now = self._run(run), int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, report_dir: str | None) -> None:
+        if self.parent is None:
+            return
+        if report_dir is not None:
+            self.client.log_artifacts(self.parent.run_id, local_copy(report_dir), "report")
+        for run_id in [*self.runs.values(), self.parent.run_id]:
+            self.client.set_terminated(run_id)
+        self.parent, self.runs = None, {}
+
+
+class WandB:
+    """A run per stage or version, grouped by pipeline; offline runs are written under <workdir>/wandb/."""
+
+    def __init__(self, project: str, mode: str, entity: str | None, pipeline: str, workdir: str):
+        self.project, self.mode, self.entity, self.pipeline = project, mode, entity, pipeline
+        self.dir, self.runs = _local_folder(workdir, "wandb"), {}
+
+    def _run(self, name: str, params: dict | None = None):
+        import wandb
+
+        if name not in self.runs:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.runs[name] = wandb.init(project=self.project, entity=self.entity, name=name, group=self.pipeline,
+                                         mode=self.mode, dir=str(self.dir), config=params, reinit="create_new")
+        return self.runs[name]
+
+    def params(self, run: str, params: dict) -> None:
+        self._run(run, params)
+
+    def log(self, run: str, values: dict[str, float], step: int) -> None:
+        self._run(run).log(values, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, report_dir: str | None) -> None:
+        for run in self.runs.values():
+            run.finish()
+        self.runs = {}
+
 
 class Trackers:
-    """The trackers of a pipeline. `follow` forwards a training stage's new metrics lines while it trains;
-    `log_versions` forwards each version's eval losses, uptake and forgetting."""
+    """The trackers of a pipeline. `follow` forwards a training stage's new metrics lines while it
+    trains; `log_versions` forwards each version's eval losses, uptake and forgetting; `close` ends the
+    runs (and gives MLflow the report)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True, log: Log = print):
+    def __init__(self, workdir: str, sinks: list | None = None, log: Log = print):
         self.workdir, self.log = workdir, log
-        self.sinks = [TensorBoard(workdir)] if tensorboard else []
+        self.sinks = [TensorBoard(workdir)] if sinks is None else sinks
         self.failing: set[str] = set()
 
-    def forward(self, run: str, values: dict[str, float], step: int) -> None:
+    @classmethod
+    def of(cls, spec, log: Log = print) -> "Trackers":
+        """The trackers a spec's `tracking:` names."""
+        tracking, workdir, name = spec.pipeline.tracking, spec.workdir, spec.pipeline.name
+        sinks = [TensorBoard(workdir)] if tracking.tensorboard else []
+        if tracking.mlflow is not None:
+            sinks.append(MLflow(tracking.mlflow.tracking_uri, tracking.mlflow.experiment or name, name))
+        if tracking.wandb is not None:
+            sinks.append(WandB(tracking.wandb.project, tracking.wandb.mode, tracking.wandb.entity, name, workdir))
+        return cls(workdir, sinks, log)
+
+    def _each(self, call: Callable) -> None:
         for sink in self.sinks:
             name = type(sink).__name__
             try:
-                sink.log(run, values, step)
-                sink.flush()
+                call(sink)
                 self.failing.discard(name)
             except Exception as exc:  # noqa: BLE001 -- a tracker must never stop training
                 self._warn(name, exc)
 
+    def forward(self, run: str, values: dict[str, float], step: int) -> None:
+        self._each(lambda sink: (sink.log(run, values, step), sink.flush()))
+
     def _warn(self, name: str, exc: Exception) -> None:
         if name not in self.failing:
             self.failing.add(name)
-            self.log(f"warning: tracker {name} failed ({type(exc).__name__}: {exc}); training goes on, "
-                     "and it is tried again at the next report")
+            self.log(f"warning: tracker {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                     "training goes on, and it is tried again at the next report")
 
     @contextmanager
-    def follow(self, stage: str, tokens_before: float):
+    def follow(self, stage: str, tokens_before: float, params: dict | None = None):
         """Forward the stage's metrics lines as they are appended, until the block ends (then once more)."""
         if not self.sinks:
             yield
             return
+        if params:
+            self._each(lambda sink: sink.params(stage, params))
         stop, forwarded = threading.Event(), [0]
 
         def forward_new() -> None:
@@ -121,6 +246,9 @@ class Trackers:
             values.update({f"forgetting/{c}": v for c, v in delta.get("forgetting", {}).items()})
             if values:
                 self.forward(version, values, int(tokens_through(version, lineages)))
+
+    def close(self, report_dir: str | None = None) -> None:
+        self._each(lambda sink: sink.close(report_dir))
 
 
 def _record(line: str) -> dict | None:

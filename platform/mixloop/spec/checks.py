@@ -51,6 +51,8 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
         problems += _model_problems(spec, files)
     if _ok(pipeline.chat_template) and files:
         problems += _template_problems(spec, "chat_template", pipeline.chat_template)
+    if _ok(pipeline.tracking):
+        problems += _tracker_problems(pipeline.tracking)
     if _ok(pipeline.workdir) and files:
         problems += workdir_problems(spec.workdir)
     for name, corpus in pipeline.corpora.items() if _ok(pipeline.corpora) else []:
@@ -177,6 +179,15 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
     return problems + [problem for key in ("path", "eval") if getattr(corpus, key) is not None
                        for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)),
                                                             corpus.file_format)]
+
+
+def _tracker_problems(tracking) -> list[str]:
+    """A tracker the spec names whose client is not installed."""
+    import importlib.util
+
+    return [f"tracking.{name}: the {name} client is not installed. Fix: pip install 'mixloop[{name}]'."
+            for name, module in (("mlflow", "mlflow"), ("wandb", "wandb"))
+            if getattr(tracking, name) is not None and importlib.util.find_spec(module) is None]
 
 
 def _template_problems(spec: Spec, where: str, value: str | None) -> list[str]:

@@ -264,10 +264,30 @@ class StageSpec(StageTemplate):
     """Version to start from; default: the previous stage's version (or base)."""
 
 
+class MLflowSpec(Strict):
+    tracking_uri: str
+    """The MLflow tracking server (http://HOST:5000) or store (file:///..., sqlite:///...)."""
+    experiment: str | None = None
+    """The experiment the runs go in; default: the pipeline's name."""
+
+
+class WandbSpec(Strict):
+    project: str
+    """The W&B project."""
+    entity: str | None = None
+    """The W&B team or user; default: the logged-in user's."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: runs are written under <workdir>/wandb/ (`wandb sync` uploads them later)."""
+
+
 class TrackingSpec(Strict):
     tensorboard: bool = True
     """TensorBoard event files under <workdir>/tensorboard/, one run per stage, cumulative tokens as
     the step (`tensorboard --logdir <workdir>/tensorboard`)."""
+    mlflow: MLflowSpec | None = None
+    """MLflow (install mixloop[mlflow]): a parent run per pipeline run, a nested run per stage."""
+    wandb: WandbSpec | None = None
+    """Weights & Biases (install mixloop[wandb]): a run per stage, grouped by the pipeline's name."""
 
 
 class PipelineSpec(Strict):
