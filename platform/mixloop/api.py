@@ -32,15 +32,16 @@ def from_dict(data: dict, base_dir: str = ".", overrides: Sequence[str] = ()) ->
     return spec_from_data(data, base_dir, overrides)
 
 
-def run(spec: Spec, address: str | None = None, log: Log = print) -> dict:
+def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: bool = False) -> dict:
     """Train every missing stage, then evaluate and report: {"trained", "matrix", "deltas", "health",
-    "report"}. Holds the workdir's lock, taken before anything heavy so a second run is refused at once."""
+    "report"}. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
+    `progress_bar`: a live bar per stage instead of the workers' progress lines (for a terminal)."""
     from mixloop.lock import workdir_lock
 
     with workdir_lock(spec.workdir, "mixloop run", log) as lock:
         from mixloop.pipeline import Pipeline
 
-        return Pipeline(spec, log, address, lock).run()
+        return Pipeline(spec, log, address, lock, progress_bar=progress_bar).run()
 
 
 def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> dict:

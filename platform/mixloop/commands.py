@@ -47,7 +47,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    api.run(api.load(args.spec, args.overrides), args.address)
+    # In a terminal, a live bar per stage; in files and Ray jobs' logs, the workers' lines.
+    api.run(api.load(args.spec, args.overrides), args.address, progress_bar=sys.stdout.isatty())
     return 0
 
 

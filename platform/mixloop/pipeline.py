@@ -49,7 +49,7 @@ class Pipeline:
     train.step.StepHooks."""
 
     def __init__(self, spec: Spec, log: Log = print, address: str | None = None, lock=None,
-                 hooks: StepHooks | None = None):
+                 hooks: StepHooks | None = None, progress_bar: bool = False):
         self.spec = spec
         self.workdir = spec.workdir
         self.log = log
@@ -57,6 +57,7 @@ class Pipeline:
         self.hooks = hooks  # tests' way into the step loop; none in production
         self.corpora = Corpora(spec, log, address)
         self.trackers = Trackers.of(spec, log)
+        self.progress_bar = progress_bar  # a live bar per stage instead of the workers' lines
 
     @contextmanager
     def locked(self, command: str):
@@ -95,7 +96,7 @@ class Pipeline:
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
             previous = ensure_base(self.spec, prepared.tokenizer_dir, self.log)
             write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
-            return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers), previous, until), prepared)
+            return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar), previous, until), prepared)
 
     def _train_stages(self, runner: StageRunner, previous: dict, until: str | None) -> list[str]:
         trained: list[dict] = []

@@ -96,10 +96,12 @@ class StageRunner:
     """Trains the stages of one preparation and publishes each as its version."""
 
     def __init__(self, spec: Spec, prepared: PreparedCorpora, log: Log = print, hooks=None, lock=None,
-                 trackers: Trackers | None = None):
+                 trackers: Trackers | None = None, progress_bar: bool = False):
         """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks;
-        `trackers`: where the stage's metrics are forwarded while it trains."""
+        `trackers`: where the stage's metrics are forwarded while it trains; `progress_bar`: show a
+        live bar instead of the workers' progress lines (in a terminal)."""
         self.spec, self.prepared, self.log, self.hooks, self.lock = spec, prepared, log, hooks, lock
+        self.progress_bar = progress_bar
         self.trackers = trackers or Trackers(spec.workdir, sinks=[])
         self.workdir = spec.workdir
 
@@ -113,7 +115,7 @@ class StageRunner:
         from mixloop.train.launch import fit_stage, run_name
 
         verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
-        job = self.job(stage, parent)
+        job = self.job(stage, parent, progress_lines=not self.progress_bar)
         plan = stage_plan(stage, job.corpus_dirs)
         self.log(f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
                  f"from version {parent['version']} on {stage.max_workers} worker(s)")
@@ -122,7 +124,7 @@ class StageRunner:
         started, clock = now(), time.time()
         name = run_name(self.spec.pipeline.name, stage.name, digest, job.corpus_dirs)
         before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
-        with self.trackers.follow(stage.name, before, stage.as_json()):
+        with self.trackers.follow(stage.name, before, stage.as_json(), bar=self.progress_bar):
             result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
         metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
                    "wall_seconds": round(time.time() - clock, 1)}

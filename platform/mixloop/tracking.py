@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -203,14 +204,16 @@ class Trackers:
                      "training goes on, and it is tried again at the next report")
 
     @contextmanager
-    def follow(self, stage: str, tokens_before: float, params: dict | None = None):
-        """Forward the stage's metrics lines as they are appended, until the block ends (then once more)."""
-        if not self.sinks:
+    def follow(self, stage: str, tokens_before: float, params: dict | None = None, bar: bool = False):
+        """Forward the stage's metrics lines as they are appended, until the block ends (then once more).
+        `bar`: also show them as a progress bar (in a terminal, instead of the workers' lines)."""
+        if not self.sinks and not bar:
             yield
             return
         if params:
             self._each(lambda sink: sink.params(stage, params))
         stop, forwarded = threading.Event(), [0]
+        progress = ProgressBar(stage) if bar else None
 
         def forward_new() -> None:
             try:
@@ -221,6 +224,8 @@ class Trackers:
             mine = [r for r in map(_record, lines) if r is not None and r.get("stage") == stage]
             for record in mine[forwarded[0]:]:
                 self.forward(stage, scalars(record), int(tokens_before + sum(record["tokens"].values())))
+                if progress is not None:
+                    progress.show(record)
             forwarded[0] = len(mine)
 
         def loop() -> None:
@@ -235,6 +240,8 @@ class Trackers:
             stop.set()
             thread.join()
             forward_new()
+            if progress is not None:
+                progress.close()
 
     def log_versions(self, matrix: dict, deltas: dict, lineages: dict[str, dict]) -> None:
         """Each version's eval losses (and uptake and forgetting against its parent) at the cumulative
@@ -249,6 +256,27 @@ class Trackers:
 
     def close(self, report_dir: str | None = None) -> None:
         self._each(lambda sink: sink.close(report_dir))
+
+
+class ProgressBar:
+    """A stage's live progress in a terminal: steps, loss per corpus, tokens/s and ETA."""
+
+    def __init__(self, stage: str):
+        from tqdm import tqdm
+
+        # shutil, not tqdm, measures the terminal: one that reports no size (0 x 0) gets the fallback,
+        # where tqdm would hide the bar (no rows to show it in).
+        size = shutil.get_terminal_size((100, 20))
+        self.bar = tqdm(desc=f"[{stage}]", unit="step", ncols=size.columns, nrows=size.lines, leave=True)
+
+    def show(self, record: dict) -> None:
+        self.bar.total = record["total_steps"]
+        self.bar.n = record["step"]
+        corpora = " ".join(f"{name} {loss:.3f}" for name, loss in record["loss_per_corpus"].items())
+        self.bar.set_postfix_str(f"loss {record['loss']:.3f} ({corpora}) {record['tokens_per_s']:,.0f} tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _record(line: str) -> dict | None:

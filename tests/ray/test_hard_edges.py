@@ -179,3 +179,30 @@ def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, caps
     spec = write_spec(tmp_path, small_spec(tmp_path, corpora, [stage]))
     code, out = run_cli(capsys, "data", "preview", str(spec))
     assert code == 1 and "corpus 'alpaca'" in out and "missing field 'conversations' (sharegpt format)" in out
+
+
+def test_in_a_terminal_each_stage_shows_a_live_bar_instead_of_the_workers_lines(ray_address, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    corpora = {"web": {"kind": "text", "path": str(text_file(tmp_path / "web.jsonl", 300))}}
+    spec = write_spec(tmp_path, small_spec(tmp_path, corpora, [{"name": "s1", "mixture": {"web": 1.0}, "tokens": 1024}]))
+    terminal, child_side = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "mixloop.cli", "run", str(spec), "--address", ray_address],
+                               stdout=child_side, stderr=child_side, stdin=subprocess.DEVNULL)
+    os.close(child_side)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=300) == 0, output.decode(errors="replace")[-3000:]
+    text = output.decode(errors="replace")
+    assert "[s1]: 100%" in text and "4/4" in text and "tok/s" in text  # tqdm's bar, at its end
+    assert "[s1] step 2/4" not in text  # the workers' lines are for files and Ray jobs' logs
