@@ -101,20 +101,30 @@ def _plot_deltas(deltas: dict, path: Path) -> None:
 
 
 def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
+    """Versions left to right, an arrow from each parent; a branch from an earlier version is an arc
+    over the versions between, drawn in data coordinates so the axes (and the image) hold it."""
+    import numpy as np
+
     order = list(lineages)
-    fig, ax = plt.subplots(figsize=(2.2 * len(order) + 1, 2))
+    fig, ax = plt.subplots(figsize=(2.2 * len(order) + 1, 2.5))
+    top = 0.5
     for x, version in enumerate(order):
         ax.text(x, 0, version, ha="center", va="center", bbox={"boxstyle": "round", "facecolor": "lightyellow"})
         parent = lineages[version].get("parent")
-        if parent in order:
-            px = order.index(parent)
-            ax.annotate("", (x - 0.3, 0), (px + 0.3, 0),
-                        arrowprops={"arrowstyle": "->", "connectionstyle": f"arc3,rad={-0.3 * (x - px - 1)}"})
-    ax.set_xlim(-0.7, len(order) - 0.3)
-    ax.set_ylim(-1, 1)
+        if parent not in order:
+            continue
+        px = order.index(parent)
+        height = 0.35 * (x - px - 1)  # 0 for the previous version: a straight arrow
+        t = np.linspace(0, 1, 40)
+        xs, ys = px + 0.3 + (x - px - 0.6) * t, 4 * height * t * (1 - t) + 0.12 * (height > 0)
+        ax.plot(xs[:-1], ys[:-1], color="black", linewidth=1)
+        ax.annotate("", (xs[-1], ys[-1]), (xs[-2], ys[-2]), arrowprops={"arrowstyle": "->", "color": "black"})
+        top = max(top, height + 0.5)
+    ax.set_xlim(-0.8, len(order) - 0.2)
+    ax.set_ylim(-0.6, top)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # labels stay inside
     plt.close(fig)
 
 

@@ -243,6 +243,16 @@ class Trackers:
             if progress is not None:
                 progress.close()
 
+    def replay(self, run: str, lines: list[str], tokens_before: float, params: dict, final: dict[str, float]) -> None:
+        """A finished run's metrics lines (a tuning trial's), its params, and `final` values at its end."""
+        self._each(lambda sink: sink.params(run, params))
+        step = tokens_before
+        for record in filter(None, map(_record, lines)):
+            step = tokens_before + sum(record["tokens"].values())
+            self.forward(run, scalars(record), int(step))
+        if final:
+            self.forward(run, final, int(step))
+
     def log_versions(self, matrix: dict, deltas: dict, lineages: dict[str, dict]) -> None:
         """Each version's eval losses (and uptake and forgetting against its parent) at the cumulative
         tokens it was trained to."""

@@ -110,6 +110,16 @@ def test_baselines_run_and_the_table_names_the_winner_against_stratified(search)
     assert len((folder / "results.csv").read_text().splitlines()) == TRIALS + 1
     assert (folder / "objective.png").stat().st_size > 1000
 
+    # Each trial is a run of the pipeline's trackers (TensorBoard here), on the pipeline's token axis.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in rows:
+        run = EventAccumulator(str(search["workdir"] / "tensorboard" / "mixed-tuned" / row["trial"]))
+        run.Reload()
+        [objective] = run.Scalars("objective")  # sent once, though the search ran twice
+        assert objective.value == pytest.approx(row["objective"], rel=1e-5)
+        assert [e.step for e in run.Scalars("train/loss")][0] > 5120 * 0.5  # after pretrain's tokens
+
 
 @pytest.mark.tuning
 def test_no_trial_tokenizes(search):

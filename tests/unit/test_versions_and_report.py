@@ -9,6 +9,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,23 @@ def test_the_report_shows_answers_side_by_side_and_the_tuning_searches(tmp_path)
     assert "<h3>mix-search</h3><p>t1 beat the stratified mix by 0.2.</p>" in page
     assert "<td>t1</td><td>current</td><td>finished</td><td>0.6100</td><td>web 30%, new 70%</td>" in page
     assert "src='tune-mix-search.png'" in page and (tmp_path / "report" / "tune-mix-search.png").exists()
+
+
+def test_plots_keep_every_label_and_arc_inside_the_image(tmp_path):
+    """Nothing drawn touches an image's edge: a label or an arc that ran off it would (a branch from
+    an early version arcs over the later ones; the first stage's label sits at the left edge)."""
+    import matplotlib.image
+
+    versions = ["base", "pretrain", "sft", "astronomy", "astronomy-sft", "redo-from-pretrain"]
+    lineages = {v: {"version": v, "parent": p, "stage": {"mixture": {"web": {"from": 1.0, "to": 1.0}}},
+                    "tokens_per_corpus": {"web": 100.0}}
+                for v, p in zip(versions, [None, "base", "pretrain", "sft", "astronomy", "pretrain"])}
+    lineages["base"]["stage"] = None
+    metrics = [{"stage": s, "step": step, "tokens": {"web": 50.0 * step}, "loss_per_corpus": {"web": 3.0 / step},
+                "loss": 3.0 / step, "lr": 1e-3} for s in versions[1:] for step in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    write_report(str(tmp_path), lineages, {}, {}, {})
+    for name in ("lineage.png", "training.png"):
+        image = matplotlib.image.imread(tmp_path / "report" / name)[:, :, :3]
+        edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert (edges > 0.95).all(), f"{name}: something runs off the image"

@@ -37,9 +37,10 @@ from mixloop.evaluate import evaluate_versions
 from mixloop.corpora import PreparedCorpora
 from mixloop.pipeline import Pipeline
 from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
-from mixloop.registry import now, read_lineage, verified_version, version_dir
+from mixloop.registry import list_versions, now, read_lineage, verified_version, version_dir
 from mixloop.spec import Share, stage_hash
 from mixloop.stages import StageRunner, stage_plan
+from mixloop.tracking import Trackers, tokens_through
 from mixloop.train.checkpoint import checkpoint_dir_name
 from mixloop.train.job import StageJob, stage_job
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
@@ -50,6 +51,7 @@ from mixloop.tuning.search import Search, load_search
 
 Log = Callable[[str], None]
 RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
+TRACKED_FILE = "tracked.json"  # written once a trial's run went to the trackers
 
 
 def run_search(path: str, address: str | None = None, apply: bool = False, trial: str | None = None,
@@ -64,9 +66,28 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
         context = _prepare(search, pipeline)
         grid = _tuner(search, context, log).fit()
         results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
+        _track_trials(search, context, results["rows"], log)
         if apply:
             _apply(search, context, results, log, pipeline.lock)
     return results
+
+
+def _track_trials(search: Search, context: TrialContext, rows: list[dict], log: Log) -> None:
+    """Each ended trial as a run `<search>/<trial>` of the pipeline's trackers (nested under the pipeline's
+    run in MLflow): its stage's settings, its training metrics on the pipeline's token axis from the
+    start version, and its objectives. Once per trial: a resumed search does not send them again."""
+    trackers = Trackers.of(search.pipeline, log)
+    before = tokens_through(search.start_from, {v["version"]: v for v in list_versions(search.pipeline.workdir)})
+    for row in rows:
+        folder = join(context.folder, "trials", row["trial"])
+        if row["status"] == "unfinished" or exists(join(folder, TRACKED_FILE)):
+            continue
+        final = {key: value for key, value in row.items() if key.startswith("objective") and value is not None}
+        final.update({f"eval/{corpus}": loss for corpus, loss in row["loss"].items()})
+        trackers.replay(f"{search.spec.name}/{row['trial']}", read_lines(join(folder, "metrics.jsonl")), before,
+                        search.resolve(row["stage"]).as_json(), final)
+        write_json(join(folder, TRACKED_FILE), {"trackers": [type(sink).__name__ for sink in trackers.sinks]})
+    trackers.close()
 
 
 def _check_apply(search: Search, trial: str | None) -> None:
