@@ -46,8 +46,8 @@ class PreparedCorpora:
 
 
 class Corpora:
-    def __init__(self, spec: Spec, log: Log = print, address: str | None = None):
-        self.spec, self.log, self.address = spec, log, address
+    def __init__(self, spec: Spec, log: Log = print, address: str | None = None, progress_bar: bool = False):
+        self.spec, self.log, self.address, self.progress_bar = spec, log, address, progress_bar
         self.workdir = spec.workdir
 
     @functools.cache
@@ -93,7 +93,7 @@ class Corpora:
         seq_len = self.spec.pipeline.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
         evals = {name: self._request(name, "eval", seq_len, True)
                  for name in self.spec.pipeline.corpora if "eval" in self.files(name)}
-        folders = prepare_corpora([*train.values(), *evals.values()], tokenizer_dir, self.workdir)
+        folders = prepare_corpora([*train.values(), *evals.values()], tokenizer_dir, self.workdir, self.progress_bar)
         return PreparedCorpora(tokenizer_dir, {key: folders[request] for key, request in train.items()},
                                {name: folders[request] for name, request in evals.items()})
 

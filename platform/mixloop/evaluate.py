@@ -23,6 +23,7 @@ from mixloop.storage import join, write_json
 from mixloop.health import chat_health
 from mixloop.model import load_model
 from mixloop.registry import read_lineage, version_dir
+from mixloop.tracking import counted
 from mixloop.train.loss import token_ce
 
 BATCH_ROWS = 8
@@ -69,8 +70,10 @@ def _cached(workdir: str, version: str, corpus: str, key: str) -> dict | None:
     return result if result.get("key") == key else None
 
 
-def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, str], max_rows: int) -> dict:
-    """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet."""
+def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, str], max_rows: int,
+                      progress_bar: bool = False) -> dict:
+    """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet; with
+    `progress_bar` (a terminal), the versions are counted on a bar as they finish."""
     import ray
 
     # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
@@ -83,12 +86,23 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
         missing = {c: eval_dirs[c] for c, result in row.items() if result is None}
         if missing:
             pending[version] = remote.remote(version_dir(workdir, version), missing, max_rows)
-    for version, ref in pending.items():
+    versions_of = {ref: version for version, ref in pending.items()}
+    for ref in counted(as_completed(list(versions_of)), len(versions_of), "[eval] versions", progress_bar):
+        version = versions_of[ref]
         for corpus, result in ray.get(ref).items():
             result["key"] = f"{models[version]}/{keys[corpus]}"
             write_json(_result_path(workdir, version, corpus), result)
             matrix[version][corpus] = result
     return matrix
+
+
+def as_completed(refs: list):
+    """Ray object refs in the order their tasks finish."""
+    import ray
+
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield done[0]
 
 
 def _model_key(workdir: str, version: str) -> str:
@@ -175,7 +189,8 @@ def delta_bars(deltas: dict[str, dict]) -> list[tuple[str, float, bool]]:
     return bars
 
 
-def health_versions(workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int) -> dict:
+def health_versions(workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int,
+                    progress_bar: bool = False) -> dict:
     """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
     import ray
 
@@ -191,7 +206,9 @@ def health_versions(workdir: str, versions: list[str], prompts: dict[str, list],
             results[version] = cached["corpora"]
         else:
             pending[version] = (key, remote.remote(version_dir(workdir, version), prompts, max_new_tokens))
-    for version, (key, ref) in pending.items():
+    versions_of = {ref: version for version, (_, ref) in pending.items()}
+    for ref in counted(as_completed(list(versions_of)), len(versions_of), "[chat health] versions", progress_bar):
+        version = versions_of[ref]
         results[version] = ray.get(ref)
-        write_json(_result_path(workdir, version, "chat_health"), {"key": key, "corpora": results[version]})
+        write_json(_result_path(workdir, version, "chat_health"), {"key": pending[version][0], "corpora": results[version]})
     return {v: results[v] for v in versions}

@@ -55,9 +55,9 @@ class Pipeline:
         self.log = log
         self.lock = lock  # the workdir's lock while this pipeline holds it
         self.hooks = hooks  # tests' way into the step loop; none in production
-        self.corpora = Corpora(spec, log, address)
+        self.corpora = Corpora(spec, log, address, progress_bar)
         self.trackers = Trackers.of(spec, log)
-        self.progress_bar = progress_bar  # a live bar per stage instead of the workers' lines
+        self.progress_bar = progress_bar  # live bars (preparation, stages, evaluation) instead of lines
 
     @contextmanager
     def locked(self, command: str):
@@ -137,7 +137,7 @@ class Pipeline:
             lineages = {v["version"]: v for v in list_versions(self.workdir)}
             deltas = iteration_deltas(matrix, lineages)
             health = health_versions(self.workdir, list(lineages), self.corpora.chat_prompts(),
-                                     self.spec.pipeline.chat_max_new_tokens)
+                                     self.spec.pipeline.chat_max_new_tokens, self.progress_bar)
             table = format_matrix(matrix)
             write_text(eval_file(self.workdir, "table.txt"), table + "\n")
             write_json(eval_file(self.workdir, "matrix.json"), matrix)
@@ -160,7 +160,7 @@ class Pipeline:
         versions = [v["version"] for v in list_versions(self.workdir)]
         for version in versions:  # cached results must not hide a version whose weights went bad
             verified_version(self.workdir, version)
-        return evaluate_versions(self.workdir, versions, prepared.eval, self.spec.pipeline.eval_rows)
+        return evaluate_versions(self.workdir, versions, prepared.eval, self.spec.pipeline.eval_rows, self.progress_bar)
 
     def preview(self, stage_name: str | None = None) -> list[dict]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""

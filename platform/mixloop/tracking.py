@@ -268,16 +268,25 @@ class Trackers:
         self._each(lambda sink: sink.close(report_dir))
 
 
+def bar(**options):
+    """A tqdm bar for a terminal. shutil, not tqdm, measures it: one that reports no size (0 x 0) gets
+    the fallback, where tqdm would hide the bar (no rows to show it in)."""
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size((100, 20))
+    return tqdm(ncols=size.columns, nrows=size.lines, leave=True, **options)
+
+
+def counted(items, total: int, desc: str, show: bool):
+    """`items` as they come, counted on a bar when `show` (a terminal); else `items` as they are."""
+    return bar(iterable=items, total=total, desc=desc) if show else items
+
+
 class ProgressBar:
     """A stage's live progress in a terminal: steps, loss per corpus, tokens/s and ETA."""
 
     def __init__(self, stage: str):
-        from tqdm import tqdm
-
-        # shutil, not tqdm, measures the terminal: one that reports no size (0 x 0) gets the fallback,
-        # where tqdm would hide the bar (no rows to show it in).
-        size = shutil.get_terminal_size((100, 20))
-        self.bar = tqdm(desc=f"[{stage}]", unit="step", ncols=size.columns, nrows=size.lines, leave=True)
+        self.bar = bar(desc=f"[{stage}]", unit="step")
 
     def show(self, record: dict) -> None:
         self.bar.total = record["total_steps"]

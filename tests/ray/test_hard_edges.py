@@ -187,7 +187,8 @@ def test_in_a_terminal_each_stage_shows_a_live_bar_instead_of_the_workers_lines(
     import subprocess
     import sys
 
-    corpora = {"web": {"kind": "text", "path": str(text_file(tmp_path / "web.jsonl", 300))}}
+    corpora = {"web": {"kind": "text", "path": str(text_file(tmp_path / "web.jsonl", 300)),
+                       "eval": str(text_file(tmp_path / "web-eval.jsonl", 20, seed=1))}}
     spec = write_spec(tmp_path, small_spec(tmp_path, corpora, [{"name": "s1", "mixture": {"web": 1.0}, "tokens": 1024}]))
     terminal, child_side = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "mixloop.cli", "run", str(spec), "--address", ray_address],
@@ -205,4 +206,5 @@ def test_in_a_terminal_each_stage_shows_a_live_bar_instead_of_the_workers_lines(
     assert process.wait(timeout=300) == 0, output.decode(errors="replace")[-3000:]
     text = output.decode(errors="replace")
     assert "[s1]: 100%" in text and "4/4" in text and "tok/s" in text  # tqdm's bar, at its end
+    assert "[prepare] chunks: 100%" in text and "[eval] versions: 100%" in text and "2/2" in text
     assert "[s1] step 2/4" not in text  # the workers' lines are for files and Ray jobs' logs

@@ -31,6 +31,7 @@ from mixloop.data.store import MANIFEST, read_manifest, write_shard
 from mixloop.errors import DataError
 from mixloop.storage import append_line, expand_files, join, write_json
 from mixloop.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
+from mixloop.tracking import counted
 
 FORMAT_VERSION = 1
 TOKENIZE_BATCH = 512
@@ -215,8 +216,10 @@ class CorpusRequest(NamedTuple):
     chat_template: str = ""  # the corpus's own template ("": the tokenizer's)
 
 
-def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str) -> dict[CorpusRequest, str]:
-    """The packed folder of each request; those the cache lacks are prepared in one Ray Data job."""
+def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str,
+                    progress_bar: bool = False) -> dict[CorpusRequest, str]:
+    """The packed folder of each request; those the cache lacks are prepared in one Ray Data job
+    (its chunks counted on a bar with `progress_bar`, for a terminal)."""
     tokenizer_fp = tokenizer_fingerprint(tokenizer_dir)
     folders, todo = {}, {}
     for request in dict.fromkeys(requests):
@@ -236,7 +239,7 @@ def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: 
     chunks = []
     for index, (request, (key, files)) in enumerate(todo.items()):
         chunks += request_chunks(request, index, files, folders[request], _rejects_dir(workdir, request, key))
-    summaries = _run_packers(chunks, tokenizer_dir)
+    summaries = _run_packers(chunks, tokenizer_dir, progress_bar)
     for index, (request, (key, files)) in enumerate(todo.items()):
         mine = [s for s in summaries if s["request"] == index]
         manifest = _manifest(request, key, files, mine)
@@ -272,7 +275,7 @@ def pack_chunks(batch: dict[str, np.ndarray], tokenizer_dir: str) -> dict[str, l
     return _packer(tokenizer_dir)(batch)
 
 
-def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
+def _run_packers(chunks: list[dict], tokenizer_dir: str, progress_bar: bool) -> list[dict]:
     """Ray Data tasks, at most one per CPU. Tasks rather than an actor pool: a failed task is retried
     alone, and Ray logs an error-level line for every restartable actor whose constructor arguments
     sit in the object store, which an actor pool's do."""
@@ -283,7 +286,8 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str) -> list[dict]:
         pack_chunks, fn_kwargs=dict(tokenizer_dir=tokenizer_dir), batch_size=1, num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=parallel),
     )
-    return sorted(dataset.take_all(), key=lambda s: s["shard"])
+    summaries = counted(dataset.iter_rows(), len(chunks), "[prepare] chunks", progress_bar)
+    return sorted((dict(summary) for summary in summaries), key=lambda s: s["shard"])
 
 
 def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: list[dict]) -> dict:
