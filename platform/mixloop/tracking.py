@@ -150,7 +150,10 @@ class WandB:
         return self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
-        self._run(run, params)
+        if run in self.runs:
+            self.runs[run].config.update(params, allow_val_change=True)
+        else:
+            self._run(run, params)
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
         self._run(run).log(values, step=step)
@@ -257,6 +260,9 @@ class Trackers:
         """Each version's eval losses (and uptake and forgetting against its parent) at the cumulative
         tokens it was trained to."""
         for version, row in matrix.items():
+            lineage = lineages.get(version) or {}
+            self._each(lambda sink: sink.params(version, {"lineage": {
+                key: lineage.get(key) for key in ("parent", "stage_hash", "finished", "tokens_per_corpus")}}))
             values = {f"eval/{corpus}": r["loss"] for corpus, r in row.items() if r}
             delta = deltas.get(version) or {}
             values.update({f"uptake/{c}": v for c, v in delta.get("uptake", {}).items()})

@@ -104,6 +104,9 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     assert history[-1].step == int(sum(json.loads((tmp_path / "run/models/s1/lineage.json").read_text())
                                        ["tokens_per_corpus"].values()))  # the pipeline's token axis
     assert runs["s1"].data.params["lr.peak"] == "0.003" and runs["s1"].data.params["mixture.facts.from"] == "0.75"
+    lineage = json.loads((tmp_path / "run/models/s1/lineage.json").read_text())
+    assert runs["s1"].data.params["lineage.parent"] == "base"
+    assert runs["s1"].data.params["lineage.stage_hash"] == lineage["stage_hash"]
     assert runs["s1"].data.metrics["eval/facts"] == pytest.approx(result["matrix"]["s1"]["facts"]["loss"])
     assert runs["s1"].data.metrics["uptake/facts"] > 0
     assert "report/index.html" in [a.path for a in client.list_artifacts(parent, "report")]
