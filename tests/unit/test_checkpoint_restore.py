@@ -13,7 +13,7 @@ from mixloop.train.checkpoint import restored
 
 
 def weights_digest(model) -> float:
-    return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
 def test_staggered_restores_each_read_intact_weights_from_a_folder_of_their_own(tmp_path, trained_tokenizer):
