@@ -141,13 +141,18 @@ def _shared_data(folder: str) -> Path:
     return data
 
 
+def _print_bench(result: dict, formatted) -> int:
+    """A benchmark's result as JSON (for scripts), then as a table (for people)."""
+    print(json.dumps(result, indent=2))
+    print(formatted(result))
+    return 0
+
+
 def cmd_bench_continual(args) -> int:
     from mixloop.bench.continual import continual, format_continual
 
     result = continual(_shared_data(args.data), Path(args.workdir).resolve(), args.address)
-    print(json.dumps(result, indent=2))
-    print(format_continual(result))
-    return 0
+    return _print_bench(result, format_continual)
 
 
 def cmd_bench_train(args) -> int:
@@ -155,18 +160,14 @@ def cmd_bench_train(args) -> int:
 
     result = train_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.preset, args.steps,
                              args.seq_len, args.address)
-    print(json.dumps(result, indent=2))
-    print(format_train(result))
-    return 0
+    return _print_bench(result, format_train)
 
 
 def cmd_bench_data(args) -> int:
     from mixloop.bench.data import data_benchmark, format_data
 
     result = data_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.replicas)
-    print(json.dumps(result, indent=2))
-    print(format_data(result))
-    return 0
+    return _print_bench(result, format_data)
 
 
 def cmd_report(args) -> int:
