@@ -110,12 +110,16 @@ class Corpora:
         target = join(self.workdir, "tokenizer")
         makedirs(self.workdir)
         spec = self.spec.pipeline.tokenizer
-        # Given, or the model's own (neither path nor train): copied from a folder.
-        folder = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_folder()[0]
+        # The folder it is copied from (None: trained here), and the name recorded for it: paths resolved,
+        # so the workdir's own copy of the spec (absolute paths) matches the original; the model's own
+        # tokenizer (neither path nor train) is named as the model is (a hub id, not its cache folder).
+        if spec.path:
+            folder = named = self.spec.path(spec.path)
+        elif spec.train:
+            folder = named = None
+        else:
+            folder, named = self.spec.model_folder()[0], self.spec.model_source()
         template = self.spec.chat_template(self.spec.pipeline.chat_template)
-        # Paths resolved, so the workdir's own copy of the spec (absolute paths) matches the original; the
-        # model's own tokenizer is named as the model is (a hub id, not the cache folder it lies in).
-        named = self.spec.path(spec.path) if spec.path else None if spec.train else self.spec.model_source()
         source = {"spec": {**spec.model_dump(), "path": named}, "files": tokenizer_fingerprint(folder) if folder else None}
         if template is not None:  # recorded only when set, so workdirs from before the setting stay valid
             source["chat_template"] = template
@@ -131,14 +135,13 @@ class Corpora:
         staging = tempfile.mkdtemp(dir=local_workdir, prefix=".tokenizer-")
         try:
             if folder:
-                load_tokenizer(folder).save_pretrained(staging)
+                tokenizer = load_tokenizer(folder)
             else:
                 self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
-                train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size, staging)
+                tokenizer = train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size)
             if template is not None:
-                tokenizer = load_tokenizer(staging)
                 tokenizer.chat_template = template
-                tokenizer.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
             write_json(record, source)
             if is_local(target):
                 share_with_umask(staging)  # mkdtemp made it private

@@ -33,8 +33,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (pad, bos, eos as MiniMind names them) and save it with a ChatML template."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | None = None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (pad, bos, eos as MiniMind names them) with a ChatML template; saved in
+    out_dir when given."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -50,7 +51,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
         tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD
     )
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(out_dir)
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
     return tokenizer
 
 
@@ -106,7 +108,7 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[list[tuple[
     batch record by record and rejects that conversation alone).
     """
     if GENERATION_MARKER.search(tokenizer.chat_template or ""):
-        return [[_marked(tokenizer, conversation)] for conversation in conversations]
+        return [[document] for document in _marked(tokenizer, conversations)]
     documents = [_rendered_documents(tokenizer, conv) for conv in conversations]
     flat = [document for conversation in documents for document in conversation]
     encoded = tokenizer([text for text, _ in flat], add_special_tokens=False, return_offsets_mapping=True)
@@ -120,17 +122,18 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[list[tuple[
 GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def _marked(tokenizer, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """A conversation's ids, and its assistant tokens as the template's generation markers mark them."""
+def _marked(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each conversation's ids, and its assistant tokens as the template's generation markers mark them
+    (one batched call; the error is the batch's, so a caller finds the conversation by encoding it alone)."""
     try:
-        out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+        out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     except Exception as exc:  # jinja2's TemplateError (the template's own raise_exception too), or transformers'
         raise DataError(f"chat template failed: {exc}") from exc
-    mask = np.asarray(out["assistant_masks"], dtype=bool)
-    if not mask.any():
+    masks = [np.asarray(mask, dtype=bool) for mask in out["assistant_masks"]]
+    if not all(mask.any() for mask in masks):
         raise DataError("the chat template's {% generation %} markers mark no token of this conversation")
-    return np.asarray(out["input_ids"], dtype=np.int32), mask
+    return [(np.asarray(ids, dtype=np.int32), mask) for ids, mask in zip(out["input_ids"], masks)]
 
 
 def _masked(ids: list[int], offsets, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +169,7 @@ def _assistant_spans(tokenizer, conversation: list[dict], only_last: bool = Fals
             prompt = _render(tokenizer, conversation[:turn], add_generation_prompt=True)
         else:
             prompt = _opening_prompt(tokenizer)
-        through = _render(tokenizer, conversation[: turn + 1])
+        through = full if turn == len(conversation) - 1 else _render(tokenizer, conversation[: turn + 1])
         # Both are per-conversation reasons (MiniMind's template opens an answer that holds a <think> block
         # unlike its generation prompt), so the conversation is rejected, not the template.
         if not full.startswith(prompt):
