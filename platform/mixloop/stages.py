@@ -83,7 +83,7 @@ def edited_stages(spec: Spec) -> list[str]:
 def stage_plan(stage: ResolvedStage, corpus_dirs: dict[str, str]) -> MixPlan:
     """The mix plan of a whole stage over its packed corpora."""
     rows = {name: read_manifest(folder)["rows"] for name, folder in corpus_dirs.items()}
-    return MixPlan.for_stage(stage, rows, stage.total_steps * stage.geometry.rows_per_step)
+    return MixPlan.for_stage(stage, rows)
 
 
 def repeat_warnings(stage: ResolvedStage, epochs: dict[str, float]) -> list[str]:

@@ -26,14 +26,6 @@ class StageJob(BaseModel):
     eval_rows: int = 0
     progress_lines: bool = True
 
-    @property
-    def total_steps(self) -> int:
-        return self.stage.total_steps
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.stage.geometry.rows_per_step
-
     def as_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -56,8 +56,7 @@ class StageWorker:
         self.names = list(self.stage.mixture)
         corpora = [PackedCorpus(job.corpus_dirs[name]) for name in self.names]
         geometry, total = self.stage.geometry, self.stage.total_steps
-        plan = MixPlan.for_stage(self.stage, {n: len(c) for n, c in zip(self.names, corpora)},
-                                 total * geometry.rows_per_step)
+        plan = MixPlan.for_stage(self.stage, {n: len(c) for n, c in zip(self.names, corpora)})
         self.checkpointer = Checkpointer(job, self.device, rank)
         model, self.optimizer, self.state = self.checkpointer.start()
         self.model = ray.train.torch.prepare_model(model)
@@ -170,7 +169,7 @@ def _resume_line(job: StageJob, step: int) -> str:
     redo = max([m["step"] for m in logged] + [step]) - step
     since = time.time() - logged[-1]["time"] if logged else 0.0
     lost = f"{redo} logged step(s) to redo" if redo else "no logged step lost"
-    return (f"[{job.stage.name}] resumed from checkpoint at step {step}/{job.total_steps}: "
+    return (f"[{job.stage.name}] resumed from checkpoint at step {step}/{job.stage.total_steps}: "
             f"{lost}, {since:.1f} s since the last report")
 
 
