@@ -75,6 +75,7 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
     """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet; with
     `progress_bar` (a terminal), the versions are counted on a bar as they finish."""
     import ray
+    from ray.util import as_completed  # one at a time: each version is saved and counted as it finishes
 
     # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
     models = {v: _model_key(workdir, v) for v in versions}
@@ -87,22 +88,14 @@ def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, st
         if missing:
             pending[version] = remote.remote(version_dir(workdir, version), missing, max_rows)
     versions_of = {ref: version for version, ref in pending.items()}
-    for ref in counted(as_completed(list(versions_of)), len(versions_of), "[eval] versions", progress_bar):
+    finished = as_completed(list(versions_of), chunk_size=1, yield_obj_refs=True)
+    for ref in counted(finished, len(versions_of), "[eval] versions", progress_bar):
         version = versions_of[ref]
         for corpus, result in ray.get(ref).items():
             result["key"] = f"{models[version]}/{keys[corpus]}"
             write_json(_result_path(workdir, version, corpus), result)
             matrix[version][corpus] = result
     return matrix
-
-
-def as_completed(refs: list):
-    """Ray object refs in the order their tasks finish."""
-    import ray
-
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        yield done[0]
 
 
 def _model_key(workdir: str, version: str) -> str:
@@ -193,6 +186,7 @@ def health_versions(workdir: str, versions: list[str], prompts: dict[str, list],
                     progress_bar: bool = False) -> dict:
     """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
     import ray
+    from ray.util import as_completed
 
     if not prompts:
         return {}
@@ -207,7 +201,8 @@ def health_versions(workdir: str, versions: list[str], prompts: dict[str, list],
         else:
             pending[version] = (key, remote.remote(version_dir(workdir, version), prompts, max_new_tokens))
     versions_of = {ref: version for version, (_, ref) in pending.items()}
-    for ref in counted(as_completed(list(versions_of)), len(versions_of), "[chat health] versions", progress_bar):
+    finished = as_completed(list(versions_of), chunk_size=1, yield_obj_refs=True)
+    for ref in counted(finished, len(versions_of), "[chat health] versions", progress_bar):
         version = versions_of[ref]
         results[version] = ray.get(ref)
         write_json(_result_path(workdir, version, "chat_health"), {"key": pending[version][0], "corpora": results[version]})
