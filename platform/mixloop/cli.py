@@ -13,6 +13,7 @@ from pathlib import Path
 from mixloop import __version__
 from mixloop import commands as handlers
 from mixloop.errors import MixloopError, StorageError
+from mixloop.export import DTYPES
 
 
 DESCRIPTION = """mixloop keeps small decoder LLMs current as data arrives: pretrain, fine-tune, then keep going.
@@ -149,7 +150,7 @@ def _add_model_commands(commands) -> None:
     export.add_argument("target", help=TARGET_HELP)
     export.add_argument("version", help="version name")
     export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
-    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="weights' dtype (default fp32, as versions are kept)")
     export.add_argument("--max-shard-size", help="split the weights into files of at most this size, e.g. 2GB")
 

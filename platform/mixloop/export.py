@@ -14,7 +14,7 @@ from mixloop.errors import MixloopError
 from mixloop.registry import list_versions, loadable_everywhere, read_lineage, verified_version
 from mixloop.storage import local_copy, read_json
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
 REWRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -25,18 +25,16 @@ def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_sha
 
     from mixloop.model import load_model
 
-    lineage = read_lineage(workdir, version)
-    if lineage is None:
-        raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list {workdir}`.")
     out = Path(target)
     if out.exists() and any(out.iterdir()):
         raise MixloopError(f"{target} exists and is not empty. Fix: export into a new or empty folder.")
-    source = Path(local_copy(verified_version(workdir, version)))
+    source = Path(local_copy(verified_version(workdir, version)))  # names a missing version too
+    lineage = read_lineage(workdir, version)
     out.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
         if file.is_file() and not file.name.startswith(".") and file.name not in REWRITTEN:
             shutil.copy2(file, out / file.name)
-    model = load_model(str(source)).to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    model = load_model(str(source)).to(getattr(torch, DTYPES[dtype]))
     model.save_pretrained(out, max_shard_size=max_shard_size or "50GB")
     loadable_everywhere(str(out))
     (out / "README.md").write_text(model_card(workdir, lineage, dtype))

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import time
+from collections import Counter
 from typing import NamedTuple
 
 import fsspec
@@ -75,7 +76,7 @@ class ChunkPacker:
         check = records.check_text if kind == "text" else records.check_chat
         record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
         self.tokenizer.chat_template = chunk["chat_template"] or self.template  # the corpus's, else the tokenizer's
-        shapes: dict[str, int] = {}
+        shapes: Counter[str] = Counter()
         encode = encode_texts if kind == "text" else encode_chats
         limit = int(chunk["max_document_tokens"]) or None
         stats = {"documents": 0, "tokens": 0, "supervised_tokens": 0, "split_documents": 0, "blank_lines": 0}
@@ -107,7 +108,7 @@ class ChunkPacker:
                     raise record
                 normalized, shape = records.normalize(record, kind, record_format, columns)
                 pending.append((where, record, check(normalized)))
-                shapes[shape] = shapes.get(shape, 0) + 1
+                shapes[shape] += 1
             except records.BadRecord as exc:
                 rejects.add(where, record, str(exc))
             if len(pending) >= TOKENIZE_BATCH:
@@ -298,17 +299,9 @@ def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: lis
         "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
         "shards": [{"name": name, "rows": rows} for s in summaries for name, rows in json.loads(s["shards"])],
         "reject_examples": [r for s in summaries for r in json.loads(s["first_rejects"])][:3],
-        "formats": _sum_counts(json.loads(s["formats"]) for s in summaries),  # records read in each shape
+        "formats": dict(sum((Counter(json.loads(s["formats"])) for s in summaries), Counter())),  # records per shape
         **totals,
     }
-
-
-def _sum_counts(counts) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for count in counts:
-        for key, value in count.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 def _check_quality(request: CorpusRequest, manifest: dict, rejects_dir: str) -> None:
