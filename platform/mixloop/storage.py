@@ -143,17 +143,40 @@ def append_line(path: str, line: str) -> None:
 
 
 def read_lines(path: str) -> list[str]:
-    """A log's lines. On object stores: the log object itself, if it was written whole before appends
-    became objects, then the appended objects (a log's name sorts before its `.d/` objects)."""
-    fs, inner = fsspec.core.url_to_fs(path)
-    if is_local(path):
-        return Path(inner).read_text().splitlines() if fs.isfile(inner) else []
-    fs.invalidate_cache(f"{inner}.d")  # fsspec caches listings: other processes append
-    files = [inner] if fs.isfile(inner) else []
-    if fs.isdir(f"{inner}.d"):
-        files += fs.ls(f"{inner}.d", detail=False)
-    contents = fs.cat(files) if files else {}  # concurrent GETs
-    return [line for _, data in sorted(contents.items()) for line in data.decode().splitlines()]
+    """A log's whole lines (see LogFollower)."""
+    return LogFollower(path).new_lines()
+
+
+class LogFollower:
+    """The lines appended to a log (see append_line) since the last call, for readers that poll it while
+    other processes append: only what is new is read. A line still being written waits for the next call.
+
+    Local: a byte offset. Object stores: the objects already read; the log object itself, if it was
+    written whole before appends became objects, comes first (a log's name sorts before its `.d/` objects).
+    """
+
+    def __init__(self, path: str):
+        self.path, self.offset, self.read = path, 0, set()
+
+    def new_lines(self) -> list[str]:
+        fs, inner = fsspec.core.url_to_fs(self.path)
+        if is_local(self.path):
+            if not fs.isfile(inner):
+                return []
+            with open(inner, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            whole = data[:data.rfind(b"\n") + 1]
+            self.offset += len(whole)
+            return whole.decode().splitlines()
+        fs.invalidate_cache(f"{inner}.d")  # fsspec caches listings: other processes append
+        files = [inner] if fs.isfile(inner) else []
+        if fs.isdir(f"{inner}.d"):
+            files += fs.ls(f"{inner}.d", detail=False)
+        new = [name for name in files if name not in self.read]
+        self.read.update(new)
+        contents = fs.cat(new) if new else {}  # concurrent GETs
+        return [line for _, data in sorted(contents.items()) for line in data.decode().splitlines()]
 
 
 def local_copy(folder: str) -> str:

@@ -13,6 +13,7 @@ is down) never stops training: the failure is logged once, and it is tried again
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from mixloop.storage import LOCAL_CACHE, is_local, join, local_copy, read_lines, upload
+from mixloop.storage import LOCAL_CACHE, LogFollower, is_local, join, local_copy, upload
 
 Log = Callable[[str], None]
 FOLLOW_EVERY_S = 2.0
@@ -51,7 +52,9 @@ def flat(params: dict, prefix: str = "") -> dict[str, str]:
 
 def _local_folder(workdir: str, name: str) -> Path:
     """<workdir>/<name> on a local workdir; for one on object storage, a folder here (uploaded after)."""
-    return Path(join(workdir, name).removeprefix("file://")) if is_local(workdir) else LOCAL_CACHE / name
+    if is_local(workdir):
+        return Path(join(workdir, name).removeprefix("file://"))
+    return LOCAL_CACHE / hashlib.sha256(workdir.encode()).hexdigest()[:20] / name  # one per workdir
 
 
 class TensorBoard:
@@ -197,8 +200,15 @@ class Trackers:
             except Exception as exc:  # noqa: BLE001 -- a tracker must never stop training
                 self._warn(name, exc)
 
-    def forward(self, run: str, values: dict[str, float], step: int) -> None:
-        self._each(lambda sink: (sink.log(run, values, step), sink.flush()))
+    def forward(self, run: str, points: list[tuple[dict[str, float], int]]) -> None:
+        """A run's (values, step) points, then one flush (for a workdir on object storage: an upload)."""
+        def send(sink) -> None:
+            for values, step in points:
+                sink.log(run, values, step)
+            sink.flush()
+
+        if points:
+            self._each(send)
 
     def _warn(self, name: str, exc: Exception) -> None:
         if name not in self.failing:
@@ -215,21 +225,20 @@ class Trackers:
             return
         if params:
             self._each(lambda sink: sink.params(stage, params))
-        stop, forwarded = threading.Event(), [0]
+        stop, metrics = threading.Event(), LogFollower(join(self.workdir, "metrics.jsonl"))
         progress = ProgressBar(stage) if bar else None
 
         def forward_new() -> None:
             try:
-                lines = read_lines(join(self.workdir, "metrics.jsonl"))
+                lines = metrics.new_lines()
             except Exception as exc:  # noqa: BLE001 -- a storage blip: the next poll reads again
                 self._warn("metrics.jsonl", exc)
                 return
             mine = [r for r in map(_record, lines) if r is not None and r.get("stage") == stage]
-            for record in mine[forwarded[0]:]:
-                self.forward(stage, scalars(record), int(tokens_before + sum(record["tokens"].values())))
-                if progress is not None:
+            self.forward(stage, [(scalars(r), int(tokens_before + sum(r["tokens"].values()))) for r in mine])
+            if progress is not None:
+                for record in mine:
                     progress.show(record)
-            forwarded[0] = len(mine)
 
         def loop() -> None:
             while not stop.wait(FOLLOW_EVERY_S):
@@ -249,12 +258,11 @@ class Trackers:
     def replay(self, run: str, lines: list[str], tokens_before: float, params: dict, final: dict[str, float]) -> None:
         """A finished run's metrics lines (a tuning trial's), its params, and `final` values at its end."""
         self._each(lambda sink: sink.params(run, params))
-        step = tokens_before
-        for record in filter(None, map(_record, lines)):
-            step = tokens_before + sum(record["tokens"].values())
-            self.forward(run, scalars(record), int(step))
+        records = filter(None, map(_record, lines))
+        points = [(scalars(r), int(tokens_before + sum(r["tokens"].values()))) for r in records]
         if final:
-            self.forward(run, final, int(step))
+            points.append((final, points[-1][1] if points else int(tokens_before)))
+        self.forward(run, points)
 
     def log_versions(self, matrix: dict, deltas: dict, lineages: dict[str, dict]) -> None:
         """Each version's eval losses (and uptake and forgetting against its parent) at the cumulative
@@ -268,7 +276,7 @@ class Trackers:
             values.update({f"uptake/{c}": v for c, v in delta.get("uptake", {}).items()})
             values.update({f"forgetting/{c}": v for c, v in delta.get("forgetting", {}).items()})
             if values:
-                self.forward(version, values, int(tokens_through(version, lineages)))
+                self.forward(version, [(values, int(tokens_through(version, lineages)))])
 
     def close(self, report_dir: str | None = None) -> None:
         self._each(lambda sink: sink.close(report_dir))

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import fsspec
+import pytest
 
 from mixloop.data.prepare import FORMAT_VERSION, CorpusRequest, corpus_key
-from mixloop.storage import append_line, local_copy, read_lines, upload, write_json
+from mixloop.storage import LogFollower, append_line, local_copy, read_lines, upload, write_json
 
 
 def test_a_remote_folder_rewritten_with_same_sizes_is_fetched_again():
@@ -67,6 +68,28 @@ def test_remote_log_appends_write_only_the_new_line_and_read_back_in_order():
     lines = read_lines("memory://aged/metrics.jsonl")
     assert len(lines) == 2012 and lines[1999] == '{"old": 1999}'
     assert [json.loads(line)["step"] for line in lines[2000:]] == list(range(12))
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_followed_log_gives_each_whole_line_once(tmp_path, where):
+    """Trackers poll metrics.jsonl every few seconds while a stage trains: each poll reads only what is
+    new (not the whole pipeline's history again), and a line still being written waits for the next."""
+    path = str(tmp_path / "metrics.jsonl") if where == "local" else f"memory://{tmp_path.name}/metrics.jsonl"
+    follower = LogFollower(path)
+    assert follower.new_lines() == []
+    append_line(path, "one")
+    append_line(path, "two")
+    assert follower.new_lines() == ["one", "two"]
+    assert follower.new_lines() == []
+    if where == "local":
+        with open(path, "a") as f:
+            f.write('{"half": ')  # a writer between two writes
+        assert follower.new_lines() == [] and read_lines(path) == ["one", "two"]
+        with open(path, "a") as f:
+            f.write("1}\n")
+        assert follower.new_lines() == ['{"half": 1}']
+    append_line(path, "three")
+    assert follower.new_lines() == ["three"]
 
 
 def test_packed_corpus_keys_from_before_the_packing_options_still_hold(tmp_path):

@@ -50,8 +50,8 @@ def test_a_failing_tracker_warns_once_and_is_tried_again(tmp_path):
     notes = []
     trackers = Trackers(str(tmp_path), log=notes.append)
     for step in (1, 2):
-        trackers.forward("s", scalars(record("s", step, 2.0, 10.0 * step)), step)
+        trackers.forward("s", [(scalars(record("s", step, 2.0, 10.0 * step)), step)])
     assert len(notes) == 1 and notes[0].startswith("warning: tracker TensorBoard failed")
     (tmp_path / "tensorboard").unlink()  # the disk is fixed: the same trackers write again
-    trackers.forward("s", scalars(record("s", 3, 1.0, 30.0)), 3)
+    trackers.forward("s", [(scalars(record("s", 3, 1.0, 30.0)), 3)])
     assert len(notes) == 1 and events(tmp_path / "tensorboard" / "s").Scalars("train/loss")[0].value == 1.0
