@@ -66,17 +66,17 @@ def run_search(path: str, address: str | None = None, apply: bool = False, trial
         context = _prepare(search, pipeline)
         grid = _tuner(search, context, log).fit()
         results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
-        _track_trials(search, context, results["rows"], log)
+        _track_trials(search, context, results["rows"], pipeline.trackers)
         if apply:
             _apply(search, context, results, log, pipeline.lock)
     return results
 
 
-def _track_trials(search: Search, context: TrialContext, rows: list[dict], log: Log) -> None:
+def _track_trials(search: Search, context: TrialContext, rows: list[dict], trackers: Trackers) -> None:
     """Each ended trial as a run `<search>/<trial>` of the pipeline's trackers (nested under the pipeline's
-    run in MLflow): its stage's settings, its training metrics on the pipeline's token axis from the
-    start version, and its objectives. Once per trial: a resumed search does not send them again."""
-    trackers = Trackers.of(search.pipeline, log)
+    run in MLflow, with the stages trained up to the start version): its stage's settings, its training
+    metrics on the pipeline's token axis from the start version, and its objectives. Once per trial: a
+    resumed search does not send them again."""
     before = tokens_through(search.start_from, {v["version"]: v for v in list_versions(search.pipeline.workdir)})
     for row in rows:
         folder = join(context.folder, "trials", row["trial"])
