@@ -285,10 +285,10 @@ def _local_paths(data: dict) -> list[str]:
 def _refuse_held_workdir(workdir: str) -> None:
     """A workdir that a live run holds (here or on the cluster, when it is shared storage) would only
     make the job fail once it started: refuse the submission instead."""
-    from mixloop.lock import describe, gone_reason, read_lock
+    from mixloop.lock import describe, live_holder
 
-    holder = read_lock(workdir)
-    if holder is not None and gone_reason(holder) is None:
+    holder = live_holder(workdir)
+    if holder is not None:
         raise WorkdirLockedError(f"workdir {workdir} is in use by {describe(holder)}. One run per workdir: wait "
                                  "for it to finish or stop it, then submit again.")
 

@@ -46,6 +46,13 @@ def read_lock(workdir: str) -> dict | None:
     return _read(lock_path(workdir))
 
 
+def live_holder(workdir: str) -> dict | None:
+    """The lock's record while its holder may be alive (by the rule `mixloop run` takes a lock over by,
+    $MIXLOOP_LOCK_TIMEOUT_S included), or None."""
+    holder = read_lock(workdir)
+    return holder if holder is not None and gone_reason(holder, _timeout(None)) is None else None
+
+
 def describe(record: dict, now: float | None = None) -> str:
     """One line on a lock's holder, for errors and status."""
     now = time.time() if now is None else now

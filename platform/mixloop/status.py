@@ -7,7 +7,7 @@ import datetime
 import json
 import time
 
-from mixloop.lock import describe, gone_reason, read_lock
+from mixloop.lock import describe, live_holder
 from mixloop.registry import list_versions
 from mixloop.spec import Spec
 from mixloop.storage import join, read_lines
@@ -18,10 +18,10 @@ def status_lines(spec: Spec) -> list[str]:
     done = {v["version"]: v for v in list_versions(workdir)}
     left = [stage for stage in spec.resolved_stages() if stage.name not in done]
     last = _last_logged(workdir, left[0].name) if left else None
-    holder = read_lock(workdir)
+    holder = live_holder(workdir)
     lines = [f"pipeline {spec.pipeline.name} (workdir {workdir})",
              "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet")]
-    if holder is not None and gone_reason(holder) is None:
+    if holder is not None:
         lines.append(f"running: {describe(holder)}")
         if last is not None:
             lines.append("         " + _progress(last))
