@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mixloop import __version__
 from mixloop.errors import MixloopError
-from mixloop.registry import list_versions, loadable_everywhere, read_lineage, verified_version
+from mixloop.registry import list_versions, loadable_everywhere, mixture_shares, read_lineage, verified_version
 from mixloop.storage import local_copy, read_json
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
@@ -57,11 +57,9 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
              "| version | parent | mixture (share of trained tokens) | tokens trained | peak LR |", "|---|---|---|---|---|"]
     for step in chain:
         stage = step.get("stage") or {}
-        mixture = ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
-                            for c, w in stage.get("mixture", {}).items())
         tokens = sum((step.get("tokens_per_corpus") or {}).values())
-        lines.append(f"| {step['version']} | {step.get('parent') or '-'} | {mixture or '-'} | {tokens:,.0f} | "
-                     f"{stage.get('lr', {}).get('peak', '-')} |")
+        lines.append(f"| {step['version']} | {step.get('parent') or '-'} | {mixture_shares(stage.get('mixture', {}))} | "
+                     f"{tokens:,.0f} | {stage.get('lr', {}).get('peak', '-')} |")
     lines += _evaluation(workdir, lineage["version"])
     lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
               "`lineage.json` beside the weights records every setting of its stage.", ""]

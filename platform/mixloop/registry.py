@@ -177,3 +177,9 @@ def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
     volatile = ("metrics.time", "metrics.wall_seconds", "metrics.tokens_per_s", "metrics.step_seconds")
     return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
             if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key]
+
+
+def mixture_shares(mixture: dict) -> str:
+    """A stage's mixture as lineage records it, in words: `web 70%, chat 30%→50%`, or `-`."""
+    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
+                     for c, w in mixture.items()) or "-"

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
+from mixloop.registry import mixture_shares  # noqa: E402
 from mixloop.storage import is_local, join, read_json, read_lines, upload  # noqa: E402
 
 BETTER, WORSE = "tab:green", "tab:red"
@@ -176,7 +177,7 @@ def _searches(workdir: str, folder: Path) -> list[str]:
         if results is None:
             continue
         keys = [k for k in (results["trials"][0] if results["trials"] else {}) if k.startswith("objective")]
-        rows = [[t["trial"], t["arm"], t["status"], *(_number(t.get(k)) for k in keys), _shares(t["mixture"]),
+        rows = [[t["trial"], t["arm"], t["status"], *(_number(t.get(k)) for k in keys), mixture_shares(t["mixture"]),
                  t["lr_peak"], f"{t['tokens']:,}"] for t in results["trials"]]
         section = (f"<h3>{html.escape(name)}</h3><p>{html.escape(results['verdict'])}</p>"
                    + _table(["trial", "arm", "status", *keys, "mixture", "peak LR", "tokens"], rows))
@@ -190,11 +191,6 @@ def _searches(workdir: str, folder: Path) -> list[str]:
 
 def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
-
-
-def _shares(mixture: dict) -> str:
-    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
-                     for c, w in mixture.items()) or "-"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -237,7 +233,7 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches) -> str
 
 
 def _mixture(lineage: dict) -> str:
-    return _shares((lineage.get("stage") or {}).get("mixture", {}))
+    return mixture_shares((lineage.get("stage") or {}).get("mixture", {}))
 
 
 def _answers_side_by_side(health: dict) -> str:
