@@ -168,9 +168,7 @@ class Corpora:
 def _record_text(record, corpus: CorpusSpec) -> str:
     """The text a record trains on, or "" for a record that preparation will reject."""
     try:
-        record, _ = records.normalize(record, corpus.kind, corpus.format, corpus.columns)
-        if corpus.kind == "text":
-            return records.check_text(record)
-        return "\n".join(turn["content"] for turn in records.check_chat(record))
+        content, _ = records.checked(record, corpus.kind, corpus.format, corpus.columns)
+        return content if corpus.kind == "text" else "\n".join(turn["content"] for turn in content)
     except records.BadRecord:
         return ""

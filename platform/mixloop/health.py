@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from mixloop.data.records import BadRecord, check_chat, normalize
+from mixloop.data.records import BadRecord, checked
 from mixloop.storage import expand_files
 
 
@@ -47,7 +47,7 @@ def eval_prompts(pattern: str, count: int, file_format: str | None = None, recor
     for chunk in list_chunks(expand_files(pattern), file_format):
         for _, record in iter_records(chunk):
             try:
-                turns = check_chat(normalize(record, "chat", record_format, columns)[0])
+                turns, _ = checked(record, "chat", record_format, columns)
             except BadRecord:
                 continue
             last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")

@@ -73,7 +73,6 @@ class ChunkPacker:
                         one_per_row=not chunk["packing"])
         shards = ShardWriter(chunk["out_dir"], chunk["shard"])
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
-        check = records.check_text if kind == "text" else records.check_chat
         record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
         self.tokenizer.chat_template = chunk["chat_template"] or self.template  # the corpus's, else the tokenizer's
         shapes: Counter[str] = Counter()
@@ -106,8 +105,8 @@ class ChunkPacker:
             try:
                 if isinstance(record, records.BadRecord):
                     raise record
-                normalized, shape = records.normalize(record, kind, record_format, columns)
-                pending.append((where, record, check(normalized)))
+                content, shape = records.checked(record, kind, record_format, columns)
+                pending.append((where, record, content))
                 shapes[shape] += 1
             except records.BadRecord as exc:
                 rejects.add(where, record, str(exc))

@@ -48,6 +48,13 @@ def parse_json_line(raw: bytes) -> Any:
         raise BadRecord(f"malformed JSON: {exc}") from None
 
 
+def checked(record: Any, kind: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> tuple[Any, str]:
+    """A record as its kind trains on it (a text, or the chat's turns) and the shape it had; BadRecord
+    with the reason for one that preparation rejects."""
+    normalized, shape = normalize(record, kind, fmt, columns)
+    return (check_text(normalized) if kind == "text" else check_chat(normalized)), shape
+
+
 def normalize(record: Any, kind: str, fmt: str = "auto", columns: dict[str, str] | None = None) -> tuple[Any, str]:
     """A record of any shape a corpus's `format` allows, in MiniMind's shape for its kind ({"text"} or
     {"conversations": [{"role", "content"}]}) for check_text / check_chat, and the shape it had.
