@@ -73,6 +73,25 @@ def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
     }
 
 
+def cache_dataset(cache: Path, repo: str, commit: str, files: dict[str, object]) -> Path:
+    """A dataset repository as huggingface_hub keeps a download: datasets--org--name/snapshots/<commit>/.
+    `files`: path in the repository -> text, or rows (a list of dicts) for a parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo_folder = cache / f"datasets--{repo.replace('/', '--')}"
+    snapshot = repo_folder / "snapshots" / commit
+    for name, content in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, list):
+            pq.write_table(pa.Table.from_pylist(content), snapshot / name)
+        else:
+            (snapshot / name).write_text(content)
+    (repo_folder / "refs").mkdir(parents=True)
+    (repo_folder / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def port_block(size: int, low: int = 20000, high: int = 30000) -> int:
     """The first port of `size` consecutive free loopback ports, away from Ray's defaults."""
     for _ in range(200):

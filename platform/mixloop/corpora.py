@@ -21,6 +21,7 @@ from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.prepare import CorpusRequest, prepare_corpora
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.health import eval_prompts
+from mixloop.hub import dataset_files
 from mixloop.ray_setup import init_ray
 from mixloop.spec import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
 from mixloop.storage import (exists, expand_files, is_local, join, makedirs, read_json, remove, share_with_umask,
@@ -51,13 +52,17 @@ class Corpora:
         self.workdir = spec.workdir
 
     @functools.cache
-    def files(self, name: str) -> dict[str, str]:
-        """{'train': pattern, 'eval': pattern?}, generating the corpus first (once) if the spec asks for it."""
+    def files(self, name: str) -> dict[str, str | tuple[str, ...]]:
+        """{'train': pattern, 'eval': pattern?} (a hub dataset's split: its files), generating the corpus
+        first (once) if the spec asks for it."""
         corpus = self.spec.pipeline.corpora[name]
         if corpus.generate is not None:
             g = corpus.generate
             return synthetic.write_corpus(join(self.workdir, "generated", name), corpus.kind, g.topic,
                                           g.documents, g.eval_documents, g.seed)
+        if corpus.dataset is not None:
+            splits = {"train": corpus.split, "eval": corpus.eval}
+            return {key: _hub_split(name, corpus, split) for key, split in splits.items() if split is not None}
         files = {"train": self.spec.path(corpus.path)}
         if corpus.eval:
             files["eval"] = self.spec.path(corpus.eval)
@@ -163,6 +168,13 @@ class Corpora:
                     break
                 share -= len(text.encode())
                 yield text
+
+
+def _hub_split(name: str, corpus: CorpusSpec, split: str) -> tuple[str, ...]:
+    try:
+        return dataset_files(corpus.dataset, corpus.revision, corpus.subset, split)
+    except MixloopError as exc:
+        raise MixloopError(f"corpora.{name}: {exc}") from None
 
 
 def _record_text(record, corpus: CorpusSpec) -> str:

@@ -37,8 +37,8 @@ def summarise(generations: list[list[int]], eos_id: int, max_new_tokens: int) ->
     }
 
 
-def eval_prompts(pattern: str, count: int, file_format: str | None = None, record_format: str = "auto",
-                 columns: dict[str, str] | None = None) -> list[list[dict]]:
+def eval_prompts(pattern: str | tuple[str, ...], count: int, file_format: str | None = None,
+                 record_format: str = "auto", columns: dict[str, str] | None = None) -> list[list[dict]]:
     """The first `count` valid conversations of a chat eval split (files and records read as
     preparation reads them), each cut before its last assistant turn."""
     from mixloop.data.files import iter_records, list_chunks

@@ -64,8 +64,11 @@ def size(path: str) -> int:
     return fs.size(inner) or 0
 
 
-def expand_files(pattern: str) -> list[str]:
-    """Files matching a path, glob or URI, sorted, as URIs/paths usable by fsspec."""
+def expand_files(pattern: str | tuple[str, ...]) -> list[str]:
+    """Files matching a path, glob or URI (or each of several, in their order), sorted, as URIs/paths
+    usable by fsspec."""
+    if isinstance(pattern, tuple):
+        return [file for each in pattern for file in expand_files(each)]
     fs, _ = fsspec.core.url_to_fs(pattern)
     try:
         matches = fs.expand_path(pattern.split("://", 1)[-1] if "://" in pattern else pattern, recursive=False)

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import yaml
-from support import write_spec
+from support import cache_dataset, write_spec
 
 import mixloop
 from mixloop.cli import main
@@ -140,7 +140,7 @@ def test_messy_files_lose_only_their_bad_records(ray_address, tmp_path, capsys):
             assert reason in found[number], (corpus, number, found[number])
 
 
-def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, capsys):
+def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, capsys, monkeypatch):
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
@@ -158,7 +158,17 @@ def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, caps
     with pa.ipc.new_stream(str(saved / "data-00000-of-00001.arrow"), texts.schema) as writer:
         writer.write_table(texts)
     (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    # A Hugging Face Hub dataset, read offline from the cache: alpaca rows under other names, one of them
+    # without its answer (rejected with its line like a local file's).
+    hub_rows = [{"question": q, "answer": a} for q, a in questions] + [{"question": "no answer?"}]
+    cache_dataset(tmp_path / "hf", "tiny-org/math", "f" * 40, {
+        "data/train.jsonl": "".join(json.dumps(row) + "\n" for row in hub_rows),
+        "data/test.jsonl": "".join(json.dumps(row) + "\n" for row in hub_rows[:2])})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     corpora = {
+        "hub": {"kind": "chat", "dataset": "tiny-org/math", "eval": "test", "max_bad_fraction": 0.2,
+                "columns": {"instruction": "question", "output": "answer"}},
         "sharegpt": {"kind": "chat", "path": str(tmp_path / "sharegpt.json")},
         "messages": {"kind": "chat", "path": str(tmp_path / "messages.parquet"), "format": "messages"},
         "alpaca": {"kind": "chat", "path": str(tmp_path / "alpaca.csv")},
@@ -172,7 +182,11 @@ def test_datasets_in_the_shapes_and_files_users_have(ray_address, tmp_path, caps
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("s1 ")}
     assert {name: (row[2], row[5], row[9]) for name, row in rows.items()} == {
         "sharegpt": ("6", "0", "sharegpt"), "messages": ("6", "0", "messages"),
-        "alpaca": ("6", "0", "alpaca"), "saved": ("6", "0", "text")}
+        "alpaca": ("6", "0", "alpaca"), "saved": ("6", "0", "text"), "hub": ("6", "1", "alpaca")}
+    rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects").glob("hub-train-*/*.jsonl")
+               for line in f.read_text().splitlines()]
+    snapshot = tmp_path / "hf" / "datasets--tiny-org--math" / "snapshots" / ("f" * 40)
+    assert [r["where"] for r in rejects] == [f"{snapshot}/data/train.jsonl:7"]
 
     # A corpus whose records are not in the shape its format says: every record rejected, with why.
     corpora["alpaca"]["format"] = "sharegpt"

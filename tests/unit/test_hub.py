@@ -3,6 +3,7 @@ layout and read with HF_HUB_OFFLINE=1; the spec's tokenizer comes from the model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from support import cache_dataset
 
 from mixloop.cli import main
 from mixloop.corpora import Corpora
@@ -136,3 +139,94 @@ def test_a_pipeline_chat_template_goes_into_the_workdirs_tokenizer_and_cannot_ch
     path.write_text(yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "none.jinja"}))
     with pytest.raises(SpecError, match="chat_template: no template in .*none.jinja"):
         load_spec(path)
+
+
+GSM_README = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*.parquet
+  - split: test
+    path: main/test.parquet
+- config_name: socratic
+  data_files:
+  - split: train
+    path: socratic/train.jsonl
+---
+# a tiny dataset with two subsets, laid out as on the Hub
+"""
+
+
+def gsm_rows(split: str, count: int) -> list[dict]:
+    return [{"question": f"{split} question {i}?", "answer": f"the answer is {i}."} for i in range(count)]
+
+
+@pytest.fixture
+def hub_dataset(hub):
+    return cache_dataset(hub, "tiny-org/gsm", COMMIT, {
+        "README.md": GSM_README, "main/train-00000-of-00002.parquet": gsm_rows("train", 4),
+        "main/train-00001-of-00002.parquet": gsm_rows("train-b", 2), "main/test.parquet": gsm_rows("test", 3),
+        "socratic/train.jsonl": "".join(json.dumps(row) + "\n" for row in gsm_rows("socratic", 3))})
+
+
+def dataset_spec(tmp_path: Path, corpus: dict) -> Path:
+    path = spec_file(tmp_path, {"preset": "micro"})
+    data = yaml.safe_load(path.read_text())
+    data["tokenizer"] = {"train": {"vocab_size": 300}}
+    data["corpora"]["gsm"] = {"kind": "chat", "dataset": "tiny-org/gsm",
+                              "columns": {"instruction": "question", "output": "answer"}, **corpus}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dataset, tmp_path):
+    from mixloop.data.files import iter_records, list_chunks
+    from mixloop.data.records import checked
+    from mixloop.storage import expand_files
+
+    corpora = Corpora(load_spec(dataset_spec(tmp_path, {"subset": "main", "eval": "test"})), log=lambda line: None)
+    files = corpora.files("gsm")
+    assert files == {"train": tuple(str(hub_dataset / f"main/train-0000{i}-of-00002.parquet") for i in (0, 1)),
+                     "eval": (str(hub_dataset / "main/test.parquet"),)}
+    chats = [checked(record, "chat", "auto", {"instruction": "question", "output": "answer"})
+             for chunk in list_chunks(expand_files(files["train"]), None) for _, record in iter_records(chunk)]
+    assert [turns[0]["content"] for turns, shape in chats] == [f"train question {i}?" for i in range(4)] + [
+        f"train-b question {i}?" for i in range(2)]
+    assert {shape for _, shape in chats} == {"alpaca"}
+    assert Corpora(load_spec(dataset_spec(tmp_path, {"subset": "socratic"})), log=lambda line: None).files("gsm") == {
+        "train": (str(hub_dataset / "socratic/train.jsonl"),)}
+
+
+def test_hub_dataset_problems_name_the_yaml_path_and_the_fix(hub_dataset, tmp_path, capsys):
+    problems = {
+        "corpora.gsm.split: dataset tiny-org/gsm has no split 'validation' in the Hugging Face cache (it has "
+        "train, test)": {"subset": "main", "split": "validation"},
+        "corpora.gsm.eval: dataset tiny-org/gsm has no split 'dev'": {"subset": "main", "eval": "dev"},
+        "corpora.gsm.split: dataset tiny-org/gsm: ": {"subset": "nope"},  # the known subsets follow
+        "corpora.gsm.split: dataset tiny-org/elsewhere is not in the Hugging Face cache": {
+            "dataset": "tiny-org/elsewhere"},
+        "corpora.gsm.dataset: 'gsm' is not a hub id": {"dataset": "gsm"},
+        "corpora.gsm: give exactly one of `path` (files), `dataset`": {"path": "web.jsonl"},
+    }
+    for expected, corpus in problems.items():
+        with pytest.raises(SpecError) as error:
+            load_spec(dataset_spec(tmp_path, corpus))
+        assert expected in str(error.value), str(error.value)
+    assert "`hf download tiny-org/elsewhere --repo-type dataset`" in str(
+        pytest.raises(SpecError, load_spec, dataset_spec(tmp_path, {"dataset": "tiny-org/elsewhere"})).value)
+    unknown_subset = pytest.raises(SpecError, load_spec, dataset_spec(tmp_path, {"subset": "nope"}))
+    assert "'main', 'socratic'" in str(unknown_subset.value)
+    with pytest.raises(SpecError, match="corpora.web.subset: only a hub dataset"):
+        load_spec(_with_web(tmp_path, {"subset": "main"}))
+    path = dataset_spec(tmp_path, {"dataset": "tiny-org/elsewhere"})
+    assert main(["validate", str(path)]) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def _with_web(tmp_path: Path, extra: dict) -> Path:
+    path = spec_file(tmp_path, {"preset": "micro"})
+    data = yaml.safe_load(path.read_text())
+    data["tokenizer"] = {"train": {"vocab_size": 300}}
+    data["corpora"]["web"].update(extra)
+    path.write_text(yaml.safe_dump(data))
+    return path

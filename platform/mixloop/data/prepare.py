@@ -203,7 +203,7 @@ class CorpusRequest(NamedTuple):
 
     name: str
     split: str
-    pattern: str
+    pattern: str | tuple[str, ...]  # a hub dataset split: its files
     fmt: str | None
     kind: str
     max_bad_fraction: float

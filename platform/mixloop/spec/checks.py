@@ -18,7 +18,8 @@ from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, 
                                  FILE_FORMATS, QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec,
                                  _as_number, _is_whole)
 from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
-from mixloop.hub import cached_config, is_hub_id, not_cached_message, offline
+from mixloop.errors import MixloopError
+from mixloop.hub import HUB_ID, cached_config, is_hub_id, not_cached_message, offline, split_paths
 from mixloop.storage import exists, expand_files, file_format, read_text, size
 
 # The fields of each kind of record that `columns` may rename.
@@ -89,7 +90,7 @@ def _model_problems(spec: Spec, files: bool) -> list[str]:
     if not files or model.path is None:
         return []
     if is_hub_id(model.path, spec.path(model.path)):
-        return [not_cached_message(model.path, model.revision)] if offline() and not cached_config(
+        return ["model.path: " + not_cached_message(model.path, model.revision)] if offline() and not cached_config(
             model.path, model.revision) else []
     if not exists(spec.path(model.path) + "/config.json"):
         return [f"model.path: no config.json in {spec.path(model.path)}. Fix: point it at a Hugging Face model "
@@ -166,19 +167,41 @@ def _first_line(exc: BaseException) -> str:
 
 def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> list[str]:
     where = f"corpora.{name}"
-    if (corpus.path is None) == (corpus.generate is None):
-        return [f"{where}: give exactly one of `path` (files) or `generate` (mixloop writes them)."]
+    if [corpus.path, corpus.dataset, corpus.generate].count(None) != 2:
+        return [f"{where}: give exactly one of `path` (files), `dataset` (a Hugging Face Hub dataset id) or "
+                "`generate` (mixloop writes them)."]
+    if corpus.dataset is None and (hub_only := [key for key in ("subset", "revision") if getattr(corpus, key)]
+                                   + (["split"] if corpus.split != "train" else [])):
+        return [f"{where}.{hub_only[0]}: only a hub dataset (`dataset: org/name`) has one. Fix: remove it."]
     if corpus.generate is not None:
         return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
     problems = _record_format_problems(where, corpus)
     if corpus.chat_template is not None and corpus.kind != "chat":
         problems.append(f"{where}.chat_template: a text corpus has no chats to render. Fix: remove it.")
+    if corpus.dataset is not None and not HUB_ID.match(corpus.dataset):
+        problems.append(f"{where}.dataset: {corpus.dataset!r} is not a hub id. Fix: write it as org/name, or give "
+                        "local files in `path`.")
     if not files:
         return problems
     problems += _template_problems(spec, f"{where}.chat_template", corpus.chat_template)
+    if corpus.dataset is not None:
+        return problems + _dataset_problems(where, corpus)
     return problems + [problem for key in ("path", "eval") if getattr(corpus, key) is not None
                        for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)),
                                                             corpus.file_format)]
+
+
+def _dataset_problems(where: str, corpus: CorpusSpec) -> list[str]:
+    """A hub dataset's splits, resolved without downloading data (offline: in the cache)."""
+    for key, split in (("split", corpus.split), ("eval", corpus.eval)):
+        try:
+            paths = split_paths(corpus.dataset, corpus.revision, corpus.subset, split) if split else ()
+        except MixloopError as exc:
+            return [f"{where}.{key}: {exc}"]
+        if corpus.file_format is None and (unread := next((p for p in paths if file_format(p) is None), None)):
+            return [f"{where}.file_format: cannot tell the format of {unread!r} from its extension. Fix: "
+                    f"set file_format: one of {', '.join(FILE_FORMATS)}, if the files are one."]
+    return []
 
 
 def _tracker_problems(tracking) -> list[str]:

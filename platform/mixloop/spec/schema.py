@@ -119,6 +119,15 @@ class CorpusSpec(Strict):
     path: str | None = None
     """A path, glob or fsspec URI (s3://...) of jsonl, json, parquet or csv files, or a folder written
     by Hugging Face datasets' save_to_disk."""
+    dataset: str | None = None
+    """Instead of `path`: a Hugging Face Hub dataset id (org/name), its files downloaded once into the
+    Hugging Face cache (HF_HUB_OFFLINE honoured) and read as local files are."""
+    subset: str | None = None
+    """For a hub dataset: its subset (the `name` of datasets.load_dataset); default: its only one."""
+    split: str = "train"
+    """For a hub dataset: the split to train on."""
+    revision: str | None = None
+    """For a hub dataset: the branch, tag or commit to take (default: main)."""
     format: Literal[RECORD_FORMATS] = "auto"  # type: ignore[valid-type]
     """The records' shape. text: {"text": ...}; chats: conversations (MiniMind's role/content turns),
     messages (OpenAI), sharegpt (from/value turns) or alpaca (instruction/input/output); auto: told
@@ -132,7 +141,8 @@ class CorpusSpec(Strict):
     """For chats: the template this corpus is rendered with instead of the tokenizer's: chatml, or a
     Jinja file (path relative to the spec)."""
     eval: str | None = None
-    """A held-out split in the same format, used to measure uptake and forgetting."""
+    """A held-out split in the same format, used to measure uptake and forgetting: files as in `path`,
+    or for a hub dataset the name of its split (test, validation)."""
     generate: Generate | None = None
     """Let mixloop generate this corpus (used by the quickstart; nothing to download)."""
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
