@@ -153,6 +153,12 @@ def _add_model_commands(commands) -> None:
     export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="weights' dtype (default fp32, as versions are kept)")
     export.add_argument("--max-shard-size", help="split the weights into files of at most this size, e.g. 2GB")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo "
+                        "(org/name), created if missing; the token is HF_TOKEN's or `hf auth login`'s")
+    export.add_argument("--private", action="store_true",
+                        help="with --push-to-hub: create the repo private (a repo that exists keeps its visibility)")
+    export.add_argument("--revision", metavar="BRANCH",
+                        help="with --push-to-hub: commit to this branch, created from main if missing (default main)")
 
 
 def _add_bench_commands(commands) -> None:

@@ -118,11 +118,20 @@ def _cell(value) -> str:
 
 
 def cmd_models_export(args) -> int:
+    from mixloop import __version__, hub
     from mixloop.export import export
 
+    if (args.private or args.revision) and not args.push_to_hub:
+        raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
+    if args.push_to_hub:
+        hub.check_push(args.push_to_hub)  # before the export: offline, a bad repo id, no token
     out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
     print(f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
           "(load it with AutoModelForCausalLM.from_pretrained)")
+    if args.push_to_hub:
+        url = hub.push(out, args.push_to_hub, args.private, args.revision,
+                       f"{args.version} in {args.dtype}, exported by mixloop {__version__}")
+        print(f"pushed {out} to {args.push_to_hub}{f' (branch {args.revision})' if args.revision else ''}: {url}")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Models from the Hugging Face Hub: a `model.path` that names no folder but a hub id (`org/name`,
-with an optional `revision`), downloaded once through huggingface_hub into its cache.
+"""The Hugging Face Hub: a `model.path` that names no folder but a hub id (`org/name`, with an
+optional `revision`), downloaded once through huggingface_hub into its cache; and an exported version
+pushed to a hub repo (`mixloop models export ... --push-to-hub REPO`).
 
 HF_HUB_OFFLINE is honoured (read when the model is needed, so a process that sets it late is
 heard too): offline, a model must already be in the cache, and validation says so before any
-work. HF_HUB_CACHE and HF_HOME place the cache as huggingface_hub's own tools do.
+work; a push is refused before the export. HF_HUB_CACHE and HF_HOME place the cache, HF_TOKEN (or
+`hf auth login`) gives the token and HF_ENDPOINT the Hub, as huggingface_hub's own tools do.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 from pathlib import Path
 
 from mixloop.errors import MixloopError
@@ -18,6 +21,9 @@ from mixloop.errors import MixloopError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a causal LM needs from a repository: config, weights, tokenizer and chat template.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# Weights a repo may hold from an earlier push (other shards): removed by a push, as transformers
+# would load a stale model.safetensors before new shards.
+WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
 
 
 def is_hub_id(path: str, local: str) -> bool:
@@ -74,6 +80,80 @@ def not_cached_message(repo: str, revision: str | None, repo_type: str = "model"
     return (f"{name} is not in the Hugging Face cache ({_cache_dir() or 'the default cache'}) and HF_HUB_OFFLINE "
             f"is set. Fix: download it once where there is a network (`{command}`) into this cache, or unset "
             "HF_HUB_OFFLINE.")
+
+
+def check_push(repo: str) -> None:
+    """Refuse `--push-to-hub REPO` before any export work: offline, not a repo id, or no token."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if offline():
+        raise MixloopError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset "
+                           "HF_HUB_OFFLINE, or export without --push-to-hub and upload the folder later (`hf upload`).")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise MixloopError(f"--push-to-hub {repo}: not a repo id ({_first_line(exc)}). Fix: name it org/name, "
+                           "or name alone for a repo of your own.") from None
+    if get_token() is None:
+        raise MixloopError(f"--push-to-hub {repo}: no Hugging Face token. Fix: log in with `hf auth login`, or set "
+                           "HF_TOKEN to a token that can write.")
+
+
+def push(folder: Path, repo: str, private: bool, revision: str | None, message: str) -> str:
+    """Upload an exported folder to the hub repo `repo` (created if missing, private if asked), on the
+    branch `revision` (created from main if missing) or main, in place of the weights there; the URL
+    of the new commit."""
+    import httpx
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=_endpoint())
+    try:
+        repo_id = api.create_repo(repo, private=private or None, exist_ok=True).repo_id  # name alone: yours
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
+                                 delete_patterns=WEIGHT_FILES).commit_url
+    # HfHubHTTPError and hf_xet's named errors are OSErrors, httpx's network errors are not, and hf_xet
+    # may raise a bare RuntimeError.
+    except (OSError, httpx.HTTPError, RuntimeError) as exc:
+        raise MixloopError(_push_failure(exc, repo, folder, private, revision)) from None
+
+
+def _push_failure(exc: Exception, repo: str, folder: Path, private: bool, revision: str | None) -> str:
+    retry = shlex.join(["hf", "upload", repo, str(folder), ".", *(["--revision", revision] if revision else []),
+                        *(["--private"] if private else []), *(a for p in WEIGHT_FILES for a in ("--delete", p))])
+    cause, fix = _cause_and_fix(exc)
+    return f"--push-to-hub {repo}: {cause}. Fix: {fix}, then upload the export kept in {folder}: `{retry}`."
+
+
+def _cause_and_fix(exc: Exception) -> tuple[str, str]:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the Hub has no such repo you may write to", "check the name, and that your token may write to it"
+    if status == 401:
+        return "the Hub refused your token (401)", (
+            "set HF_TOKEN to a valid token that can write (or unset it and use `hf auth login`)"
+            if os.environ.get("HF_TOKEN") else "log in again with a token that can write (`hf auth login`)")
+    if status == 403:
+        return ("your token may not create or write to it (403)",
+                "use a token with write access to its namespace, or push to a repo of your own")
+    if status:
+        return f"the Hub answered: {_first_line(exc)}", "try again later"
+    where = _endpoint() or "https://huggingface.co"
+    return f"cannot reach the Hub at {where} ({_first_line(exc)})", "check the network"
+
+
+def _endpoint() -> str | None:
+    """HF_ENDPOINT, read now (huggingface_hub reads it once, when it is imported)."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _cache_dir() -> str | None:

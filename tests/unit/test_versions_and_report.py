@@ -1,5 +1,6 @@
-"""Versions are verified before use and readable by others; the report copes with missing eval splits;
-user-caused errors become one line with a documented exit code."""
+"""Versions are verified before use and readable by others; an export reaches a (local, fake) Hugging
+Face Hub byte for byte; the report copes with missing eval splits; user-caused errors become one line
+with a documented exit code."""
 
 from __future__ import annotations
 
@@ -216,3 +217,92 @@ def test_plots_keep_every_label_and_arc_inside_the_image(tmp_path):
         image = matplotlib.image.imread(tmp_path / "report" / name)[:, :, :3]
         edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
         assert (edges > 0.95).all(), f"{name}: something runs off the image"
+
+
+@pytest.fixture
+def hub_server(monkeypatch):
+    """A fake Hugging Face Hub on 127.0.0.1 (hubserver.py) that huggingface_hub talks to, with our token."""
+    import huggingface_hub.constants
+
+    from hubserver import FakeHub
+
+    with FakeHub(token="hf_test_write_token", namespaces=("me",)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as read when it was imported
+        yield hub
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_pushes_the_folder_to_the_hub_and_prints_the_commit(version, tmp_path, hub_server, capsys):
+    out = tmp_path / "bf16"
+    argv = ["models", "export", str(version), "v1", str(out), "--dtype", "bf16", "--push-to-hub", "me/tiny"]
+    assert main([*argv, "--private"]) == 0
+    repo = hub_server.repos["me/tiny"]
+    exported = files_in(out)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lineage.json",
+            "README.md"} <= exported.keys()
+    assert repo.private and repo.branches["main"] == exported, "the Hub holds exactly the exported bytes"
+    assert repo.commits[0]["summary"].startswith("v1 in bf16, exported by mixloop")
+    assert f"pushed {out} to me/tiny: {repo.commits[0]['url']}\n" in capsys.readouterr().out
+    # Again in fp16 and sharded, onto a new branch (from main) of the repo that now exists: the branch
+    # holds the new shards and not main's model.safetensors, and main stays as it was.
+    again = tmp_path / "fp16"
+    assert main(["models", "export", str(version), "v1", str(again), "--dtype", "fp16", "--max-shard-size", "40KB",
+                 "--push-to-hub", "me/tiny", "--revision", "fp16"]) == 0
+    assert "model.safetensors" not in files_in(again) and (again / "model.safetensors.index.json").exists()
+    assert repo.branches["fp16"] == files_in(again) and repo.branches["main"] == exported
+    assert f"to me/tiny (branch fp16): {repo.commits[1]['url']}" in capsys.readouterr().out
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case, repo, cause", [
+    ("wrong token", "me/tiny", "the Hub refused your token (401). Fix: set HF_TOKEN to a valid token"),
+    ("another's namespace", "someone-else/tiny", "your token may not create or write to it (403)"),
+    ("no network", "me/tiny", "cannot reach the Hub at http://127.0.0.1:"),
+])
+def test_a_failed_push_says_why_in_one_line_and_keeps_the_export(version, tmp_path, hub_server, monkeypatch, capsys,
+                                                                 case, repo, cause):
+    if case == "wrong token":
+        monkeypatch.setenv("HF_TOKEN", "hf_not_this_one")
+    if case == "no network":
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    out = tmp_path / "exported"
+    assert main(["models", "export", str(version), "v1", str(out), "--push-to-hub", repo, "--private"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixloop: error: --push-to-hub {repo}: {cause}") and err.count("\n") == 1, err
+    retry = f"hf upload {repo} {out} . --private --delete '*.safetensors' --delete '*.safetensors.index.json'"
+    assert "Fix: " in err and f"then upload the export kept in {out}: `{retry}`." in err
+    assert (out / "model.safetensors").exists() and not hub_server.repos
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("offline", ["--push-to-hub", "me/tiny"], "HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset"),
+    ("no token", ["--push-to-hub", "me/tiny"], "no Hugging Face token. Fix: log in with `hf auth login`"),
+    ("bad id", ["--push-to-hub", "me/tiny/v1"], "--push-to-hub me/tiny/v1: not a repo id"),
+    ("no repo", ["--private"], "--private and --revision go with --push-to-hub. Fix:"),
+])
+def test_a_push_that_cannot_work_is_refused_before_the_export(version, tmp_path, hub_server, monkeypatch, capsys,
+                                                              case, argv, message):
+    import huggingface_hub.constants
+
+    if case == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if case == "no token":
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no login
+    out = tmp_path / "exported"
+    assert main(["models", "export", str(version), "v1", str(out), *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not hub_server.requests
