@@ -194,6 +194,10 @@ def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dat
     assert [turns[0]["content"] for turns, shape in chats] == [f"train question {i}?" for i in range(4)] + [
         f"train-b question {i}?" for i in range(2)]
     assert {shape for _, shape in chats} == {"alpaca"}
+    copy = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's copy keeps the split's name
+    copy.parent.mkdir()
+    copy.write_text(yaml.safe_dump(corpora.spec.portable()))
+    assert Corpora(load_spec(copy), log=lambda line: None).files("gsm") == files
     assert Corpora(load_spec(dataset_spec(tmp_path, {"subset": "socratic"})), log=lambda line: None).files("gsm") == {
         "train": (str(hub_dataset / "socratic/train.jsonl"),)}
 

@@ -64,7 +64,7 @@ class Spec:
         data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["workdir"] = self.workdir
         for section in (data["tokenizer"], *data["corpora"].values()):
-            for key in ("path", "eval"):
+            for key in ("path", "eval") if "dataset" not in section else ():  # a hub dataset's eval is a split
                 if key in section:
                     section[key] = self.path(section[key])
         if "path" in data["model"]:
