@@ -64,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--apply", action="store_true", help="append the best trial's stage to the pipeline spec")
     tune.add_argument("--trial", help="with several objectives, or to overrule the best: the trial whose stage to write")
 
+    add = _command(commands, "add", "add a new corpus as an iteration (continued pretraining with replay, then a "
+                   "fine-tune) and run it; the gate decides if it becomes current",
+                   "mixloop add jobs/quickstart.yaml law --text data/law.jsonl --eval data/law-eval.jsonl", handlers.cmd_add)
+    add.add_argument("spec", help="pipeline spec YAML (the stages are appended to it, comments kept)")
+    add.add_argument("name", help="the new corpus's name, which also names its stages (NAME, NAME-sft)")
+    add.add_argument("--text", required=True, help="the new text: a path, glob or URI")
+    add.add_argument("--chat", help="its chats, for the fine-tune")
+    add.add_argument("--eval", help="its held-out text, to measure uptake (and gate on it)")
+    add.add_argument("--dry-run", action="store_true", help="print and validate the stages; write and train nothing")
+    add.add_argument("--address", help=ADDRESS_HELP)
+    watch = _command(commands, "watch", "wait for corpora in an inbox and add each as an iteration, one at a time",
+                     "mixloop watch jobs/quickstart.yaml --inbox s3://bucket/inbox", handlers.cmd_watch)
+    watch.add_argument("spec", help="pipeline spec YAML")
+    watch.add_argument("--inbox", required=True, help="a folder or object-store prefix; each corpus is a folder "
+                       "with text.jsonl (and chat.*, eval.*) or a manifest.json, ready once _READY is in it")
+    watch.add_argument("--poll-s", type=float, default=30.0, help="seconds between looks at the inbox (default 30)")
+    watch.add_argument("--once", action="store_true", help="add what is ready now, then stop")
+    watch.add_argument("--address", help=ADDRESS_HELP)
+
     status = _command(commands, "status", "where a pipeline stands: versions done, what runs now, what is left",
                       "mixloop status jobs/quickstart.yaml", handlers.cmd_status)
     status.add_argument("target", help=TARGET_HELP)
@@ -144,11 +163,25 @@ def _add_model_commands(commands) -> None:
     diff.add_argument("target", help=TARGET_HELP)
     diff.add_argument("a", metavar="A", help="the first version")
     diff.add_argument("b", metavar="B", help="the version to compare with A")
+    path = _command(models_commands, "path", "the folder of a version (checked against its hashes), for tools "
+                    "that load a path", "mixloop models path jobs/quickstart.yaml current", handlers.cmd_models_path)
+    promote = _command(models_commands, "promote", "make a version current by hand, whatever its gate said",
+                       "mixloop models promote jobs/quickstart.yaml astronomy --reason 'checked by hand'",
+                       handlers.cmd_models_promote)
+    rollback = _command(models_commands, "rollback", "make the version that was current before current again",
+                        "mixloop models rollback jobs/quickstart.yaml --reason 'worse answers'",
+                        handlers.cmd_models_rollback)
+    for command in (path, promote, rollback):
+        command.add_argument("target", help=TARGET_HELP)
+    for command in (path, promote):
+        command.add_argument("version", help="version name (or current)")
+    for command in (promote, rollback):
+        command.add_argument("--reason", default="by hand", help="why, kept in lineage and current.json")
     export = _command(models_commands, "export", "a version (checked against its hashes) as a Hugging Face folder "
                       "with lineage and a model card", "mixloop models export jobs/quickstart.yaml sft ./sft-hf --dtype bf16",
                       handlers.cmd_models_export)
     export.add_argument("target", help=TARGET_HELP)
-    export.add_argument("version", help="version name")
+    export.add_argument("version", help="version name (or current)")
     export.add_argument("dir", metavar="DIR", help="an empty or new local folder to write to")
     export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="weights' dtype (default fp32, as versions are kept)")

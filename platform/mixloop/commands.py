@@ -4,6 +4,7 @@ The parser that maps the command line to these lives in cli.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,25 +61,67 @@ def cmd_status(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    versions = api.versions(_workdir(args.target))
+    from mixloop.gate import current_version, gate_summary
+
+    workdir = _workdir(args.target)
+    versions, current = api.versions(workdir), current_version(workdir)
     if not versions:
         print("no versions yet")
         return 0
     # Trained tokens are the documents' own; the budget counts every slot of its steps, padding included.
-    print(f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  finished")
+    print(f"  {'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}  gate")
     for lineage in versions:
         trained = sum((lineage.get("tokens_per_corpus") or {}).values())
         stage, steps = lineage.get("stage") or {}, (lineage.get("metrics") or {}).get("steps", 0)
         budget = steps * stage.get("global_batch_tokens", 0)
-        print(f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
-              f"{lineage['finished']}")
+        mark = "*" if lineage["version"] == current else " "
+        print(f"{mark} {lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
+              f"{lineage['finished']:<25}  {gate_summary(lineage)}")
+    print(f"* current: {current}" if current else "no current version yet")
     return 0
+
+
+def cmd_models_path(args) -> int:
+    from mixloop.registry import verified_version
+
+    print(verified_version(*_version(args.target, args.version)))
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from mixloop.gate import promote
+    from mixloop.lock import workdir_lock
+
+    workdir, version = _version(args.target, args.version)
+    with workdir_lock(workdir, "mixloop models promote"):
+        promote(workdir, version, args.reason)
+    print(f"{version} is now the current version of {workdir}")
+    return 0
+
+
+def cmd_models_rollback(args) -> int:
+    from mixloop.gate import rollback
+    from mixloop.lock import workdir_lock
+
+    workdir = _workdir(args.target)
+    with workdir_lock(workdir, "mixloop models rollback"):
+        version = rollback(workdir, args.reason)
+    print(f"{version} is the current version of {workdir} again")
+    return 0
+
+
+def _version(target: str, name: str) -> tuple[str, str]:
+    """(workdir, version) of a target and a version name, `current` standing for the version it names."""
+    from mixloop.gate import resolve
+
+    workdir = _workdir(target)
+    return workdir, resolve(workdir, name)
 
 
 def cmd_models_show(args) -> int:
     from mixloop.registry import read_lineage
 
-    lineage = read_lineage(_workdir(args.target), args.version)
+    lineage = read_lineage(*_version(args.target, args.version))
     if lineage is None:
         raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
     print(json.dumps(lineage, indent=2))
@@ -125,7 +168,7 @@ def cmd_models_export(args) -> int:
         raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)  # before the export: offline, a bad repo id, no token
-    out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
+    out = export(*_version(args.target, args.version), args.dir, args.dtype, args.max_shard_size)
     print(f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
           "(load it with AutoModelForCausalLM.from_pretrained)")
     if args.push_to_hub:
@@ -139,7 +182,7 @@ def cmd_chat(args) -> int:
     from mixloop.chat import chat
     from mixloop.registry import verified_version
 
-    chat(verified_version(_workdir(args.target), args.version), max_new_tokens=args.max_new_tokens)
+    chat(verified_version(*_version(args.target, args.version)), max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -202,6 +245,33 @@ def _shapes(formats: dict[str, int]) -> str:
     if len(formats) <= 1:
         return next(iter(formats), "-")
     return ",".join(f"{name} {count / total:.0%}" for name, count in sorted(formats.items(), key=lambda kv: -kv[1]))
+
+
+def cmd_add(args) -> int:
+    from mixloop.iterate import NewCorpus, add
+
+    files = {role: _from_here(args.spec, getattr(args, role)) for role in ("text", "chat", "eval")}
+    add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, address=args.address)
+    return 0
+
+
+def _from_here(spec_path: str, value: str | None) -> str | None:
+    """A path given on the command line (relative to here), as the spec names it: relative to its folder."""
+    if value is None or "://" in value:
+        return value
+    return os.path.relpath(os.path.abspath(value), os.path.dirname(os.path.abspath(spec_path)))
+
+
+def cmd_watch(args) -> int:
+    from mixloop.iterate import watch
+
+    try:
+        watch(args.spec, args.inbox, args.address, args.poll_s, args.once)
+    except KeyboardInterrupt:
+        print("\nstopped watching; what was added is in the spec, and `mixloop watch` again picks up from there.",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_tune(args) -> int:

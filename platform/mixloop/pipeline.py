@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import yaml
 
+from mixloop import gate
 from mixloop.corpora import Corpora, PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import StageConflictError
@@ -73,12 +74,12 @@ class Pipeline:
                 self.lock = None
 
     def run(self) -> dict:
-        """Train every missing stage, then evaluate and report."""
+        """Train every missing stage, then evaluate, judge the last version by the gate, and report."""
         with self.locked("mixloop run"):
             trained, prepared = self.train()
             if not trained:
                 self.log("every stage is done; nothing to train")
-            return {"trained": trained, **self.report(prepared)}
+            return {"trained": trained, **self.report(prepared, judge=True)}
 
     def train(self, until: str | None = None, extra_stages: Iterable[ResolvedStage] = ()) -> Trained:
         """Train the missing stages in order, up to and including `until` (all by default).
@@ -129,8 +130,9 @@ class Pipeline:
         return (f"pipeline: stage {index + 1} of {len(stages)} ({stages[index].name}); {done:,} of "
                 f"{sum(budgets):,} budgeted tokens done, {left:,} left{eta}")
 
-    def report(self, prepared: PreparedCorpora | None = None) -> dict:
-        """Evaluate what is missing, then write eval/ and report/index.html and print the tables."""
+    def report(self, prepared: PreparedCorpora | None = None, judge: bool = False) -> dict:
+        """Evaluate what is missing, then write eval/ and report/index.html and print the tables.
+        `judge`: first pass the gate's verdict on the pipeline's last version (once per version)."""
         with self.locked("mixloop report"):
             prepared = prepared or self.corpora.prepare(self.spec.resolved_stages())
             matrix = self.evaluate(prepared)  # only pairs not stored yet are computed
@@ -138,6 +140,8 @@ class Pipeline:
             deltas = iteration_deltas(matrix, lineages)
             health = health_versions(self.workdir, list(lineages), self.corpora.chat_prompts(),
                                      self.spec.pipeline.chat_max_new_tokens, self.progress_bar)
+            if judge and self._judge_last(matrix, health, lineages):
+                lineages = {v["version"]: v for v in list_versions(self.workdir)}  # with the verdict
             table = format_matrix(matrix)
             write_text(eval_file(self.workdir, "table.txt"), table + "\n")
             write_json(eval_file(self.workdir, "matrix.json"), matrix)
@@ -154,6 +158,20 @@ class Pipeline:
             self.log(no_eval_note(unmeasured))
         self.log(f"report: {page}")
         return {"matrix": matrix, "deltas": deltas, "health": health, "report": page}
+
+    def _judge_last(self, matrix: dict, health: dict, lineages: dict[str, dict]) -> bool:
+        """The gate's verdict on the pipeline's last version, unless it has one; whether it was judged."""
+        last = self.spec.pipeline.stages[-1].name
+        if last not in lineages or "gate" in lineages[last]:
+            return False
+        current = gate.current_version(self.workdir)
+        verdict = gate.judge(self.spec.pipeline.gate, last, current, matrix, health, lineages)
+        if gate.record(self.workdir, last, verdict):
+            self.log(f"gate: {last} is now the current version ({gate.gate_summary({'gate': verdict})})")
+        else:
+            self.log(f"gate: {last} {gate.gate_summary({'gate': verdict})}; {current} stays the current version. "
+                     f"Override with `mixloop models promote {self.workdir} {last}`.")
+        return True
 
     def evaluate(self, prepared: PreparedCorpora) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""

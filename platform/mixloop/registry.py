@@ -41,14 +41,19 @@ def read_lineage(workdir: str, version: str) -> dict | None:
     return read_json(join(version_dir(workdir, version), LINEAGE))
 
 
+def write_lineage(workdir: str, version: str, lineage: dict) -> None:
+    """Rewrite a version's lineage (a gate's verdict, a promotion); its weights never change."""
+    write_json(join(version_dir(workdir, version), LINEAGE), lineage)
+
+
 def list_versions(workdir: str) -> list[dict]:
-    """Lineage of every complete version, oldest first."""
+    """Lineage of every complete version, oldest first (the `current` link is not one)."""
     fs, inner = fsspec.core.url_to_fs(join(workdir, "models"))
     if not fs.exists(inner):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
-    found = [read_lineage(workdir, n) for n in names if not n.startswith(".")]
-    return sorted((f for f in found if f), key=lambda lineage: lineage["finished"])
+    found = [(n, read_lineage(workdir, n)) for n in names if not n.startswith(".")]
+    return sorted((f for n, f in found if f and f["version"] == n), key=lambda lineage: lineage["finished"])
 
 
 def now() -> str:

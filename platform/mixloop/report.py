@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
+from mixloop.gate import current_version, gate_summary  # noqa: E402
 from mixloop.registry import mixture_shares  # noqa: E402
 from mixloop.storage import is_local, join, read_json, read_lines, upload  # noqa: E402
 
@@ -162,7 +163,8 @@ def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: 
     _plot_lineage(lineages, folder / "lineage.png")
     images["lineage.png"] = "Lineage"
     page = folder / "index.html"
-    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder)))
+    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder),
+                          current_version(workdir)))
     return page
 
 
@@ -199,7 +201,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(lineages, matrix, deltas, health, images, unmeasured, searches) -> str:
+def _html(lineages, matrix, deltas, health, images, unmeasured, searches, current) -> str:
     sets = sorted({c for row in matrix.values() for c in row})
     sections = [f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
                 "are not measured on them. Add <code>eval: &lt;held-out file&gt;</code> to each of these corpora "
@@ -222,9 +224,10 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches) -> str
     if searches:
         sections.append("<h2>Tuning searches</h2>" + "".join(searches))
     sections.append("<h2>Versions</h2>" + _table(
-        ["version", "parent", "mixture", "tokens", "finished"],
-        [[v, lin.get("parent") or "-", _mixture(lin), f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}",
-          lin.get("finished", "")] for v, lin in lineages.items()]))
+        ["version", "parent", "mixture", "tokens", "finished", "gate"],
+        [[v + (" (current)" if v == current else ""), lin.get("parent") or "-", _mixture(lin),
+          f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}", lin.get("finished", ""), gate_summary(lin)]
+         for v, lin in lineages.items()]))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "font-size:13px;text-align:left;vertical-align:top}.note{background:#fff4d6;padding:8px}")

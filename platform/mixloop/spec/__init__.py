@@ -19,12 +19,12 @@ from mixloop.spec.messages import format_problems
 from mixloop.spec.resolve import (TRAJECTORY_FIELDS, ResolvedLR, ResolvedStage, Share, Spec, StepGeometry, base_hash,
                                   resolve_stage, stage_hash)
 from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
-                                 QWEN3_DEFAULT_POSITIONS, STAGE_NAME_PATTERN, CorpusSpec, LRSpec, ModelSpec,
-                                 PipelineSpec, Ramp, StageSettings, StageSpec, StageTemplate, Strict, Workers)
+                                 QWEN3_DEFAULT_POSITIONS, STAGE_NAME_PATTERN, CorpusSpec, GateSpec, IterateSpec,
+                                 LRSpec, ModelSpec, PipelineSpec, Ramp, StageSettings, StageSpec, StageTemplate, Strict, Workers)
 
 __all__ = [
     "BASE_VERSION", "BUILTIN_DEFAULTS", "MODEL_PRESETS", "PRESET_POSITIONS", "QWEN3_DEFAULT_POSITIONS",
-    "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp",
+    "STAGE_NAME_PATTERN", "TRAJECTORY_FIELDS", "CorpusSpec", "GateSpec", "IterateSpec", "LRSpec", "ModelSpec", "PipelineSpec", "Ramp",
     "ResolvedLR", "ResolvedStage", "Share", "Spec", "StepGeometry",
     "StageSettings", "StageSpec", "StageTemplate", "Strict", "Workers", "apply_overrides", "base_hash", "check_spec_data", "format_problems",
     "load_spec", "max_positions", "read_yaml", "resolve_stage", "spec_from_data", "stage_hash", "stage_problems", "validate_yaml",

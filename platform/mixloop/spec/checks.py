@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,37 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
     for index, stage in enumerate(pipeline.stages if _ok(pipeline.stages) else []):
         problems += stage_problems(spec, f"stages[{index}]", stage, seen, files=files) if _ok(stage) else []
         seen.append(stage.name)
+    if _ok(pipeline.corpora):
+        problems += _gate_problems(pipeline.gate, pipeline.corpora) if _ok(pipeline.gate) and pipeline.gate else []
+        problems += _iterate_problems(pipeline.iterate, pipeline.corpora) if _ok(pipeline.iterate) else []
     return problems
+
+
+SHARE = re.compile(r"\d+(\.\d*)?%")
+
+
+def _gate_problems(gate, corpora: dict[str, CorpusSpec]) -> list[str]:
+    """Bounds that are numbers or shares ("5%"), per-corpus bounds that name corpora."""
+    problems = []
+    for key in ("max_forgetting", "min_uptake"):
+        setting = getattr(gate, key)
+        for corpus, value in (setting.items() if isinstance(setting, dict) else [(None, setting)]):
+            where = f"gate.{key}" + (f".{corpus}" if corpus else "")
+            if corpus is not None and corpus not in corpora:
+                problems.append(f"{where}: no corpus named {corpus!r}. Fix: use one of {', '.join(corpora)}.")
+            if isinstance(value, str) and not SHARE.fullmatch(value.strip()):
+                problems.append(f"{where}: {value!r} is neither a number nor a share. Fix: write 0.05 (eval loss) "
+                                "or \"5%\" (of the current version's loss).")
+    return problems
+
+
+def _iterate_problems(iterate, corpora: dict[str, CorpusSpec]) -> list[str]:
+    named = [("iterate.replay_from", iterate.replay_from or [], "text"),
+             ("iterate.finetune.chats", iterate.finetune.chats or [], "chat")]
+    return [f"{where}: {name!r} is not a {kind} corpus of the spec. Fix: name one of "
+            f"{', '.join(n for n, c in corpora.items() if c.kind == kind) or '(none yet)'}."
+            for where, names, kind in named for name in names
+            if name not in corpora or corpora[name].kind != kind]
 
 
 def _tokenizer_problems(spec: Spec, files: bool) -> list[str]:
@@ -264,6 +295,9 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str |
         problems.append(f"{where}.name: stage name {stage.name!r} is used twice. Fix: stage names must be unique; they name versions.")
     if stage.name == BASE_VERSION:
         problems.append(f"{where}.name: {BASE_VERSION!r} names the starting model. Fix: choose another stage name.")
+    if stage.name == "current":
+        problems.append(f"{where}.name: 'current' names the version in use (see `mixloop models list`). Fix: "
+                        "choose another stage name.")
     for corpus in stage.mixture if _ok(corpora) else []:
         if corpus not in corpora:
             problems.append(f"{where}.mixture.{corpus}: unknown corpus. Fix: use one of {', '.join(corpora)} or add it under corpora.")

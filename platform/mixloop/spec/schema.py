@@ -300,6 +300,67 @@ class TrackingSpec(Strict):
     """Weights & Biases (install mixloop[wandb]): a run per stage, grouped by the pipeline's name."""
 
 
+REWARM_LR = {"warmup": 0.05, "warmup_from": "zero", "decay": "cosine"}
+FINETUNE_LR = {"peak": 3e-4, **REWARM_LR}
+
+
+def _over(template: dict, value: Any) -> Any:
+    """An LR setting of the iteration template over its own defaults, so {peak: 0.002} keeps the re-warm."""
+    return {**template, **value} if isinstance(value, dict) else value
+
+
+class FinetuneSpec(Strict):
+    tokens: float = Field(default=0.25, gt=0)
+    """The fine-tune's token budget, as a share of the continued-pretraining stage's."""
+    chats: list[str] | None = None
+    """Chat corpora replayed in the fine-tune; default: every chat corpus an earlier stage trained on."""
+    new_share: float = Field(default=0.5, gt=0, le=1)
+    """The new chats' share of the fine-tune, when the new corpus brings chats."""
+    text_share: float = Field(default=0.1, ge=0, lt=1)
+    """Share of the fine-tune replaying the new text, so that the chat format does not wash it out."""
+    lr: LRSpec = Field(default_factory=lambda: LRSpec(**FINETUNE_LR))
+    """The fine-tune's learning-rate schedule: peak 3e-4, re-warmed from zero over 5%, cosine decay;
+    fields set here replace those, the others come from defaults."""
+
+    _keep_unset_lr = field_validator("lr", mode="before")(lambda value: _over(FINETUNE_LR, value))
+
+
+class IterateSpec(Strict):
+    """How `mixloop add` (and `mixloop watch`) turn a new corpus into stages: a continued-pretraining
+    stage on the new text with replay of old text, re-warmed and decayed again, then, when there are
+    chats, a fine-tune."""
+
+    passes: float = Field(default=1.0, gt=0)
+    """Passes over the new text in the continued-pretraining stage; with `replay` this sets its budget."""
+    replay: float = Field(default=0.5, ge=0, lt=1)
+    """Share of the continued-pretraining tokens that replays old text."""
+    replay_from: list[str] | None = None
+    """Old text corpora replayed, in equal shares; default: every text corpus an earlier stage trained on."""
+    lr: LRSpec = Field(default_factory=lambda: LRSpec(**REWARM_LR))
+    """The continued-pretraining schedule: re-warmed from zero over 5%, then a cosine decay; fields set
+    here replace those, the others come from defaults."""
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    """The fine-tune after it (left out when there are no chats to train on)."""
+
+    _keep_unset_lr = field_validator("lr", mode="before")(lambda value: _over(REWARM_LR, value))
+
+
+class GateSpec(Strict):
+    """What a new version must show before it becomes `current`; against the current version, on the
+    eval splits and chat health. A bound left out is not checked."""
+
+    max_forgetting: float | str | dict[str, float | str] | None = None
+    """Largest rise of eval loss allowed on each earlier corpus: a number (0.05), a share of the current
+    version's loss ("5%"), or per corpus {web: 0.05, wiki: "3%"} (corpora left out are not checked)."""
+    min_uptake: float | str | None = None
+    """Smallest fall of eval loss required on each corpus the current version did not train on: a
+    number or a share ("10%")."""
+    min_ended: float | None = Field(default=None, ge=0, le=1)
+    """Chat health floor: the share of answers that end within chat_max_new_tokens, per chat corpus."""
+    max_repetition: float | None = Field(default=None, ge=0, le=1)
+    """Chat health ceiling: the mean share of repeated 4-grams in answers, per chat corpus."""
+
+
 class PipelineSpec(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Pipeline name; also names the Ray Train runs."""
@@ -328,6 +389,10 @@ class PipelineSpec(Strict):
     """Prompts of each chat eval split answered greedily by every version to measure chat health."""
     chat_max_new_tokens: int = Field(default=64, gt=0)
     """Longest answer generated for chat health; an answer that has not ended by then did not end."""
+    iterate: IterateSpec = Field(default_factory=IterateSpec)
+    """How `mixloop add` turns a new corpus into stages."""
+    gate: GateSpec | None = None
+    """Checks a new version must pass to become `current`; without a gate, every run's last version does."""
 
 
 BUILTIN_DEFAULTS = StageSettings(

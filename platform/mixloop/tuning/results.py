@@ -20,6 +20,7 @@ import yaml  # noqa: E402
 
 from mixloop.errors import MixloopError, SpecError  # noqa: E402
 from mixloop.spec import load_spec  # noqa: E402
+from mixloop.spec.edit import append_entries, replace_validated  # noqa: E402
 from mixloop.storage import join, upload, write_json, write_text  # noqa: E402
 from mixloop.tuning.objectives import objective_keys  # noqa: E402
 from mixloop.tuning.search import Search  # noqa: E402
@@ -207,30 +208,8 @@ def stage_yaml(search: Search, row: dict) -> str:
 def append_stage(pipeline_path: Path, stage: dict, text: str) -> None:
     """Append the stage at the end of the pipeline file's `stages:` list, as text, so the file's
     comments and layout stay; the result must validate before it replaces the file."""
-    original = pipeline_path.read_text()
     names = [s.name for s in load_spec(pipeline_path).pipeline.stages]
     if stage["name"] in names:
         raise MixloopError(f"{pipeline_path} already has a stage named {stage['name']!r}. Fix: give the search a new "
                            "name, or remove that stage first.")
-    lines = original.splitlines()
-    top_level = [i for i, line in enumerate(lines) if re.match(r"[A-Za-z_]", line)]
-    start = next((i for i in top_level if re.fullmatch(r"stages:\s*(#.*)?", lines[i])), None)
-    if start is None:
-        raise MixloopError(f"{pipeline_path}: no block-style `stages:` section to append to. "
-                           "Fix: paste best-stage.yaml under stages: yourself.")
-    end = next((i for i in top_level if i > start), len(lines))
-    while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
-        end -= 1  # blank lines and column-0 comments before the next section belong to it
-    items = [re.match(r"( *)- ", line) for line in lines[start + 1:end]]
-    indent = next((m.group(1) for m in items if m), "  ")
-    block = [f"{indent}{line}" if line else "" for line in text.splitlines()]
-    updated = "\n".join(lines[:end] + [""] + block + lines[end:]) + "\n"
-    # Validated next to the real file, so that its relative paths resolve the same way.
-    candidate = pipeline_path.with_name(f".{pipeline_path.name}.candidate")
-    candidate.write_text(updated)
-    try:
-        load_spec(candidate)
-    except SpecError as exc:
-        candidate.unlink()
-        raise MixloopError(f"appending the stage would make {pipeline_path} invalid:\n{exc}") from None
-    candidate.replace(pipeline_path)
+    replace_validated(pipeline_path, append_entries(pipeline_path, {"stages": text}), "appending the stage")

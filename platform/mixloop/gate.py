@@ -1,0 +1,155 @@
+"""Gates and the `current` version: which version of a workdir is the one to use.
+
+After a run, the pipeline's last version is judged against `current` by the spec's `gate:` (eval
+loss on every corpus both were measured on, chat health). A version that passes becomes current; one
+that fails is kept, its verdict and reasons in its lineage and the report, and current stays. The
+first version judged has nothing to compare with and becomes current; without a gate, every run's
+last version does.
+
+`<workdir>/current.json` holds the alias and its history ({version, at, why}, newest last); a local
+workdir also gets `models/current`, a symlink to that version's folder, so tools that take a path
+load it directly. `promote` and `rollback` are people overriding a verdict: recorded in the history
+and in the lineage of the version they make current.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mixloop.errors import MixloopError
+from mixloop.registry import now, read_lineage, version_dir, write_lineage
+from mixloop.spec import GateSpec
+from mixloop.storage import is_local, join, read_json, write_json
+
+ALIAS = "current"
+
+
+def current_version(workdir: str) -> str | None:
+    return (read_json(_alias_file(workdir)) or {}).get("version")
+
+
+def history(workdir: str) -> list[dict]:
+    return (read_json(_alias_file(workdir)) or {}).get("history", [])
+
+
+def judge(gate: GateSpec | None, candidate: str, against: str | None, matrix: dict, health: dict,
+          lineages: dict[str, dict]) -> dict:
+    """The verdict on `candidate` against the current version `against`: {passed, against, checks,
+    failed}; each check a sentence with the measured value and its bound."""
+    verdict = {"passed": True, "against": against, "checks": [], "failed": [], "judged": now()}
+    if against is None or gate is None:
+        verdict["checks"] = ["no current version to compare with" if against is None else "the pipeline has no gate"]
+        return verdict
+    loss = {v: {c: r["loss"] for c, r in (matrix.get(v) or {}).items() if r} for v in (candidate, against)}
+    known = trained_corpora(against, lineages)
+    for corpus in sorted(known & loss[candidate].keys() & loss[against].keys()):
+        limit = _bound(gate.max_forgetting, corpus, loss[against][corpus])
+        if limit is not None:
+            rise = loss[candidate][corpus] - loss[against][corpus]
+            _check(verdict, rise <= limit, f"forgetting on {corpus}: {rise:+.4f} (at most {limit:.4f})")
+    for corpus in sorted(trained_corpora(candidate, lineages) - known) if gate.min_uptake is not None else []:
+        if corpus not in loss[candidate] or corpus not in loss[against]:
+            _check(verdict, False, f"uptake on {corpus}: not measured (it has no eval split)")
+            continue
+        floor = _bound(gate.min_uptake, corpus, loss[against][corpus])
+        fall = loss[against][corpus] - loss[candidate][corpus]
+        _check(verdict, fall >= floor, f"uptake on {corpus}: {fall:+.4f} (at least {floor:.4f})")
+    for corpus, summary in sorted((health.get(candidate) or {}).items()):
+        if gate.min_ended is not None:
+            _check(verdict, summary["ended"] >= gate.min_ended,
+                   f"answers ended on {corpus}: {summary['ended']:.0%} (at least {gate.min_ended:.0%})")
+        if gate.max_repetition is not None:
+            _check(verdict, summary["repetition"] <= gate.max_repetition,
+                   f"repetition on {corpus}: {summary['repetition']:.3f} (at most {gate.max_repetition:.3f})")
+    return verdict
+
+
+def gate_summary(lineage: dict) -> str:
+    """A version's verdict in a few words: "passed against X", "failed against X: reasons", or "-"."""
+    verdict = lineage.get("gate")
+    if verdict is None:
+        return "-"
+    against = f" against {verdict['against']}" if verdict.get("against") else ""
+    if verdict["passed"]:
+        return f"passed{against}"
+    return f"failed{against}: " + "; ".join(verdict["failed"])
+
+
+def _check(verdict: dict, ok: bool, sentence: str) -> None:
+    verdict["checks"].append(sentence)
+    if not ok:
+        verdict["failed"].append(sentence)
+        verdict["passed"] = False
+
+
+def _bound(setting, corpus: str, reference: float) -> float | None:
+    """A gate's bound for one corpus: a number as it is, a share ("5%") of the reference loss."""
+    value = setting.get(corpus) if isinstance(setting, dict) else setting
+    if value is None:
+        return None
+    return float(value[:-1]) / 100 * reference if isinstance(value, str) else float(value)
+
+
+def trained_corpora(version: str, lineages: dict[str, dict]) -> set[str]:
+    """Every corpus a version or one of its ancestors trained on."""
+    corpora = set()
+    while version is not None and version in lineages:
+        corpora |= set((lineages[version].get("stage") or {}).get("mixture", {}))
+        version = lineages[version].get("parent")
+    return corpora
+
+
+def record(workdir: str, version: str, verdict: dict) -> bool:
+    """Keep the verdict in the version's lineage and make it current if it passed; whether it did."""
+    write_lineage(workdir, version, {**read_lineage(workdir, version), "gate": verdict})
+    if verdict["passed"]:
+        against = verdict["against"]
+        set_current(workdir, version, f"passed its gate against {against}" if against else "the first version")
+    return verdict["passed"]
+
+
+def promote(workdir: str, version: str, reason: str) -> None:
+    """Make `version` current by hand."""
+    lineage = read_lineage(workdir, version)
+    if lineage is None:
+        raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list`.")
+    event = {"promoted": now(), "from": current_version(workdir), "reason": reason}
+    write_lineage(workdir, version, {**lineage, "promotions": [*lineage.get("promotions", []), event]})
+    set_current(workdir, version, f"promoted by hand: {reason}")
+
+
+def rollback(workdir: str, reason: str) -> str:
+    """Make the version that was current before the present one current again; its name."""
+    present = current_version(workdir)
+    earlier = [entry["version"] for entry in history(workdir) if entry["version"] != present]
+    if not earlier:
+        raise MixloopError(f"{workdir}: no earlier current version to roll back to. Fix: `mixloop models "
+                           "promote` the version you want.")
+    promote(workdir, earlier[-1], f"rollback from {present}: {reason}")
+    return earlier[-1]
+
+
+def set_current(workdir: str, version: str, why: str) -> None:
+    entries = [*history(workdir), {"version": version, "at": now(), "why": why}]
+    write_json(_alias_file(workdir), {"version": version, "history": entries})
+    if is_local(workdir):  # models/current -> <version>, replaced in one rename
+        link, staging = version_dir(workdir, ALIAS), version_dir(workdir, f".{ALIAS}-{os.getpid()}")
+        if os.path.lexists(staging):
+            os.remove(staging)
+        os.symlink(version, staging)
+        os.replace(staging, link)
+
+
+def resolve(workdir: str, name: str) -> str:
+    """A version name, with `current` standing for the version it names."""
+    if name != ALIAS:
+        return name
+    version = current_version(workdir)
+    if version is None:
+        raise MixloopError(f"{workdir} has no current version yet: a run makes its last version current "
+                           "(when it passes the gate). See `mixloop models list`.")
+    return version
+
+
+def _alias_file(workdir: str) -> str:
+    return join(workdir, "current.json")

@@ -1,0 +1,259 @@
+"""New data in, a gated version out: `mixloop add` and `mixloop watch`.
+
+`add` turns a new corpus into an iteration by the spec's `iterate:` template: the corpus (and its
+chats) under `corpora:`, a continued-pretraining stage on the new text with replay of old text,
+re-warmed and decayed again, and a fine-tune when there are chats. Its budget follows from the new
+text's tokens, counted with the workdir's tokenizer. The stages are appended to the spec file as text
+(comments kept), the spec is validated, and the pipeline runs: the gate then decides whether the
+iteration's last version becomes current. An iteration after a rejected one starts from `current`.
+
+`watch` waits for corpora to land in an inbox (a local folder or an object-store prefix) and adds
+them one at a time, in the order their `_READY` markers (or manifests) appeared. What it has done is
+kept in `<workdir>/inbox.json`, so a restart does nothing twice and finishes an iteration that was
+cut short. It holds the workdir's lock while it works, so no other run or watch works on it at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import yaml
+
+from mixloop.errors import MixloopError
+from mixloop.spec import STAGE_NAME_PATTERN, Spec, load_spec
+from mixloop.spec.edit import append_entries, replace_validated
+from mixloop.storage import join, read_json, write_json
+
+Log = Callable[[str], None]
+READY = "_READY"
+MANIFEST = "manifest.json"  # {"text": FILE, "chat": FILE, "eval": FILE}, relative to the corpus's folder
+ROLES = ("text", "chat", "eval")
+SAMPLE_RECORDS = 2000  # records tokenized to estimate a corpus's tokens; the rest are only counted
+
+
+@dataclass(frozen=True)
+class NewCorpus:
+    name: str
+    text: str
+    chat: str | None = None
+    eval: str | None = None
+
+
+def plan(spec: Spec, new: NewCorpus, text_tokens: int, trained: set[str],
+         start_from: str | None) -> tuple[dict, list[dict]]:
+    """(corpora, stages) to add for `new`, by the spec's iterate template. `trained`: the corpora the
+    model the iteration starts from was trained on, which it replays."""
+    template, pipeline = spec.pipeline.iterate, spec.pipeline
+    text_corpora = [n for n, c in pipeline.corpora.items() if c.kind == "text" and n in trained]
+    replay = template.replay_from if template.replay_from is not None else text_corpora
+    corpora = {new.name: {"kind": "text", "path": new.text, **({"eval": new.eval} if new.eval else {})}}
+    mixture = {new.name: 1.0 - template.replay if replay else 1.0}
+    mixture |= {name: template.replay / len(replay) for name in replay}
+    tokens = int(template.passes * text_tokens / mixture[new.name])
+    stages = [{"name": new.name, **({"from": start_from} if start_from else {}), "mixture": _rounded(mixture),
+               "tokens": tokens, **_lr(template.lr)}]
+    finetune = template.finetune
+    chats = finetune.chats if finetune.chats is not None else [
+        n for n, c in pipeline.corpora.items() if c.kind == "chat" and n in trained]
+    if new.chat:
+        corpora[f"{new.name}-chat"] = {"kind": "chat", "path": new.chat}
+    if chats or new.chat:
+        chat_share = 1.0 - finetune.text_share
+        new_share = (finetune.new_share if chats else 1.0) * chat_share if new.chat else 0.0
+        mixture = {f"{new.name}-chat": new_share} if new.chat else {}
+        mixture |= {name: (chat_share - new_share) / len(chats) for name in chats}
+        if finetune.text_share:
+            mixture[new.name] = finetune.text_share
+        stages.append({"name": f"{new.name}-sft", "mixture": _rounded(mixture),
+                       "tokens": int(finetune.tokens * tokens), **_lr(finetune.lr)})
+    return corpora, stages
+
+
+def _rounded(mixture: dict[str, float]) -> dict[str, float]:
+    return {name: round(weight, 4) for name, weight in mixture.items() if weight > 0}
+
+
+def _lr(lr) -> dict:
+    settings = lr.model_dump(exclude_none=True)
+    return {"lr": settings} if settings else {}
+
+
+def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
+    """Tokens of a text corpus's documents under the workdir's tokenizer: every record counted, the
+    first SAMPLE_RECORDS tokenized, the rest estimated at their mean."""
+    from mixloop.corpora import Corpora
+    from mixloop.data.files import iter_records, list_chunks
+    from mixloop.data.records import BadRecord, checked
+    from mixloop.storage import expand_files
+    from mixloop.tokenizer import load_tokenizer
+
+    texts, count = [], 0
+    for chunk in list_chunks(expand_files(pattern), None):
+        for _, record in iter_records(chunk):
+            try:
+                text, _ = checked(record, "text", "auto", {})
+            except BadRecord:
+                continue
+            count += 1
+            if len(texts) < SAMPLE_RECORDS:
+                texts.append(text)
+    if not count:
+        raise MixloopError(f"{pattern}: no text records. Fix: point --text at JSON lines, Parquet or CSV files "
+                           "with a `text` field.")
+    tokenizer = load_tokenizer(Corpora(spec, log).tokenizer())
+    sampled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return int(sampled * count / len(texts))
+
+
+def add(spec_path: str, new: NewCorpus, dry_run: bool = False, address: str | None = None, log: Log = print,
+        lock=None) -> dict | None:
+    """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
+    `dry_run`, only show and validate the stages it would add."""
+    from mixloop.gate import current_version, trained_corpora
+    from mixloop.registry import list_versions
+
+    path = Path(spec_path)
+    spec = load_spec(path)
+    _check_new(spec, new)
+    current = current_version(spec.workdir)
+    # After a rejected iteration, the next one starts from (and replays what made) the current version.
+    start_from = current if current and current != spec.stage_names()[-1] else None
+    trained = (trained_corpora(current, {v["version"]: v for v in list_versions(spec.workdir)}) if current
+               else {corpus for stage in spec.pipeline.stages for corpus in stage.mixture})
+    tokens = count_tokens(spec, _resolved(path, new.text), log)
+    corpora, stages = plan(spec, new, tokens, trained, start_from)
+    text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
+    log(f"iteration {new.name}: adds to {path}\n" + yaml.safe_dump({"corpora": corpora, "stages": stages},
+                                                                     sort_keys=False).rstrip())
+    if dry_run:
+        _validate_only(path, text)
+        log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
+        return None
+    replace_validated(path, text, f"adding iteration {new.name}")
+    return _run(path, address, log, lock)
+
+
+def _check_new(spec: Spec, new: NewCorpus) -> None:
+    if not re.fullmatch(STAGE_NAME_PATTERN, new.name):
+        raise MixloopError(f"{new.name!r} cannot name a corpus and its stages. Fix: use lower-case letters, digits, "
+                           "'-', '_' and '.', starting with a letter or digit.")
+    taken = [n for n in (new.name, f"{new.name}-chat") if n in spec.pipeline.corpora]
+    taken += [n for n in (new.name, f"{new.name}-sft") if n in spec.stage_names()]
+    if taken:
+        raise MixloopError(f"{', '.join(sorted(set(taken)))} already in the spec. Fix: add the corpus "
+                           "under a new name; a version, once trained, is never retrained.")
+
+
+def _resolved(spec_path: Path, value: str) -> str:
+    return value if "://" in value or os.path.isabs(value) else str((spec_path.parent / value).resolve())
+
+
+def _yaml_entries(entries: dict | list) -> str:
+    """YAML of a section's new entries, each on one line (flow style), as a person would add them."""
+    items = entries.items() if isinstance(entries, dict) else [(None, entry) for entry in entries]
+    lines = []
+    for key, value in items:
+        flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+        lines.append(f"{key}: {flow}" if key is not None else f"- {flow}")
+    return "\n".join(lines)
+
+
+def _validate_only(path: Path, text: str) -> None:
+    candidate = path.with_name(f".{path.name}.dry-run")
+    candidate.write_text(text)
+    try:
+        load_spec(candidate)
+    finally:
+        candidate.unlink()
+
+
+def _run(spec_path: Path, address: str | None, log: Log, lock) -> dict:
+    from mixloop import api
+    from mixloop.pipeline import Pipeline
+
+    spec = api.load(str(spec_path))
+    if lock is None:
+        return api.run(spec, address, log)
+    return Pipeline(spec, log, address, lock).run()
+
+
+# ---------------------------------------------------------------- watch
+
+
+def ready_corpora(inbox: str) -> list[tuple[str, NewCorpus]]:
+    """(folder URI, corpus) of every corpus folder in the inbox that is ready, in arrival order: the
+    time its _READY marker (or manifest) was written, then its name."""
+    fs, root = fsspec.core.url_to_fs(inbox)
+    protocol = inbox.split("://", 1)[0] + "://" if "://" in inbox else ""
+    found = []
+    for folder in sorted(fs.ls(root, detail=False)) if fs.exists(root) else []:
+        marker = next((f"{folder}/{m}" for m in (READY, MANIFEST) if fs.exists(f"{folder}/{m}")), None)
+        if marker is None or not fs.isdir(folder):
+            continue
+        uri = protocol + folder if protocol and not folder.startswith(protocol) else folder
+        found.append((_modified(fs, marker), uri, _corpus_of(fs, folder, uri)))
+    return [(uri, corpus) for _, uri, corpus in sorted(found, key=lambda item: (item[0], item[1]))]
+
+
+def _modified(fs, path: str) -> float:
+    info = fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+def _corpus_of(fs, folder: str, uri: str) -> NewCorpus:
+    """A corpus folder's files: named by its manifest, else text.*, chat.* and eval.*."""
+    name = re.sub(r"[^a-z0-9_.-]", "-", uri.rstrip("/").rsplit("/", 1)[-1].lower()).lstrip("-_.") or "corpus"
+    manifest = read_json(join(uri, MANIFEST)) or {}
+    files = {}
+    for role in ROLES:
+        if role in manifest:
+            files[role] = join(uri, manifest[role])
+        else:
+            matches = sorted(fs.glob(f"{folder}/{role}.*"))
+            if matches:
+                files[role] = join(uri, matches[0].rsplit("/", 1)[-1])
+    if "text" not in files:
+        raise MixloopError(f"{uri}: no text file (text.jsonl, or a manifest.json naming it). Fix: add it, then the "
+                           f"{READY} marker.")
+    return NewCorpus(name, files["text"], files.get("chat"), files.get("eval"))
+
+
+def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False,
+          log: Log = print) -> list[str]:
+    """Add the inbox's ready corpora one at a time, polling every `poll_s` (with `once`: those ready now,
+    then return); the corpora added by this call."""
+    from mixloop.lock import workdir_lock
+
+    spec = load_spec(spec_path)
+    state_path = join(spec.workdir, "inbox.json")
+    added = []
+    with workdir_lock(spec.workdir, f"mixloop watch {inbox}", log) as lock:
+        _run(Path(spec_path), address, log, lock)  # the pipeline as it stands first: a run cut short resumes
+        for _ in itertools.count():
+            state = read_json(state_path) or {"corpora": {}}
+            for uri, corpus in ready_corpora(inbox):
+                if state["corpora"].get(uri, {}).get("status") == "done":
+                    continue
+                if state["corpora"].get(uri, {}).get("status") == "started":  # cut short: the spec has it
+                    log(f"watch: finishing iteration {corpus.name} ({uri})")
+                    _run(Path(spec_path), address, log, lock)
+                else:
+                    log(f"watch: {uri} is ready; adding it as corpus {corpus.name}")
+                    state["corpora"][uri] = {"corpus": corpus.name, "status": "started", "at": time.time()}
+                    write_json(state_path, state)
+                    add(spec_path, corpus, address=address, log=log, lock=lock)
+                state["corpora"][uri] = {**state["corpora"][uri], "status": "done", "finished": time.time()}
+                write_json(state_path, state)
+                added.append(corpus.name)
+            if once:
+                return added
+            time.sleep(poll_s)
+    return added

@@ -1,0 +1,225 @@
+"""New data in, gated versions out, without Ray: the gate's verdicts, the `current` alias with promote
+and rollback, `mixloop add --dry-run` and its refusals, and how the inbox is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixloop import gate
+from mixloop.cli import main
+from mixloop.errors import MixloopError, SpecError
+from mixloop.iterate import NewCorpus, plan, ready_corpora
+from mixloop.registry import list_versions, publish
+from mixloop.spec import GateSpec, load_spec, spec_from_data
+
+LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
+    "base": {"parent": None, "stage": None},
+    "pre": {"parent": "base", "stage": {"mixture": {"web": 1}}},
+    "sft": {"parent": "pre", "stage": {"mixture": {"chats": 0.9, "web": 0.1}}},
+    "law": {"parent": "sft", "stage": {"mixture": {"law": 0.5, "web": 0.5}}},
+    "law-sft": {"parent": "law", "stage": {"mixture": {"chats": 0.5, "law": 0.5}}},
+}
+
+
+def matrix(**losses: dict) -> dict:
+    return {version: {corpus: {"loss": loss} for corpus, loss in row.items()} for version, row in losses.items()}
+
+
+MATRIX = matrix(sft={"web": 3.0, "chats": 2.0, "law": 4.0}, **{"law-sft": {"web": 3.2, "chats": 2.05, "law": 3.0}})
+HEALTH = {"law-sft": {"chats": {"ended": 0.75, "repetition": 0.2}}}
+
+
+def verdict(**bounds) -> dict:
+    return gate.judge(GateSpec(**bounds), "law-sft", "sft", MATRIX, HEALTH, LINEAGES)
+
+
+def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_version():
+    passed = verdict(max_forgetting=0.25, min_uptake=0.5, min_ended=0.5, max_repetition=0.3)
+    assert passed["passed"] and passed["against"] == "sft" and not passed["failed"]
+    assert passed["checks"] == ["forgetting on chats: +0.0500 (at most 0.2500)",
+                                "forgetting on web: +0.2000 (at most 0.2500)",
+                                "uptake on law: +1.0000 (at least 0.5000)",
+                                "answers ended on chats: 75% (at least 50%)",
+                                "repetition on chats: 0.200 (at most 0.300)"]
+    # A share is of the current version's loss: 5% of web's 3.0 is 0.15 < 0.2; per corpus, others unchecked.
+    relative = verdict(max_forgetting={"web": "5%"})
+    assert not relative["passed"] and relative["failed"] == ["forgetting on web: +0.2000 (at most 0.1500)"]
+    assert verdict(min_uptake="30%")["failed"] == ["uptake on law: +1.0000 (at least 1.2000)"]
+    assert verdict(min_ended=0.8)["failed"] == ["answers ended on chats: 75% (at least 80%)"]
+    assert verdict()["passed"] and verdict()["checks"] == []  # bounds left out are not checked
+
+
+def test_uptake_that_cannot_be_measured_fails_and_the_first_version_passes_without_comparison():
+    no_eval = matrix(sft={"web": 3.0}, **{"law-sft": {"web": 3.0}})
+    judged = gate.judge(GateSpec(min_uptake=0.1), "law-sft", "sft", no_eval, {}, LINEAGES)
+    assert not judged["passed"] and judged["failed"] == ["uptake on law: not measured (it has no eval split)"]
+    first = gate.judge(GateSpec(min_uptake=0.1), "sft", None, no_eval, {}, LINEAGES)
+    assert first["passed"] and first["checks"] == ["no current version to compare with"]
+    assert gate.judge(None, "law-sft", "sft", no_eval, {}, LINEAGES)["checks"] == ["the pipeline has no gate"]
+
+
+@pytest.fixture
+def versions(tmp_path, trained_tokenizer):
+    """Two published micro versions, v1 then v2 (its child), in tmp_path/run."""
+    from mixloop.model import model_config, new_model
+
+    model_dir, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
+    new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(model_dir)
+    trained_tokenizer.save_pretrained(tokenizer_dir)
+    workdir = tmp_path / "run"
+    for version, parent in (("v1", None), ("v2", "v1")):
+        publish(str(workdir), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version})
+        time.sleep(1.1)  # versions are ordered by their finish time, in seconds
+    return workdir
+
+
+def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(versions, capsys):
+    from transformers import AutoModelForCausalLM
+
+    workdir = str(versions)
+    assert gate.record(workdir, "v1", {"passed": True, "against": None, "checks": [], "failed": []})
+    rejected = {"passed": False, "against": "v1", "checks": ["x"], "failed": ["forgetting on web: +1 (at most 0.1)"]}
+    assert not gate.record(workdir, "v2", rejected)
+    assert gate.current_version(workdir) == "v1"
+    assert json.loads((versions / "models/v2/lineage.json").read_text())["gate"]["failed"] == rejected["failed"]
+    assert os.readlink(versions / "models/current") == "v1"
+    assert AutoModelForCausalLM.from_pretrained(versions / "models/current") is not None
+    assert [v["version"] for v in list_versions(workdir)] == ["v1", "v2"]  # the link is not a version
+
+    assert main(["models", "list", workdir]) == 0
+    listing = capsys.readouterr().out
+    assert "* v1 " in listing and "failed against v1: forgetting on web" in listing and "* current: v1" in listing
+    assert main(["models", "promote", workdir, "v2", "--reason", "checked by hand"]) == 0
+    assert gate.current_version(workdir) == "v2" and os.readlink(versions / "models/current") == "v2"
+    promotions = json.loads((versions / "models/v2/lineage.json").read_text())["promotions"]
+    assert promotions[0]["from"] == "v1" and promotions[0]["reason"] == "checked by hand"
+    capsys.readouterr()
+    assert main(["models", "path", workdir, "current"]) == 0
+    assert capsys.readouterr().out.strip() == str(versions / "models/v2")
+    assert main(["models", "rollback", workdir, "--reason", "worse answers"]) == 0
+    assert gate.current_version(workdir) == "v1"
+    assert [entry["version"] for entry in gate.history(workdir)] == ["v1", "v2", "v1"]
+    assert "rollback from v2: worse answers" in gate.history(workdir)[-1]["why"]
+
+
+def test_no_current_version_and_a_stage_named_current_are_refused_clearly(tmp_path, capsys):
+    assert main(["models", "path", str(tmp_path), "current"]) == 1
+    assert "has no current version yet" in capsys.readouterr().err
+    data = pipeline_data(tmp_path)
+    data["stages"][0]["name"] = "current"
+    with pytest.raises(SpecError, match="stages\\[0\\].name: 'current' names the version in use"):
+        spec_from_data(data, str(tmp_path))
+    data = pipeline_data(tmp_path)
+    data["gate"] = {"max_forgetting": {"nope": 0.1, "web": "five%"}}
+    with pytest.raises(SpecError) as error:
+        spec_from_data(data, str(tmp_path))
+    assert "gate.max_forgetting.nope: no corpus named 'nope'" in str(error.value)
+    assert "gate.max_forgetting.web: 'five%' is neither a number nor a share" in str(error.value)
+
+
+def write_lines(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def pipeline_data(tmp_path: Path) -> dict:
+    write_lines(tmp_path / "web.jsonl", [f"the web page number {i} says hello." for i in range(40)])
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"conversations": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    return {"name": "grow", "workdir": str(tmp_path / "run"), "tokenizer": {"train": {"vocab_size": 300}},
+            "model": {"preset": "micro"},
+            "corpora": {"web": {"kind": "text", "path": "web.jsonl"}, "chats": {"kind": "chat", "path": "chats.jsonl"}},
+            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+            "stages": [{"name": "pre", "mixture": {"web": 1}, "tokens": 512},
+                       {"name": "sft", "mixture": {"chats": 0.9, "web": 0.1}, "tokens": 256}]}
+
+
+def test_the_iteration_template_replays_old_text_and_fine_tunes_on_old_and_new_chats(tmp_path):
+    data = pipeline_data(tmp_path)
+    data["iterate"] = {"replay": 0.4, "passes": 2, "lr": {"peak": 0.002},
+                       "finetune": {"tokens": 0.5, "new_share": 0.5, "text_share": 0.2}}
+    spec = spec_from_data(data, str(tmp_path))
+    new = NewCorpus("law", "law.jsonl", chat="law-qa.jsonl", eval="law-eval.jsonl")
+    corpora, stages = plan(spec, new, 1000, {"web", "chats"}, "sft")
+    assert corpora == {"law": {"kind": "text", "path": "law.jsonl", "eval": "law-eval.jsonl"},
+                       "law-chat": {"kind": "chat", "path": "law-qa.jsonl"}}
+    assert stages[0] == {"name": "law", "from": "sft", "mixture": {"law": 0.6, "web": 0.4}, "tokens": 3333,
+                         "lr": {"peak": 0.002, "warmup": 0.05, "warmup_from": "zero", "decay": "cosine"}}
+    assert stages[1]["name"] == "law-sft" and stages[1]["tokens"] == 1666
+    assert stages[1]["mixture"] == {"law-chat": 0.4, "chats": 0.4, "law": 0.2}
+    # Without chats anywhere, no fine-tune; without old text, no replay.
+    data["corpora"].pop("chats")
+    data["stages"] = data["stages"][:1]
+    corpora, stages = plan(spec_from_data(data, str(tmp_path)), NewCorpus("law", "law.jsonl"), 1000, set(), None)
+    assert [s["name"] for s in stages] == ["law"] and stages[0]["mixture"] == {"law": 1.0}
+    assert stages[0]["tokens"] == 2000 and "from" not in stages[0]
+
+
+def test_add_dry_run_prints_and_validates_the_stages_and_writes_nothing(tmp_path, capsys):
+    spec_path = tmp_path / "pipeline.yaml"
+    spec_path.write_text("# my pipeline: comments stay\n" + yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False))
+    write_lines(tmp_path / "law.jsonl", [f"the court rules on case {i} today." for i in range(30)])
+    before = spec_path.read_text()
+    assert main(["add", str(spec_path), "law", "--text", str(tmp_path / "law.jsonl"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "iteration law: adds to" in out and "- name: law\n" in out and "- name: law-sft" in out
+    assert "valid with the iteration (dry run: nothing written, nothing trained)" in out
+    assert spec_path.read_text() == before and not (tmp_path / "run" / "models").exists()
+    assert not list(tmp_path.glob(".pipeline.yaml.*"))
+
+    assert main(["add", str(spec_path), "web", "--text", str(tmp_path / "law.jsonl"), "--dry-run"]) == 1
+    assert "web already in the spec. Fix: add the corpus under a new name" in capsys.readouterr().err
+    assert main(["add", str(spec_path), "Law Books", "--text", "law.jsonl", "--dry-run"]) == 1
+    assert "cannot name a corpus and its stages" in capsys.readouterr().err
+    write_lines(tmp_path / "empty.jsonl", [])
+    assert main(["add", str(spec_path), "empty", "--text", str(tmp_path / "empty.jsonl"), "--dry-run"]) == 1
+    assert "no text records" in capsys.readouterr().err
+    assert spec_path.read_text() == before
+
+
+def test_add_appends_to_the_spec_keeping_its_comments(tmp_path):
+    from mixloop.spec.edit import append_entries, replace_validated
+
+    spec_path = tmp_path / "pipeline.yaml"
+    spec_path.write_text("# my pipeline\n" + yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False)
+                         + "# evaluation\neval_rows: 8\n")
+    write_lines(tmp_path / "law.jsonl", ["x"])
+    text = append_entries(spec_path, {"corpora": "law: {kind: text, path: law.jsonl}",
+                                      "stages": "- {name: law, mixture: {law: 0.5, web: 0.5}, tokens: 256}"})
+    replace_validated(spec_path, text, "adding law")
+    spec = load_spec(spec_path)
+    assert list(spec.pipeline.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
+    assert spec_path.read_text().startswith("# my pipeline\n") and spec.pipeline.eval_rows == 8
+    with pytest.raises(MixloopError, match="would make .* invalid"):
+        replace_validated(spec_path, append_entries(spec_path, {"stages": "- {name: x, mixture: {nope: 1}, tokens: 9}"}),
+                          "adding x")
+    assert load_spec(spec_path).stage_names() == ["pre", "sft", "law"]
+
+
+def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_path):
+    inbox = tmp_path / "inbox"
+    for name, files in (("Zoo Law", {"text.jsonl": ""}), ("alpha", {"text.parquet": "", "eval.jsonl": "",
+                                                                    "chat.jsonl": ""})):
+        (inbox / name).mkdir(parents=True)
+        for file, content in files.items():
+            (inbox / name / file).write_text(content)
+    (inbox / "pending").mkdir()
+    (inbox / "pending" / "text.jsonl").write_text("")  # no marker yet: still being written
+    (inbox / "Zoo Law" / "_READY").write_text("")
+    time.sleep(0.05)
+    (inbox / "alpha" / "manifest.json").write_text(json.dumps({"text": "text.parquet"}))
+    found = ready_corpora(str(inbox))
+    assert [uri for uri, _ in found] == [str(inbox / "Zoo Law"), str(inbox / "alpha")]
+    assert found[0][1] == NewCorpus("zoo-law", str(inbox / "Zoo Law" / "text.jsonl"))
+    assert found[1][1] == NewCorpus("alpha", str(inbox / "alpha" / "text.parquet"), str(inbox / "alpha" / "chat.jsonl"),
+                                    str(inbox / "alpha" / "eval.jsonl"))
+    (inbox / "broken").mkdir()
+    (inbox / "broken" / "_READY").write_text("")
+    with pytest.raises(MixloopError, match="broken: no text file"):
+        ready_corpora(str(inbox))
