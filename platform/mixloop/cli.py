@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--chat", help="its chats, for the fine-tune")
     add.add_argument("--eval", help="its held-out text, to measure uptake (and gate on it)")
     add.add_argument("--dry-run", action="store_true", help="print and validate the stages; write and train nothing")
+    add.add_argument("--tune", type=int, default=0, metavar="N", help="first search the replay share and re-warm in "
+                     "N trials (Ray Tune + Optuna; needs --eval) and keep the winner")
     add.add_argument("--address", help=ADDRESS_HELP)
     watch = _command(commands, "watch", "wait for corpora in an inbox and add each as an iteration, one at a time",
                      "mixloop watch jobs/quickstart.yaml --inbox s3://bucket/inbox", handlers.cmd_watch)

@@ -251,7 +251,7 @@ def cmd_add(args) -> int:
     from mixloop.iterate import NewCorpus, add
 
     files = {role: _from_here(args.spec, getattr(args, role)) for role in ("text", "chat", "eval")}
-    add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, address=args.address)
+    add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, tune=args.tune, address=args.address)
     return 0
 
 

@@ -112,16 +112,20 @@ def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
     return int(sampled * count / len(texts))
 
 
-def add(spec_path: str, new: NewCorpus, dry_run: bool = False, address: str | None = None, log: Log = print,
-        lock=None) -> dict | None:
+def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, address: str | None = None,
+        log: Log = print, lock=None) -> dict | None:
     """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
-    `dry_run`, only show and validate the stages it would add."""
+    `dry_run`, only show and validate the stages it would add; with `tune`, search the continued
+    pretraining's replay share and re-warm in that many trials first, and keep the winner."""
     from mixloop.gate import current_version, trained_corpora
     from mixloop.registry import list_versions
 
     path = Path(spec_path)
     spec = load_spec(path)
     _check_new(spec, new)
+    if tune and (tune < 3 or not new.eval):
+        raise MixloopError(f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
+                           "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval.")
     current = current_version(spec.workdir)
     # After a rejected iteration, the next one starts from (and replays what made) the current version.
     start_from = current if current and current != spec.stage_names()[-1] else None
@@ -136,8 +140,41 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, address: str | No
         _validate_only(path, text)
         log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
         return None
-    replace_validated(path, text, f"adding iteration {new.name}")
+    if tune:
+        _tuned(path, spec, new, corpora, stages, tune, address, log, lock)
+    else:
+        replace_validated(path, text, f"adding iteration {new.name}")
     return _run(path, address, log, lock)
+
+
+def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[dict], trials: int,
+           address: str | None, log: Log, lock) -> None:
+    """Search the continued-pretraining stage's replay share and re-warm (`trials` trials, the template's
+    stage among them), append the winner as the stage, then the rest of the iteration."""
+    from mixloop.spec import BUILTIN_DEFAULTS
+    from mixloop.tuning.runner import run_search
+
+    replace_validated(path, append_entries(path, {"corpora": _yaml_entries(corpora)}), f"adding corpus {new.name}")
+    stage, rest = stages[0], stages[1:]
+    peak = stage.get("lr", {}).get("peak") or spec.pipeline.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
+    measured = [name for name in stage["mixture"] if name != new.name and spec.pipeline.corpora[name].eval]
+    search = {
+        "name": new.name, "pipeline": str(path.resolve()),
+        "new_stage": {key: value for key, value in stage.items() if key not in ("name", "from")},
+        **({"start_from": stage["from"]} if "from" in stage else {}),
+        "space": {"mixture": {"corpora": list(stage["mixture"]), "min_share": 0.05},
+                  "lr_peak": [peak / 3, peak * 3], "warmup": [0.0, 0.2]},
+        "objective": " + ".join([f"loss[{new.name!r}]", *[f"2 * forgetting[{name!r}]" for name in measured]]),
+        "trials": {"count": trials, "evals": 2, "workers": 1},
+    }
+    search_path = path.with_name(f".{path.stem}.{new.name}.tune.yaml")  # next to the spec: `pipeline:` resolves
+    search_path.write_text(yaml.safe_dump(search, sort_keys=False))
+    try:
+        run_search(str(search_path), address, apply=True, log=log, lock=lock)
+    finally:
+        search_path.unlink()
+    if rest:
+        replace_validated(path, append_entries(path, {"stages": _yaml_entries(rest)}), f"adding {rest[0]['name']}")
 
 
 def _check_new(spec: Spec, new: NewCorpus) -> None:

@@ -93,3 +93,20 @@ def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothi
     assert spec.read_text() == before
     assert sorted(p.name for p in (workdir / "models").iterdir() if not p.name.startswith(".")) == [
         "base", "court", "current", "market", "s1"]
+
+    # After the rejected iteration, the next starts from the current version; --tune searches its replay
+    # share and re-warm (the template's stage, the stratified mix and one proposal) and keeps the winner.
+    data = yaml.safe_load(spec.read_text())
+    data["gate"] = {"max_forgetting": 10.0}
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    drop(inbox, "law", seed=4)
+    assert main(["add", str(spec), "law", "--text", str(inbox / "law/text.jsonl"), "--eval",
+                 str(inbox / "law/eval.jsonl"), "--tune", "3", "--address", ray_address]) == 0
+    out = capsys.readouterr().out
+    law = yaml.safe_load(spec.read_text())["stages"][-1]
+    assert law["name"] == "law" and law["from"] == "court" and set(law["mixture"]) == {"law", "web", "court"}
+    lineage = json.loads((workdir / "models" / "law" / "lineage.json").read_text())
+    assert lineage["parent"] == "court" and lineage["metrics"]["tuned_by"]["trial"]
+    assert json.loads((workdir / "current.json").read_text())["version"] == "law"
+    assert "gate: law is now the current version (passed against court)" in out
+    assert not list(tmp_path.glob(".pipeline.*"))  # the search spec it wrote is gone

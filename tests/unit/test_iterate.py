@@ -177,6 +177,8 @@ def test_add_dry_run_prints_and_validates_the_stages_and_writes_nothing(tmp_path
     assert "web already in the spec. Fix: add the corpus under a new name" in capsys.readouterr().err
     assert main(["add", str(spec_path), "Law Books", "--text", "law.jsonl", "--dry-run"]) == 1
     assert "cannot name a corpus and its stages" in capsys.readouterr().err
+    assert main(["add", str(spec_path), "law", "--text", str(tmp_path / "law.jsonl"), "--tune", "3"]) == 1
+    assert "Fix: give --tune 3 or more, and --eval" in capsys.readouterr().err
     write_lines(tmp_path / "empty.jsonl", [])
     assert main(["add", str(spec_path), "empty", "--text", str(tmp_path / "empty.jsonl"), "--dry-run"]) == 1
     assert "no text records" in capsys.readouterr().err

@@ -55,12 +55,13 @@ TRACKED_FILE = "tracked.json"  # written once a trial's run went to the trackers
 
 
 def run_search(path: str, address: str | None = None, apply: bool = False, trial: str | None = None,
-               log: Log = print) -> dict:
-    """Run or resume a search, then write and print its results (and append the best stage)."""
+               log: Log = print, lock=None) -> dict:
+    """Run or resume a search, then write and print its results (and append the best stage). `lock`: the
+    workdir's lock when the caller holds it already."""
     search = load_search(path)
     if apply:
         _check_apply(search, trial)
-    pipeline = Pipeline(search.pipeline, log, address)
+    pipeline = Pipeline(search.pipeline, log, address, lock)
     with pipeline.locked(f"mixloop tune {path}"):  # trials train from, and write into, the pipeline's workdir
         init_ray(address)
         context = _prepare(search, pipeline)
