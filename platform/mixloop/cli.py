@@ -129,6 +129,8 @@ def _add_job_commands(commands) -> None:
     submit.add_argument("spec", help="pipeline YAML")
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    submit.add_argument("--watch", metavar="INBOX", help="run `mixloop watch` on this inbox (a URI every node sees) "
+                        "instead of `mixloop run`")
 
     group = commands.add_parser("jobs", help="pipelines submitted as Ray jobs: list, status, logs, stop",
                                 description="Pipelines submitted as Ray jobs: list, status, logs, stop.")

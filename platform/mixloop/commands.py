@@ -283,7 +283,7 @@ def cmd_tune(args) -> int:
 
 def cmd_submit(args) -> int:
     client = jobs.JobClient(args.address)
-    job = client.submit(args.spec)
+    job = client.submit(args.spec, args.watch)
     print(f"submitted {args.spec} to {client.address} as job {job}\n{client.commands(job)}", flush=True)
     if args.no_wait:
         return 0

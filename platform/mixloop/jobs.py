@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -30,6 +31,26 @@ AGENT_WAIT_S = 60
 TOKEN_HELP = ("Set RAY_AUTH_TOKEN to the cluster's token (print it on the head with `ray get-auth-token`), "
               "or put it in ~/.ray/auth_token or a file named by RAY_AUTH_TOKEN_PATH; RAY_AUTH_MODE=disabled "
               "only for a cluster started without token authentication.")
+
+
+def _with_added_iterations(spec) -> dict | None:
+    """The workdir's copy of the spec when iterations were added to it (by a watch job) since the given
+    spec was written: it holds every stage of the given spec, and more."""
+    from mixloop.errors import SpecError
+    from mixloop.spec import load_spec
+    from mixloop.storage import exists, join
+
+    copy_path = join(spec.workdir, "pipeline.yaml")
+    try:
+        copy = load_spec(copy_path) if exists(copy_path) else None
+    except SpecError:
+        return None
+    names = spec.stage_names()
+    if copy is None or copy.stage_names()[:len(names)] != names or len(copy.stage_names()) == len(names):
+        return None
+    print(f"note: {copy_path} holds stages a watch added ({', '.join(copy.stage_names()[len(names):])}); the job "
+          "watches from that copy", file=sys.stderr)
+    return copy.portable()
 
 
 def submission_id(pipeline_name: str) -> str:
@@ -148,8 +169,10 @@ class JobClient:
                 f"  status: mixloop jobs status {job} --address {self.address}\n"
                 f"  stop:   mixloop jobs stop {job} --address {self.address}")
 
-    def submit(self, spec_path: str) -> str:
-        """Validate the spec and submit it as a Ray job; its submission id."""
+    def submit(self, spec_path: str, inbox: str | None = None) -> str:
+        """Validate the spec and submit it as a Ray job; its submission id. With `inbox`, the job is
+        `mixloop watch` on it; the iterations it adds go into the workdir's copy of the spec, which a
+        later submit takes up when it holds every stage of the given spec and more."""
         import yaml
 
         from mixloop.spec import load_spec
@@ -157,7 +180,7 @@ class JobClient:
         spec = load_spec(spec_path)
         job = submission_id(spec.pipeline.name)
         earlier = self._make_room(job, spec.pipeline.name, spec.workdir)
-        data = spec.portable()
+        data = (_with_added_iterations(spec) if inbox else None) or spec.portable()
         host = self.address.split("://", 1)[1].split(":")[0].split("/")[0]
         if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
             print(f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
@@ -166,7 +189,8 @@ class JobClient:
         with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
             Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             self._submit(spec.pipeline.name, dict(
-                entrypoint="mixloop run pipeline.yaml --address auto", submission_id=job,
+                entrypoint=(f"mixloop watch pipeline.yaml --inbox {shlex.quote(inbox)} --address auto" if inbox
+                            else "mixloop run pipeline.yaml --address auto"), submission_id=job,
                 runtime_env={"working_dir": folder},
                 metadata={"mixloop": __version__, "pipeline": spec.pipeline.name, "spec": spec_source,
                           "workdir": data["workdir"], "log_offset": str(len(earlier)), "log_tail": earlier[-80:]},

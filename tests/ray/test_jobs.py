@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from support import generated_spec, port_block, stop_head, write_spec
 
 from mixloop import cli, jobs
@@ -232,3 +233,33 @@ def test_the_embedded_rays_own_processes_find_its_state_api_beside_another_ray(r
         return [node.node_id for node in list_nodes()]
 
     assert ray.get(nodes_seen_from_a_worker.remote()) == [ray.get_runtime_context().get_node_id()]
+
+
+def test_a_watch_job_adds_what_lands_in_the_inbox_and_a_later_submit_takes_it_up(mixloop, head, tmp_path, capsys):
+    from test_hard_edges import text_file
+
+    spec = spec_file(tmp_path, steps=8)
+    data = yaml.safe_load(spec.read_text())
+    data["iterate"] = {"finetune": {"chats": []}}  # continued pretraining only: no fine-tune stage
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    corpus = tmp_path / "inbox" / "notes"
+    corpus.mkdir(parents=True)
+    text_file(corpus / "text.jsonl", 60)
+    (corpus / "_READY").write_text("")
+    assert mixloop(["submit", str(spec), "--no-wait", "--watch", str(tmp_path / "inbox")]) == 0
+    job, state = "mixloop-test", tmp_path / "run" / "inbox.json"
+    client = jobs.JobClient(None).sdk
+    deadline = time.time() + 300
+    while not (state.exists() and json.loads(state.read_text())["corpora"][str(corpus)]["status"] == "done"):
+        assert str(client.get_job_status(job)) not in TERMINAL, client.get_job_logs(job)[-4000:]
+        assert time.time() < deadline, client.get_job_logs(job)[-4000:]
+        time.sleep(1)
+    assert str(client.get_job_status(job)) == "RUNNING"  # still watching
+    assert mixloop(["jobs", "stop", job]) == 0
+    copy = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
+    assert [stage["name"] for stage in copy["stages"]] == ["short", "notes"]
+    assert json.loads((tmp_path / "run" / "current.json").read_text())["version"] == "notes"
+    capsys.readouterr()
+    assert mixloop(["submit", str(spec), "--no-wait", "--watch", str(tmp_path / "inbox")]) == 0
+    assert "holds stages a watch added (notes); the job watches from that copy" in capsys.readouterr().err
+    assert mixloop(["jobs", "stop", job]) == 0
