@@ -205,8 +205,9 @@ def _add_bench_commands(commands) -> None:
     shared = str(Path(__file__).resolve().parents[3] / "shared" / "data")
     data_help = "the folder of real corpora: tokenizer/, pretrain/, sft/, domain/, eval/ (default: ../shared/data)"
     continual = _command(bench_commands, "continual",
-                         "absorb a new domain three ways (scratch, new data only, replay + re-warm)",
+                         "absorb a new domain four ways (scratch, new data only, the iterate template, tuned)",
                          "mixloop bench continual --data ../shared/data", handlers.cmd_bench_continual)
+    continual.add_argument("--trials", type=int, default=4, help="trials of the tuned strategy's search (default 4)")
     data = _command(bench_commands, "data",
                     "preparation tokens/s per core, mixed-loader rows/s against training, peak memory at 1x and 10x",
                     "mixloop bench data --replicas 10", handlers.cmd_bench_data)

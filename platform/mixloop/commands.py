@@ -203,7 +203,7 @@ def _print_bench(result: dict, formatted) -> int:
 def cmd_bench_continual(args) -> int:
     from mixloop.bench.continual import continual, format_continual
 
-    result = continual(_shared_data(args.data), Path(args.workdir).resolve(), args.address)
+    result = continual(_shared_data(args.data), Path(args.workdir).resolve(), args.address, args.trials)
     return _print_bench(result, format_continual)
 
 

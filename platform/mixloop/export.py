@@ -47,8 +47,10 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
     chain = _chain(lineage["version"], versions)
     start = (versions.get("base", {}).get("model") or {}).get("path")
     hub_start = start if start and not start.startswith(("/", ".")) and "://" not in start else None
+    datasets = _hub_datasets(workdir, chain)
     metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                "tags": ["mixloop", "continual-pretraining"], **({"base_model": hub_start} if hub_start else {})}
+                "tags": ["mixloop", "continual-pretraining"], **({"base_model": hub_start} if hub_start else {}),
+                **({"datasets": datasets} if datasets else {})}
     lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in metadata.items()), "---", "",
              f"# {lineage['version']}", "",
              f"Version `{lineage['version']}` of a model kept current with mixloop "
@@ -64,6 +66,18 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
     lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
               "`lineage.json` beside the weights records every setting of its stage.", ""]
     return "\n".join(lines)
+
+
+def _hub_datasets(workdir: str, chain: list[dict]) -> list[str]:
+    """The Hub datasets (ids) of the corpora the chain trained on, from the workdir's copy of the spec."""
+    import yaml
+
+    from mixloop.storage import exists, join, read_text
+
+    copy = join(workdir, "pipeline.yaml")
+    corpora = (yaml.safe_load(read_text(copy)) or {}).get("corpora", {}) if exists(copy) else {}
+    used = {name for step in chain for name in (step.get("stage") or {}).get("mixture", {})}
+    return sorted({corpora[name]["dataset"] for name in used if "dataset" in corpora.get(name, {})})
 
 
 def _chain(version: str, versions: dict[str, dict]) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mixloop.cli import as_user_error, build_parser, main
 from mixloop.errors import CorruptVersionError, SpecError, StorageError
@@ -143,8 +144,15 @@ def test_the_top_level_help_is_whole_sentences_and_lists_exit_codes(capsys):
 def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mixloop.registry import read_lineage, write_lineage
+
     (version / "eval").mkdir()
     (version / "eval" / "matrix.json").write_text(json.dumps({"v1": {"web": {"loss": 2.5}}}))
+    # v1 trained on a Hub dataset and a local file: the card's metadata names the dataset.
+    (version / "pipeline.yaml").write_text(yaml.safe_dump({"corpora": {
+        "gsm": {"kind": "chat", "dataset": "openai/gsm8k"}, "web": {"kind": "text", "path": "/data/web.jsonl"}}}))
+    write_lineage(str(version), "v1", {**read_lineage(str(version), "v1"),
+                                       "stage": {"mixture": {"gsm": {"from": 0.5, "to": 0.5}, "web": {"from": 0.5, "to": 0.5}}}})
     out = tmp_path / "exported"
     assert main(["models", "export", str(version), "v1", str(out), "--dtype", "bf16", "--max-shard-size", "40KB"]) == 0
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -158,6 +166,7 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
     assert json.loads((out / "lineage.json").read_text())["version"] == "v1"
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: \"transformers\"") and "# v1" in card and "| web | 2.5000 |" in card
+    assert 'datasets: ["openai/gsm8k"]\n' in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
 
