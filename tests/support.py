@@ -92,6 +92,21 @@ def cache_dataset(cache: Path, repo: str, commit: str, files: dict[str, object])
     return snapshot
 
 
+def micro_versions(folder: Path, tokenizer, chain: list[tuple[str, str | None]]) -> Path:
+    """Versions of one untrained micro model published in `chain` order (name, parent) in folder/run."""
+    from mixloop.model import model_config, new_model
+    from mixloop.registry import publish
+
+    model_dir, tokenizer_dir = folder / "weights", folder / "tokenizer"
+    new_model(model_config("micro", None, tokenizer), seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(tokenizer_dir)
+    for index, (version, parent) in enumerate(chain):
+        if index:
+            time.sleep(1.1)  # versions are ordered by their finish time, in seconds
+        publish(str(folder / "run"), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version})
+    return folder / "run"
+
+
 def port_block(size: int, low: int = 20000, high: int = 30000) -> int:
     """The first port of `size` consecutive free loopback ports, away from Ray's defaults."""
     for _ in range(200):

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import micro_versions
+
 from mixloop import gate
 from mixloop.cli import main
 from mixloop.errors import MixloopError, SpecError
 from mixloop.iterate import NewCorpus, plan, ready_corpora
-from mixloop.registry import list_versions, publish
+from mixloop.registry import list_versions
 from mixloop.spec import GateSpec, load_spec, spec_from_data
 
 LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
@@ -67,16 +69,7 @@ def test_uptake_that_cannot_be_measured_fails_and_the_first_version_passes_witho
 @pytest.fixture
 def versions(tmp_path, trained_tokenizer):
     """Two published micro versions, v1 then v2 (its child), in tmp_path/run."""
-    from mixloop.model import model_config, new_model
-
-    model_dir, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
-    new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(model_dir)
-    trained_tokenizer.save_pretrained(tokenizer_dir)
-    workdir = tmp_path / "run"
-    for version, parent in (("v1", None), ("v2", "v1")):
-        publish(str(workdir), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version})
-        time.sleep(1.1)  # versions are ordered by their finish time, in seconds
-    return workdir
+    return micro_versions(tmp_path, trained_tokenizer, [("v1", None), ("v2", "v1")])
 
 
 def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(versions, capsys):

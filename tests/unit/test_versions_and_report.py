@@ -15,24 +15,19 @@ import pytest
 import torch
 import yaml
 
+from support import micro_versions
+
 from mixloop.cli import as_user_error, build_parser, main
 from mixloop.errors import CorruptVersionError, SpecError, StorageError
 from mixloop.export import export
-from mixloop.registry import publish, remove_partial_publishes, verified_version, version_dir
+from mixloop.registry import remove_partial_publishes, verified_version, version_dir
 from mixloop.report import write_report
 
 
 @pytest.fixture
 def version(tmp_path, trained_tokenizer):
     """A published micro model `v1` in tmp_path/run."""
-    from mixloop.model import model_config, new_model
-
-    model_dir, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
-    new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(model_dir)
-    trained_tokenizer.save_pretrained(tokenizer_dir)
-    workdir = tmp_path / "run"
-    publish(str(workdir), "v1", str(model_dir), str(tokenizer_dir), {"parent": None, "stage_hash": "h"})
-    return workdir
+    return micro_versions(tmp_path, trained_tokenizer, [("v1", None)])
 
 
 def truncate(path: Path) -> None:
