@@ -1,10 +1,11 @@
 """The Hugging Face Hub: a `model.path` that names no folder but a hub id (`org/name`, with an
-optional `revision`), downloaded once through huggingface_hub into its cache; and an exported version
-pushed to a hub repo (`mixloop models export ... --push-to-hub REPO`).
+optional `revision`), downloaded once through huggingface_hub into its cache; a corpus's `dataset:`
+(a hub dataset's subset and split, whose files the datasets library picks and the cache keeps); and
+an exported version pushed to a hub repo (`mixloop models export ... --push-to-hub REPO`).
 
 HF_HUB_OFFLINE is honoured (read when the model is needed, so a process that sets it late is
-heard too): offline, a model must already be in the cache, and validation says so before any
-work; a push is refused before the export. HF_HUB_CACHE and HF_HOME place the cache, HF_TOKEN (or
+heard too): offline, a model or dataset must already be in the cache, and validation says so before
+any work; a push is refused before the export. HF_HUB_CACHE and HF_HOME place the cache, HF_TOKEN (or
 `hf auth login`) gives the token and HF_ENDPOINT the Hub, as huggingface_hub's own tools do.
 """
 
@@ -80,6 +81,83 @@ def not_cached_message(repo: str, revision: str | None, repo_type: str = "model"
     return (f"{name} is not in the Hugging Face cache ({_cache_dir() or 'the default cache'}) and HF_HUB_OFFLINE "
             f"is set. Fix: download it once where there is a network (`{command}`) into this cache, or unset "
             "HF_HUB_OFFLINE.")
+
+
+def dataset_files(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
+    """The local files of one split of a hub dataset, taken from the Hugging Face cache or downloaded
+    into it (the files of its subset only). Which files make a split is decided by the datasets
+    library, as `load_dataset` decides it: the README's `configs`, else its file-naming conventions."""
+    if offline():
+        folder = _dataset_snapshot(repo, revision)
+    else:
+        commit, paths = _subset_paths_on_hub(repo, revision, subset)
+        folder = _dataset_snapshot(repo, commit, ["README.md", *paths])
+    return _split(_subset_files(folder, repo, subset), repo, split, in_cache=True)
+
+
+def split_paths(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
+    """The files of a hub dataset's split as validation sees them, downloading nothing: local files of
+    the cache when offline, on the Hub otherwise (MixloopError: it has no such split)."""
+    if offline():
+        return _split(_subset_files(_dataset_snapshot(repo, revision), repo, subset), repo, split, in_cache=True)
+    return _split(_subset_files(repo, repo, subset, revision), repo, split, in_cache=False)
+
+
+def _subset_paths_on_hub(repo: str, revision: str | None, subset: str | None) -> tuple[str, list[str]]:
+    """(commit, paths in the repository) of every split of a subset, resolved on the Hub without
+    downloading data. All of them: the datasets library resolves a subset's splits together."""
+    uris = [uri for files in _subset_files(repo, repo, subset, revision).values() for uri in files]
+    # The datasets library names them hf://datasets/<repo>@<commit>/<path in the repository>.
+    commit = uris[0].split("@", 1)[1].split("/", 1)[0]
+    return commit, [uri.split(f"@{commit}/", 1)[1] for uri in uris]
+
+
+def _subset_files(source: str, repo: str, subset: str | None,
+                  revision: str | None = None) -> dict[str, tuple[str, ...]]:
+    """split -> files of a subset of the dataset in `source` (a local snapshot folder, or the hub id)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source, name=subset, revision=revision)
+    except ValueError as exc:  # an unknown subset (the message names the known ones), files in mixed formats
+        raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: check `subset` and the dataset's files.") from None
+    except FileNotFoundError as exc:  # a cached snapshot that lacks some of the subset's files
+        raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: download it again where there is a network "
+                           f"(`hf download {repo} --repo-type dataset`).") from None
+    except Exception as exc:  # noqa: BLE001 - network and Hub errors: one line, not a traceback
+        raise MixloopError(f"dataset {repo}: cannot read it ({type(exc).__name__}: {_short(exc)}). Fix: check the "
+                           "id and revision, the network, and `hf auth login` for a private dataset.") from None
+    return {str(name): tuple(files) for name, files in (builder.config.data_files or {}).items()}
+
+
+def _split(splits: dict[str, tuple[str, ...]], repo: str, split: str, in_cache: bool) -> tuple[str, ...]:
+    if split not in splits:
+        where = "in the Hugging Face cache" if in_cache else "on the Hub"
+        raise MixloopError(f"dataset {repo} has no split {split!r} {where} (it has {', '.join(splits) or 'none'}). "
+                           "Fix: name one of those" + (", or download the split where there is a network."
+                                                       if in_cache else "."))
+    return splits[split]
+
+
+def _short(exc: Exception) -> str:
+    """The first line of an error, cut at 300 characters (datasets lists every file extension it knows)."""
+    line = _first_line(exc)
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
+def _dataset_snapshot(repo: str, revision: str | None, allow_patterns: list[str] | None = None) -> str:
+    """The cached (and, online, completed) snapshot folder of a hub dataset."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=allow_patterns,
+                                 cache_dir=_cache_dir(), local_files_only=offline())
+    except LocalEntryNotFoundError:
+        raise MixloopError(not_cached_message(repo, revision, "dataset")) from None
+    except OSError as exc:  # HfHubHTTPError is one
+        raise MixloopError(f"dataset {repo}: cannot download it ({str(exc).splitlines()[0]}). Fix: check the "
+                           "network, or download it where there is one and set HF_HUB_OFFLINE=1 here.") from None
 
 
 def check_push(repo: str) -> None:
@@ -159,79 +237,3 @@ def _first_line(exc: Exception) -> str:
 def _cache_dir() -> str | None:
     return os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
                                               else None)
-
-
-def dataset_files(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
-    """The local files of one split of a hub dataset, taken from the Hugging Face cache or downloaded
-    into it (the files of its subset only). Which files make a split is decided by the datasets
-    library, as `load_dataset` decides it: the README's `configs`, else its file-naming conventions."""
-    if offline():
-        folder = _dataset_snapshot(repo, revision)
-    else:
-        commit, paths = _subset_paths_on_hub(repo, revision, subset)
-        folder = _dataset_snapshot(repo, commit, ["README.md", *paths])
-    return _split(_subset_files(folder, repo, subset), repo, split, in_cache=True)
-
-
-def split_paths(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
-    """The files of a hub dataset's split as validation sees them, downloading nothing: local files of
-    the cache when offline, on the Hub otherwise (MixloopError: it has no such split)."""
-    if offline():
-        return _split(_subset_files(_dataset_snapshot(repo, revision), repo, subset), repo, split, in_cache=True)
-    return _split(_subset_files(repo, repo, subset, revision), repo, split, in_cache=False)
-
-
-def _subset_paths_on_hub(repo: str, revision: str | None, subset: str | None) -> tuple[str, list[str]]:
-    """(commit, paths in the repository) of every split of a subset, resolved on the Hub without
-    downloading data. All of them: the datasets library resolves a subset's splits together."""
-    uris = [uri for files in _subset_files(repo, repo, subset, revision).values() for uri in files]
-    # The datasets library names them hf://datasets/<repo>@<commit>/<path in the repository>.
-    commit = uris[0].split("@", 1)[1].split("/", 1)[0]
-    return commit, [uri.split(f"@{commit}/", 1)[1] for uri in uris]
-
-
-def _subset_files(source: str, repo: str, subset: str | None,
-                  revision: str | None = None) -> dict[str, tuple[str, ...]]:
-    """split -> files of a subset of the dataset in `source` (a local snapshot folder, or the hub id)."""
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(source, name=subset, revision=revision)
-    except ValueError as exc:  # an unknown subset (the message names the known ones), files in mixed formats
-        raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: check `subset` and the dataset's files.") from None
-    except FileNotFoundError as exc:  # a cached snapshot that lacks some of the subset's files
-        raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: download it again where there is a network "
-                           f"(`hf download {repo} --repo-type dataset`).") from None
-    except Exception as exc:  # noqa: BLE001 - network and Hub errors: one line, not a traceback
-        raise MixloopError(f"dataset {repo}: cannot read it ({type(exc).__name__}: {_short(exc)}). Fix: check the "
-                           "id and revision, the network, and `hf auth login` for a private dataset.") from None
-    return {str(name): tuple(files) for name, files in (builder.config.data_files or {}).items()}
-
-
-def _split(splits: dict[str, tuple[str, ...]], repo: str, split: str, in_cache: bool) -> tuple[str, ...]:
-    if split not in splits:
-        where = "in the Hugging Face cache" if in_cache else "on the Hub"
-        raise MixloopError(f"dataset {repo} has no split {split!r} {where} (it has {', '.join(splits) or 'none'}). "
-                           "Fix: name one of those" + (", or download the split where there is a network."
-                                                       if in_cache else "."))
-    return splits[split]
-
-
-def _short(exc: Exception) -> str:
-    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return line if len(line) <= 300 else line[:300] + "..."
-
-
-def _dataset_snapshot(repo: str, revision: str | None, allow_patterns: list[str] | None = None) -> str:
-    """The cached (and, online, completed) snapshot folder of a hub dataset."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=allow_patterns,
-                                 cache_dir=_cache_dir(), local_files_only=offline())
-    except LocalEntryNotFoundError:
-        raise MixloopError(not_cached_message(repo, revision, "dataset")) from None
-    except OSError as exc:  # HfHubHTTPError is one
-        raise MixloopError(f"dataset {repo}: cannot download it ({str(exc).splitlines()[0]}). Fix: check the "
-                           "network, or download it where there is one and set HF_HUB_OFFLINE=1 here.") from None

@@ -90,10 +90,15 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
 def _pretrain_until_flat(path: Path, spec: dict, address: str | None) -> dict:
     """Pretrain chunk by chunk at a constant learning rate until a chunk improves the general eval loss
     by less than FLAT (relative), or MAX_CHUNKS ran: how the base was decided to be trained enough."""
+    from mixloop.pipeline import Pipeline
+    from mixloop.spec import load_spec
+
     losses = []
-    while True:
-        result = _run(_write(path, spec), address)
-        losses.append(result["matrix"][spec["stages"][-1]["name"]]["general"]["loss"])
+    while True:  # training and evaluation only: chat health and the report wait for the strategies
+        pipeline = Pipeline(load_spec(_write(path, spec)), log=lambda line: None, address=address)
+        with pipeline.locked("mixloop bench continual"):
+            matrix = pipeline.evaluate(pipeline.train().prepared)
+        losses.append(matrix[spec["stages"][-1]["name"]]["general"]["loss"])
         gain = (losses[-2] - losses[-1]) / losses[-2] if len(losses) > 1 else 1.0
         if gain < FLAT or len(losses) == MAX_CHUNKS:
             return {"losses": losses, "last_gain": gain, "rule": f"stop when a chunk of {CHUNK:,} tokens improves "
