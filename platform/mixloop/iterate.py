@@ -15,7 +15,6 @@ cut short. It holds the workdir's lock while it works, so no other run or watch 
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import time
@@ -274,7 +273,7 @@ def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float 
     added = []
     with workdir_lock(spec.workdir, f"mixloop watch {inbox}", log) as lock:
         _run(Path(spec_path), address, log, lock)  # the pipeline as it stands first: a run cut short resumes
-        for _ in itertools.count():
+        while True:
             state = read_json(state_path) or {"corpora": {}}
             for uri, corpus in ready_corpora(inbox):
                 if state["corpora"].get(uri, {}).get("status") == "done":

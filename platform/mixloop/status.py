@@ -7,6 +7,7 @@ import datetime
 import json
 import time
 
+from mixloop.gate import current_version, gate_summary
 from mixloop.lock import describe, live_holder
 from mixloop.registry import list_versions
 from mixloop.spec import Spec
@@ -31,6 +32,8 @@ def status_lines(spec: Spec) -> list[str]:
         lines.append("running: nothing")
     lines.append("left:    " + (", ".join(f"{stage.name} ({stage.total_steps} steps of "
                                           f"{stage.global_batch_tokens:,} tokens)" for stage in left) or "nothing"))
+    current = current_version(workdir)
+    lines.append("current: " + (f"{current} ({gate_summary(done[current])})" if current in done else "none yet"))
     return lines
 
 

@@ -91,6 +91,8 @@ def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothi
     out = capsys.readouterr().out
     assert "every stage is done; nothing to train" in out and "adding it as corpus" not in out
     assert spec.read_text() == before
+    assert main(["status", str(spec)]) == 0
+    assert "current: court (passed against s1)" in capsys.readouterr().out
     assert sorted(p.name for p in (workdir / "models").iterdir() if not p.name.startswith(".")) == [
         "base", "court", "current", "market", "s1"]
 
