@@ -33,3 +33,20 @@ def test_stdlib_platform_wins_when_run_from_the_repo_root():
     system, location = result.stdout.split()
     assert system
     assert Path(location).resolve().parent == STDLIB
+
+
+def test_every_import_of_a_mixloop_name_resolves_lazy_ones_too():
+    """Commands import inside functions (so `mixloop --help` stays fast); a name moved elsewhere would
+    only fail when that command runs, e.g. a benchmark nobody ran since the move."""
+    import ast
+    import importlib
+
+    broken = []
+    for path in sorted((REPO / "platform" / "mixloop").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mixloop"):
+                module = importlib.import_module(node.module)
+                broken += [f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}"
+                           for alias in node.names if not hasattr(module, alias.name)
+                           and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+    assert not broken, broken

@@ -108,7 +108,7 @@ def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
     from mixloop.data.mixplan import MixPlan
     from mixloop.data.store import PackedCorpus
     from mixloop.model import PRESETS, new_model
-    from mixloop.train.loop import MicroBatch, micro_batches_of
+    from mixloop.train.batches import MicroBatch, micro_batches_of
     from mixloop.train.loss import token_ce
     from transformers import Qwen3Config
 
