@@ -2,7 +2,8 @@
 and whether preparation's memory stays flat when the corpus grows tenfold.
 
 - preparation: every train corpus of the shared data, MiniMind's tokenizer, one Ray Data job in a
-  fresh process with its own local Ray; tokens per second and per CPU core (worker start-up included).
+  fresh process with its own local Ray; tokens per second and per CPU core (worker start-up included),
+  beside the tokenizer's own `encode_batch` on the same documents in one process on one thread.
 - loader: rows per second the mix plan and packed-row reads deliver to one of the quickstart's two
   workers, against the rows per second that worker trains with the quickstart model (tiny preset,
   512-token vocabulary, one thread, micro-batches of 8 rows of 128 tokens).
@@ -37,7 +38,9 @@ def _measure(data: Path, workdir: Path, replicas: int) -> dict:
     tokenizer = str(data / "tokenizer")
     corpora = {name: str(data / name / "*.jsonl") for name in LOADER_CORPORA}
     prepared = prepare_in_child(corpora, tokenizer, workdir / "all")
+    raw = raw_encode_in_child(corpora, tokenizer)
     cpus = prepared["cpus"]
+    per_core = prepared["tokens"] / prepared["seconds"] / cpus
     memory = {}
     for factor in (1, replicas):
         files = replicate(sorted(data.glob(MEMORY_FILES)), factor, workdir / f"x{factor}")
@@ -45,7 +48,8 @@ def _measure(data: Path, workdir: Path, replicas: int) -> dict:
     return {
         "machine": f"{os.cpu_count()} CPU cores",
         "preparation": {**prepared, "tokens_per_s": prepared["tokens"] / prepared["seconds"],
-                        "tokens_per_s_per_core": prepared["tokens"] / prepared["seconds"] / cpus},
+                        "tokens_per_s_per_core": per_core, "share_of_raw_encoding": per_core / raw["tokens_per_s"]},
+        "raw_encoding": raw,
         "loader": loader_vs_training(prepared["folders"]),
         "memory": {**memory, "ratio": memory[f"x{replicas}"]["peak_rss_mb"] / memory["x1"]["peak_rss_mb"]},
     }
@@ -77,6 +81,40 @@ def prepare_in_child(corpora: dict[str, str], tokenizer: str, workdir: Path) -> 
     if child.returncode != 0 or not lines:
         raise RuntimeError(f"preparation in {workdir} failed (exit {child.returncode})")
     return {**json.loads(lines[-1]), "peak_rss_mb": peak / 2**20}
+
+
+def raw_encode_in_child(corpora: dict[str, str], tokenizer: str) -> dict:
+    """The tokenizer's own speed on the same documents: `encode_batch` in one process on one thread
+    (chats rendered by the chat template first, untimed)."""
+    command = [sys.executable, "-m", "mixloop.bench.data", "--tokenizer", tokenizer, "--corpora", json.dumps(corpora),
+               "--raw"]
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _raw_encode(corpora: dict[str, str], tokenizer_dir: str) -> dict:
+    from mixloop.data.files import iter_records, list_chunks
+    from mixloop.data.records import BadRecord, checked
+    from mixloop.storage import expand_files
+    from mixloop.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = []
+    for name, pattern in corpora.items():
+        kind = "chat" if name == "sft" else "text"
+        for chunk in list_chunks(expand_files(pattern), None):
+            for _, record in iter_records(chunk):
+                try:
+                    content, _ = checked(record, kind, "auto", {})
+                except BadRecord:
+                    continue
+                texts.append(content if kind == "text" else tokenizer.apply_chat_template(content, tokenize=False))
+    started = time.perf_counter()
+    encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(e.ids) for e in encoded)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "threads": 1}
 
 
 def tree_rss(root: int) -> int:
@@ -157,7 +195,9 @@ def format_data(result: dict) -> str:
                         if isinstance(v, dict))
     return "\n".join([
         f"preparation  {prep['tokens']:,} tokens in {prep['seconds']:.1f} s on {prep['cpus']} CPUs: "
-        f"{prep['tokens_per_s']:,.0f} tokens/s, {prep['tokens_per_s_per_core']:,.0f} per core",
+        f"{prep['tokens_per_s']:,.0f} tokens/s, {prep['tokens_per_s_per_core']:,.0f} per core, "
+        f"{prep['share_of_raw_encoding']:.0%} of the tokenizer's own {result['raw_encoding']['tokens_per_s']:,.0f} "
+        "tokens/s on one core",
         f"loader       {loader['loader_rows_per_s']:,.0f} rows/s to one worker; it trains "
         f"{loader['training_rows_per_s']:,.1f} rows/s: {loader['ratio']:,.0f}x",
         f"memory       peak RSS {sizes}: ratio {memory['ratio']:.2f}",
@@ -170,7 +210,11 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("--tokenizer")
     parser.add_argument("--workdir")
     parser.add_argument("--corpora")
+    parser.add_argument("--raw", action="store_true", help="time the tokenizer alone instead of preparing")
     args = parser.parse_args(argv)
+    if args.raw:
+        print(json.dumps(_raw_encode(json.loads(args.corpora), args.tokenizer)))
+        return
     import ray
 
     from mixloop.data.prepare import CorpusRequest, prepare_corpora
