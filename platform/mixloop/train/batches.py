@@ -78,3 +78,5 @@ class MicroBatch:
         self.corpus = torch.as_tensor(corpus_of_row, dtype=torch.long)
         self.targets = (self.inputs["labels"] != -100).sum(1).double()  # supervised targets per row
         self.real_tokens = torch.as_tensor((segments > 0).sum(1), dtype=torch.float64)
+        # Rows of one document need no mask (mixloop.train.forward).
+        self.one_document_per_row = bool((segments.max(1) <= 1).all())
