@@ -96,7 +96,16 @@ def test_the_documents_route_is_for_transformers_models_on_cpu(model):
     class RemoteCode(torch.nn.Module):  # a trust_remote_code model: its own attention, no registry
         _supports_attention_backend = False
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, logits_to_keep=0):
             return input_ids
 
     assert not takes_documents(RemoteCode(), "cpu")
+
+
+def test_a_micro_batch_without_targets_has_zero_loss_and_gradients(model):
+    unsupervised = [(ids, np.zeros(len(ids), bool)) for ids, _ in documents([6, 9])]
+    model.zero_grad()
+    ce = micro_batch_ce(model, micro_batch(unsupervised, 16), "cpu", by_document=True)
+    ce.sum().backward()
+    assert (ce == 0).all()
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())

@@ -2,7 +2,8 @@
 
   documents  (CPU, a transformers model that takes its attention from transformers' registry) the
              micro-batch's documents are laid end to end in one row, padding dropped; attention runs
-             document by document (SDPA with is_causal: no mask, no cross-document work).
+             document by document (SDPA with is_causal: no mask, no cross-document work) and the output
+             layer and cross-entropy run only at supervised positions.
   causal     (rows holding one document each, as with `packing: false`) no mask and no position ids:
              SDPA's causal path. Padding after the document may see it, but nothing sees padding and
              padding is never a target.
@@ -13,6 +14,7 @@ All three give the same per-token loss and gradients, to float rounding (tests/u
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import numpy as np
@@ -55,11 +57,12 @@ AttentionInterface.register(DOCUMENT_ATTENTION, _document_attention)
 
 def takes_documents(model, device) -> bool:
     """Whether the documents route applies: on CPU, to a transformers model (not remote code) whose
-    attention comes from transformers' registry."""
+    attention comes from transformers' registry and whose forward keeps logits by a mask."""
     unwrapped = getattr(model, "module", model)
     return (torch.device(device).type == "cpu"
             and type(unwrapped).__module__.startswith("transformers.")
-            and getattr(unwrapped, "_supports_attention_backend", False))
+            and getattr(unwrapped, "_supports_attention_backend", False)
+            and "logits_to_keep" in inspect.signature(unwrapped.forward).parameters)
 
 
 @contextmanager
@@ -80,12 +83,13 @@ def micro_batch_ce(model, batch, device, by_document: bool) -> torch.Tensor:
     inputs = batch.inputs
     labels = inputs["labels"].to(device, non_blocking=True)
     if by_document:
-        real = batch.real
+        real, supervised = batch.real, inputs["labels"] != -100
         with _attention(model, DOCUMENT_ATTENTION):
             logits = model(input_ids=inputs["input_ids"][real][None], position_ids=inputs["position_ids"][real][None],
-                           use_cache=False, document_lengths=batch.document_lengths).logits[0]
-        ce = F.cross_entropy(logits.float(), labels[real], ignore_index=-100, reduction="none")
-        return torch.zeros(labels.shape, dtype=ce.dtype).index_put((real,), ce)
+                           logits_to_keep=supervised[real].nonzero().view(-1), use_cache=False,
+                           document_lengths=batch.document_lengths).logits[0]
+        ce = F.cross_entropy(logits.float(), labels[supervised], reduction="none")
+        return torch.zeros(labels.shape, dtype=ce.dtype).index_put((supervised,), ce)
     if batch.one_document_per_row:
         return token_ce(model(input_ids=inputs["input_ids"].to(device, non_blocking=True)).logits, labels)
     keys = ("input_ids", "attention_mask", "position_ids")
