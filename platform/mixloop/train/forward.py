@@ -57,7 +57,7 @@ AttentionInterface.register(DOCUMENT_ATTENTION, _document_attention)
 
 def takes_documents(model, device) -> bool:
     """Whether the documents route applies: on CPU, to a transformers model (not remote code) whose
-    attention comes from transformers' registry and whose forward keeps logits by a mask."""
+    attention comes from transformers' registry and whose forward takes logits_to_keep."""
     unwrapped = getattr(model, "module", model)
     return (torch.device(device).type == "cpu"
             and type(unwrapped).__module__.startswith("transformers.")
