@@ -80,11 +80,11 @@ def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens
     parameters, threads = base["parameters"], pipeline.spec.resolved_stages()[0].cpus_per_worker
     machine = torch.cuda.get_device_name() if use_gpu else f"CPU ({threads:g} thread(s) per variant)"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
+    base_dir, device = version_dir(str(workdir), BASE_VERSION), torch.device("cuda" if use_gpu else "cpu")
     workloads = {}
     for name, seq_len in seq_lens.items():
         padded = stages[f"{name}-padded"]
-        results = {"plain": plain_variant(padded, prepared.for_stage(padded)[name], version_dir(str(workdir), BASE_VERSION),
-                                          torch.device("cuda" if use_gpu else "cpu"))}
+        results = {"plain": plain_variant(padded, prepared.for_stage(padded)[name], base_dir, device)}
         for variant in VARIANTS[1:]:
             stage = stages[f"{name}-{'packed' if variant == 'in-process' else variant}"]
             results[variant] = _run_stage(runner, stage, base, workdir, f"{name}-{variant}", variant == "in-process")
@@ -100,10 +100,8 @@ def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens
             "data_wait_share": packed["data_s"] / packed["step_seconds"],
             "mfu": 6 * parameters * packed["useful_tokens_per_s"] / peak if peak else None,
         }
-    return {
-        "machine": machine, "model": {**model, "parameters": parameters}, "steps": steps, "rows_per_step": ROWS_PER_STEP,
-        "workloads": workloads,
-    }
+    return {"machine": machine, "model": {**model, "parameters": parameters}, "steps": steps,
+            "rows_per_step": ROWS_PER_STEP, "workloads": workloads}
 
 
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
