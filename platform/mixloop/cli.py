@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -213,11 +214,16 @@ def _add_bench_commands(commands) -> None:
                     "mixloop bench data --replicas 10", handlers.cmd_bench_data)
     data.add_argument("--replicas", type=int, default=10, help="how many times the corpus grows for the memory test")
     train = _command(bench_commands, "train",
-                     "useful tokens/s packed vs padded, step time split, Ray's per-step overhead, MFU on GPU",
-                     "mixloop bench train --preset tiny --steps 30 --seq-len 512", handlers.cmd_bench_train)
+                     "useful tokens/s of packed, padded and in-process runs against a plain loop, on pretraining "
+                     "text and SFT chats; step time split, Ray's per-step overhead, MFU on GPU",
+                     "mixloop bench train --preset tiny --steps 30", handlers.cmd_bench_train)
     train.add_argument("--preset", default="tiny", help="model preset (default tiny; minimind-3 on a GPU)")
+    train.add_argument("--config", type=json.loads, metavar="JSON",
+                       help='Qwen3Config fields over the preset, e.g. \'{"hidden_size": 256, "intermediate_size": 832}\'')
     train.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (default 30)")
-    train.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    train.add_argument("--text-seq-len", type=int, default=340,
+                       help="tokens per row of pretraining text (default 340, MiniMind's)")
+    train.add_argument("--sft-seq-len", type=int, default=768, help="tokens per row of SFT chats (default 768, MiniMind's)")
     for name, command in (("continual", continual), ("data", data), ("train", train)):
         command.add_argument("--data", default=shared, help=data_help)
         command.add_argument("--workdir", default=f"runs/bench-{name}", help="where the benchmark writes its runs")

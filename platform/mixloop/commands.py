@@ -210,8 +210,9 @@ def cmd_bench_continual(args) -> int:
 def cmd_bench_train(args) -> int:
     from mixloop.bench.train import format_train, train_benchmark
 
-    result = train_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.preset, args.steps,
-                             args.seq_len, args.address)
+    model = {"preset": args.preset, **({"config": args.config} if args.config else {})}
+    result = train_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), model, args.steps,
+                             {"text": args.text_seq_len, "sft": args.sft_seq_len}, args.address)
     return _print_bench(result, format_train)
 
 

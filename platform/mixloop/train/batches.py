@@ -13,6 +13,7 @@ import torch
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.packing import model_inputs
 from mixloop.spec import StepGeometry
+from mixloop.train.forward import document_lengths
 
 
 class StepBatch(NamedTuple):
@@ -77,4 +78,8 @@ class MicroBatch:
             self.inputs = {k: v.pin_memory() for k, v in self.inputs.items()}
         self.corpus = torch.as_tensor(corpus_of_row, dtype=torch.long)
         self.targets = (self.inputs["labels"] != -100).sum(1).double()  # supervised targets per row
-        self.real_tokens = torch.as_tensor((segments > 0).sum(1), dtype=torch.float64)
+        self.real = torch.as_tensor(segments > 0)
+        self.real_tokens = self.real.sum(1).double()
+        # What the forward pass needs to skip the 4D mask (mixloop.train.forward).
+        self.document_lengths = document_lengths(segments)
+        self.one_document_per_row = bool((segments.max(1) <= 1).all())

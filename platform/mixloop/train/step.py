@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from mixloop.train.batches import MicroBatch, StepBatch
+from mixloop.train.forward import micro_batch_ce, takes_documents
 from mixloop.train.job import StageJob
-from mixloop.train.loss import corpus_token_weights, token_ce
+from mixloop.train.loss import corpus_token_weights
 
 
 class StepHooks:
@@ -85,6 +86,7 @@ class StepTrainer:
         self.loss_weights = torch.tensor([job.stage.loss_weights[n] for n in names], dtype=torch.float64)
         self.corpora = len(names)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if job.stage.use_gpu else nullcontext()
+        self.by_document = takes_documents(model, device)
 
     def step(self, batch: StepBatch, lr: float, progress: Progress, step: int, timer: StepTimer) -> float:
         """Train one step; returns the gradient norm (not finite: nothing was applied). DDP's gradient
@@ -108,11 +110,10 @@ class StepTrainer:
         return grad_norm
 
     def _backward(self, micro_batch: "MicroBatch", weights: torch.Tensor, step: int, last: bool) -> torch.Tensor:
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in micro_batch.inputs.items()}
-        labels = inputs.pop("labels")
+        labels = micro_batch.inputs["labels"].to(self.device, non_blocking=True)
         with nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
             with self.autocast:
-                ce = token_ce(self.model(**inputs).logits, labels)
+                ce = micro_batch_ce(self.model, micro_batch, self.device, self.by_document)
             ce = self.hooks.loss(step, ce)
             per_token = weights[micro_batch.corpus.to(self.device)][:, None] * (labels != -100)
             # DDP averages gradients over workers; the loss is a sum over all of them.
