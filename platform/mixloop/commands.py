@@ -69,15 +69,14 @@ def cmd_models_list(args) -> int:
         print("no versions yet")
         return 0
     # Trained tokens are the documents' own; the budget counts every slot of its steps, padding included.
-    print(f"  {'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}  gate")
+    print(f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}  gate")
     for lineage in versions:
         trained = sum((lineage.get("tokens_per_corpus") or {}).values())
         stage, steps = lineage.get("stage") or {}, (lineage.get("metrics") or {}).get("steps", 0)
         budget = steps * stage.get("global_batch_tokens", 0)
-        mark = "*" if lineage["version"] == current else " "
-        print(f"{mark} {lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
-              f"{lineage['finished']:<25}  {gate_summary(lineage)}")
-    print(f"* current: {current}" if current else "no current version yet")
+        gate = ("CURRENT, " if lineage["version"] == current else "") + gate_summary(lineage)
+        print(f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
+              f"{lineage['finished']:<25}  {gate}")
     return 0
 
 
