@@ -183,7 +183,6 @@ def push(folder: Path, repo: str, private: bool, revision: str | None, message: 
     """Upload an exported folder to the hub repo `repo` (created if missing, private if asked), on the
     branch `revision` (created from main if missing) or main, in place of the weights there; the URL
     of the new commit."""
-    import httpx
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=_endpoint())
@@ -193,9 +192,10 @@ def push(folder: Path, repo: str, private: bool, revision: str | None, message: 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
                                  delete_patterns=WEIGHT_FILES).commit_url
-    # HfHubHTTPError and hf_xet's named errors are OSErrors, httpx's network errors are not, and hf_xet
-    # may raise a bare RuntimeError.
-    except (OSError, httpx.HTTPError, RuntimeError) as exc:
+    # HfHubHTTPError and hf_xet's named errors are OSErrors; the HTTP client's network errors are not, and
+    # the client differs between huggingface_hub versions (httpx in 1.x, httpx2 in 2.x); hf_xet may raise
+    # a bare RuntimeError. Whatever the upload raised, the export is kept and the user told why.
+    except Exception as exc:  # noqa: BLE001
         raise MixloopError(_push_failure(exc, repo, folder, private, revision)) from None
 
 
