@@ -65,6 +65,10 @@ def load_tokenizer(path: str):
         raise DataError(f"{path}: the tokenizer has no eos_token. Fix: set eos_token in tokenizer_config.json.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Padding or truncation saved in tokenizer.json stays on in the Rust tokenizer, which the encoders
+    # call directly: documents would be cut, or padded with tokens marked as targets.
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
     return tokenizer
 
 

@@ -211,3 +211,20 @@ def test_a_template_that_rewrites_history_gives_one_document_per_answer_as_the_m
     second = tok.decode(documents[1][0].tolist())
     assert "<think>it is a star" not in second and "the sun is far." in second  # earlier reasoning dropped
     assert "<think>the moon is near</think>" in second  # the supervised answer keeps its own
+
+
+def test_padding_and_truncation_saved_in_tokenizer_json_do_not_reach_the_encoders(trained_tokenizer, tmp_path):
+    from mixloop.tokenizer import load_tokenizer
+
+    saved = copy.deepcopy(trained_tokenizer)
+    saved.backend_tokenizer.enable_padding(pad_id=saved.pad_token_id, length=64)
+    saved.backend_tokenizer.enable_truncation(max_length=4)
+    saved.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    text = "a document much longer than four tokens, said in many words"
+    [[(ids, supervised)]] = encode_texts(tokenizer, [text])
+    assert ids.tolist() == trained_tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert supervised.all()
+    conversation = [{"role": "user", "content": "hi there, how are you"}, {"role": "assistant", "content": "fine"}]
+    assert encode_chats(tokenizer, [conversation])[0][0][0].tolist() == \
+        encode_chats(trained_tokenizer, [conversation])[0][0][0].tolist()
