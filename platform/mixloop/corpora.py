@@ -61,7 +61,7 @@ class Corpora:
             return synthetic.write_corpus(join(self.workdir, "generated", name), corpus.kind, g.topic,
                                           g.documents, g.eval_documents, g.seed)
         if corpus.dataset is not None:
-            splits = {"train": corpus.split, "eval": corpus.eval}
+            splits = {"train": corpus.train_split, "eval": corpus.eval}
             return {key: _hub_split(name, corpus, split) for key, split in splits.items() if split is not None}
         files = {"train": self.spec.path(corpus.path)}
         if corpus.eval:

@@ -301,8 +301,10 @@ def _this_run(logs: str, info) -> str:
 
 
 def _local_paths(data: dict) -> list[str]:
+    from mixloop.spec.resolve import path_keys
+
     sections = (data["tokenizer"], data["model"], *data["corpora"].values())
-    paths = [data["workdir"]] + [section[key] for section in sections for key in ("path", "eval") if key in section]
+    paths = [data["workdir"]] + [section[key] for section in sections for key in path_keys(section)]
     return [p for p in paths if "://" not in p]
 
 

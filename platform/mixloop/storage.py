@@ -65,10 +65,10 @@ def size(path: str) -> int:
 
 
 def expand_files(pattern: str | tuple[str, ...]) -> list[str]:
-    """Files matching a path, glob or URI (or each of several, in their order), sorted, as URIs/paths
-    usable by fsspec."""
-    if isinstance(pattern, tuple):
-        return [file for each in pattern for file in expand_files(each)]
+    """Files matching a path, glob or URI, sorted, as URIs/paths usable by fsspec; a tuple of files as
+    it is."""
+    if isinstance(pattern, tuple):  # files already found (a hub dataset's split): names, not globs
+        return list(pattern)
     fs, _ = fsspec.core.url_to_fs(pattern)
     try:
         matches = fs.expand_path(pattern.split("://", 1)[-1] if "://" in pattern else pattern, recursive=False)

@@ -223,6 +223,8 @@ def test_hub_dataset_problems_name_the_yaml_path_and_the_fix(hub_dataset, tmp_pa
     assert "'main', 'socratic'" in str(unknown_subset.value)
     with pytest.raises(SpecError, match="corpora.web.subset: only a hub dataset"):
         load_spec(_with_web(tmp_path, {"subset": "main"}))
+    with pytest.raises(SpecError, match="corpora.web.split: only a hub dataset"):  # even the default's value
+        load_spec(_with_web(tmp_path, {"split": "train"}))
     path = dataset_spec(tmp_path, {"dataset": "tiny-org/elsewhere"})
     assert main(["validate", str(path)]) == 2 and "Traceback" not in capsys.readouterr().err
 

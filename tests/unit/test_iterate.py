@@ -50,7 +50,7 @@ def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_v
                                 "answers ended on chats: 75% (at least 50%)",
                                 "repetition on chats: 0.200 (at most 0.300)"]
     # A share is of the current version's loss: 5% of web's 3.0 is 0.15 < 0.2; per corpus, others unchecked.
-    relative = verdict(max_forgetting={"web": "5%"})
+    relative = verdict(max_forgetting={"web": " 5% "})  # as written in YAML, spaces and all
     assert not relative["passed"] and relative["failed"] == ["forgetting on web: +0.2000 (at most 0.1500)"]
     assert verdict(min_uptake="30%")["failed"] == ["uptake on law: +1.0000 (at least 1.2000)"]
     assert verdict(min_ended=0.8)["failed"] == ["answers ended on chats: 75% (at least 80%)"]

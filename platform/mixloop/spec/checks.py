@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 
 from mixloop.spec.resolve import ResolvedStage, Spec, resolve_stage
-from mixloop.spec.schema import (BASE_VERSION, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
+from mixloop.spec.schema import (BASE_VERSION, CURRENT_ALIAS, BUILTIN_DEFAULTS, MODEL_PRESETS, PRESET_POSITIONS,
                                  FILE_FORMATS, QWEN3_DEFAULT_POSITIONS, CorpusSpec, StageSettings, StageSpec,
                                  _as_number, _is_whole)
 from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
@@ -83,7 +83,7 @@ def _gate_problems(gate, corpora: dict[str, CorpusSpec]) -> list[str]:
             where = f"gate.{key}" + (f".{corpus}" if corpus else "")
             if corpus is not None and corpus not in corpora:
                 problems.append(f"{where}: no corpus named {corpus!r}. Fix: use one of {', '.join(corpora)}.")
-            if isinstance(value, str) and not SHARE.fullmatch(value.strip()):
+            if isinstance(value, str) and not SHARE.fullmatch(value):
                 problems.append(f"{where}: {value!r} is neither a number nor a share. Fix: write 0.05 (eval loss) "
                                 "or \"5%\" (of the current version's loss).")
     return problems
@@ -201,8 +201,7 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
     if [corpus.path, corpus.dataset, corpus.generate].count(None) != 2:
         return [f"{where}: give exactly one of `path` (files), `dataset` (a Hugging Face Hub dataset id) or "
                 "`generate` (mixloop writes them)."]
-    if corpus.dataset is None and (hub_only := [key for key in ("subset", "revision") if getattr(corpus, key)]
-                                   + (["split"] if corpus.split != "train" else [])):
+    if corpus.dataset is None and (hub_only := [key for key in ("subset", "split", "revision") if getattr(corpus, key)]):
         return [f"{where}.{hub_only[0]}: only a hub dataset (`dataset: org/name`) has one. Fix: remove it."]
     if corpus.generate is not None:
         return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
@@ -224,7 +223,7 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
 
 def _dataset_problems(where: str, corpus: CorpusSpec) -> list[str]:
     """A hub dataset's splits, resolved without downloading data (offline: in the cache)."""
-    for key, split in (("split", corpus.split), ("eval", corpus.eval)):
+    for key, split in (("split", corpus.train_split), ("eval", corpus.eval)):
         try:
             paths = split_paths(corpus.dataset, corpus.revision, corpus.subset, split) if split else ()
         except MixloopError as exc:
@@ -295,8 +294,8 @@ def stage_problems(spec: Spec, where: str, stage: StageSpec, earlier: list[str |
         problems.append(f"{where}.name: stage name {stage.name!r} is used twice. Fix: stage names must be unique; they name versions.")
     if stage.name == BASE_VERSION:
         problems.append(f"{where}.name: {BASE_VERSION!r} names the starting model. Fix: choose another stage name.")
-    if stage.name == "current":
-        problems.append(f"{where}.name: 'current' names the version in use (see `mixloop models list`). Fix: "
+    if stage.name == CURRENT_ALIAS:
+        problems.append(f"{where}.name: {CURRENT_ALIAS!r} names the version in use (see `mixloop models list`). Fix: "
                         "choose another stage name.")
     for corpus in stage.mixture if _ok(corpora) else []:
         if corpus not in corpora:

@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from mixloop.spec.schema import BUILTIN_DEFAULTS, LRSpec, PipelineSpec, StageSettings, StageSpec
 
 
+def path_keys(section: dict) -> list[str]:
+    """The keys of a tokenizer or corpus section (as data) that hold file paths; a hub dataset's `eval`
+    names one of its splits."""
+    return [key for key in ("path", "eval") if key in section and not (key == "eval" and "dataset" in section)]
+
+
 class Spec:
     """A validated pipeline spec and the folder its relative paths start from."""
 
@@ -64,9 +70,8 @@ class Spec:
         data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["workdir"] = self.workdir
         for section in (data["tokenizer"], *data["corpora"].values()):
-            for key in ("path", "eval") if "dataset" not in section else ():  # a hub dataset's eval is a split
-                if key in section:
-                    section[key] = self.path(section[key])
+            for key in path_keys(section):
+                section[key] = self.path(section[key])
         if "path" in data["model"]:
             data["model"]["path"] = self.model_source()  # a hub id stays one
         for holder in (data, *data["corpora"].values()):  # template files, as for corpora

@@ -13,6 +13,7 @@ MODEL_PRESETS = ("minimind-3", "small", "tiny", "micro")
 GENERATED_TOPICS = ("general", "astronomy")
 STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 BASE_VERSION = "base"
+CURRENT_ALIAS = "current"  # names the version in use (registry.resolve), never a stage
 # max_position_embeddings of mixloop.model.PRESETS, and Qwen3Config's default for a preset or config without
 # one. Copied so that validating a spec does not import torch and transformers (seconds); a unit test keeps
 # them in step.
@@ -124,8 +125,12 @@ class CorpusSpec(Strict):
     Hugging Face cache (HF_HUB_OFFLINE honoured) and read as local files are."""
     subset: str | None = None
     """For a hub dataset: its subset (the `name` of datasets.load_dataset); default: its only one."""
-    split: str = "train"
-    """For a hub dataset: the split to train on."""
+    split: str | None = None
+    """For a hub dataset: the split to train on (default: train)."""
+
+    @property
+    def train_split(self) -> str:
+        return self.split or "train"
     revision: str | None = None
     """For a hub dataset: the branch, tag or commit to take (default: main)."""
     format: Literal[RECORD_FORMATS] = "auto"  # type: ignore[valid-type]
@@ -359,6 +364,14 @@ class GateSpec(Strict):
     """Chat health floor: the share of answers that end within chat_max_new_tokens, per chat corpus."""
     max_repetition: float | None = Field(default=None, ge=0, le=1)
     """Chat health ceiling: the mean share of repeated 4-grams in answers, per chat corpus."""
+
+    @field_validator("max_forgetting", "min_uptake", mode="before")
+    @classmethod
+    def _shares_without_spaces(cls, value: Any) -> Any:
+        """" 5% " as "5%", so the share that validation accepts is the one the gate reads."""
+        if isinstance(value, dict):
+            return {corpus: bound.strip() if isinstance(bound, str) else bound for corpus, bound in value.items()}
+        return value.strip() if isinstance(value, str) else value
 
 
 class PipelineSpec(Strict):
