@@ -61,7 +61,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from mixloop.gate import current_version, gate_summary
+    from mixloop.gate import gate_summary
+    from mixloop.registry import current_version
 
     workdir = _workdir(args.target)
     versions, current = api.versions(workdir), current_version(workdir)
@@ -83,7 +84,7 @@ def cmd_models_list(args) -> int:
 def cmd_models_path(args) -> int:
     from mixloop.registry import verified_version
 
-    print(verified_version(*_version(args.target, args.version)))
+    print(verified_version(_workdir(args.target), args.version))
     return 0
 
 
@@ -91,10 +92,10 @@ def cmd_models_promote(args) -> int:
     from mixloop.gate import promote
     from mixloop.lock import workdir_lock
 
-    workdir, version = _version(args.target, args.version)
+    workdir = _workdir(args.target)
     with workdir_lock(workdir, "mixloop models promote"):
-        promote(workdir, version, args.reason)
-    print(f"{version} is now the current version of {workdir}")
+        promote(workdir, args.version, args.reason)
+    print(f"{args.version} is now the current version of {workdir}")
     return 0
 
 
@@ -109,18 +110,10 @@ def cmd_models_rollback(args) -> int:
     return 0
 
 
-def _version(target: str, name: str) -> tuple[str, str]:
-    """(workdir, version) of a target and a version name, `current` standing for the version it names."""
-    from mixloop.gate import resolve
-
-    workdir = _workdir(target)
-    return workdir, resolve(workdir, name)
-
-
 def cmd_models_show(args) -> int:
     from mixloop.registry import read_lineage
 
-    lineage = read_lineage(*_version(args.target, args.version))
+    lineage = read_lineage(_workdir(args.target), args.version)
     if lineage is None:
         raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
     print(json.dumps(lineage, indent=2))
@@ -167,7 +160,7 @@ def cmd_models_export(args) -> int:
         raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)  # before the export: offline, a bad repo id, no token
-    out = export(*_version(args.target, args.version), args.dir, args.dtype, args.max_shard_size)
+    out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
     print(f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
           "(load it with AutoModelForCausalLM.from_pretrained)")
     if args.push_to_hub:
@@ -181,7 +174,7 @@ def cmd_chat(args) -> int:
     from mixloop.chat import chat
     from mixloop.registry import verified_version
 
-    chat(verified_version(*_version(args.target, args.version)), max_new_tokens=args.max_new_tokens)
+    chat(verified_version(_workdir(args.target), args.version), max_new_tokens=args.max_new_tokens)
     return 0
 
 

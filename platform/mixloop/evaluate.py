@@ -22,7 +22,7 @@ from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.storage import join, write_json
 from mixloop.health import chat_health
 from mixloop.model import load_model
-from mixloop.registry import read_lineage, version_dir
+from mixloop.registry import ancestors, read_lineage, version_dir
 from mixloop.tracking import counted
 from mixloop.train.loss import token_ce
 
@@ -130,8 +130,8 @@ def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]
         parent = lineage.get("parent")
         if parent is None or version not in matrix or parent not in matrix:
             continue
-        ancestors = _ancestors(parent, lineages)
-        earlier = {c for a in ancestors for c in (lineages[a].get("stage") or {}).get("mixture", {})}
+        chain = ancestors(parent, lineages)
+        earlier = {c for a in chain for c in (lineages[a].get("stage") or {}).get("mixture", {})}
         new = set(lineage["stage"]["mixture"]) - earlier
         loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in matrix.items()}
         deltas[version] = {
@@ -139,19 +139,11 @@ def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]
             "uptake": {c: loss[parent][c] - loss[version][c] for c in sorted(new) if c in loss[version]},
             "forgetting": {c: loss[version][c] - loss[parent][c] for c in sorted(earlier) if c in loss[version]},
             "forgetting_vs_best": {
-                c: loss[version][c] - min(loss[a][c] for a in ancestors if c in loss.get(a, {}))
+                c: loss[version][c] - min(loss[a][c] for a in chain if c in loss.get(a, {}))
                 for c in sorted(earlier) if c in loss[version]
             },
         }
     return deltas
-
-
-def _ancestors(version: str, lineages: dict[str, dict]) -> list[str]:
-    chain = []
-    while version is not None and version in lineages:
-        chain.append(version)
-        version = lineages[version].get("parent")
-    return chain
 
 
 # One sign convention for every table, page and plot: uptake > 0 means the version got better on the

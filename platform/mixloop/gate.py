@@ -6,30 +6,17 @@ that fails is kept, its verdict and reasons in its lineage and the report, and c
 first version judged has nothing to compare with and becomes current; without a gate, every run's
 last version does.
 
-`<workdir>/current.json` holds the alias and its history ({version, at, why}, newest last); a local
-workdir also gets `models/current`, a symlink to that version's folder, so tools that take a path
-load it directly. `promote` and `rollback` are people overriding a verdict: recorded in the history
-and in the lineage of the version they make current.
+The alias itself (`current.json`, `models/current`, `current` as a version name) is the registry's.
+`promote` and `rollback` are people overriding a verdict: recorded in the alias's history and in the
+lineage of the version they make current.
 """
 
 from __future__ import annotations
 
-import os
-
 from mixloop.errors import MixloopError
-from mixloop.registry import now, read_lineage, version_dir, write_lineage
+from mixloop.registry import (ancestors, current_state, current_version, now, read_lineage, set_current,
+                              write_lineage)
 from mixloop.spec import GateSpec
-from mixloop.storage import is_local, join, read_json, write_json
-
-ALIAS = "current"
-
-
-def current_version(workdir: str) -> str | None:
-    return (read_json(_alias_file(workdir)) or {}).get("version")
-
-
-def history(workdir: str) -> list[dict]:
-    return (read_json(_alias_file(workdir)) or {}).get("history", [])
 
 
 def judge(gate: GateSpec | None, candidate: str, against: str | None, matrix: dict, health: dict,
@@ -90,66 +77,41 @@ def _bound(setting, corpus: str, reference: float) -> float | None:
     return float(value[:-1]) / 100 * reference if isinstance(value, str) else float(value)
 
 
-def trained_corpora(version: str, lineages: dict[str, dict]) -> set[str]:
+def trained_corpora(version: str | None, lineages: dict[str, dict]) -> set[str]:
     """Every corpus a version or one of its ancestors trained on."""
-    corpora = set()
-    while version is not None and version in lineages:
-        corpora |= set((lineages[version].get("stage") or {}).get("mixture", {}))
-        version = lineages[version].get("parent")
-    return corpora
+    return {c for v in ancestors(version, lineages) for c in (lineages[v].get("stage") or {}).get("mixture", {})}
 
 
-def record(workdir: str, version: str, verdict: dict) -> bool:
-    """Keep the verdict in the version's lineage and make it current if it passed; whether it did."""
-    write_lineage(workdir, version, {**read_lineage(workdir, version), "gate": verdict})
+def record(workdir: str, version: str, verdict: dict) -> dict:
+    """Keep the verdict in the version's lineage and make the version current if it passed; its lineage."""
+    lineage = {**read_lineage(workdir, version), "gate": verdict}
+    write_lineage(workdir, version, lineage)
     if verdict["passed"]:
         against = verdict["against"]
         set_current(workdir, version, f"passed its gate against {against}" if against else "the first version")
-    return verdict["passed"]
+    return lineage
 
 
-def promote(workdir: str, version: str, reason: str) -> None:
+def promote(workdir: str, version: str, reason: str, **details) -> None:
     """Make `version` current by hand."""
     lineage = read_lineage(workdir, version)
     if lineage is None:
         raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list`.")
     event = {"promoted": now(), "from": current_version(workdir), "reason": reason}
-    write_lineage(workdir, version, {**lineage, "promotions": [*lineage.get("promotions", []), event]})
-    set_current(workdir, version, f"promoted by hand: {reason}")
+    write_lineage(workdir, lineage["version"], {**lineage, "promotions": [*lineage.get("promotions", []), event]})
+    set_current(workdir, lineage["version"], f"promoted by hand: {reason}", **details)
 
 
 def rollback(workdir: str, reason: str) -> str:
-    """Make the version that was current before the present one current again; its name."""
-    present = current_version(workdir)
-    earlier = [entry["version"] for entry in history(workdir) if entry["version"] != present]
+    """Make the version that was current before the present one current again; its name. A rollback after
+    a rollback steps further back, past the entry the first one restored."""
+    history = current_state(workdir)["history"]
+    present = history[-1] if history else {}
+    start = present.get("restores", len(history) - 1)
+    earlier = [i for i in range(start) if history[i]["version"] != present.get("version")]
     if not earlier:
         raise MixloopError(f"{workdir}: no earlier current version to roll back to. Fix: `mixloop models "
                            "promote` the version you want.")
-    promote(workdir, earlier[-1], f"rollback from {present}: {reason}")
-    return earlier[-1]
-
-
-def set_current(workdir: str, version: str, why: str) -> None:
-    entries = [*history(workdir), {"version": version, "at": now(), "why": why}]
-    write_json(_alias_file(workdir), {"version": version, "history": entries})
-    if is_local(workdir):  # models/current -> <version>, replaced in one rename
-        link, staging = version_dir(workdir, ALIAS), version_dir(workdir, f".{ALIAS}-{os.getpid()}")
-        if os.path.lexists(staging):
-            os.remove(staging)
-        os.symlink(version, staging)
-        os.replace(staging, link)
-
-
-def resolve(workdir: str, name: str) -> str:
-    """A version name, with `current` standing for the version it names."""
-    if name != ALIAS:
-        return name
-    version = current_version(workdir)
-    if version is None:
-        raise MixloopError(f"{workdir} has no current version yet: a run makes its last version current "
-                           "(when it passes the gate). See `mixloop models list`.")
+    version = history[earlier[-1]]["version"]
+    promote(workdir, version, f"rollback from {present['version']}: {reason}", restores=earlier[-1])
     return version
-
-
-def _alias_file(workdir: str) -> str:
-    return join(workdir, "current.json")

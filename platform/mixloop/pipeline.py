@@ -25,7 +25,7 @@ from mixloop.errors import StageConflictError
 from mixloop.evaluate import (eval_file, evaluate_versions, format_deltas, format_matrix, health_versions,
                               iteration_deltas)
 from mixloop.lock import workdir_lock
-from mixloop.registry import list_versions, read_lineage, remove_partial_publishes, verified_version
+from mixloop.registry import current_version, list_versions, read_lineage, remove_partial_publishes, verified_version
 from mixloop.report import write_report
 from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
 from mixloop.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
@@ -140,8 +140,8 @@ class Pipeline:
             deltas = iteration_deltas(matrix, lineages)
             health = health_versions(self.workdir, list(lineages), self.corpora.chat_prompts(),
                                      self.spec.pipeline.chat_max_new_tokens, self.progress_bar)
-            if judge and self._judge_last(matrix, health, lineages):
-                lineages = {v["version"]: v for v in list_versions(self.workdir)}  # with the verdict
+            if judge:
+                self._judge_last(matrix, health, lineages)
             table = format_matrix(matrix)
             write_text(eval_file(self.workdir, "table.txt"), table + "\n")
             write_json(eval_file(self.workdir, "matrix.json"), matrix)
@@ -159,19 +159,19 @@ class Pipeline:
         self.log(f"report: {page}")
         return {"matrix": matrix, "deltas": deltas, "health": health, "report": page}
 
-    def _judge_last(self, matrix: dict, health: dict, lineages: dict[str, dict]) -> bool:
-        """The gate's verdict on the pipeline's last version, unless it has one; whether it was judged."""
+    def _judge_last(self, matrix: dict, health: dict, lineages: dict[str, dict]) -> None:
+        """The gate's verdict on the pipeline's last version, unless it has one (kept in `lineages` too)."""
         last = self.spec.pipeline.stages[-1].name
         if last not in lineages or "gate" in lineages[last]:
-            return False
-        current = gate.current_version(self.workdir)
+            return
+        current = current_version(self.workdir)
         verdict = gate.judge(self.spec.pipeline.gate, last, current, matrix, health, lineages)
-        if gate.record(self.workdir, last, verdict):
+        lineages[last] = gate.record(self.workdir, last, verdict)
+        if verdict["passed"]:
             self.log(f"gate: {last} is now the current version ({gate.gate_summary({'gate': verdict})})")
         else:
             self.log(f"gate: {last} {gate.gate_summary({'gate': verdict})}; {current} stays the current version. "
                      f"Override with `mixloop models promote {self.workdir} {last}`.")
-        return True
 
     def evaluate(self, prepared: PreparedCorpora) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""

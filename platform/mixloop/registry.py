@@ -25,12 +25,14 @@ import fsspec
 
 from mixloop import __version__
 from mixloop.errors import CorruptVersionError, MixloopError
+from mixloop.spec.schema import CURRENT_ALIAS
 from mixloop.storage import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
 
 LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 WEIGHT_FILES = ("model.safetensors",)
 PARTIAL = ".partial-"
+CURRENT_FILE = "current.json"
 
 
 def version_dir(workdir: str, version: str) -> str:
@@ -38,7 +40,7 @@ def version_dir(workdir: str, version: str) -> str:
 
 
 def read_lineage(workdir: str, version: str) -> dict | None:
-    return read_json(join(version_dir(workdir, version), LINEAGE))
+    return read_json(join(version_dir(workdir, resolve(workdir, version)), LINEAGE))
 
 
 def write_lineage(workdir: str, version: str, lineage: dict) -> None:
@@ -52,8 +54,54 @@ def list_versions(workdir: str) -> list[dict]:
     if not fs.exists(inner):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
-    found = [(n, read_lineage(workdir, n)) for n in names if not n.startswith(".")]
-    return sorted((f for n, f in found if f and f["version"] == n), key=lambda lineage: lineage["finished"])
+    found = [read_lineage(workdir, n) for n in names if not n.startswith(".") and n != CURRENT_ALIAS]
+    return sorted((f for f in found if f), key=lambda lineage: lineage["finished"])
+
+
+def ancestors(version: str | None, lineages: dict[str, dict]) -> list[str]:
+    """A version and its ancestors, newest first (those in `lineages`)."""
+    chain = []
+    while version is not None and version in lineages:
+        chain.append(version)
+        version = lineages[version].get("parent")
+    return chain
+
+
+# ---------------------------------------------------------------- the current version
+# <workdir>/current.json: {"version", "history": [{version, at, why, restores?}, ...]}, newest last; a
+# local workdir also has models/current, a link to that version's folder, for tools that take a path.
+
+
+def current_state(workdir: str) -> dict:
+    return read_json(join(workdir, CURRENT_FILE)) or {"version": None, "history": []}
+
+
+def current_version(workdir: str) -> str | None:
+    return current_state(workdir)["version"]
+
+
+def resolve(workdir: str, name: str) -> str:
+    """A version name, with `current` standing for the version it names."""
+    if name != CURRENT_ALIAS:
+        return name
+    version = current_version(workdir)
+    if version is None:
+        raise MixloopError(f"{workdir} has no current version yet: a run makes its last version current "
+                           "(when it passes the gate). See `mixloop models list`.")
+    return version
+
+
+def set_current(workdir: str, version: str, why: str, **details) -> None:
+    """Make `version` current, adding to the history why (and `details`, such as which entry it restores)."""
+    state = current_state(workdir)
+    history = [*state["history"], {"version": version, "at": now(), "why": why, **details}]
+    write_json(join(workdir, CURRENT_FILE), {"version": version, "history": history})
+    if is_local(workdir):  # models/current -> <version>, replaced in one rename
+        models = Path(workdir.removeprefix("file://"), "models")
+        staging = models / f".{CURRENT_ALIAS}-{os.getpid()}"
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(version)
+        staging.replace(models / CURRENT_ALIAS)
 
 
 def now() -> str:
@@ -121,6 +169,7 @@ def verified_version(workdir: str, version: str) -> str:
     """The folder of a complete version whose weights match the hashes in its lineage; a clear
     error naming the file and the fix otherwise. Versions published before hashes were recorded
     are taken as they are."""
+    version = resolve(workdir, version)
     lineage = read_lineage(workdir, version)
     folder = version_dir(workdir, version)
     if lineage is None:

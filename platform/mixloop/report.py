@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
-from mixloop.gate import current_version, gate_summary  # noqa: E402
-from mixloop.registry import mixture_shares  # noqa: E402
+from mixloop.gate import gate_summary  # noqa: E402
+from mixloop.registry import current_version, mixture_shares  # noqa: E402
 from mixloop.storage import is_local, join, read_json, read_lines, upload  # noqa: E402
 
 BETTER, WORSE = "tab:green", "tab:red"

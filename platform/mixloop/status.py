@@ -7,9 +7,9 @@ import datetime
 import json
 import time
 
-from mixloop.gate import current_version, gate_summary
+from mixloop.gate import gate_summary
 from mixloop.lock import describe, live_holder
-from mixloop.registry import list_versions
+from mixloop.registry import current_version, list_versions
 from mixloop.spec import Spec
 from mixloop.storage import join, read_lines
 

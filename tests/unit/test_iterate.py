@@ -17,7 +17,7 @@ from mixloop import gate
 from mixloop.cli import main
 from mixloop.errors import MixloopError, SpecError
 from mixloop.iterate import NewCorpus, plan, ready_corpora
-from mixloop.registry import list_versions
+from mixloop.registry import current_state, current_version, list_versions, set_current
 from mixloop.spec import GateSpec, load_spec, spec_from_data
 
 LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
@@ -76,10 +76,10 @@ def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(v
     from transformers import AutoModelForCausalLM
 
     workdir = str(versions)
-    assert gate.record(workdir, "v1", {"passed": True, "against": None, "checks": [], "failed": []})
+    assert gate.record(workdir, "v1", {"passed": True, "against": None, "checks": [], "failed": []})["gate"]["passed"]
     rejected = {"passed": False, "against": "v1", "checks": ["x"], "failed": ["forgetting on web: +1 (at most 0.1)"]}
-    assert not gate.record(workdir, "v2", rejected)
-    assert gate.current_version(workdir) == "v1"
+    assert not gate.record(workdir, "v2", rejected)["gate"]["passed"]
+    assert current_version(workdir) == "v1"
     assert json.loads((versions / "models/v2/lineage.json").read_text())["gate"]["failed"] == rejected["failed"]
     assert os.readlink(versions / "models/current") == "v1"
     assert AutoModelForCausalLM.from_pretrained(versions / "models/current") is not None
@@ -91,16 +91,21 @@ def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(v
     assert rows["v1"].endswith("CURRENT, passed") and rows["v2"].endswith("failed against v1: forgetting on web: +1 "
                                                                             "(at most 0.1)")
     assert main(["models", "promote", workdir, "v2", "--reason", "checked by hand"]) == 0
-    assert gate.current_version(workdir) == "v2" and os.readlink(versions / "models/current") == "v2"
+    assert current_version(workdir) == "v2" and os.readlink(versions / "models/current") == "v2"
     promotions = json.loads((versions / "models/v2/lineage.json").read_text())["promotions"]
     assert promotions[0]["from"] == "v1" and promotions[0]["reason"] == "checked by hand"
     capsys.readouterr()
     assert main(["models", "path", workdir, "current"]) == 0
     assert capsys.readouterr().out.strip() == str(versions / "models/v2")
     assert main(["models", "rollback", workdir, "--reason", "worse answers"]) == 0
-    assert gate.current_version(workdir) == "v1"
-    assert [entry["version"] for entry in gate.history(workdir)] == ["v1", "v2", "v1"]
-    assert "rollback from v2: worse answers" in gate.history(workdir)[-1]["why"]
+    assert current_version(workdir) == "v1"
+    assert [entry["version"] for entry in current_state(workdir)["history"]] == ["v1", "v2", "v1"]
+    assert "rollback from v2: worse answers" in current_state(workdir)["history"][-1]["why"]
+    # A second rollback steps further back than the entry the first restored, never forth again to v2.
+    assert main(["models", "rollback", workdir]) == 1
+    assert "no earlier current version to roll back to" in capsys.readouterr().err
+    set_current(f"file://{workdir}", "v2", "a workdir given as a file:// URI")
+    assert current_version(workdir) == "v2" and os.readlink(versions / "models/current") == "v2"
 
 
 def test_no_current_version_and_a_stage_named_current_are_refused_clearly(tmp_path, capsys):

@@ -47,9 +47,9 @@ def continual_spec(data: Path, workdir: Path) -> dict:
 
 
 def continual(data: Path, workdir: Path, address: str | None = None, trials: int = TRIALS) -> dict:
-    from mixloop import gate
     from mixloop.iterate import NewCorpus, add, count_tokens
     from mixloop.ray_setup import init_ray
+    from mixloop.registry import set_current
     from mixloop.spec import load_spec
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
     _run(_write(path, spec), address)
     walls = {}
     for strategy, tune in (("replay", 0), ("tuned", trials)):
-        gate.set_current(str(workdir), "sft", "bench: every strategy starts from sft")
+        set_current(str(workdir), "sft", "bench: every strategy starts from sft")
         started = time.time()
         add(str(path), NewCorpus(NEW[strategy], spec["corpora"]["medical"]["path"],
                                  eval=spec["corpora"]["medical"]["eval"]), tune=tune, address=address,
