@@ -19,6 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,34 +117,50 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, ad
     """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
     `dry_run`, only show and validate the stages it would add; with `tune`, search the continued
     pretraining's replay share and re-warm in that many trials first, and keep the winner."""
-    from mixloop.gate import current_version, trained_corpora
-    from mixloop.registry import list_versions
-
     path = Path(spec_path)
     spec = load_spec(path)
     _check_new(spec, new)
     if tune and (tune < 3 or not new.eval):
         raise MixloopError(f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
                            "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval.")
+    with _held(spec.workdir, f"mixloop add {new.name}", log, lock) as lock:  # reads current, edits, trains
+        corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text), log), *_start(spec))
+        text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
+        log(f"iteration {new.name}: adds to {path}\n" + yaml.safe_dump({"corpora": corpora, "stages": stages},
+                                                                         sort_keys=False).rstrip())
+        replace_validated(path, text, f"adding iteration {new.name}", write=not (dry_run or tune))
+        if dry_run:
+            log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
+            return None
+        if tune:
+            _tuned(path, spec, new, corpora, stages, tune, address, log, lock)
+        return _run(path, address, log, lock)
+
+
+def _start(spec: Spec) -> tuple[set[str], str | None]:
+    """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
+    after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
+    from mixloop.gate import trained_corpora
+    from mixloop.registry import current_version, list_versions
+
     current = current_version(spec.workdir)
-    # After a rejected iteration, the next one starts from (and replays what made) the current version.
-    start_from = current if current and current != spec.stage_names()[-1] else None
-    trained = (trained_corpora(current, {v["version"]: v for v in list_versions(spec.workdir)}) if current
-               else {corpus for stage in spec.pipeline.stages for corpus in stage.mixture})
-    tokens = count_tokens(spec, _resolved(path, new.text), log)
-    corpora, stages = plan(spec, new, tokens, trained, start_from)
-    text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
-    log(f"iteration {new.name}: adds to {path}\n" + yaml.safe_dump({"corpora": corpora, "stages": stages},
-                                                                     sort_keys=False).rstrip())
-    if dry_run:
-        _validate_only(path, text)
-        log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
-        return None
-    if tune:
-        _tuned(path, spec, new, corpora, stages, tune, address, log, lock)
+    if current is None:
+        return {corpus for stage in spec.pipeline.stages for corpus in stage.mixture}, None
+    lineages = {v["version"]: v for v in list_versions(spec.workdir)}
+    last = spec.stage_names()[-1]
+    return trained_corpora(current, lineages), current if last in lineages and last != current else None
+
+
+@contextmanager
+def _held(workdir: str, command: str, log: Log, lock):
+    """The workdir's lock: the caller's hold (watch), or taken here."""
+    from mixloop.lock import workdir_lock
+
+    if lock is not None:
+        yield lock
     else:
-        replace_validated(path, text, f"adding iteration {new.name}")
-    return _run(path, address, log, lock)
+        with workdir_lock(workdir, command, log) as taken:
+            yield taken
 
 
 def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[dict], trials: int,
@@ -201,31 +218,19 @@ def _yaml_entries(entries: dict | list) -> str:
     return "\n".join(lines)
 
 
-def _validate_only(path: Path, text: str) -> None:
-    candidate = path.with_name(f".{path.name}.dry-run")
-    candidate.write_text(text)
-    try:
-        load_spec(candidate)
-    finally:
-        candidate.unlink()
-
-
 def _run(spec_path: Path, address: str | None, log: Log, lock) -> dict:
-    from mixloop import api
     from mixloop.pipeline import Pipeline
 
-    spec = api.load(str(spec_path))
-    if lock is None:
-        return api.run(spec, address, log)
-    return Pipeline(spec, log, address, lock).run()
+    return Pipeline(load_spec(spec_path), log, address, lock).run()
 
 
 # ---------------------------------------------------------------- watch
 
 
-def ready_corpora(inbox: str) -> list[tuple[str, NewCorpus]]:
+def ready_corpora(inbox: str, log: Log = print) -> list[tuple[str, NewCorpus]]:
     """(folder URI, corpus) of every corpus folder in the inbox that is ready, in arrival order: the
-    time its _READY marker (or manifest) was written, then its name."""
+    time its _READY marker (or manifest) was written, then its name. A ready folder that is no corpus
+    is named in the log and left out."""
     fs, root = fsspec.core.url_to_fs(inbox)
     protocol = inbox.split("://", 1)[0] + "://" if "://" in inbox else ""
     found = []
@@ -234,7 +239,10 @@ def ready_corpora(inbox: str) -> list[tuple[str, NewCorpus]]:
         if marker is None or not fs.isdir(folder):
             continue
         uri = protocol + folder if protocol and not folder.startswith(protocol) else folder
-        found.append((_modified(fs, marker), uri, _corpus_of(fs, folder, uri)))
+        try:
+            found.append((_modified(fs, marker), uri, _corpus_of(fs, folder, uri)))
+        except MixloopError as exc:
+            log(f"watch: skipping {exc}")
     return [(uri, corpus) for _, uri, corpus in sorted(found, key=lambda item: (item[0], item[1]))]
 
 
@@ -265,31 +273,59 @@ def _corpus_of(fs, folder: str, uri: str) -> NewCorpus:
 def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False,
           log: Log = print) -> list[str]:
     """Add the inbox's ready corpora one at a time, polling every `poll_s` (with `once`: those ready now,
-    then return); the corpora added by this call."""
+    then return); the corpora added by this call. The workdir's lock is held while there is work, not
+    while waiting; a corpus that fails is recorded with why and tried again at the next start."""
     from mixloop.lock import workdir_lock
 
-    spec = load_spec(spec_path)
-    state_path = join(spec.workdir, "inbox.json")
-    added = []
-    with workdir_lock(spec.workdir, f"mixloop watch {inbox}", log) as lock:
-        _run(Path(spec_path), address, log, lock)  # the pipeline as it stands first: a run cut short resumes
-        while True:
-            state = read_json(state_path) or {"corpora": {}}
-            for uri, corpus in ready_corpora(inbox):
-                if state["corpora"].get(uri, {}).get("status") == "done":
-                    continue
-                if state["corpora"].get(uri, {}).get("status") == "started":  # cut short: the spec has it
-                    log(f"watch: finishing iteration {corpus.name} ({uri})")
-                    _run(Path(spec_path), address, log, lock)
-                else:
-                    log(f"watch: {uri} is ready; adding it as corpus {corpus.name}")
-                    state["corpora"][uri] = {"corpus": corpus.name, "status": "started", "at": time.time()}
-                    write_json(state_path, state)
-                    add(spec_path, corpus, address=address, log=log, lock=lock)
-                state["corpora"][uri] = {**state["corpora"][uri], "status": "done", "finished": time.time()}
-                write_json(state_path, state)
-                added.append(corpus.name)
-            if once:
-                return added
-            time.sleep(poll_s)
-    return added
+    workdir = load_spec(spec_path).workdir
+    state_path = join(workdir, "inbox.json")
+    added, failed, first = [], set(), True
+    while True:
+        pending = [(uri, corpus) for uri, corpus in ready_corpora(inbox, log)
+                   if uri not in failed and _entry(state_path, uri).get("status") != "done"]
+        if pending or first:
+            with workdir_lock(workdir, f"mixloop watch {inbox}", log) as lock:
+                if first:
+                    _run(Path(spec_path), address, log, lock)  # the pipeline as it stands: a cut-short run resumes
+                for uri, corpus in pending:
+                    if _take(spec_path, state_path, uri, corpus, address, log, lock):
+                        added.append(corpus.name)
+                    else:
+                        failed.add(uri)
+            first = False
+        if once:
+            return added
+        time.sleep(poll_s)
+
+
+def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address: str | None, log: Log,
+          lock) -> bool:
+    """Add one inbox corpus as an iteration, or finish the iteration a cut-short watch added for it;
+    whether it is done (a failure is recorded in the state with its reason)."""
+    entry = _entry(state_path, uri)
+    if entry.get("status") == "done":  # another watch took it while this one waited for the lock
+        return False
+    try:
+        if entry and corpus.name in load_spec(spec_path).stage_names():
+            log(f"watch: finishing iteration {corpus.name} ({uri})")
+            _run(Path(spec_path), address, log, lock)
+        else:
+            log(f"watch: {uri} is ready; adding it as corpus {corpus.name}")
+            _record(state_path, uri, corpus=corpus.name, status="started", at=time.time())
+            add(spec_path, corpus, address=address, log=log, lock=lock)
+    except MixloopError as exc:
+        log(f"watch: {uri} failed, left for the next start: {exc}")
+        _record(state_path, uri, corpus=corpus.name, status="failed", error=str(exc))
+        return False
+    _record(state_path, uri, corpus=corpus.name, status="done", finished=time.time())
+    return True
+
+
+def _entry(state_path: str, uri: str) -> dict:
+    return (read_json(state_path) or {"corpora": {}})["corpora"].get(uri, {})
+
+
+def _record(state_path: str, uri: str, **entry) -> None:
+    state = read_json(state_path) or {"corpora": {}}
+    state["corpora"][uri] = {**state["corpora"].get(uri, {}), **entry}
+    write_json(state_path, state)

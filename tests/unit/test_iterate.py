@@ -223,5 +223,20 @@ def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_pa
                                     str(inbox / "alpha" / "eval.jsonl"))
     (inbox / "broken").mkdir()
     (inbox / "broken" / "_READY").write_text("")
-    with pytest.raises(MixloopError, match="broken: no text file"):
-        ready_corpora(str(inbox))
+    logged = []  # a ready folder without a text file is named, and the others still come
+    assert [uri for uri, _ in ready_corpora(str(inbox), logged.append)] == [str(inbox / "Zoo Law"), str(inbox / "alpha")]
+    assert len(logged) == 1 and "broken: no text file" in logged[0]
+
+
+def test_a_corpus_that_fails_in_watch_is_recorded_with_why_and_left_out_of_the_spec(tmp_path):
+    from mixloop.iterate import _take
+
+    spec_path = tmp_path / "pipeline.yaml"
+    spec_path.write_text(yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False))
+    before = spec_path.read_text()
+    state = tmp_path / "run" / "inbox.json"
+    empty = NewCorpus("empty", str(write_lines(tmp_path / "empty.jsonl", [])))
+    assert not _take(str(spec_path), str(state), "inbox/empty", empty, None, lambda line: None, None)
+    entry = json.loads(state.read_text())["corpora"]["inbox/empty"]
+    assert entry["status"] == "failed" and "no text records" in entry["error"]
+    assert spec_path.read_text() == before  # a later start adds it again instead of finishing an iteration

@@ -31,9 +31,10 @@ def append_entries(pipeline_path: Path, additions: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_validated(pipeline_path: Path, text: str, what: str) -> None:
+def replace_validated(pipeline_path: Path, text: str, what: str, write: bool = True) -> None:
     """Write `text` over the pipeline file if it is a valid spec (checked next to the real file, so that
-    its relative paths resolve the same way); MixloopError naming `what` otherwise."""
+    its relative paths resolve the same way; `write=False` only checks); MixloopError naming `what`
+    otherwise."""
     from mixloop.spec import load_spec
 
     candidate = pipeline_path.with_name(f".{pipeline_path.name}.candidate")
@@ -43,4 +44,7 @@ def replace_validated(pipeline_path: Path, text: str, what: str) -> None:
     except SpecError as exc:
         candidate.unlink()
         raise MixloopError(f"{what} would make {pipeline_path} invalid:\n{exc}") from None
-    candidate.replace(pipeline_path)
+    if write:
+        candidate.replace(pipeline_path)
+    else:
+        candidate.unlink()
