@@ -88,28 +88,46 @@ def dataset_files(repo: str, revision: str | None, subset: str | None, split: st
     into it (the files of its subset only). Which files make a split is decided by the datasets
     library, as `load_dataset` decides it: the README's `configs`, else its file-naming conventions."""
     if offline():
-        folder = _dataset_snapshot(repo, revision)
-    else:
-        commit, paths = _subset_paths_on_hub(repo, revision, subset)
-        folder = _dataset_snapshot(repo, commit, ["README.md", *paths])
-    return _split(_subset_files(folder, repo, subset), repo, split, in_cache=True)
+        return _split(_splits_in_cache(repo, revision, subset, _cache_dir()), repo, split, in_cache=True)
+    commit, paths = _splits_on_hub(repo, revision, subset)
+    folder = _downloaded(repo, commit, tuple(sorted({p for files in paths.values() for p in files})), _cache_dir())
+    return tuple(f"{folder}/{path}" for path in _split(paths, repo, split, in_cache=False))
 
 
 def split_paths(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
     """The files of a hub dataset's split as validation sees them, downloading nothing: local files of
-    the cache when offline, on the Hub otherwise (MixloopError: it has no such split)."""
+    the cache when offline, paths in the repository otherwise (MixloopError: it has no such split)."""
     if offline():
-        return _split(_subset_files(_dataset_snapshot(repo, revision), repo, subset), repo, split, in_cache=True)
-    return _split(_subset_files(repo, repo, subset, revision), repo, split, in_cache=False)
+        return dataset_files(repo, revision, subset, split)
+    return _split(_splits_on_hub(repo, revision, subset)[1], repo, split, in_cache=False)
 
 
-def _subset_paths_on_hub(repo: str, revision: str | None, subset: str | None) -> tuple[str, list[str]]:
-    """(commit, paths in the repository) of every split of a subset, resolved on the Hub without
-    downloading data. All of them: the datasets library resolves a subset's splits together."""
-    uris = [uri for files in _subset_files(repo, repo, subset, revision).values() for uri in files]
+# Each resolution reads the dataset card and lists files (on the Hub: HTTP requests), so a process
+# resolves a subset once, for validation and for every split the corpora ask for.
+@functools.lru_cache(maxsize=16)
+def _splits_on_hub(repo: str, revision: str | None, subset: str | None) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """(commit, split -> paths in the repository) of a subset, resolved on the Hub, downloading no data.
+    Every split: the datasets library resolves a subset's splits together."""
+    uris = _subset_files(repo, repo, subset, revision)
+    first = next((uri for files in uris.values() for uri in files), None)
+    if first is None:
+        raise MixloopError(f"dataset {repo}: no data files{f' in subset {subset!r}' if subset else ''}. Fix: check "
+                           "the id, `subset` and `revision`.")
     # The datasets library names them hf://datasets/<repo>@<commit>/<path in the repository>.
-    commit = uris[0].split("@", 1)[1].split("/", 1)[0]
-    return commit, [uri.split(f"@{commit}/", 1)[1] for uri in uris]
+    commit = first.split("@", 1)[1].split("/", 1)[0]
+    return commit, {split: tuple(uri.split(f"@{commit}/", 1)[1] for uri in files) for split, files in uris.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _splits_in_cache(repo: str, revision: str | None, subset: str | None,
+                     cache_dir: str | None) -> dict[str, tuple[str, ...]]:
+    return _subset_files(_dataset_snapshot(repo, revision), repo, subset)
+
+
+@functools.lru_cache(maxsize=16)
+def _downloaded(repo: str, commit: str, paths: tuple[str, ...], cache_dir: str | None) -> str:
+    """The snapshot folder of a subset's files (with the card and config that define its subsets)."""
+    return _dataset_snapshot(repo, commit, ["README.md", ".huggingface.yaml", *paths])
 
 
 def _subset_files(source: str, repo: str, subset: str | None,

@@ -1,7 +1,7 @@
 """A Hugging Face Hub on 127.0.0.1 that speaks the part of the Hub's HTTP API that huggingface_hub's
 `create_repo`, `create_branch` and `upload_folder` use, and keeps what it is sent.
 
-Requests (huggingface_hub 1.33; paths under /api, model repos only):
+Requests (huggingface_hub 1.33 and 2.4; paths under /api, model repos only):
 - POST repos/create {name, organization, visibility?, type}: {"url"}; 409 (with "url" too) if the
   repo exists, 403 outside the token's namespaces.
 - GET models/{repo}[/revision/{rev}] (create_repo asks it after a 401 or 403): 404 RepoNotFound, or
