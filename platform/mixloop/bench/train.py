@@ -29,7 +29,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 WORKLOADS = {"text": ("pretrain", "text", "pretraining text"), "sft": ("sft", "chat", "SFT chats")}
@@ -146,6 +145,8 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
     import torch
     import torch.nn.functional as F
 
+    from mixloop.data.packing import model_inputs
+
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -154,30 +155,24 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
         started = time.perf_counter()
         tokens, supervised, segments = corpus.read(rows_of_step(step))
         inputs = torch.as_tensor(tokens, dtype=torch.long)
-        labels = torch.as_tensor(next_token_labels(tokens, supervised, segments))
+        labels = model_inputs(tokens, supervised, segments)["labels"]  # the targets mixloop trains on
+        targets = max(int((labels != -100).sum()), 1)
         loaded = time.perf_counter()
-        losses = []
+        loss_sum = 0.0
         for start in range(0, len(inputs), micro_batch_rows):
             part = slice(start, start + micro_batch_rows)
             with autocast:
                 logits = model(input_ids=inputs[part].to(device)).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels[part].flatten().to(device), ignore_index=-100)
-            (loss * micro_batch_rows / len(inputs)).backward()
-            losses.append(loss.item())
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels[part].flatten().to(device), ignore_index=-100,
+                                   reduction="sum") / targets  # a micro-batch without targets adds 0, not NaN
+            loss.backward()
+            loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         records.append({"step_seconds": time.perf_counter() - started, "data_s": loaded - started,
-                        "useful_tokens": int((segments > 0).sum()), "loss": statistics.fmean(losses)})
+                        "useful_tokens": int((segments > 0).sum()), "loss": loss_sum})
     return records
-
-
-def next_token_labels(tokens: np.ndarray, supervised: np.ndarray, segments: np.ndarray) -> np.ndarray:
-    """labels[t] = token t+1 when it is supervised and of the same document, else -100 (as model_inputs)."""
-    labels = np.full(tokens.shape, -100, dtype=np.int64)
-    target = supervised[:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
-    labels[:, :-1] = np.where(target, tokens[:, 1:], -100)
-    return labels
 
 
 def summarise_plain(records: list[dict]) -> dict:
