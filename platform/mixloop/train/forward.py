@@ -57,12 +57,20 @@ AttentionInterface.register(DOCUMENT_ATTENTION, _document_attention)
 
 def takes_documents(model, device) -> bool:
     """Whether the documents route applies: on CPU, to a transformers model (not remote code) whose
-    attention comes from transformers' registry and whose forward takes logits_to_keep."""
+    attention comes from transformers' registry and whose forward takes logits_to_keep, with plain
+    causal attention: the route computes no sliding window and no logit soft-capping."""
     unwrapped = getattr(model, "module", model)
     return (torch.device(device).type == "cpu"
             and type(unwrapped).__module__.startswith("transformers.")
             and getattr(unwrapped, "_supports_attention_backend", False)
-            and "logits_to_keep" in inspect.signature(unwrapped.forward).parameters)
+            and "logits_to_keep" in inspect.signature(unwrapped.forward).parameters
+            and _full_causal(unwrapped.config))
+
+
+def _full_causal(config) -> bool:
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return not windowed and layers == {"full_attention"} and not getattr(config, "attn_logit_softcapping", None)
 
 
 @contextmanager
