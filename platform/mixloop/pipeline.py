@@ -31,6 +31,7 @@ from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage
 from mixloop.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
 from mixloop.storage import join, write_json, write_text
 from mixloop.tracking import Trackers
+from mixloop.train.job import same_workers
 from mixloop.train.step import StepHooks
 
 Log = Callable[[str], None]
@@ -41,6 +42,30 @@ class Trained(NamedTuple):
     """The stages trained by this call, in order."""
     prepared: PreparedCorpora
     """The packed corpora they (and the evaluation) use."""
+
+
+class Member(NamedTuple):
+    """A stage of a group (see Pipeline._groups)."""
+
+    index: int
+    """Its position in the spec."""
+    stage: ResolvedStage
+    digest: str
+    parent: str
+    train: bool
+    """Whether this call trains it: it has no version, and is not after the stage to train until."""
+
+
+def _blocks(group: list[Member]) -> list[list[Member]]:
+    """The runs of consecutive stages of a group that this call trains: each run one worker group."""
+    blocks: list[list[Member]] = []
+    for before, member in zip([None, *group], group):
+        if member.train:
+            if before is not None and before.train:
+                blocks[-1].append(member)
+            else:
+                blocks.append([member])
+    return blocks
 
 
 class Pipeline:
@@ -95,26 +120,42 @@ class Pipeline:
             for leftover in remove_partial_publishes(self.workdir):
                 self.log(f"removed {leftover}, left by a publish that was interrupted")
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
-            previous = ensure_base(self.spec, prepared.tokenizer_dir, self.log)
+            ensure_base(self.spec, prepared.tokenizer_dir, self.log)
             write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
-            return Trained(self._train_stages(StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar), previous, until), prepared)
+            runner = StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar)
+            return Trained(self._train_stages(runner, until), prepared)
 
-    def _train_stages(self, runner: StageRunner, previous: dict, until: str | None) -> list[str]:
+    def _train_stages(self, runner: StageRunner, until: str | None) -> list[str]:
         trained: list[dict] = []
-        for index, stage in enumerate(self.spec.pipeline.stages if until != BASE_VERSION else []):
-            resolved = resolve_stage(self.spec.pipeline, stage)
-            parent = read_lineage(self.workdir, stage.start_from) if stage.start_from else previous
-            existing = read_lineage(self.workdir, stage.name)
-            if existing is not None:
-                self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
-                previous = existing
-            else:
-                self.log(self._pipeline_line(index, trained))
-                previous = runner.train(resolved, parent, stage_hash(resolved, parent["stage_hash"]))
-                trained.append(previous)
-            if stage.name == until:
-                break
+        for group in self._groups(until):
+            run = runner.run_name([(member.stage, member.digest) for member in group])
+            for block in _blocks(group):
+                self.log(self._pipeline_line(block[0].index, trained))
+                parent = read_lineage(self.workdir, block[0].parent)
+                trained += runner.train([(member.stage, member.digest) for member in block], parent, run)
         return [lineage["version"] for lineage in trained]
+
+    def _groups(self, until: str | None) -> list[list[Member]]:
+        """The spec's stages in groups that one worker group trains in turn: consecutive stages, each the
+        next one's parent, asking for the same workers. A group is the same whatever part of it is done,
+        so its Ray Train run (named after all its stages) resumes after an interruption. Stages after
+        `until` are marked not to train."""
+        groups: list[list[Member]] = []
+        hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION)["stage_hash"]}
+        previous, beyond = BASE_VERSION, until == BASE_VERSION
+        for index, stage in enumerate(self.spec.pipeline.stages):
+            resolved, parent = resolve_stage(self.spec.pipeline, stage), stage.start_from or previous
+            existing = read_lineage(self.workdir, stage.name)
+            hashes[stage.name] = existing["stage_hash"] if existing else stage_hash(resolved, hashes[parent])
+            if existing is not None and not beyond:
+                self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
+            member = Member(index, resolved, hashes[stage.name], parent, train=existing is None and not beyond)
+            if groups and groups[-1][-1].stage.name == parent and same_workers(groups[-1][-1].stage, resolved):
+                groups[-1].append(member)
+            else:
+                groups.append([member])
+            previous, beyond = stage.name, beyond or stage.name == until
+        return groups
 
     def _pipeline_line(self, index: int, trained: list[dict]) -> str:
         """Where the whole pipeline stands as stage `index` starts: budgets done and left, and an ETA at

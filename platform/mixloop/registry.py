@@ -104,8 +104,11 @@ def set_current(workdir: str, version: str, why: str, **details) -> None:
         staging.replace(models / CURRENT_ALIAS)
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def now(at: float | None = None) -> str:
+    """The time `at` (seconds since the epoch; by default now) as the registry writes times."""
+    moment = datetime.datetime.now(datetime.timezone.utc) if at is None else \
+        datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds")
 
 
 def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, lineage: dict) -> str:

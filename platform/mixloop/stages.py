@@ -3,9 +3,12 @@ as its version, and the check that no finished stage was edited (versions are im
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from mixloop.corpora import PreparedCorpora
@@ -14,10 +17,11 @@ from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
 from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
-from mixloop.storage import join
+from mixloop.storage import exists, join, local_copy, read_lines, remove
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mixloop.tracking import Trackers, tokens_through
 from mixloop.train.job import StageJob, stage_job
+from mixloop.train.schedule import final_lr
 
 Log = Callable[[str], None]
 
@@ -105,31 +109,46 @@ class StageRunner:
         self.trackers = trackers or Trackers(spec.workdir, sinks=[])
         self.workdir = spec.workdir
 
-    def job(self, stage: ResolvedStage, parent: dict, **extra) -> StageJob:
-        return stage_job(self.spec.pipeline.name, stage, parent, version_dir(self.workdir, parent["version"]),
+    def job(self, stage: ResolvedStage, parent: str, parent_final_lr: float, **extra) -> StageJob:
+        """The job of `stage` trained from the version `parent`, whose stage ended at `parent_final_lr`."""
+        return stage_job(self.spec.pipeline.name, stage, parent_final_lr, version_dir(self.workdir, parent),
                          self.prepared.for_stage(stage), join(self.workdir, "metrics.jsonl"),
                          self.spec.pipeline.model.trust_remote_code, **extra)
 
-    def train(self, stage: ResolvedStage, parent: dict, digest: str) -> dict:
-        """Train `stage` from the version `parent` (its lineage) and publish it; the new lineage."""
-        from mixloop.train.launch import fit_stage, run_name
+    def run_name(self, group: list[tuple[ResolvedStage, str]]) -> str:
+        """The Ray Train run of a group of stages (with their hashes): see train.launch.group_run_name."""
+        from mixloop.train.launch import group_run_name, run_name
+
+        return group_run_name([run_name(self.spec.pipeline.name, stage.name, digest, self.prepared.for_stage(stage))
+                               for stage, digest in group])
+
+    def train(self, stages: list[tuple[ResolvedStage, str]], parent: dict, run: str) -> list[dict]:
+        """Train consecutive stages (with their hashes; each the next one's parent, all asking for the
+        same workers) in turn on one worker group, as the Ray Train run `run`, from the version whose
+        lineage is `parent`; each is published as its version as soon as it ends. Their lineages."""
+        from mixloop.train.launch import fit_stages
 
         verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
-        job = self.job(stage, parent, progress_lines=not self.progress_bar)
-        plan = stage_plan(stage, job.corpus_dirs)
+        jobs, version, lr = [], parent["version"], parent["metrics"]["final_lr"]
+        for stage, _ in stages:
+            jobs.append(self.job(stage, version, lr, progress_lines=not self.progress_bar,
+                                 final_dir=join(self.workdir, "train", run, "final", stage.name)))
+            self._announce(stage, version, stage_plan(stage, jobs[-1].corpus_dirs))
+            version, lr = stage.name, final_lr(stage.total_steps, stage.lr, jobs[-1].start_lr)
+        if len(jobs) > 1:
+            self.log(f"stages {', '.join(job.stage.name for job in jobs)}: one worker group trains them in turn")
+        before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
+        publisher = Publisher(self, jobs, [digest for _, digest in stages], parent)
+        with self.trackers.follow({job.stage.name: job.stage.as_json() for job in jobs}, before, bar=self.progress_bar):
+            with publisher.while_training():
+                fit_stages(jobs, join(self.workdir, "train"), run, hooks=self.hooks)
+        return publisher.lineages
+
+    def _announce(self, stage: ResolvedStage, parent: str, plan: MixPlan) -> None:
         self.log(f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
-                 f"from version {parent['version']} on {stage.max_workers} worker(s)")
+                 f"from version {parent} on {stage.max_workers} worker(s)")
         for warning in repeat_warnings(stage, plan.epochs()):
             self.log(f"warning: {warning}")
-        started, clock = now(), time.time()
-        name = run_name(self.spec.pipeline.name, stage.name, digest, job.corpus_dirs)
-        before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
-        with self.trackers.follow(stage.name, before, stage.as_json(), bar=self.progress_bar):
-            result = fit_stage(job, join(self.workdir, "train"), name, hooks=self.hooks)
-        metrics = {**(result.metrics or {}), "resumed_from": (result.return_value or {}).get("resumed_from"),
-                   "wall_seconds": round(time.time() - clock, 1)}
-        with result.checkpoint.as_directory() as folder:
-            return self.publish(job, plan, parent, digest, folder, metrics, started)
 
     def publish(self, job: StageJob, plan: MixPlan, parent: dict, digest: str, checkpoint_dir: str, metrics: dict,
                 started: str) -> dict:
@@ -138,6 +157,7 @@ class StageRunner:
 
         stage = job.stage
         state = read_state(checkpoint_dir)
+        metrics = {**metrics, "resumed_from": state.resumed_from}
         if state.step != stage.total_steps:
             raise MixloopError(f"stage {stage.name}: the last checkpoint is at step {state.step}, "
                                f"not {stage.total_steps}; run again to finish it")
@@ -155,3 +175,61 @@ class StageRunner:
         publish(self.workdir, stage.name, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
         self.log(f"stage {stage.name}: published version {stage.name}")
         return read_lineage(self.workdir, stage.name)
+
+
+class Publisher:
+    """Publishes a group's stages in order, each as soon as its workers left its final weights: from a
+    thread while the group trains, then once more when it stops (also when it failed: the stages that
+    ended are versions). A stage's metrics are its last line; its wall seconds run from the previous
+    stage's end (the first stage's include the group's start-up)."""
+
+    POLL_S = 1.0
+
+    def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: dict):
+        self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
+        self.lineages: list[dict] = []
+        self.started = time.time()
+
+    @contextmanager
+    def while_training(self):
+        stop, errors = threading.Event(), []
+
+        def loop() -> None:
+            while not stop.wait(self.POLL_S):
+                try:
+                    self.publish_ready()
+                except Exception as exc:  # noqa: BLE001 -- raised in the driver's thread below
+                    errors.append(exc)
+                    return
+
+        thread = threading.Thread(target=loop, name="publisher", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            if errors:
+                raise errors[0]
+            self.publish_ready()
+        if self.pending:
+            job = self.pending[0][0]
+            raise MixloopError(f"stage {job.stage.name}: its workers ended without its final weights in "
+                               f"{job.final_dir}; run again to finish it")
+
+    def publish_ready(self) -> None:
+        """Publish the pending stages, in order, whose final weights are there."""
+        from mixloop.train.checkpoint import STATE_FILE
+
+        while self.pending and exists(join(self.pending[0][0].final_dir, STATE_FILE)):
+            job, digest = self.pending[0]
+            lines = [json.loads(line) for line in read_lines(job.metrics_path)]
+            last = [m for m in lines if m.get("stage") == job.stage.name][-1]
+            metrics = {**last, "wall_seconds": round(max(last["time"] - self.started, 0.0), 1)}
+            plan = stage_plan(job.stage, job.corpus_dirs)
+            lineage = self.runner.publish(job, plan, self.parent, digest, local_copy(job.final_dir), metrics,
+                                          now(self.started))
+            remove(job.final_dir)  # the version holds the same files
+            self.lineages.append(lineage)
+            self.parent, self.started = lineage, last["time"]
+            self.pending.pop(0)

@@ -217,16 +217,18 @@ class Trackers:
                      "training goes on, and it is tried again at the next report")
 
     @contextmanager
-    def follow(self, stage: str, tokens_before: float, params: dict | None = None, bar: bool = False):
-        """Forward the stage's metrics lines as they are appended, until the block ends (then once more).
-        `bar`: also show them as a progress bar (in a terminal, instead of the workers' lines)."""
+    def follow(self, stages: dict[str, dict], tokens_before: float, bar: bool = False):
+        """Forward the metrics lines of `stages` (name: settings, in the order they train, each the next
+        one's parent) as they are appended, until the block ends (then once more), on the pipeline's axis
+        of cumulative tokens from `tokens_before`. `bar`: also show them as progress bars, a stage's from
+        its first line (in a terminal, instead of the workers' lines)."""
         if not self.sinks and not bar:
             yield
             return
-        if params:
-            self._each(lambda sink: sink.params(stage, params))
+        for stage, params in stages.items():
+            self._each(lambda sink, stage=stage, params=params: sink.params(stage, params))
         stop, metrics = threading.Event(), LogFollower(join(self.workdir, "metrics.jsonl"))
-        progress = ProgressBar(stage) if bar else None
+        axis, bars = TokenAxis(list(stages), tokens_before), {}
 
         def forward_new() -> None:
             try:
@@ -234,17 +236,23 @@ class Trackers:
             except Exception as exc:  # noqa: BLE001 -- a storage blip: the next poll reads again
                 self._warn("metrics.jsonl", exc)
                 return
-            mine = [r for r in map(_record, lines) if r is not None and r.get("stage") == stage]
-            self.forward(stage, [(scalars(r), int(tokens_before + sum(r["tokens"].values()))) for r in mine])
-            if progress is not None:
-                for record in mine:
-                    progress.show(record)
+            points: dict[str, list] = {}
+            for record in (r for r in map(_record, lines) if r is not None and r.get("stage") in stages):
+                points.setdefault(record["stage"], []).append((scalars(record), axis.at(record)))
+                if bar:
+                    if record["stage"] not in bars:
+                        for earlier in bars.values():
+                            earlier.close()
+                        bars[record["stage"]] = ProgressBar(record["stage"])
+                    bars[record["stage"]].show(record)
+            for stage, stage_points in points.items():
+                self.forward(stage, stage_points)
 
         def loop() -> None:
             while not stop.wait(FOLLOW_EVERY_S):
                 forward_new()
 
-        thread = threading.Thread(target=loop, name=f"trackers {stage}", daemon=True)
+        thread = threading.Thread(target=loop, name=f"trackers {', '.join(stages)}", daemon=True)
         thread.start()
         try:
             yield
@@ -252,7 +260,7 @@ class Trackers:
             stop.set()
             thread.join()
             forward_new()
-            if progress is not None:
+            for progress in bars.values():
                 progress.close()
 
     def replay(self, run: str, lines: list[str], tokens_before: float, params: dict, final: dict[str, float]) -> None:
@@ -310,6 +318,20 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class TokenAxis:
+    """The pipeline's cumulative tokens at a metrics line of one of consecutive stages: the tokens before
+    the first stage, those each earlier stage trained (as its latest line says), and the line's own."""
+
+    def __init__(self, stages: list[str], tokens_before: float):
+        self.stages, self.tokens_before, self.trained = stages, tokens_before, {}
+
+    def at(self, record: dict) -> int:
+        stage = record["stage"]
+        self.trained[stage] = sum(record["tokens"].values())
+        earlier = self.stages[:self.stages.index(stage)]
+        return int(self.tokens_before + sum(self.trained.get(s, 0) for s in earlier) + self.trained[stage])
 
 
 def _record(line: str) -> dict | None:

@@ -13,10 +13,11 @@ from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
 STAGE = {"name": "s", "mixture": {"facts": 1.0}, "tokens": 10240}  # 10 steps
+FIRST = {"name": "first", "mixture": {"chats": 1.0}, "tokens": 5120}  # 5 steps: no NaN batch reaches it
 
 
-def run(tmp_path, nonfinite, nan_steps):
-    spec = generated_spec(tmp_path / "run", [STAGE], workers=1, nonfinite=nonfinite, max_failures=0)
+def run(tmp_path, nonfinite, nan_steps, stages=(STAGE,)):
+    spec = generated_spec(tmp_path / "run", list(stages), workers=1, nonfinite=nonfinite, max_failures=0)
     return Pipeline(load_spec(write_spec(tmp_path, spec)), log=lambda line: None, hooks=NanLoss(nan_steps)).run()
 
 
@@ -30,8 +31,10 @@ def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path):
 
 
 def test_nan_batch_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_address, tmp_path):
+    """The stage before it, trained by the same worker group, is a version all the same."""
     with pytest.raises(MixloopError, match="non-finite loss or gradient at step 7"):
-        run(tmp_path, "stop", [7])
+        run(tmp_path, "stop", [7], stages=(FIRST, STAGE))
+    assert (tmp_path / "run" / "models" / "first" / "lineage.json").exists()
     assert not (tmp_path / "run" / "models" / "s").exists()
-    checkpoints = [p.name for p in (tmp_path / "run" / "train").glob("*/step-*")]
-    assert checkpoints == ["step-0000005"]
+    checkpoints = [p.name for p in (tmp_path / "run" / "train").glob("*/s.step-*")]
+    assert checkpoints == ["s.step-0000005"]

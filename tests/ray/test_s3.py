@@ -104,7 +104,7 @@ def test_pipeline_with_corpora_and_workdir_on_s3(s3, s3_env, tmp_path):
     steps = [json.loads(line)["step"] for line in read_lines(f"s3://{root}/metrics.jsonl")]
     assert steps == [4, 8], steps  # 8 steps, logged every 4
     assert len(s3.ls(f"{root}/metrics.jsonl.d")) == len(steps)
-    assert s3.glob(f"{root}/train/*/step-*/model.safetensors"), "checkpoints are stored in the S3 workdir"
+    assert s3.glob(f"{root}/train/*/*.step-*/model.safetensors"), "checkpoints are stored in the S3 workdir"
     assert not (spec_path.parent / "runs").exists() and not Path("runs", "s3test").exists()
     matrix = json.loads(s3.cat_file(f"{root}/eval/matrix.json"))
     assert matrix["sft"]["chats"]["loss"] < matrix["base"]["chats"]["loss"]

@@ -1,9 +1,10 @@
-"""One stage on two Ray Train workers, and resuming a stage from its checkpoint."""
+"""Two stages trained in turn by one group of two Ray Train workers, and resuming them from checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
+# The second stage, on the same workers: the group that trained `mixed` trains it next.
+AFTER = {"name": "after", "mixture": {"chats": 1.0}, "tokens": 30720, "lr": {"peak": 0.002, "warmup_from": "current"}}
 # Micro steps take about 0.06 s, less than a stage's whole 40 steps take to start: slowed down, the run
 # is still going when a test interrupts it.
 STEP_DELAY_S = 0.1
@@ -49,51 +52,62 @@ def row_hashes(workdir: Path, stage: str) -> dict[int, str]:
     return hashes
 
 
-def assert_same_training(workdir: Path, reference: Path) -> None:
+def assert_same_training(workdir: Path, reference: Path, stages: tuple[str, ...] = ("mixed", "after")) -> None:
     """Same rows in the same order at every step, and the same final weights (CPU float tolerance)."""
-    assert row_hashes(workdir, "mixed") == row_hashes(reference, "mixed")
-    assert len(row_hashes(workdir, "mixed")) == 40
-    resumed = load_file(workdir / "models" / "mixed" / "model.safetensors")
-    straight = load_file(reference / "models" / "mixed" / "model.safetensors")
-    assert resumed.keys() == straight.keys()
-    for name in resumed:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4)
+    for stage in stages:
+        assert row_hashes(workdir, stage) == row_hashes(reference, stage)
+        assert len(row_hashes(workdir, stage)) == {"mixed": 40, "after": 30}[stage]
+        resumed = load_file(workdir / "models" / stage / "model.safetensors")
+        straight = load_file(reference / "models" / stage / "model.safetensors")
+        assert resumed.keys() == straight.keys()
+        for name in resumed:
+            torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4)
 
 
-def wait_for_checkpoint(workdir: Path, step: int, still_running) -> None:
-    """Until Ray Train has registered the checkpoint of `step` (its snapshot of the run's checkpoints
+def wait_for_checkpoint(workdir: Path, stage: str, step: int, still_running) -> None:
+    """Until Ray Train has registered the checkpoint of `stage` at `step` (its snapshot of the run's checkpoints
     names it). A checkpoint folder exists before Ray registers it, and reports closer together than the
     controller's poll can be dropped (docs/ARCHITECTURE.md, "Ray 2.60"), so a failure right after the
     folder appears may resume from an earlier one: tests expect at least `step` - checkpoint_every."""
     deadline = time.time() + 240
-    while step not in registered_steps(workdir):
+    while (stage, step) not in registered_steps(workdir):
         assert still_running(), "the run ended before it could be interrupted"
-        assert time.time() < deadline, f"no checkpoint at step {step} within 4 minutes"
+        assert time.time() < deadline, f"no checkpoint of {stage} at step {step} within 4 minutes"
         time.sleep(0.1)
 
 
-def registered_steps(workdir: Path) -> set[int]:
+def registered_steps(workdir: Path) -> set[tuple[str, int]]:
     steps = set()
     for snapshot in workdir.glob("train/*/checkpoint_manager_snapshot.json"):
         try:
             results = json.loads(snapshot.read_text())["checkpoint_results"]
         except (ValueError, KeyError):  # being written
             continue
-        steps |= {int(r["checkpoint_dir_name"].removeprefix("step-")) for r in results}
+        names = [r["checkpoint_dir_name"].rsplit(".step-", 1) for r in results]
+        steps |= {(stage, int(step)) for stage, step in names}
     return steps
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_address, tmp_path_factory):
-    """One stage run start to finish on two workers: (workdir, run result)."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    spec = load_spec(write_spec(folder, generated_spec(folder / "run", [MIXED])))
-    return folder / "run", Pipeline(spec, log=lambda line: None).run()
+    """Two stages run start to finish by one group of two workers: (workdir, run result, log lines)."""
+    folder, lines = tmp_path_factory.mktemp("uninterrupted"), []
+    spec = load_spec(write_spec(folder, generated_spec(folder / "run", [MIXED, AFTER])))
+    return folder / "run", Pipeline(spec, log=lines.append).run(), lines
 
 
-def test_one_stage_on_two_workers(uninterrupted, capsys):
-    workdir, result = uninterrupted
-    assert result["trained"] == ["mixed"]
+def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
+    workdir, result, lines = uninterrupted
+    assert result["trained"] == ["mixed", "after"]
+    assert "stages mixed, after: one worker group trains them in turn" in lines
+    assert len(list((workdir / "train").iterdir())) == 1, "one Ray Train run for the group"
+    after = json.loads((workdir / "models" / "after" / "lineage.json").read_text())
+    mixed = json.loads((workdir / "models" / "mixed" / "lineage.json").read_text())
+    assert after["parent"] == "mixed" and after["metrics"]["steps"] == 30 and after["metrics"]["resumed_from"] is None
+    assert 0 < after["metrics"]["wall_seconds"] < mixed["metrics"]["wall_seconds"], "the group's start-up is paid once"
+    assert mixed["started"] <= after["started"] <= after["finished"] and set(after["tokens_per_corpus"]) == {"chats"}
+    # Re-warmed from where `mixed` ended, as if it had started from the published version.
+    assert mixed["metrics"]["final_lr"] < metrics(workdir, "after")[0]["lr"] < 0.002
 
     version = workdir / "models" / "mixed"
     lineage = json.loads((version / "lineage.json").read_text())
@@ -114,7 +128,7 @@ def test_one_stage_on_two_workers(uninterrupted, capsys):
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].split()[:4] == ["version", "parent", "trained", "tokens"]
     rows = {line.split()[0]: line.split() for line in listing[1:]}
-    assert list(rows) == ["base", "mixed"] and rows["mixed"][1] == "base"
+    assert list(rows) == ["base", "mixed", "after"] and rows["mixed"][1] == "base" and rows["after"][1] == "mixed"
     budget = int(rows["mixed"][3].replace(",", ""))
     assert budget == 40 * 1024 and 0 < int(rows["mixed"][2].replace(",", "")) <= budget  # trained <= slots
     assert main(["models", "show", str(workdir), "mixed"]) == 0
@@ -137,18 +151,30 @@ def test_one_stage_on_two_workers(uninterrupted, capsys):
     assert isinstance(tokenizer.decode(output[0]), str)
 
 
+def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninterrupted, tmp_path):
+    """The group hands `after` the model `mixed` ended with, in memory: the same as loading the version."""
+    reference = uninterrupted[0]
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir, ignore=lambda folder, names: {"after", "train", "metrics.jsonl"} & set(names))
+    lines = []
+    Pipeline(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER]))), log=lines.append).train()
+    assert "stage mixed: done (version mixed), skipping" in lines and not any("one worker group" in l for l in lines)
+    assert_same_training(workdir, reference, stages=("after",))
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, uninterrupted, tmp_path, capsys):
-    """Also: while the first run trains, a second run of the spec is refused at once (one run per
-    workdir); after its kill -9 the next run takes its lock over; its output, written to a file, is
-    only mixloop's lines (no colour codes, nothing at error level)."""
+    """Killed in the group's second stage, after the first was published. Also: while the first run
+    trains, a second run of the spec is refused at once (one run per workdir); after its kill -9 the next
+    run takes its lock over; its output, written to a file, is only mixloop's lines (no colour codes,
+    nothing at error level)."""
     interrupted = tmp_path / "interrupted"
-    spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED]))
+    spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED, AFTER]))
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(spec_path), ray_address],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_checkpoint(interrupted, 15, lambda: driver.poll() is None)
+        wait_for_checkpoint(interrupted, "mixed", 15, lambda: driver.poll() is None)
         started = time.time()
         assert main(["run", str(spec_path)]) == 3
         refused_after = time.time() - started
@@ -158,15 +184,17 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
         assert main(["status", str(spec_path)]) == 0
         status = capsys.readouterr().out
         assert f"running: 'mixloop run' (pid {driver.pid} on" in status and "stage mixed at step" in status
-        assert "done:    base" in status and "left:    mixed (40 steps of 1,024 tokens)" in status
+        assert "done:    base" in status and "left:    mixed (40 steps of 1,024 tokens), after (30 steps" in status
+        wait_for_checkpoint(interrupted, "after", 5, lambda: driver.poll() is None)
+        assert (interrupted / "models" / "mixed" / "lineage.json").exists(), "published as soon as it ended"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert main(["status", str(interrupted)]) == 0  # the run directory alone tells it too
-    assert "stopped: stage mixed at step" in capsys.readouterr().out
-    assert not (interrupted / "models" / "mixed").exists()
+    assert "stopped: stage after at step" in capsys.readouterr().out
+    assert not (interrupted / "models" / "after").exists()
     output = (tmp_path / "driver.log").read_text()
-    assert "[mixed] step 10/40" in output
+    assert "[mixed] step 10/40" in output and "[after] step 5/30" in output
     assert "\x1b[" not in output and "Traceback" not in output
     assert not [line for line in output.splitlines() if " E " in line[:40] or "ERROR" in line or "WARNING" in line]
 
@@ -174,10 +202,11 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     Pipeline(load_spec(spec_path), log=lines.append).run()
     assert any(f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line
                for line in lines), lines
+    assert "stage mixed: done (version mixed), skipping" in lines
     assert not (interrupted / ".lock").exists(), "the lock is released when the run ends"
-    lineage = json.loads((interrupted / "models" / "mixed" / "lineage.json").read_text())
-    assert lineage["metrics"]["resumed_from"] >= 10
-    assert [m["step"] for m in metrics(interrupted, "mixed")].count(5) == 1, "the resumed run started again at step 0"
+    lineage = json.loads((interrupted / "models" / "after" / "lineage.json").read_text())
+    assert lineage["metrics"]["resumed_from"] >= 5, "the group's run resumed where the stage stopped"
+    assert [m["step"] for m in metrics(interrupted, "after")].count(5) == 1, "the resumed run started again at step 0"
 
     assert_same_training(interrupted, uninterrupted[0])
 
@@ -188,24 +217,24 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     from ray.util.state import list_actors
 
     workdir = tmp_path / "run"
-    spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED])))
+    spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER])))
     outcome = {}
     pipeline = Pipeline(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
     runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
     runner.start()
-    wait_for_checkpoint(workdir, 15, runner.is_alive)
+    wait_for_checkpoint(workdir, "mixed", 15, runner.is_alive)
     workers = list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(workers[-1]["pid"], signal.SIGKILL)
     runner.join(timeout=300)
-    assert outcome["trained"] == ["mixed"]
+    assert outcome["trained"] == ["mixed", "after"]
     lineage = json.loads((workdir / "models" / "mixed" / "lineage.json").read_text())
     assert lineage["metrics"]["resumed_from"] >= 10
     assert_same_training(workdir, uninterrupted[0])
 
 
 def test_export_and_chat_with_a_version(uninterrupted, tmp_path):
-    workdir, _ = uninterrupted
+    workdir = uninterrupted[0]
     assert main(["models", "export", str(workdir), "mixed", str(tmp_path / "exported")]) == 0
     assert json.loads((tmp_path / "exported" / "lineage.json").read_text())["version"] == "mixed"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
@@ -249,4 +278,4 @@ def test_elastic_stage_shrinks_on_preemption_and_node_loss_grows_back_and_change
     sizes = [m["workers"] for m in logged]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2
     assert any(a == 1 and b == 2 for a, b in zip(sizes, sizes[1:])), "never grew back to two workers"
-    assert_same_training(workdir, uninterrupted[0])
+    assert_same_training(workdir, uninterrupted[0], stages=("mixed",))

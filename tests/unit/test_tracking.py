@@ -26,7 +26,7 @@ def events(folder) -> EventAccumulator:
 def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     trackers = Trackers(str(tmp_path), log=lambda line: None)
-    with trackers.follow("sft", tokens_before=1000):
+    with trackers.follow({"sft": {}}, tokens_before=1000):
         lines = [json.dumps(r) for r in [record("pretrain", 2, 3.0, 1000), record("sft", 2, 2.0, 200),
                                          record("sft", 4, 1.5, 400)]]
         metrics.write_text("\n".join(lines) + '\n{"stage": "sft", "st')  # the last line still being written

@@ -106,14 +106,14 @@ def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
     from mixloop.spec import stage_hash
     from mixloop.storage import join
-    from mixloop.train.launch import fit_stage
+    from mixloop.train.launch import fit_stages
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
     Path(metrics_path).unlink(missing_ok=True)
-    job = runner.job(stage, base).model_copy(update={"metrics_path": metrics_path})
+    job = runner.job(stage, base["version"], base["metrics"]["final_lr"]).model_copy(update={"metrics_path": metrics_path})
     # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
     name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
-    fit_stage(job, join(str(workdir), "train"), name, in_process=in_process)
+    fit_stages([job], join(str(workdir), "train"), name, in_process=in_process)
     return summarise(metrics_path)
 
 

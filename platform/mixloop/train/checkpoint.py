@@ -15,6 +15,7 @@ import torch
 
 from mixloop.model import load_model
 from mixloop.spec import ResolvedStage
+from mixloop.storage import upload
 from mixloop.train.job import StageJob
 
 STATE_FILE = "trainer_state.json"
@@ -22,9 +23,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
 
-def checkpoint_dir_name(step: int) -> str:
-    """The folder of a stage's checkpoint at `step` inside its Ray Train run."""
-    return f"step-{step:07d}"
+def checkpoint_dir_name(stage: str, step: int) -> str:
+    """The folder of a stage's checkpoint at `step` inside its Ray Train run (which may hold several
+    stages' checkpoints)."""
+    return f"{stage}.step-{step:07d}"
 
 
 @dataclass
@@ -37,10 +39,12 @@ class TrainState:
     tokens: list[float]
     resumed_from: int | None = None
     skipped_steps: int = 0
+    stage: str | None = None
+    """The stage it belongs to (None in checkpoints of runs that trained one stage, before groups)."""
 
     @classmethod
-    def fresh(cls, corpora: int, start_lr: float) -> "TrainState":
-        return cls(step=0, lr=start_lr, tokens=[0.0] * corpora)
+    def fresh(cls, stage: ResolvedStage, start_lr: float) -> "TrainState":
+        return cls(step=0, lr=start_lr, tokens=[0.0] * len(stage.mixture), stage=stage.name)
 
     def add_tokens(self, tokens) -> None:
         self.tokens = [before + float(added) for before, added in zip(self.tokens, tokens)]
@@ -75,34 +79,51 @@ def optimizer_for(model, stage: ResolvedStage, device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=stage.lr.peak, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+@dataclass
+class Start:
+    """Where a worker starts a stage: a model, and either the state restored from a checkpoint (with the
+    optimizer's and the RNG's) or none (a fresh state)."""
+
+    model: torch.nn.Module
+    state: TrainState | None = None
+    optimizer_state: dict | None = None
+    rng: dict | None = None
+
+
+def latest_start(trust_remote_code: bool, device) -> Start | None:
+    """The latest checkpoint Ray hands this run (after a restart or a resumed driver), loaded; or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with restored(checkpoint) as source:
+        state = read_state(source)
+        state.resumed_from = state.step
+        return Start(load_model(source, trust_remote_code).to(device), state,
+                     torch.load(Path(source, OPTIMIZER_FILE), weights_only=True, map_location=device),
+                     torch.load(Path(source, RNG_FILE), weights_only=True))
+
+
 class Checkpointer:
-    """Loads a worker's model, optimizer and state at the start of a stage, and saves checkpoints."""
+    """Sets a worker's model, optimizer and state up at the start of a stage, and saves checkpoints."""
 
     def __init__(self, job: StageJob, device, rank: int):
         self.job, self.device, self.rank = job, device, rank
 
-    def start(self):
-        """(model, optimizer, state): from the stage's latest checkpoint if Ray hands one, else from
-        the parent version."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            model = load_model(self.job.parent_dir, self.job.trust_remote_code).to(self.device)
-            state = TrainState.fresh(len(self.job.stage.mixture), self.job.start_lr)
-            return model, optimizer_for(model, self.job.stage, self.device), state
-        with restored(checkpoint) as source:
-            state = read_state(source)
-            state.resumed_from = state.step
-            model = load_model(source, self.job.trust_remote_code).to(self.device)
-            optimizer = optimizer_for(model, self.job.stage, self.device)
-            optimizer.load_state_dict(torch.load(Path(source, OPTIMIZER_FILE), weights_only=True,
-                                                 map_location=self.device))
-            rng = torch.load(Path(source, RNG_FILE), weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        return model, optimizer, state
+    def start(self, start: Start | None):
+        """(model, optimizer, state): from `start` (a checkpoint of this stage, or the model the previous
+        stage of the group ended with), else from the parent version."""
+        if start is None:
+            start = Start(load_model(self.job.parent_dir, self.job.trust_remote_code).to(self.device))
+        optimizer = optimizer_for(start.model, self.job.stage, self.device)
+        if start.state is None:
+            return start.model, optimizer, TrainState.fresh(self.job.stage, self.job.start_lr)
+        optimizer.load_state_dict(start.optimizer_state)
+        torch.set_rng_state(start.rng["cpu"])
+        if start.rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(start.rng["cuda"])
+        return start.model, optimizer, start.state
 
     def save(self, model, optimizer, state: TrainState, metrics: dict) -> None:
         """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, in fp32, HF format."""
@@ -112,12 +133,26 @@ class Checkpointer:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            unwrapped = model.module if hasattr(model, "module") else model
-            unwrapped.save_pretrained(folder, safe_serialization=True)
+            unwrapped(model).save_pretrained(folder, safe_serialization=True)
             torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
             torch.save({"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        os.path.join(folder, RNG_FILE))
             Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_dir_name(state.step))
+                             checkpoint_dir_name=checkpoint_dir_name(self.job.stage.name, state.step))
+
+    def save_final(self, model, state: TrainState) -> None:
+        """Rank 0 leaves the finished stage's weights and state in the job's final_dir, where the driver
+        publishes them from (the group's later checkpoints replace this stage's in Ray's run)."""
+        if self.rank != 0 or self.job.final_dir is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            unwrapped(model).save_pretrained(folder, safe_serialization=True)
+            Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
+            upload(folder, self.job.final_dir, last=STATE_FILE)
+
+
+def unwrapped(model) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model)."""
+    return model.module if hasattr(model, "module") else model

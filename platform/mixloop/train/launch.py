@@ -1,4 +1,4 @@
-"""Run one stage's training on Ray Train and hand back its final checkpoint."""
+"""Run a stage, or a group of consecutive stages, on one Ray Train worker group."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 from mixloop.errors import MixloopError
 from mixloop.storage import train_storage
 from mixloop.train.job import StageJob
-from mixloop.train.loop import train_stage
+from mixloop.train.loop import train_stages
 from mixloop.train.step import StepHooks
 
 
@@ -24,19 +24,29 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def fit_stage(job: StageJob, storage: str, name: str, in_process: bool = False, callbacks: list | None = None,
-              hooks: StepHooks | None = None) -> ray.train.Result:
-    """Train a stage on Ray Train workers as the run `name` under the folder or URI `storage` (the same
-    name resumes from its latest checkpoint); `in_process` runs the same loop in this process instead
-    (Ray Train's local mode), which the training benchmark uses to measure Ray's overhead. `hooks`:
-    tests' way into the step loop (pickled with the config; none in production)."""
-    stage = job.stage
+def group_run_name(stage_runs: list[str]) -> str:
+    """The run of a group of stages: a stage alone keeps its own run name; a group is named after its
+    first stage and the runs of all, so the same group after a restart resumes the same run."""
+    if len(stage_runs) == 1:
+        return stage_runs[0]
+    digest = hashlib.sha256("\n".join(stage_runs).encode()).hexdigest()[:12]
+    return f"{stage_runs[0].rsplit('.', 2)[0]}+{len(stage_runs) - 1}.{digest}"
+
+
+def fit_stages(jobs: list[StageJob], storage: str, name: str, in_process: bool = False,
+               callbacks: list | None = None, hooks: StepHooks | None = None) -> ray.train.Result:
+    """Train stages in turn on one group of Ray Train workers (they must ask for the same workers, see
+    job.same_workers) as the run `name` under the folder or URI `storage` (the same name resumes from
+    its latest checkpoint); `in_process` runs the same loop in this process instead (Ray Train's local
+    mode), which the training benchmark uses to measure Ray's overhead. `hooks`: tests' way into the
+    step loop (pickled with the config; none in production)."""
+    stage = jobs[0].stage
     storage_path, storage_filesystem = train_storage(storage)
     elastic = stage.min_workers != stage.max_workers
     workers = 0 if in_process else (stage.min_workers, stage.max_workers) if elastic else stage.max_workers
     trainer = TorchTrainer(
-        train_stage,
-        train_loop_config={"job": job.as_json(), "hooks": hooks},
+        train_stages,
+        train_loop_config={"jobs": [job.as_json() for job in jobs], "hooks": hooks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=stage.use_gpu,
             resources_per_worker={"CPU": stage.cpus_per_worker, **stage.resources_per_worker},

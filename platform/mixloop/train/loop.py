@@ -1,5 +1,10 @@
 """The one training loop every stage runs, on each Ray Train worker.
 
+A worker group trains one stage, or several consecutive ones that need the same
+workers (each the next one's parent): then the group's start-up (Ray Train's
+controller and workers, importing torch, loading the model) is paid once, and
+each stage starts from the model its predecessor ended with, still in memory.
+
 A step trains one global batch of `rows_per_step` packed rows chosen by the mix
 plan. The batch is cut into micro-batches; worker r of W takes micro-batches
 r, r+W, ... and accumulates, so the trajectory does not depend on W. The
@@ -9,6 +14,7 @@ rows from the plan (see docs/ARCHITECTURE.md, "Determinism").
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,7 +28,7 @@ from mixloop.data.store import PackedCorpus
 from mixloop.errors import MixloopError
 from mixloop.storage import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
-from mixloop.train.checkpoint import Checkpointer
+from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
 from mixloop.train.job import StageJob
 from mixloop.train.schedule import learning_rate
 from mixloop.train.step import Progress, StepHooks, StepTimer, StepTrainer
@@ -32,33 +38,55 @@ class NonFiniteError(MixloopError):
     """Training met a non-finite loss or gradient and the stage says to stop."""
 
 
-def train_stage(config: dict) -> dict:
-    """Ray Train's train_loop_per_worker. config: {"job": a StageJob as JSON, "hooks": StepHooks for
-    tests, or None}."""
-    import ray.train
+def train_stages(config: dict) -> dict:
+    """Ray Train's train_loop_per_worker. config: {"jobs": the StageJobs of the group as JSON, in order;
+    "hooks": StepHooks for tests, or None}. After a restart, the stages before the latest checkpoint's
+    are done and skipped. Returns each stage's summary by name."""
+    import ray.train.torch
 
     _quiet_report_lines()
     context = ray.train.get_context()
-    worker = StageWorker(StageJob.model_validate(config["job"]), context.get_world_rank(),
-                         context.get_world_size(), config.get("hooks") or StepHooks())
-    return worker.run()
+    jobs = [StageJob.model_validate(job) for job in config["jobs"]]
+    hooks, rank, world = config.get("hooks") or StepHooks(), context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    first, start = _resume_point(jobs, latest_start(jobs[0].trust_remote_code, device))
+    summaries = {}
+    for index in range(first, len(jobs)):
+        worker = StageWorker(jobs[index], rank, world, hooks, device, start)
+        summaries[jobs[index].stage.name] = worker.run()
+        start = Start(worker.handover()) if index + 1 < len(jobs) else None
+        del worker  # its optimizer and DistributedDataParallel wrapper go before the next stage's
+    return summaries
+
+
+def _resume_point(jobs: list[StageJob], latest: Start | None) -> tuple[int, Start | None]:
+    """The stage to start with, and where from. The run's latest checkpoint decides: the stages before
+    its stage are done. A checkpoint of none of these stages is of one the driver published already:
+    the first stage then starts from its parent version. (Runs of one stage, before groups, saved no
+    stage name.)"""
+    names = [job.stage.name for job in jobs]
+    if latest is None:
+        return 0, None
+    stage = latest.state.stage or names[0]
+    return (names.index(stage), latest) if stage in names else (0, None)
 
 
 class StageWorker:
-    """One worker's part of a stage: set up from the job (and the latest checkpoint), then the steps."""
+    """One worker's part of a stage: set up from the job and where it starts (a checkpoint, or the
+    model the group's previous stage ended with, or the parent version), then the steps."""
 
-    def __init__(self, job: StageJob, rank: int, world: int, hooks: StepHooks):
+    def __init__(self, job: StageJob, rank: int, world: int, hooks: StepHooks, device, start: Start | None):
         import ray.train.torch
 
         self.job, self.stage, self.rank, self.world, self.hooks = job, job.stage, rank, world, hooks
         torch.set_num_threads(max(1, int(self.stage.cpus_per_worker)))
-        self.device = ray.train.torch.get_device()
+        self.device = device
         self.names = list(self.stage.mixture)
         corpora = [PackedCorpus(job.corpus_dirs[name]) for name in self.names]
         geometry, total = self.stage.geometry, self.stage.total_steps
         plan = MixPlan.for_stage(self.stage, {n: len(c) for n, c in zip(self.names, corpora)})
         self.checkpointer = Checkpointer(job, self.device, rank)
-        model, self.optimizer, self.state = self.checkpointer.start()
+        model, self.optimizer, self.state = self.checkpointer.start(start)
         self.model = ray.train.torch.prepare_model(model)
         self.trainer = StepTrainer(job, self.model, self.optimizer, world, self.device, hooks)
         self.loader = StepLoader(plan, corpora, geometry, total, micro_batches_of(rank, world, geometry.micro_batches),
@@ -78,8 +106,16 @@ class StageWorker:
             if done % stage.log_every == 0 or done % stage.checkpoint_every == 0 or done == total:
                 self.report(grad_norm)
         self.loader.close()
+        self.checkpointer.save_final(self.model, self.state)
         return {"steps": self.state.step, "final_lr": self.state.lr, "tokens": dict(zip(self.names, self.state.tokens)),
                 "resumed_from": self.state.resumed_from, "skipped_steps": self.state.skipped_steps}
+
+    def handover(self) -> torch.nn.Module:
+        """A copy of the trained model for the group's next stage: the copy carries no gradients and none
+        of the DistributedDataParallel hooks of this stage's wrapper, as if loaded from the version."""
+        model = unwrapped(self.model)
+        model.zero_grad(set_to_none=True)
+        return copy.deepcopy(model)
 
     def train_step(self, step: int) -> float:
         """Train step `step` (0-based); its gradient norm."""
@@ -177,11 +213,11 @@ def _evaluate(model, eval_dirs: dict[str, str], rows: int, device) -> dict[str, 
     """Eval loss per split, measured as `mixloop eval` measures a published version."""
     from mixloop.evaluate import evaluate_model
 
-    unwrapped = model.module if hasattr(model, "module") else model
-    training = unwrapped.training
-    unwrapped.eval()
-    losses = {name: evaluate_model(unwrapped, folder, rows, device)["loss"] for name, folder in eval_dirs.items()}
-    unwrapped.train(training)
+    inner = unwrapped(model)
+    training = inner.training
+    inner.eval()
+    losses = {name: evaluate_model(inner, folder, rows, device)["loss"] for name, folder in eval_dirs.items()}
+    inner.train(training)
     return losses
 
 

@@ -15,6 +15,11 @@ def warmup_steps(total_steps: int, warmup_share: float) -> int:
     return int(round(total_steps * warmup_share))
 
 
+def final_lr(total_steps: int, lr: ResolvedLR, start_lr: float) -> float:
+    """The learning rate of a stage's last step: where a stage that re-warms from it starts."""
+    return learning_rate(total_steps - 1, total_steps, lr, start_lr)
+
+
 def learning_rate(step: int, total_steps: int, lr: ResolvedLR, start_lr: float) -> float:
     """Learning rate for optimizer step `step` (0-based) of a stage of `total_steps`.
 

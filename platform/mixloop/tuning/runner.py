@@ -110,11 +110,11 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
         raise MixloopError("not applied: the search did not end with a finished trial. "
                            "Fix: run it again (it resumes), then add --apply.")
     stage = search.resolve(best["stage"])
-    checkpoint = join(context.folder, "train", best["trial"], checkpoint_dir_name(stage.total_steps))
+    checkpoint = join(context.folder, "train", best["trial"], checkpoint_dir_name(stage.name, stage.total_steps))
     trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
-    job = runner.job(stage, context.parent)
+    job = runner.job(stage, context.parent["version"], context.parent["metrics"]["final_lr"])
     runner.publish(job, stage_plan(stage, job.corpus_dirs), context.parent,
                    stage_hash(stage, context.parent["stage_hash"]), local_copy(checkpoint), metrics, now())
     # One append: the report's training curves then show the stage like any other.
@@ -146,9 +146,9 @@ class TrialContext:
         trial = resolved.model_copy(update={"min_workers": self.workers, "max_workers": self.workers,
                                             "cpus_per_worker": self.cpus_per_worker, "checkpoint_every": evals_every})
         pipeline = self.search.pipeline
-        return stage_job(pipeline.pipeline.name, trial, self.parent, version_dir(pipeline.workdir, self.parent["version"]),
-                         self.corpus_dirs, metrics_path, pipeline.pipeline.model.trust_remote_code,
-                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
+        return stage_job(pipeline.pipeline.name, trial, self.parent["metrics"]["final_lr"],
+                         version_dir(pipeline.workdir, self.parent["version"]), self.corpus_dirs, metrics_path,
+                         pipeline.pipeline.model.trust_remote_code, evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
 
 
 def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
@@ -263,7 +263,7 @@ def _scheduler(search: Search) -> TrialScheduler:
 
 def run_trial(config: dict, context: TrialContext) -> None:
     """Ray Tune's function trainable: train the trial's stage; the callback reports its evals."""
-    from mixloop.train.launch import fit_stage
+    from mixloop.train.launch import fit_stages
 
     trial_id = tune.get_context().get_trial_id()
     folder = join(context.folder, "trials", trial_id)
@@ -277,7 +277,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     every = job.stage.checkpoint_every
     callback = ReportObjectives(context.search.objectives, context.start_losses, every)
     clock = time.time()
-    result = fit_stage(job, join(context.folder, "train"), trial_id, callbacks=[callback])
+    result = fit_stages([job], join(context.folder, "train"), trial_id, callbacks=[callback])
     # The final eval is reported here, also when a resumed run had nothing left to train.
     row = {**objective_row(result.metrics, context.search.objectives, context.start_losses, every),
            "wall_s": round(time.time() - clock, 1)}
