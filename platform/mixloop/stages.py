@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from mixloop.registry import list_versions, now, publish, read_lineage, verified
 from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
 from mixloop.storage import exists, join, local_copy, read_lines, remove
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint
-from mixloop.tracking import Trackers, tokens_through
+from mixloop.tracking import Trackers, polling, tokens_through
 from mixloop.train.job import StageJob, stage_job
 from mixloop.train.schedule import final_lr
 
@@ -192,26 +191,8 @@ class Publisher:
 
     @contextmanager
     def while_training(self):
-        stop, errors = threading.Event(), []
-
-        def loop() -> None:
-            while not stop.wait(self.POLL_S):
-                try:
-                    self.publish_ready()
-                except Exception as exc:  # noqa: BLE001 -- raised in the driver's thread below
-                    errors.append(exc)
-                    return
-
-        thread = threading.Thread(target=loop, name="publisher", daemon=True)
-        thread.start()
-        try:
+        with polling(self.publish_ready, self.POLL_S, "publisher"):
             yield
-        finally:
-            stop.set()
-            thread.join()
-            if errors:
-                raise errors[0]
-            self.publish_ready()
         if self.pending:
             job = self.pending[0][0]
             raise MixloopError(f"stage {job.stage.name}: its workers ended without its final weights in "

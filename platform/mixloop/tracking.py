@@ -227,7 +227,7 @@ class Trackers:
             return
         for stage, params in stages.items():
             self._each(lambda sink, stage=stage, params=params: sink.params(stage, params))
-        stop, metrics = threading.Event(), LogFollower(join(self.workdir, "metrics.jsonl"))
+        metrics = LogFollower(join(self.workdir, "metrics.jsonl"))
         axis, bars = TokenAxis(list(stages), tokens_before), {}
 
         def forward_new() -> None:
@@ -248,18 +248,10 @@ class Trackers:
             for stage, stage_points in points.items():
                 self.forward(stage, stage_points)
 
-        def loop() -> None:
-            while not stop.wait(FOLLOW_EVERY_S):
-                forward_new()
-
-        thread = threading.Thread(target=loop, name=f"trackers {', '.join(stages)}", daemon=True)
-        thread.start()
         try:
-            yield
+            with polling(forward_new, FOLLOW_EVERY_S, f"trackers {', '.join(stages)}"):
+                yield
         finally:
-            stop.set()
-            thread.join()
-            forward_new()
             for progress in bars.values():
                 progress.close()
 
@@ -288,6 +280,32 @@ class Trackers:
 
     def close(self, report_dir: str | None = None) -> None:
         self._each(lambda sink: sink.close(report_dir))
+
+
+@contextmanager
+def polling(poll: Callable[[], None], every_s: float, name: str):
+    """Call `poll` every `every_s` seconds from a thread while the block runs, then once more after it,
+    in the caller's thread. An exception in the thread ends the polling, and is raised after the block."""
+    stop, errors = threading.Event(), []
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                poll()
+            except Exception as exc:  # noqa: BLE001 -- raised in the caller's thread below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if errors:
+            raise errors[0]
+        poll()
 
 
 def bar(**options):

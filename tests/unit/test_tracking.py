@@ -55,3 +55,15 @@ def test_a_failing_tracker_warns_once_and_is_tried_again(tmp_path):
     (tmp_path / "tensorboard").unlink()  # the disk is fixed: the same trackers write again
     trackers.forward("s", [(scalars(record("s", 3, 1.0, 30.0)), 3)])
     assert len(notes) == 1 and events(tmp_path / "tensorboard" / "s").Scalars("train/loss")[0].value == 1.0
+
+
+def test_a_group_of_stages_is_followed_on_one_token_axis(tmp_path):
+    """Each stage's points start where the stage before it ended (its latest line's tokens)."""
+    metrics = tmp_path / "metrics.jsonl"
+    trackers = Trackers(str(tmp_path), log=lambda line: None)
+    with trackers.follow({"pretrain": {}, "sft": {}}, tokens_before=500):
+        lines = [record("pretrain", 2, 3.0, 1000), record("pretrain", 4, 2.5, 2000), record("sft", 2, 2.0, 200)]
+        metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    pretrain = events(tmp_path / "tensorboard" / "pretrain").Scalars("train/loss")
+    sft = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
+    assert [e.step for e in pretrain] == [1500, 2500] and [e.step for e in sft] == [2700]
