@@ -193,9 +193,10 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     return tune.Tuner(
         trainable,
         param_space=search.param_space(),
-        # Reused trial drivers keep their imports: a trial then pays only its Train worker group's start.
+        # Not reuse_actors: a trial ASHA stops takes longer to shut its Train run down than Tune waits
+        # (TUNE_FUNCTION_THREAD_TIMEOUT_S, 2 s) before reusing its driver, and the next trial then fails.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(search), num_samples=search.spec.trials.count,
-                                    max_concurrent_trials=concurrency, reuse_actors=True),
+                                    max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=search.spec.name, storage_path=storage, storage_filesystem=filesystem,
                                   verbose=0, callbacks=[ProgressLines(search)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
