@@ -31,11 +31,12 @@ TRIALS = 3
 
 
 def run_state(workdir: Path, trial: str) -> dict:
-    """A trial's metrics and every file of its Ray Train run, with modification times: a trial
-    that trained again, even for zero steps, changes them."""
-    search = workdir / "tune" / "mixed-tuned"
-    files = {str(p): p.stat().st_mtime_ns for p in (search / "train" / trial).rglob("*") if p.is_file()}
-    return {"metrics": (search / "trials" / trial / "metrics.jsonl").read_text(), "files": files}
+    """The files a trial's training writes (its stage, metrics, final weights and result), with
+    modification times: a trial that trained again, even for zero steps, changes them. (A finished trial
+    that Tune starts again, having missed its end, appends to starts.jsonl and reports its result.json.)"""
+    folder = workdir / "tune" / "mixed-tuned" / "trials" / trial
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+            if p.is_file() and p.name not in ("starts.jsonl", "tracked.json")}
 
 
 def tune_command(search: Path, ray_address: str, *extra: str) -> list[str]:
@@ -80,7 +81,7 @@ def test_resumed_search_does_not_rerun_finished_trials(search):
     assert len(search["finished_before"]) >= 2
     assert "resuming from" in search["output"]
     for trial, state in search["finished_before"].items():
-        assert state["files"], "no Ray Train run for a finished trial"
+        assert any(name.endswith("final/model.safetensors") for name in state), "no final weights for a finished trial"
         assert run_state(search["workdir"], trial) == state, f"trial {trial} trained again"
     rows = search["results"]["trials"]
     assert len(rows) == TRIALS

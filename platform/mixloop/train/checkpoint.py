@@ -90,11 +90,10 @@ class Start:
     rng: dict | None = None
 
 
-def latest_start(trust_remote_code: bool, device) -> Start | None:
-    """The latest checkpoint Ray hands this run (after a restart or a resumed driver), loaded; or None."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def latest_start(session, trust_remote_code: bool) -> Start | None:
+    """The latest checkpoint Ray hands this run (after a restart or a resumed driver), loaded on the
+    session's device; or None."""
+    checkpoint, device = session.latest_checkpoint(), session.device
     if checkpoint is None:
         return None
     with restored(checkpoint) as source:
@@ -108,8 +107,9 @@ def latest_start(trust_remote_code: bool, device) -> Start | None:
 class Checkpointer:
     """Sets a worker's model, optimizer and state up at the start of a stage, and saves checkpoints."""
 
-    def __init__(self, job: StageJob, device, rank: int):
-        self.job, self.device, self.rank = job, device, rank
+    def __init__(self, job: StageJob, session):
+        """`session`: where the loop runs (train.session)."""
+        self.job, self.session, self.device, self.rank = job, session, session.device, session.rank
 
     def start(self, start: Start | None):
         """(model, optimizer, state): from `start` (a checkpoint of this stage, or the model the previous
@@ -127,10 +127,8 @@ class Checkpointer:
 
     def save(self, model, optimizer, state: TrainState, metrics: dict) -> None:
         """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, in fp32, HF format."""
-        import ray.train
-
         if self.rank != 0:
-            ray.train.report(metrics)
+            self.session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             unwrapped(model).save_pretrained(folder, safe_serialization=True)
@@ -139,8 +137,7 @@ class Checkpointer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        os.path.join(folder, RNG_FILE))
             Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_dir_name(self.job.stage.name, state.step))
+            self.session.report(metrics, folder, checkpoint_dir_name(self.job.stage.name, state.step))
 
     def save_final(self, model, state: TrainState) -> None:
         """Rank 0 leaves the finished stage's weights and state in the job's final_dir, where the driver

@@ -30,6 +30,7 @@ from mixloop.storage import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
 from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
 from mixloop.train.job import StageJob
+from mixloop.train.session import WorkerGroup
 from mixloop.train.schedule import learning_rate
 from mixloop.train.step import Progress, StepHooks, StepTimer, StepTrainer
 
@@ -42,17 +43,17 @@ def train_stages(config: dict) -> dict:
     """Ray Train's train_loop_per_worker. config: {"jobs": the StageJobs of the group as JSON, in order;
     "hooks": StepHooks for tests, or None}. After a restart, the stages before the latest checkpoint's
     are done and skipped. Returns each stage's summary by name."""
-    import ray.train.torch
-
     _quiet_report_lines()
-    context = ray.train.get_context()
     jobs = [StageJob.model_validate(job) for job in config["jobs"]]
-    hooks, rank, world = config.get("hooks") or StepHooks(), context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    first, start = _resume_point(jobs, latest_start(jobs[0].trust_remote_code, device))
+    return run_stages(jobs, WorkerGroup(), config.get("hooks") or StepHooks())
+
+
+def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> dict:
+    """The stages of `jobs`, in order, where `session` (train.session) says; see train_stages."""
+    first, start = _resume_point(jobs, latest_start(session, jobs[0].trust_remote_code))
     summaries = {}
     for index in range(first, len(jobs)):
-        worker = StageWorker(jobs[index], rank, world, hooks, device, start)
+        worker = StageWorker(jobs[index], session, hooks, start)
         summaries[jobs[index].stage.name] = worker.run()
         start = Start(worker.handover()) if index + 1 < len(jobs) else None
         del worker  # its optimizer and DistributedDataParallel wrapper go before the next stage's
@@ -72,27 +73,26 @@ def _resume_point(jobs: list[StageJob], latest: Start | None) -> tuple[int, Star
 
 
 class StageWorker:
-    """One worker's part of a stage: set up from the job and where it starts (a checkpoint, or the
-    model the group's previous stage ended with, or the parent version), then the steps."""
+    """One worker's part of a stage: set up from the job, the session (train.session: its rank,
+    device, reports) and where it starts (a checkpoint, or the model the group's previous stage ended
+    with, or the parent version), then the steps."""
 
-    def __init__(self, job: StageJob, rank: int, world: int, hooks: StepHooks, device, start: Start | None):
-        import ray.train.torch
-
-        self.job, self.stage, self.rank, self.world, self.hooks = job, job.stage, rank, world, hooks
+    def __init__(self, job: StageJob, session, hooks: StepHooks, start: Start | None):
+        self.job, self.stage, self.hooks = job, job.stage, hooks
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         torch.set_num_threads(max(1, int(self.stage.cpus_per_worker)))
-        self.device = device
         self.names = list(self.stage.mixture)
         corpora = [PackedCorpus(job.corpus_dirs[name]) for name in self.names]
         geometry, total = self.stage.geometry, self.stage.total_steps
         plan = MixPlan.for_stage(self.stage, {n: len(c) for n, c in zip(self.names, corpora)})
-        self.checkpointer = Checkpointer(job, self.device, rank)
+        self.checkpointer = Checkpointer(job, session)
         model, self.optimizer, self.state = self.checkpointer.start(start)
-        self.model = ray.train.torch.prepare_model(model)
-        self.trainer = StepTrainer(job, self.model, self.optimizer, world, self.device, hooks)
-        self.loader = StepLoader(plan, corpora, geometry, total, micro_batches_of(rank, world, geometry.micro_batches),
-                                 pin_memory=self.device.type == "cuda")
+        self.model = session.prepare_model(model)
+        self.trainer = StepTrainer(job, self.model, self.optimizer, self.world, self.device, hooks)
+        mine = micro_batches_of(self.rank, self.world, geometry.micro_batches)
+        self.loader = StepLoader(plan, corpora, geometry, total, mine, pin_memory=self.device.type == "cuda")
         self.progress, self.timer = Progress(len(self.names), self.device), StepTimer()
-        self.preemption = PreemptionCheck(self.stage.name, rank)
+        self.preemption = PreemptionCheck(self.stage.name, session)
         self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
 
     def run(self) -> dict:
@@ -179,13 +179,11 @@ class PreemptionCheck:
     preemption notice). On a new notice the stage checkpoints at once and trains on; Ray restarts
     the group when the node goes, and the restart loses no step."""
 
-    def __init__(self, stage: str, rank: int):
-        self.stage, self.rank, self.seen = stage, rank, set()
+    def __init__(self, stage: str, session):
+        self.stage, self.session, self.rank, self.seen = stage, session, session.rank, set()
 
     def noticed(self, step: int) -> bool:
-        import ray.train
-
-        info = ray.train.get_preemption_info()  # a broadcast from rank 0: every rank calls it
+        info = self.session.preemption()  # a broadcast from rank 0: every rank calls it
         nodes = set(info.preempted_node_ids) if info is not None else set()
         if not nodes - self.seen:
             return False

@@ -1,9 +1,12 @@
-"""`mixloop tune`: every trial is one Ray Train run of the tuned stage from the same start version.
+"""`mixloop tune`: every trial trains the tuned stage from the same start version. A trial of one
+worker trains in its Ray Tune trial's own process (train.session.TuneTrial), paying no Ray Train
+start-up; a trial of several workers is a Ray Train run of its own.
 
 The driver prepares every packed corpus the trials may read and evaluates the start version before
 the search, so trials only train: no trial tokenizes, and Ray Data never competes with them for
-CPUs. Trial drivers hold a custom resource instead of a CPU, so they never take the CPUs the
-training workers need; the number of trials at once follows the cluster's CPUs (or GPUs).
+CPUs. Trial drivers hold a custom resource instead of a CPU, so those of Ray Train runs never take
+the CPUs their workers need (one that trains itself holds its worker's CPUs); the number of trials at
+once follows the cluster's CPUs (or GPUs).
 
 The two baselines (the stage's own mix and the stratified mix) are the first trials of every
 search; Optuna proposes the others, and ASHA stops weak trials at intermediate evals (never a
@@ -41,7 +44,6 @@ from mixloop.registry import list_versions, now, read_lineage, verified_version,
 from mixloop.spec import Share, stage_hash
 from mixloop.stages import StageRunner, stage_plan
 from mixloop.tracking import Trackers, tokens_through
-from mixloop.train.checkpoint import checkpoint_dir_name
 from mixloop.train.job import StageJob, stage_job
 from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
                              write_text)
@@ -110,13 +112,13 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
         raise MixloopError("not applied: the search did not end with a finished trial. "
                            "Fix: run it again (it resumes), then add --apply.")
     stage = search.resolve(best["stage"])
-    checkpoint = join(context.folder, "train", best["trial"], checkpoint_dir_name(stage.name, stage.total_steps))
-    trial_lines = read_lines(join(context.folder, "trials", best["trial"], "metrics.jsonl"))
+    trial_folder = join(context.folder, "trials", best["trial"])
+    trial_lines = read_lines(join(trial_folder, "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
     job = runner.job(stage, context.parent["version"], context.parent["metrics"]["final_lr"])
     runner.publish(job, stage_plan(stage, job.corpus_dirs), context.parent,
-                   stage_hash(stage, context.parent["stage_hash"]), local_copy(checkpoint), metrics, now())
+                   stage_hash(stage, context.parent["stage_hash"]), local_copy(join(trial_folder, "final")), metrics, now())
     # One append: the report's training curves then show the stage like any other.
     append_line(join(search.pipeline.workdir, "metrics.jsonl"), "\n".join(trial_lines))
     append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
@@ -138,17 +140,24 @@ class TrialContext:
     workers: int
     cpus_per_worker: float
 
-    def job(self, stage: dict, metrics_path: str) -> StageJob:
-        """The StageJob of a trial: the stage on the trials' workers, with intermediate evals at its
-        checkpoints (neither changes what the stage trains)."""
+    @property
+    def in_trial(self) -> bool:
+        """Trials of one worker train in their Tune trial's own process (train.session.TuneTrial)."""
+        return self.workers == 1
+
+    def job(self, stage: dict, folder: str) -> StageJob:
+        """The StageJob of a trial whose files go to `folder`: the stage on the trials' workers, with
+        intermediate evals at its checkpoints (neither changes what the stage trains)."""
         resolved = self.search.resolve(stage)
         evals_every = math.ceil(resolved.total_steps / self.search.spec.trials.evals)
         trial = resolved.model_copy(update={"min_workers": self.workers, "max_workers": self.workers,
                                             "cpus_per_worker": self.cpus_per_worker, "checkpoint_every": evals_every})
         pipeline = self.search.pipeline
         return stage_job(pipeline.pipeline.name, trial, self.parent["metrics"]["final_lr"],
-                         version_dir(pipeline.workdir, self.parent["version"]), self.corpus_dirs, metrics_path,
-                         pipeline.pipeline.model.trust_remote_code, evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False)
+                         version_dir(pipeline.workdir, self.parent["version"]), self.corpus_dirs,
+                         join(folder, "metrics.jsonl"), pipeline.pipeline.model.trust_remote_code,
+                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False,
+                         final_dir=join(folder, "final"))
 
 
 def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
@@ -176,7 +185,7 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     # Tune's new output engine prints a configuration box and a TensorBoard hint even at verbose=0;
     # the legacy one is silent there, and the progress lines say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {TRIAL_RESOURCE: 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), _trial_resources(context))
     storage, filesystem = train_storage(join(search.pipeline.workdir, "tune"))
     experiment = os.path.join(storage, search.spec.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -199,8 +208,21 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=search.spec.name, storage_path=storage, storage_filesystem=filesystem,
                                   verbose=0, callbacks=[ProgressLines(search)],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  # On a worker group, Ray Train already restarted the workers: a failed trial stays failed.
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=search.resolved_template.max_failures if context.in_trial else 0)),
     )
+
+
+def _trial_resources(context: TrialContext) -> dict[str, float]:
+    """A trial's driver holds a custom resource instead of a CPU; one that trains itself also holds its
+    worker's resources."""
+    if not context.in_trial:
+        return {TRIAL_RESOURCE: 1}
+    template = context.search.resolved_template
+    gpu = {"GPU": 1} if template.use_gpu else {}
+    return {TRIAL_RESOURCE: 1, "CPU": context.cpus_per_worker, **template.resources_per_worker, **gpu}
 
 
 def _check_fingerprint(search: Search, folder: str) -> None:
@@ -264,9 +286,8 @@ def _scheduler(search: Search) -> TrialScheduler:
 
 
 def run_trial(config: dict, context: TrialContext) -> None:
-    """Ray Tune's function trainable: train the trial's stage; the callback reports its evals."""
-    from mixloop.train.launch import fit_stages
-
+    """Ray Tune's function trainable: train the trial's stage, reporting its intermediate evals, then
+    its final row. One worker trains here, in the trial's process; several, on a Ray Train group."""
     trial_id = tune.get_context().get_trial_id()
     folder = join(context.folder, "trials", trial_id)
     append_line(join(folder, "starts.jsonl"), json.dumps({"time": time.time()}))
@@ -275,16 +296,37 @@ def run_trial(config: dict, context: TrialContext) -> None:
         return
     stage = context.search.trial_stage(config)
     write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
-    job = context.job(stage, join(folder, "metrics.jsonl"))
+    job = context.job(stage, folder)
     every = job.stage.checkpoint_every
-    callback = ReportObjectives(context.search.objectives, context.start_losses, every)
+
+    def row(metrics: dict) -> dict:
+        return objective_row(metrics, context.search.objectives, context.start_losses, every)
+
     clock = time.time()
-    result = fit_stages([job], join(context.folder, "train"), trial_id, callbacks=[callback])
+    final = _train_here(job, row) if context.in_trial else _train_on_group(job, context, trial_id, row)
     # The final eval is reported here, also when a resumed run had nothing left to train.
-    row = {**objective_row(result.metrics, context.search.objectives, context.start_losses, every),
-           "wall_s": round(time.time() - clock, 1)}
-    write_json(join(folder, RESULT_FILE), row)
-    tune.report(row)
+    final_row = {**row(final), "wall_s": round(time.time() - clock, 1)}
+    write_json(join(folder, RESULT_FILE), final_row)
+    tune.report(final_row)
+
+
+def _train_here(job: StageJob, row: Callable[[dict], dict]) -> dict:
+    """Train a one-worker trial in this process: its final metrics."""
+    from mixloop.train.loop import run_stages
+    from mixloop.train.session import TuneTrial
+    from mixloop.train.step import StepHooks
+
+    session = TuneTrial(row, job.stage.use_gpu)
+    run_stages([job], session, StepHooks())
+    return session.last
+
+
+def _train_on_group(job: StageJob, context: TrialContext, trial_id: str, row: Callable[[dict], dict]) -> dict:
+    """Train a trial on a Ray Train worker group of its own: its final metrics."""
+    from mixloop.train.launch import fit_stages
+
+    callback = ReportObjectives(row)
+    return fit_stages([job], join(context.folder, "train"), trial_id, callbacks=[callback]).metrics
 
 
 def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int) -> dict:
@@ -299,17 +341,16 @@ def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, 
 
 
 class ReportObjectives(TuneReportCallback):
-    """Forwards each intermediate eval of the Train run (rank 0's report) to Tune as an objective
-    row; reports without an eval are not forwarded, and the final one comes from the trial itself."""
+    """Forwards each intermediate eval of the Train run (rank 0's report) to Tune as `row(metrics)`;
+    reports without an eval are not forwarded, and the final one comes from the trial itself."""
 
-    def __init__(self, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int):
+    def __init__(self, row: Callable[[dict], dict]):
         super().__init__()
-        self.objectives, self.start_losses, self.checkpoint_every = objectives, start_losses, checkpoint_every
+        self.row = row
 
     def after_report(self, run_context, metrics, checkpoint):
         if "eval_loss" in metrics[0] and metrics[0]["step"] < metrics[0]["total_steps"]:
-            row = objective_row(metrics[0], self.objectives, self.start_losses, self.checkpoint_every)
-            super().after_report(run_context, [row], None)
+            super().after_report(run_context, [self.row(metrics[0])], None)
 
 
 # ---------------------------------------------------------------- Tune parts

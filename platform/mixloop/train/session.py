@@ -1,0 +1,77 @@
+"""Where the training loop runs: its rank, device, reports and checkpoints. A stage runs on a Ray
+Train worker group (`WorkerGroup`); a tuning trial of one worker runs in its Ray Tune trial's own
+process (`TuneTrial`), so it pays no Ray Train start-up (controller, worker actors, imports: some
+15 s a trial on a 2-core machine) before training for a few seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class WorkerGroup:
+    """A rank of a Ray Train worker group. Reports are a barrier across the group."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this rank's device, wrapped for DDP when there are several ranks."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def latest_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def preemption(self):
+        """Ray's notice that a node of the group is about to be reclaimed (a broadcast: every rank asks)."""
+        import ray.train
+
+        return ray.train.get_preemption_info()
+
+
+class TuneTrial:
+    """A tuning trial trained in its Ray Tune trial's process, alone. Reports that carry an eval go to
+    Tune as `row(metrics)`, with their checkpoint (Tune keeps them, and restores the latest when the
+    trial or the search starts again); the final one is the trial's to report. `last` holds the
+    latest metrics reported."""
+
+    rank, world = 0, 1
+
+    def __init__(self, row: Callable[[dict], dict], use_gpu: bool):
+        self.row, self.last = row, None
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        from ray import tune
+
+        self.last = metrics
+        if "eval_loss" in metrics and metrics["step"] < metrics["total_steps"]:
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            tune.report(self.row(metrics), checkpoint=checkpoint)
+
+    def latest_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def preemption(self):
+        return None
