@@ -149,3 +149,27 @@ def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
     assert lineage["metrics"]["tuned_by"]["trial"] == best["trial"]
     for corpus, loss in best["loss"].items():
         assert result["matrix"]["mixed-tuned"][corpus]["loss"] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.mark.tuning
+def test_trials_of_two_workers_run_on_ray_train_and_train_what_one_worker_trials_train(search, ray_address):
+    """A search whose trials need two workers runs each as a Ray Train run (one-worker trials train in
+    their Tune trial's process): its baselines end where the first search's did (training does not
+    depend on the number of workers)."""
+    two = {**SEARCH, "name": "on-two", "start_from": "pretrain",
+           "trials": {"count": 3, "evals": 2, "workers": 2, "cpus_per_worker": 0.5, "max_concurrent": 3}}
+    path = write_spec(search["folder"], two, name="on-two.yaml")
+    run = subprocess.run(tune_command(path, ray_address), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = search["workdir"] / "tune" / "on-two"
+    rows = json.loads((folder / "results.json").read_text())["trials"]
+    one = {row["arm"]: row for row in search["results"]["trials"] if row["arm"] != "search"}
+    assert sorted(row["arm"] for row in rows) == ["current", "search", "stratified"]
+    for row in rows:
+        assert (folder / "train" / row["trial"]).is_dir()
+        assert (folder / "trials" / row["trial"] / "final").is_dir() == (row["status"] == "finished")
+        logged = [json.loads(line) for line in (folder / "trials" / row["trial"] / "metrics.jsonl").read_text().splitlines()]
+        assert {m["workers"] for m in logged} == {2}
+        if row["arm"] in one:
+            assert row["objective"] == pytest.approx(one[row["arm"]]["objective"], rel=1e-3)
+    assert not (search["workdir"] / "tune" / "mixed-tuned" / "train").exists(), "one-worker trials start no Ray Train run"
