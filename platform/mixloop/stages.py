@@ -185,18 +185,28 @@ class Publisher:
     POLL_S = 1.0
 
     def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: dict):
-        self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
+        self.runner, self.jobs, self.pending, self.parent = runner, jobs, list(zip(jobs, digests)), parent
         self.lineages: list[dict] = []
-        self.started = time.time()
+        self.started, self.warned = time.time(), set()
 
     @contextmanager
     def while_training(self):
-        with polling(self.publish_ready, self.POLL_S, "publisher"):
-            yield
+        try:
+            with polling(self.publish_ready, self.POLL_S, "publisher", self._warn):
+                yield
+        finally:
+            for job in self.jobs[:len(self.lineages)]:  # a worker restarted after a stage ended writes it again
+                remove(job.final_dir)
         if self.pending:
             job = self.pending[0][0]
             raise MixloopError(f"stage {job.stage.name}: its workers ended without its final weights in "
                                f"{job.final_dir}; run again to finish it")
+
+    def _warn(self, exc: Exception) -> None:
+        line = f"warning: publishing failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); tried again in a second"
+        if line not in self.warned:  # once per error, not every second of an outage
+            self.warned.add(line)
+            self.runner.log(line)
 
     def publish_ready(self) -> None:
         """Publish the pending stages, in order, whose final weights are there."""

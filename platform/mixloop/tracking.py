@@ -249,7 +249,7 @@ class Trackers:
                 self.forward(stage, stage_points)
 
         try:
-            with polling(forward_new, FOLLOW_EVERY_S, f"trackers {', '.join(stages)}"):
+            with polling(forward_new, FOLLOW_EVERY_S, f"trackers {', '.join(stages)}", lambda exc: None):
                 yield
         finally:
             for progress in bars.values():
@@ -283,29 +283,34 @@ class Trackers:
 
 
 @contextmanager
-def polling(poll: Callable[[], None], every_s: float, name: str):
+def polling(poll: Callable[[], None], every_s: float, name: str, warn: Callable[[Exception], None]):
     """Call `poll` every `every_s` seconds from a thread while the block runs, then once more after it,
-    in the caller's thread. An exception in the thread ends the polling, and is raised after the block."""
-    stop, errors = threading.Event(), []
+    in the caller's thread. A poll that fails in the thread goes to `warn` and the next one tries again.
+    The last poll's error is raised, unless the block raised: its error is the one that counts."""
+    stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(every_s):
             try:
                 poll()
-            except Exception as exc:  # noqa: BLE001 -- raised in the caller's thread below
-                errors.append(exc)
-                return
+            except Exception as exc:  # noqa: BLE001 -- a storage blip: the next poll tries again
+                warn(exc)
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
-    finally:
+    except BaseException:
         stop.set()
         thread.join()
-        if errors:
-            raise errors[0]
-        poll()
+        try:
+            poll()
+        except Exception as exc:  # noqa: BLE001 -- the block's error is raised instead
+            warn(exc)
+        raise
+    stop.set()
+    thread.join()
+    poll()
 
 
 def bar(**options):

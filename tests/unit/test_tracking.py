@@ -67,3 +67,35 @@ def test_a_group_of_stages_is_followed_on_one_token_axis(tmp_path):
     pretrain = events(tmp_path / "tensorboard" / "pretrain").Scalars("train/loss")
     sft = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
     assert [e.step for e in pretrain] == [1500, 2500] and [e.step for e in sft] == [2700]
+
+
+def test_polling_warns_retries_and_lets_the_blocks_error_win():
+    """The publisher's and trackers' poll: a failed poll is reported and tried again (a storage blip must not
+    stop publishing for the rest of a group); after a failed block, a failing last poll hides nothing."""
+    import threading
+
+    from mixloop.tracking import polling
+
+    calls, warnings, two_calls = [], [], threading.Event()
+
+    def flaky() -> None:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            two_calls.set()
+        if len(calls) == 1:
+            raise OSError("blip")
+
+    with polling(flaky, 0.01, "test", warnings.append):
+        assert two_calls.wait(5), "the poll after a failed one never came"
+    assert [str(w) for w in warnings] == ["blip"] and len(calls) >= 3  # and once more after the block
+
+    def broken() -> None:
+        raise OSError("storage gone")
+
+    with pytest.raises(ValueError, match="training failed"):
+        with polling(broken, 60, "test", warnings.append):
+            raise ValueError("training failed")
+    assert str(warnings[-1]) == "storage gone"
+    with pytest.raises(OSError, match="storage gone"):
+        with polling(broken, 60, "test", warnings.append):
+            pass

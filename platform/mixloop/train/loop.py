@@ -15,6 +15,7 @@ rows from the plan (see docs/ARCHITECTURE.md, "Determinism").
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -112,9 +113,12 @@ class StageWorker:
 
     def handover(self) -> torch.nn.Module:
         """A copy of the trained model for the group's next stage: the copy carries no gradients and none
-        of the DistributedDataParallel hooks of this stage's wrapper, as if loaded from the version."""
+        of the DistributedDataParallel hooks of this stage's wrapper, as if loaded from the version. The
+        optimizer and the wrapper go first, so the copy is the only thing held twice."""
         model = unwrapped(self.model)
         model.zero_grad(set_to_none=True)
+        self.model = self.trainer = self.optimizer = None
+        gc.collect()
         return copy.deepcopy(model)
 
     def train_step(self, step: int) -> float:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from mixloop.errors import MixloopError
+
 
 class WorkerGroup:
     """A rank of a Ray Train worker group. Reports are a barrier across the group."""
@@ -54,8 +56,11 @@ class TuneTrial:
     rank, world = 0, 1
 
     def __init__(self, row: Callable[[dict], dict], use_gpu: bool):
+        if use_gpu and not torch.cuda.is_available():
+            raise MixloopError("the trial asks for a GPU (use_gpu) but its process sees none. Fix: run the search "
+                               "on a cluster with GPUs, or set use_gpu: false.")
         self.row, self.last = row, None
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

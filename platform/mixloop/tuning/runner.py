@@ -113,6 +113,9 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
                            "Fix: run it again (it resumes), then add --apply.")
     stage = search.resolve(best["stage"])
     trial_folder = join(context.folder, "trials", best["trial"])
+    if not exists(join(trial_folder, "final")):
+        raise MixloopError(f"trial {best['trial']} left no final weights in {trial_folder}/final: it ran before "
+                           "mixloop kept them. Fix: run the search again under a new name, then --apply.")
     trial_lines = read_lines(join(trial_folder, "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
@@ -222,7 +225,7 @@ def _trial_resources(context: TrialContext) -> dict[str, float]:
         return {TRIAL_RESOURCE: 1}
     template = context.search.resolved_template
     gpu = {"GPU": 1} if template.use_gpu else {}
-    return {TRIAL_RESOURCE: 1, "CPU": context.cpus_per_worker, **template.resources_per_worker, **gpu}
+    return {TRIAL_RESOURCE: 1, "CPU": context.cpus_per_worker, **gpu, **template.resources_per_worker}
 
 
 def _check_fingerprint(search: Search, folder: str) -> None:
