@@ -128,7 +128,7 @@ class Pipeline:
     def _train_stages(self, runner: StageRunner, until: str | None) -> list[str]:
         trained: list[dict] = []
         for group in self._groups(until):
-            run = runner.run_name([(member.stage, member.digest) for member in group])
+            run = runner.run_name(group[0].stage, group[0].digest)
             for block in _blocks(group):
                 self.log(self._pipeline_line(block[0].index, trained))
                 parent = read_lineage(self.workdir, block[0].parent)

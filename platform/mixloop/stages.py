@@ -114,12 +114,11 @@ class StageRunner:
                          self.prepared.for_stage(stage), join(self.workdir, "metrics.jsonl"),
                          self.spec.pipeline.model.trust_remote_code, **extra)
 
-    def run_name(self, group: list[tuple[ResolvedStage, str]]) -> str:
-        """The Ray Train run of a group of stages (with their hashes): see train.launch.group_run_name."""
-        from mixloop.train.launch import group_run_name, run_name
+    def run_name(self, stage: ResolvedStage, digest: str) -> str:
+        """The stage's own Ray Train run name (train.launch.run_name); a group runs as its first stage's."""
+        from mixloop.train.launch import run_name
 
-        return group_run_name([run_name(self.spec.pipeline.name, stage.name, digest, self.prepared.for_stage(stage))
-                               for stage, digest in group])
+        return run_name(self.spec.pipeline.name, stage.name, digest, self.prepared.for_stage(stage))
 
     def train(self, stages: list[tuple[ResolvedStage, str]], parent: dict, run: str) -> list[dict]:
         """Train consecutive stages (with their hashes; each the next one's parent, all asking for the
@@ -129,9 +128,10 @@ class StageRunner:
 
         verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
         jobs, version, lr = [], parent["version"], parent["metrics"]["final_lr"]
-        for stage, _ in stages:
-            jobs.append(self.job(stage, version, lr, progress_lines=not self.progress_bar,
-                                 final_dir=join(self.workdir, "train", run, "final", stage.name)))
+        for stage, digest in stages:
+            own = self.run_name(stage, digest)  # in the paths: a stage edited since leaves other names behind
+            jobs.append(self.job(stage, version, lr, progress_lines=not self.progress_bar, run=own,
+                                 final_dir=join(self.workdir, "train", run, "final", own)))
             self._announce(stage, version, stage_plan(stage, jobs[-1].corpus_dirs))
             version, lr = stage.name, final_lr(stage.total_steps, stage.lr, jobs[-1].start_lr)
         if len(jobs) > 1:

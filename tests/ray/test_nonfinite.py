@@ -36,5 +36,5 @@ def test_nan_batch_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_addres
         run(tmp_path, "stop", [7], stages=(FIRST, STAGE))
     assert (tmp_path / "run" / "models" / "first" / "lineage.json").exists()
     assert not (tmp_path / "run" / "models" / "s").exists()
-    checkpoints = [p.name for p in (tmp_path / "run" / "train").glob("*/s.step-*")]
-    assert checkpoints == ["s.step-0000005"]
+    checkpoints = [p.name.rsplit(".step-")[1] for p in (tmp_path / "run" / "train").glob("*/test.s.*.step-*")]
+    assert checkpoints == ["0000005"]

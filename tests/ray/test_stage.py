@@ -83,8 +83,8 @@ def registered_steps(workdir: Path) -> set[tuple[str, int]]:
             results = json.loads(snapshot.read_text())["checkpoint_results"]
         except (ValueError, KeyError):  # being written
             continue
-        names = [r["checkpoint_dir_name"].rsplit(".step-", 1) for r in results]
-        steps |= {(stage, int(step)) for stage, step in names}
+        names = [r["checkpoint_dir_name"].rsplit(".step-", 1) for r in results]  # <stage's run>.step-N
+        steps |= {(run.split(".")[-3], int(step)) for run, step in names}
     return steps
 
 

@@ -34,3 +34,24 @@ def test_done_stages_leave_the_rest_of_their_group_and_until_cuts_it(tmp_path):
     assert groups(tmp_path / "1", stages, done=["a"]) == [[["b", "c"]]]
     assert groups(tmp_path / "2", stages, until="b") == [[["a", "b"]]]
     assert groups(tmp_path / "3", stages, done=["a", "b", "c"]) == [[]]
+
+
+def test_a_group_resumes_at_its_checkpoints_stage_and_never_from_a_stage_since_edited(tmp_path):
+    import torch
+
+    from mixloop.train.checkpoint import Start, TrainState
+    from mixloop.train.job import stage_job
+    from mixloop.train.loop import _resume_point
+
+    spec = load_spec(write_spec(tmp_path, generated_spec(tmp_path / "run", [stage("a"), stage("b"), stage("c")])))
+    jobs = [stage_job("test", s, 0.0, "parent", {"facts": "x"}, "metrics.jsonl", run=f"test.{s.name}.h1.d")
+            for s in spec.resolved_stages()[1:]]  # a block [b, c] of the group whose run is a's
+
+    def at(run: str | None) -> Start:
+        return Start(torch.nn.Linear(1, 1), TrainState(step=3, lr=0.1, tokens=[1.0], run=run))
+
+    assert _resume_point(jobs, None, "test.a.h1.d") == (0, None)
+    assert _resume_point(jobs, at("test.c.h1.d"), "test.a.h1.d")[0] == 1  # b is done: c resumes
+    assert _resume_point(jobs, at("test.c.h0.d"), "test.a.h1.d") == (0, None)  # c's old settings: b starts afresh
+    assert _resume_point(jobs, at("test.a.h1.d"), "test.a.h1.d") == (0, None)  # a published: b starts from it
+    assert _resume_point(jobs, at(None), "test.b.h1.d")[0] == 0  # a run of b alone, before groups

@@ -110,9 +110,10 @@ def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_proces
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
     Path(metrics_path).unlink(missing_ok=True)
-    job = runner.job(stage, base["version"], base["metrics"]["final_lr"]).model_copy(update={"metrics_path": metrics_path})
     # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
     name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
+    job = runner.job(stage, base["version"], base["metrics"]["final_lr"], run=name).model_copy(
+        update={"metrics_path": metrics_path})
     fit_stages([job], join(str(workdir), "train"), name, in_process=in_process)
     return summarise(metrics_path)
 

@@ -23,10 +23,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
 
-def checkpoint_dir_name(stage: str, step: int) -> str:
-    """The folder of a stage's checkpoint at `step` inside its Ray Train run (which may hold several
-    stages' checkpoints)."""
-    return f"{stage}.step-{step:07d}"
+def checkpoint_dir_name(run: str, step: int) -> str:
+    """The folder of the checkpoint at `step` of the stage whose own run name is `run`, inside its
+    group's Ray Train run (which holds several stages' checkpoints, and an edited stage's too)."""
+    return f"{run}.step-{step:07d}"
 
 
 @dataclass
@@ -39,12 +39,13 @@ class TrainState:
     tokens: list[float]
     resumed_from: int | None = None
     skipped_steps: int = 0
-    stage: str | None = None
-    """The stage it belongs to (None in checkpoints of runs that trained one stage, before groups)."""
+    run: str | None = None
+    """The own run name of the stage it belongs to (StageJob.run; None in checkpoints of runs that
+    trained one stage, before groups)."""
 
     @classmethod
-    def fresh(cls, stage: ResolvedStage, start_lr: float) -> "TrainState":
-        return cls(step=0, lr=start_lr, tokens=[0.0] * len(stage.mixture), stage=stage.name)
+    def fresh(cls, job: StageJob, start_lr: float) -> "TrainState":
+        return cls(step=0, lr=start_lr, tokens=[0.0] * len(job.stage.mixture), run=job.run)
 
     def add_tokens(self, tokens) -> None:
         self.tokens = [before + float(added) for before, added in zip(self.tokens, tokens)]
@@ -118,7 +119,7 @@ class Checkpointer:
             start = Start(load_model(self.job.parent_dir, self.job.trust_remote_code).to(self.device))
         optimizer = optimizer_for(start.model, self.job.stage, self.device)
         if start.state is None:
-            return start.model, optimizer, TrainState.fresh(self.job.stage, self.job.start_lr)
+            return start.model, optimizer, TrainState.fresh(self.job, self.job.start_lr)
         optimizer.load_state_dict(start.optimizer_state)
         torch.set_rng_state(start.rng["cpu"])
         if start.rng["cuda"] and torch.cuda.is_available():
@@ -137,7 +138,7 @@ class Checkpointer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        os.path.join(folder, RNG_FILE))
             Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
-            self.session.report(metrics, folder, checkpoint_dir_name(self.job.stage.name, state.step))
+            self.session.report(metrics, folder, checkpoint_dir_name(self.job.run, state.step))
 
     def save_final(self, model, state: TrainState) -> None:
         """Rank 0 leaves the finished stage's weights and state in the job's final_dir, where the driver

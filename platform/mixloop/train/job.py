@@ -20,6 +20,9 @@ class StageJob(BaseModel):
     start_lr: float
     """Where the warmup starts: the parent's final learning rate (warmup_from: current) or 0."""
     metrics_path: str
+    run: str = ""
+    """The stage's own run name (train.launch.run_name; a trial's id): its identity in a group's Ray
+    Train run, which its checkpoints carry."""
     final_dir: str | None = None
     """Where rank 0 leaves the stage's final weights and state for the driver to publish."""
     trust_remote_code: bool = False

@@ -24,15 +24,6 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def group_run_name(stage_runs: list[str]) -> str:
-    """The run of a group of stages: a stage alone keeps its own run name; a group is named after its
-    first stage and the runs of all, so the same group after a restart resumes the same run."""
-    if len(stage_runs) == 1:
-        return stage_runs[0]
-    digest = hashlib.sha256("\n".join(stage_runs).encode()).hexdigest()[:12]
-    return f"{stage_runs[0].rsplit('.', 2)[0]}+{len(stage_runs) - 1}.{digest}"
-
-
 def fit_stages(jobs: list[StageJob], storage: str, name: str, in_process: bool = False,
                callbacks: list | None = None, hooks: StepHooks | None = None) -> ray.train.Result:
     """Train stages in turn on one group of Ray Train workers (they must ask for the same workers, see

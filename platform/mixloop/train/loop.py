@@ -51,7 +51,7 @@ def train_stages(config: dict) -> dict:
 
 def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> dict:
     """The stages of `jobs`, in order, where `session` (train.session) says; see train_stages."""
-    first, start = _resume_point(jobs, latest_start(session, jobs[0].trust_remote_code))
+    first, start = _resume_point(jobs, latest_start(session, jobs[0].trust_remote_code), session.run)
     summaries = {}
     for index in range(first, len(jobs)):
         worker = StageWorker(jobs[index], session, hooks, start)
@@ -61,16 +61,16 @@ def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> dict:
     return summaries
 
 
-def _resume_point(jobs: list[StageJob], latest: Start | None) -> tuple[int, Start | None]:
-    """The stage to start with, and where from. The run's latest checkpoint decides: the stages before
-    its stage are done. A checkpoint of none of these stages is of one the driver published already:
-    the first stage then starts from its parent version. (Runs of one stage, before groups, saved no
-    stage name.)"""
-    names = [job.stage.name for job in jobs]
+def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple[int, Start | None]:
+    """The stage to start with, and where from. The latest checkpoint of the Ray run `run` decides: the
+    stages before its stage are done. A checkpoint of none of these stages is of one the driver
+    published already, or of a stage since edited: the first stage then starts from its parent
+    version. (Runs of one stage, before groups, saved no stage: the run was that stage's own.)"""
+    runs = [job.run for job in jobs]
     if latest is None:
         return 0, None
-    stage = latest.state.stage or names[0]
-    return (names.index(stage), latest) if stage in names else (0, None)
+    stage = latest.state.run or run
+    return (runs.index(stage), latest) if stage in runs else (0, None)
 
 
 class StageWorker:

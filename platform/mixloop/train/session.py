@@ -21,7 +21,7 @@ class WorkerGroup:
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device, self.run = ray.train.torch.get_device(), context.get_experiment_name()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on this rank's device, wrapped for DDP when there are several ranks."""
@@ -54,6 +54,8 @@ class TuneTrial:
     latest metrics reported."""
 
     rank, world = 0, 1
+
+    run = None  # every checkpoint Tune restores names its trial's run
 
     def __init__(self, row: Callable[[dict], dict], use_gpu: bool):
         if use_gpu and not torch.cuda.is_available():

@@ -148,9 +148,10 @@ class TrialContext:
         """Trials of one worker train in their Tune trial's own process (train.session.TuneTrial)."""
         return self.workers == 1
 
-    def job(self, stage: dict, folder: str) -> StageJob:
-        """The StageJob of a trial whose files go to `folder`: the stage on the trials' workers, with
-        intermediate evals at its checkpoints (neither changes what the stage trains)."""
+    def job(self, stage: dict, trial_id: str) -> StageJob:
+        """The StageJob of a trial: the stage on the trials' workers, with intermediate evals at its
+        checkpoints (neither changes what the stage trains), its files in trials/<trial_id>/."""
+        folder = join(self.folder, "trials", trial_id)
         resolved = self.search.resolve(stage)
         evals_every = math.ceil(resolved.total_steps / self.search.spec.trials.evals)
         trial = resolved.model_copy(update={"min_workers": self.workers, "max_workers": self.workers,
@@ -159,7 +160,7 @@ class TrialContext:
         return stage_job(pipeline.pipeline.name, trial, self.parent["metrics"]["final_lr"],
                          version_dir(pipeline.workdir, self.parent["version"]), self.corpus_dirs,
                          join(folder, "metrics.jsonl"), pipeline.pipeline.model.trust_remote_code,
-                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False,
+                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False, run=trial_id,
                          final_dir=join(folder, "final"))
 
 
@@ -299,7 +300,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
         return
     stage = context.search.trial_stage(config)
     write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
-    job = context.job(stage, folder)
+    job = context.job(stage, trial_id)
     every = job.stage.checkpoint_every
 
     def row(metrics: dict) -> dict:
