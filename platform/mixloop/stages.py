@@ -185,18 +185,14 @@ class Publisher:
     POLL_S = 1.0
 
     def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: dict):
-        self.runner, self.jobs, self.pending, self.parent = runner, jobs, list(zip(jobs, digests)), parent
+        self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
         self.lineages: list[dict] = []
         self.started, self.warned = time.time(), set()
 
     @contextmanager
     def while_training(self):
-        try:
-            with polling(self.publish_ready, self.POLL_S, "publisher", self._warn):
-                yield
-        finally:
-            for job in self.jobs[:len(self.lineages)]:  # a worker restarted after a stage ended writes it again
-                remove(job.final_dir)
+        with polling(self.publish_ready, self.POLL_S, "publisher", self._warn):
+            yield
         if self.pending:
             job = self.pending[0][0]
             raise MixloopError(f"stage {job.stage.name}: its workers ended without its final weights in "

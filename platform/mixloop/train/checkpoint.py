@@ -127,28 +127,23 @@ class Checkpointer:
         return start.model, optimizer, start.state
 
     def save(self, model, optimizer, state: TrainState, metrics: dict) -> None:
-        """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, in fp32, HF format."""
+        """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, in fp32, HF format. At
+        the stage's last step rank 0 first leaves its weights and state in the job's final_dir, where the
+        driver publishes them from (the group's later checkpoints replace this stage's in Ray's run); so
+        a final checkpoint Ray hands back always has them there."""
         if self.rank != 0:
             self.session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             unwrapped(model).save_pretrained(folder, safe_serialization=True)
+            Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
+            if state.step == self.job.stage.total_steps and self.job.final_dir is not None:
+                upload(folder, self.job.final_dir, last=STATE_FILE)
             torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
             torch.save({"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        os.path.join(folder, RNG_FILE))
-            Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
             self.session.report(metrics, folder, checkpoint_dir_name(self.job.run, state.step))
-
-    def save_final(self, model, state: TrainState) -> None:
-        """Rank 0 leaves the finished stage's weights and state in the job's final_dir, where the driver
-        publishes them from (the group's later checkpoints replace this stage's in Ray's run)."""
-        if self.rank != 0 or self.job.final_dir is None:
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            unwrapped(model).save_pretrained(folder, safe_serialization=True)
-            Path(folder, STATE_FILE).write_text(json.dumps(state.as_json()))
-            upload(folder, self.job.final_dir, last=STATE_FILE)
 
 
 def unwrapped(model) -> torch.nn.Module:

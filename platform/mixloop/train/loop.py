@@ -40,25 +40,23 @@ class NonFiniteError(MixloopError):
     """Training met a non-finite loss or gradient and the stage says to stop."""
 
 
-def train_stages(config: dict) -> dict:
+def train_stages(config: dict) -> None:
     """Ray Train's train_loop_per_worker. config: {"jobs": the StageJobs of the group as JSON, in order;
     "hooks": StepHooks for tests, or None}. After a restart, the stages before the latest checkpoint's
-    are done and skipped. Returns each stage's summary by name."""
+    are done and skipped."""
     _quiet_report_lines()
     jobs = [StageJob.model_validate(job) for job in config["jobs"]]
-    return run_stages(jobs, WorkerGroup(), config.get("hooks") or StepHooks())
+    run_stages(jobs, WorkerGroup(), config.get("hooks") or StepHooks())
 
 
-def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> dict:
+def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> None:
     """The stages of `jobs`, in order, where `session` (train.session) says; see train_stages."""
     first, start = _resume_point(jobs, latest_start(session, jobs[0].trust_remote_code), session.run)
-    summaries = {}
     for index in range(first, len(jobs)):
         worker = StageWorker(jobs[index], session, hooks, start)
-        summaries[jobs[index].stage.name] = worker.run()
+        worker.run()
         start = Start(worker.handover()) if index + 1 < len(jobs) else None
         del worker  # its optimizer and DistributedDataParallel wrapper go before the next stage's
-    return summaries
 
 
 def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple[int, Start | None]:
@@ -96,7 +94,7 @@ class StageWorker:
         self.preemption = PreemptionCheck(self.stage.name, session)
         self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
 
-    def run(self) -> dict:
+    def run(self) -> None:
         if self.rank == 0 and self.state.resumed_from is not None:
             print(_resume_line(self.job, self.state.step), flush=True)
         stage, total = self.stage, self.stage.total_steps
@@ -107,9 +105,6 @@ class StageWorker:
             if done % stage.log_every == 0 or done % stage.checkpoint_every == 0 or done == total:
                 self.report(grad_norm)
         self.loader.close()
-        self.checkpointer.save_final(self.model, self.state)
-        return {"steps": self.state.step, "final_lr": self.state.lr, "tokens": dict(zip(self.names, self.state.tokens)),
-                "resumed_from": self.state.resumed_from, "skipped_steps": self.state.skipped_steps}
 
     def handover(self) -> torch.nn.Module:
         """A copy of the trained model for the group's next stage: the copy carries no gradients and none
