@@ -22,7 +22,7 @@ from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.storage import join, write_json
 from mixloop.health import chat_health
 from mixloop.model import load_model
-from mixloop.registry import ancestors, read_lineage, version_dir
+from mixloop.registry import ancestors, read_lineage, trained_corpora, version_dir
 from mixloop.tracking import counted
 from mixloop.train.loss import token_ce
 
@@ -131,7 +131,7 @@ def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]
         if parent is None or version not in matrix or parent not in matrix:
             continue
         chain = ancestors(parent, lineages)
-        earlier = {c for a in chain for c in (lineages[a].get("stage") or {}).get("mixture", {})}
+        earlier = trained_corpora(parent, lineages)
         new = set(lineage["stage"]["mixture"]) - earlier
         loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in matrix.items()}
         deltas[version] = {

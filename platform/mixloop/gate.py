@@ -14,7 +14,7 @@ lineage of the version they make current.
 from __future__ import annotations
 
 from mixloop.errors import MixloopError
-from mixloop.registry import (ancestors, current_state, current_version, now, read_lineage, set_current,
+from mixloop.registry import (current_state, current_version, now, read_lineage, set_current, trained_corpora,
                               write_lineage)
 from mixloop.spec import GateSpec
 
@@ -75,11 +75,6 @@ def _bound(setting, corpus: str, reference: float) -> float | None:
     if value is None:
         return None
     return float(value[:-1]) / 100 * reference if isinstance(value, str) else float(value)
-
-
-def trained_corpora(version: str | None, lineages: dict[str, dict]) -> set[str]:
-    """Every corpus a version or one of its ancestors trained on."""
-    return {c for v in ancestors(version, lineages) for c in (lineages[v].get("stage") or {}).get("mixture", {})}
 
 
 def record(workdir: str, version: str, verdict: dict) -> dict:

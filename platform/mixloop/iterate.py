@@ -140,7 +140,7 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, ad
 def _start(spec: Spec) -> tuple[set[str], str | None]:
     """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
     after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
-    from mixloop.gate import trained_corpora
+    from mixloop.registry import trained_corpora
     from mixloop.registry import current_version, list_versions
 
     current = current_version(spec.workdir)

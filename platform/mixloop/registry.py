@@ -72,6 +72,11 @@ def ancestors(version: str | None, lineages: dict[str, dict]) -> list[str]:
 # local workdir also has models/current, a link to that version's folder, for tools that take a path.
 
 
+def trained_corpora(version: str | None, lineages: dict[str, dict]) -> set[str]:
+    """Every corpus a version or one of its ancestors trained on."""
+    return {c for v in ancestors(version, lineages) for c in (lineages[v].get("stage") or {}).get("mixture", {})}
+
+
 def current_state(workdir: str) -> dict:
     return read_json(join(workdir, CURRENT_FILE)) or {"version": None, "history": []}
 
