@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mixloop.train.loss import token_ce
 
@@ -39,12 +38,10 @@ def document_lengths(segments: np.ndarray) -> list[int]:
     return np.diff(np.append(first, real.sum())).tolist()
 
 
-def _document_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        document_lengths=None, **kwargs):
-    """SDPA over each document of a one-row batch (B x heads x L x dim); without document_lengths, sdpa."""
-    if document_lengths is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+def _document_attention(module, query, key, value, attention_mask, *, document_lengths: list[int], dropout=0.0,
+                        scaling=None, **kwargs):
+    """SDPA over each document of a one-row batch (B x heads x L x dim); only micro_batch_ce selects it,
+    and it always passes the documents' lengths."""
     gqa = query.shape[1] != key.shape[1]
     parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
              for q, k, v in zip(query.split(document_lengths, 2), key.split(document_lengths, 2),
