@@ -146,9 +146,11 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
     import torch
     import torch.nn.functional as F
 
-    from mixloop.data.packing import model_inputs
+    from mixloop.data.packing import labels_of
 
     model.to(device).train()
+    if device.type == "cuda":  # its own peak, not the earlier variants' in this process
+        torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     records = []
@@ -156,7 +158,7 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
         started = time.perf_counter()
         tokens, supervised, segments = corpus.read(rows_of_step(step))
         inputs = torch.as_tensor(tokens, dtype=torch.long)
-        labels = model_inputs(tokens, supervised, segments)["labels"]  # the targets mixloop trains on
+        labels = labels_of(tokens, supervised, segments)  # the targets mixloop trains on
         targets = max(int((labels != -100).sum()), 1)
         loaded = time.perf_counter()
         loss_sum = 0.0

@@ -83,7 +83,6 @@ def model_inputs(tokens: np.ndarray, supervised: np.ndarray, segments: np.ndarra
     """
     tokens_t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     seg = torch.as_tensor(np.asarray(segments, dtype=np.int64))
-    sup = torch.as_tensor(np.asarray(supervised, dtype=bool))
     length = seg.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     # Padding (segment 0) attends to padding only, which keeps every softmax row non-empty.
@@ -92,12 +91,20 @@ def model_inputs(tokens: np.ndarray, supervised: np.ndarray, segments: np.ndarra
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     index = torch.arange(length).expand_as(seg)
     start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    labels = torch.full_like(tokens_t, -100)
-    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & sup[:, 1:]
-    labels[:, :-1] = torch.where(same_doc, tokens_t[:, 1:], labels[:, :-1])
     return {
         "input_ids": tokens_t,
         "attention_mask": mask[:, None, :, :],
         "position_ids": index - start_index,
-        "labels": labels,
+        "labels": labels_of(tokens, supervised, segments),
     }
+
+
+def labels_of(tokens: np.ndarray, supervised: np.ndarray, segments: np.ndarray) -> torch.Tensor:
+    """The labels of model_inputs alone (B x L): token t+1 where it is supervised and in t's document."""
+    tokens_t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    seg = torch.as_tensor(np.asarray(segments, dtype=np.int64))
+    sup = torch.as_tensor(np.asarray(supervised, dtype=bool))
+    labels = torch.full_like(tokens_t, -100)
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & sup[:, 1:]
+    labels[:, :-1] = torch.where(same_doc, tokens_t[:, 1:], labels[:, :-1])
+    return labels
