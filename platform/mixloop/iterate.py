@@ -19,7 +19,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import fsspec
 import yaml
 
 from mixloop.errors import MixloopError
+from mixloop.lock import workdir_lock
 from mixloop.spec import STAGE_NAME_PATTERN, Spec, load_spec
 from mixloop.spec.edit import append_entries, replace_validated
 from mixloop.storage import join, read_json, write_json
@@ -123,7 +123,7 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, ad
     if tune and (tune < 3 or not new.eval):
         raise MixloopError(f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
                            "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval.")
-    with _held(spec.workdir, f"mixloop add {new.name}", log, lock) as lock:  # reads current, edits, trains
+    with workdir_lock(spec.workdir, f"mixloop add {new.name}", log, held=lock) as lock:  # reads current, edits, trains
         corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text), log), *_start(spec))
         text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
         log(f"iteration {new.name}: adds to {path}\n" + yaml.safe_dump({"corpora": corpora, "stages": stages},
@@ -149,18 +149,6 @@ def _start(spec: Spec) -> tuple[set[str], str | None]:
     lineages = {v["version"]: v for v in list_versions(spec.workdir)}
     last = spec.stage_names()[-1]
     return trained_corpora(current, lineages), current if last in lineages and last != current else None
-
-
-@contextmanager
-def _held(workdir: str, command: str, log: Log, lock):
-    """The workdir's lock: the caller's hold (watch), or taken here."""
-    from mixloop.lock import workdir_lock
-
-    if lock is not None:
-        yield lock
-    else:
-        with workdir_lock(workdir, command, log) as taken:
-            yield taken
 
 
 def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[dict], trials: int,
@@ -275,7 +263,6 @@ def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float 
     """Add the inbox's ready corpora one at a time, polling every `poll_s` (with `once`: those ready now,
     then return); the corpora added by this call. The workdir's lock is held while there is work, not
     while waiting; a corpus that fails is recorded with why and tried again at the next start."""
-    from mixloop.lock import workdir_lock
 
     workdir = load_spec(spec_path).workdir
     state_path = join(workdir, "inbox.json")

@@ -198,9 +198,13 @@ class WorkdirLock:
 
 @contextmanager
 def workdir_lock(workdir: str, command: str = "mixloop run", log: Callable[[str], object] = print,
-                 timeout_s: float | None = None) -> Iterator[WorkdirLock]:
+                 timeout_s: float | None = None, held: WorkdirLock | None = None) -> Iterator[WorkdirLock]:
     """Hold the workdir's lock for the block, or raise WorkdirLockedError naming who holds it.
-    timeout_s: when another holder counts as dead (default: $MIXLOOP_LOCK_TIMEOUT_S, else STALE_AFTER_S)."""
+    timeout_s: when another holder counts as dead (default: $MIXLOOP_LOCK_TIMEOUT_S, else STALE_AFTER_S).
+    held: the lock when the caller holds it already (a command inside another): it is used as it is."""
+    if held is not None:
+        yield held
+        return
     lock = WorkdirLock(workdir, command, _timeout(timeout_s), log)
     lock.acquire()
     try:

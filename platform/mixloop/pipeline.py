@@ -88,15 +88,12 @@ class Pipeline:
     @contextmanager
     def locked(self, command: str):
         """Hold the workdir's lock (one run per workdir); nested calls share the outer hold."""
-        if self.lock is not None:
-            yield self.lock
-            return
-        with workdir_lock(self.workdir, command, self.log) as lock:
-            self.lock = lock
+        with workdir_lock(self.workdir, command, self.log, held=self.lock) as lock:
+            outer, self.lock = self.lock, lock
             try:
                 yield lock
             finally:
-                self.lock = None
+                self.lock = outer
 
     def run(self) -> dict:
         """Train every missing stage, then evaluate, judge the last version by the gate, and report."""

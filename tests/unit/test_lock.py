@@ -227,3 +227,12 @@ def test_on_object_storage_the_lock_refuses_takes_over_and_releases():
         assert lock.took_over_from["host"] == "other-host.example"
         assert read_lock(workdir)["token"] == lock.record["token"]
     assert not fs.exists(inner) and "other-host.example" in notes[0]
+
+
+def test_a_command_inside_another_uses_the_held_lock_and_leaves_it_held(tmp_path):
+    """`mixloop add` under `watch`, a pipeline inside a search: no second acquire, no early release."""
+    with workdir_lock(str(tmp_path), "mixloop watch", log=lambda line: None) as outer:
+        with workdir_lock(str(tmp_path), "mixloop add", log=lambda line: None, held=outer) as inner:
+            assert inner is outer
+        assert read_lock(str(tmp_path))["command"] == "mixloop watch", "the inner block released the outer hold"
+    assert not (tmp_path / LOCK_NAME).exists()
