@@ -53,12 +53,21 @@ def write_spec(folder: Path, spec: dict, name: str = "pipeline.yaml") -> Path:
 
 def generated_spec(workdir: Path, stages: list[dict], **defaults) -> dict:
     """A small pipeline on generated corpora: general text and chats, micro model, 2 workers."""
-    settings = {"seq_len": 64, "global_batch_tokens": 1024, "micro_batch_rows": 4, "workers": 2,
-                "cpus_per_worker": 1, "checkpoint_every": 5, "log_every": 5,
-                "lr": {"peak": 0.003, "warmup": 0.1}}
+    settings = {
+        "seq_len": 64,
+        "global_batch_tokens": 1024,
+        "micro_batch_rows": 4,
+        "workers": 2,
+        "cpus_per_worker": 1,
+        "checkpoint_every": 5,
+        "log_every": 5,
+        "lr": {"peak": 0.003, "warmup": 0.1},
+    }
     settings.update(defaults)
     return {
-        "name": "test", "workdir": str(workdir), "seed": 0,
+        "name": "test",
+        "workdir": str(workdir),
+        "seed": 0,
         "tokenizer": {"train": {"vocab_size": 384}},
         "model": {"preset": "micro"},
         "corpora": {
@@ -103,7 +112,9 @@ def micro_versions(folder: Path, tokenizer, chain: list[tuple[str, str | None]])
     for index, (version, parent) in enumerate(chain):
         if index:
             time.sleep(1.1)  # versions are ordered by their finish time, in seconds
-        publish(str(folder / "run"), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version})
+        publish(
+            str(folder / "run"), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version}
+        )
     return folder / "run"
 
 
@@ -173,6 +184,8 @@ def open_in_browser(page: Path) -> tuple[list[tuple[str, bool]], list[str]]:
         tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
         tab.on("pageerror", lambda error: errors.append(str(error)))
         tab.goto(page.as_uri(), wait_until="load")
-        images = tab.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        images = tab.evaluate(
+            "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])"
+        )
         browser.close()
     return [tuple(image) for image in images], errors

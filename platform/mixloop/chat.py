@@ -27,12 +27,19 @@ def chat(model_dir: str, max_new_tokens: int = 256) -> None:
             history.clear()
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
         print("model> ", end="", flush=True)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, streamer=streamer, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         history.append({"role": "assistant", "content": answer})

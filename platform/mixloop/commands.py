@@ -36,8 +36,8 @@ def _spec(target: str, files: bool = True):
 
 def cmd_validate(args) -> int:
     from mixloop.errors import SpecError
-    from mixloop.stages import edited_stages
     from mixloop.spec import format_problems, load_spec
+    from mixloop.stages import edited_stages
 
     spec = load_spec(args.spec, args.overrides)
     edited = edited_stages(spec)  # against the versions its workdir already holds
@@ -76,8 +76,10 @@ def cmd_models_list(args) -> int:
         stage, steps = lineage.get("stage") or {}, (lineage.get("metrics") or {}).get("steps", 0)
         budget = steps * stage.get("global_batch_tokens", 0)
         gate = ("CURRENT, " if lineage["version"] == current else "") + gate_summary(lineage)
-        print(f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
-              f"{lineage['finished']:<25}  {gate}")
+        print(
+            f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
+            f"{lineage['finished']:<25}  {gate}"
+        )
     return 0
 
 
@@ -161,11 +163,18 @@ def cmd_models_export(args) -> int:
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)  # before the export: offline, a bad repo id, no token
     out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
-    print(f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
-          "(load it with AutoModelForCausalLM.from_pretrained)")
+    print(
+        f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
+        "(load it with AutoModelForCausalLM.from_pretrained)"
+    )
     if args.push_to_hub:
-        url = hub.push(out, args.push_to_hub, args.private, args.revision,
-                       f"{args.version} in {args.dtype}, exported by mixloop {__version__}")
+        url = hub.push(
+            out,
+            args.push_to_hub,
+            args.private,
+            args.revision,
+            f"{args.version} in {args.dtype}, exported by mixloop {__version__}",
+        )
         print(f"pushed {out} to {args.push_to_hub}{f' (branch {args.revision})' if args.revision else ''}: {url}")
     return 0
 
@@ -181,7 +190,9 @@ def cmd_chat(args) -> int:
 def _shared_data(folder: str) -> Path:
     data = Path(folder)
     if not (data / "tokenizer" / "tokenizer.json").exists():
-        raise MixloopError(f"{data}: not the shared data folder (tokenizer/, pretrain/, sft/, domain/, eval/). Fix: pass --data.")
+        raise MixloopError(
+            f"{data}: not the shared data folder (tokenizer/, pretrain/, sft/, domain/, eval/). Fix: pass --data."
+        )
     return data
 
 
@@ -203,8 +214,14 @@ def cmd_bench_train(args) -> int:
     from mixloop.bench.train import format_train, train_benchmark
 
     model = {"preset": args.preset, **({"config": args.config} if args.config else {})}
-    result = train_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), model, args.steps,
-                             {"text": args.text_seq_len, "sft": args.sft_seq_len}, args.address)
+    result = train_benchmark(
+        _shared_data(args.data),
+        Path(args.workdir).resolve(),
+        model,
+        args.steps,
+        {"text": args.text_seq_len, "sft": args.sft_seq_len},
+        args.address,
+    )
     return _print_bench(result, format_train)
 
 
@@ -222,11 +239,15 @@ def cmd_report(args) -> int:
 
 def cmd_data_preview(args) -> int:
     rows = api.preview(api.load(args.spec), args.stage, args.address)
-    print(f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'blank':>7}"
-          f"{'share':>8}{'passes':>8}  format")
+    print(
+        f"{'stage':<16}{'corpus':<18}{'documents':>10}{'tokens':>12}{'rows':>9}{'rejected':>9}{'blank':>7}"
+        f"{'share':>8}{'passes':>8}  format"
+    )
     for r in rows:
-        print(f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
-              f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}  {_shapes(r['formats'])}")
+        print(
+            f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
+            f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}  {_shapes(r['formats'])}"
+        )
     for warning in (w for r in rows for w in r["warnings"]):
         print(f"warning: {warning}")
     return 0
@@ -261,8 +282,10 @@ def cmd_watch(args) -> int:
     try:
         watch(args.spec, args.inbox, args.address, args.poll_s, args.once)
     except KeyboardInterrupt:
-        print("\nstopped watching; what was added is in the spec, and `mixloop watch` again picks up from there.",
-              file=sys.stderr)
+        print(
+            "\nstopped watching; what was added is in the spec, and `mixloop watch` again picks up from there.",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -283,8 +306,11 @@ def cmd_submit(args) -> int:
     try:
         client.follow(job)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job} keeps running. Stop it with "
-              f"`mixloop jobs stop {job} --address {client.address}`.", file=sys.stderr)
+        print(
+            f"\nstopped following; job {job} keeps running. Stop it with "
+            f"`mixloop jobs stop {job} --address {client.address}`.",
+            file=sys.stderr,
+        )
         return 130
     info = client.require(job)
     print(f"job {job}: {info.status}" + (f" ({info.message})" if info.message else ""))
@@ -300,8 +326,10 @@ def cmd_jobs_list(args) -> int:
     width = max(len(j.submission_id) for j in found)
     print(f"{'job':<{width}}  {'status':<9}  {'started':<19}  {'pipeline':<16}  spec")
     for j in found:
-        print(f"{j.submission_id:<{width}}  {str(j.status):<9}  {jobs.job_time(j.start_time):<19}  "
-              f"{j.metadata.get('pipeline', '-'):<16}  {j.metadata.get('spec', '-')}")
+        print(
+            f"{j.submission_id:<{width}}  {str(j.status):<9}  {jobs.job_time(j.start_time):<19}  "
+            f"{j.metadata.get('pipeline', '-'):<16}  {j.metadata.get('spec', '-')}"
+        )
     return 0
 
 
@@ -326,6 +354,9 @@ def cmd_jobs_logs(args) -> int:
 def cmd_jobs_stop(args) -> int:
     client = jobs.JobClient(args.address)
     info = client.stop(args.job, args.timeout)
-    print(f"{args.job} has already ended: {client.require(args.job).status}" if info is None
-          else f"{args.job}: {info.status}")
+    print(
+        f"{args.job} has already ended: {client.require(args.job).status}"
+        if info is None
+        else f"{args.job}: {info.status}"
+    )
     return 0

@@ -24,8 +24,18 @@ from mixloop.health import eval_prompts
 from mixloop.hub import dataset_files
 from mixloop.ray_setup import init_ray
 from mixloop.spec import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
-from mixloop.storage import (exists, expand_files, is_local, join, makedirs, read_json, remove, share_with_umask,
-                             upload, write_json)
+from mixloop.storage import (
+    exists,
+    expand_files,
+    is_local,
+    join,
+    makedirs,
+    read_json,
+    remove,
+    share_with_umask,
+    upload,
+    write_json,
+)
 from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 Log = Callable[[str], None]
@@ -51,15 +61,16 @@ class Corpora:
         self.spec, self.log, self.address, self.progress_bar = spec, log, address, progress_bar
         self.workdir = spec.workdir
 
-    @functools.cache
+    @functools.cache  # noqa: B019 (one Corpora per command: the cache lives as long as it should)
     def files(self, name: str) -> dict[str, str | tuple[str, ...]]:
         """{'train': pattern, 'eval': pattern?} (a hub dataset's split: its files), generating the corpus
         first (once) if the spec asks for it."""
         corpus = self.spec.pipeline.corpora[name]
         if corpus.generate is not None:
             g = corpus.generate
-            return synthetic.write_corpus(join(self.workdir, "generated", name), corpus.kind, g.topic,
-                                          g.documents, g.eval_documents, g.seed)
+            return synthetic.write_corpus(
+                join(self.workdir, "generated", name), corpus.kind, g.topic, g.documents, g.eval_documents, g.seed
+            )
         if corpus.dataset is not None:
             splits = {"train": corpus.train_split, "eval": corpus.eval}
             return {key: _hub_split(name, corpus, split) for key, split in splits.items() if split is not None}
@@ -74,9 +85,11 @@ class Corpora:
     def chat_prompts(self) -> dict[str, list]:
         """The prompts of each chat corpus's eval split that chat health asks every version."""
         count = self.spec.pipeline.chat_prompts
-        return {name: eval_prompts(self.files(name)["eval"], count, corpus.file_format, corpus.format, corpus.columns)
-                for name, corpus in self.spec.pipeline.corpora.items()
-                if corpus.kind == "chat" and count and "eval" in self.files(name)}
+        return {
+            name: eval_prompts(self.files(name)["eval"], count, corpus.file_format, corpus.format, corpus.columns)
+            for name, corpus in self.spec.pipeline.corpora.items()
+            if corpus.kind == "chat" and count and "eval" in self.files(name)
+        }
 
     def prepare(self, stages: Iterable[ResolvedStage]) -> PreparedCorpora:
         """The workdir's tokenizer and every split that `stages` and the evaluation use, packed and
@@ -93,21 +106,41 @@ class Corpora:
 
     def _pack(self, tokenizer_dir: str, stages: list[ResolvedStage]) -> PreparedCorpora:
         init_ray(self.address)
-        train = {(name, stage.seq_len, stage.packing): self._request(name, "train", stage.seq_len, stage.packing)
-                 for stage in stages for name in stage.mixture}
+        train = {
+            (name, stage.seq_len, stage.packing): self._request(name, "train", stage.seq_len, stage.packing)
+            for stage in stages
+            for name in stage.mixture
+        }
         seq_len = self.spec.pipeline.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
-        evals = {name: self._request(name, "eval", seq_len, True)
-                 for name in self.spec.pipeline.corpora if "eval" in self.files(name)}
+        evals = {
+            name: self._request(name, "eval", seq_len, True)
+            for name in self.spec.pipeline.corpora
+            if "eval" in self.files(name)
+        }
         folders = prepare_corpora([*train.values(), *evals.values()], tokenizer_dir, self.workdir, self.progress_bar)
-        return PreparedCorpora(tokenizer_dir, {key: folders[request] for key, request in train.items()},
-                               {name: folders[request] for name, request in evals.items()})
+        return PreparedCorpora(
+            tokenizer_dir,
+            {key: folders[request] for key, request in train.items()},
+            {name: folders[request] for name, request in evals.items()},
+        )
 
     def _request(self, name: str, split: str, seq_len: int, packing: bool) -> CorpusRequest:
         corpus = self.spec.pipeline.corpora[name]
-        return CorpusRequest(name, split, self.files(name)[split], corpus.file_format, corpus.kind,
-                             corpus.max_bad_fraction, seq_len, corpus.max_document_tokens, corpus.long_documents,
-                             packing, corpus.format, json.dumps(corpus.columns, sort_keys=True) if corpus.columns else "",
-                             self.spec.chat_template(corpus.chat_template) or "")
+        return CorpusRequest(
+            name,
+            split,
+            self.files(name)[split],
+            corpus.file_format,
+            corpus.kind,
+            corpus.max_bad_fraction,
+            seq_len,
+            corpus.max_document_tokens,
+            corpus.long_documents,
+            packing,
+            corpus.format,
+            json.dumps(corpus.columns, sort_keys=True) if corpus.columns else "",
+            self.spec.chat_template(corpus.chat_template) or "",
+        )
 
     def tokenizer(self) -> str:
         """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
@@ -125,7 +158,10 @@ class Corpora:
         else:
             folder, named = self.spec.model_folder()[0], self.spec.model_source()
         template = self.spec.chat_template(self.spec.pipeline.chat_template)
-        source = {"spec": {**spec.model_dump(), "path": named}, "files": tokenizer_fingerprint(folder) if folder else None}
+        source = {
+            "spec": {**spec.model_dump(), "path": named},
+            "files": tokenizer_fingerprint(folder) if folder else None,
+        }
         if template is not None:  # recorded only when set, so workdirs from before the setting stay valid
             source["chat_template"] = template
         record = join(self.workdir, "tokenizer-source.json")
@@ -133,7 +169,8 @@ class Corpora:
             if read_json(record) != source:
                 raise StageConflictError(
                     f"{target} was made from another tokenizer spec or files, and the versions here use it. "
-                    "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section.")
+                    "Fix: use a new workdir for a new tokenizer, or restore the spec's tokenizer section."
+                )
             return target
         # Staged beside the target when local, so it appears by one rename.
         local_workdir = self.workdir.removeprefix("file://") if is_local(target) else None

@@ -19,10 +19,10 @@ import torch
 
 from mixloop.data.packing import model_inputs
 from mixloop.data.store import PackedCorpus, read_manifest
-from mixloop.storage import join, write_json
 from mixloop.health import chat_health
 from mixloop.model import load_model
 from mixloop.registry import ancestors, read_lineage, trained_corpora, version_dir
+from mixloop.storage import join, write_json
 from mixloop.tracking import counted
 from mixloop.train.loss import token_ce
 
@@ -36,7 +36,7 @@ def evaluate_model(model, eval_dir: str, max_rows: int, device: str = "cpu") -> 
     rows = np.arange(min(max_rows, len(corpus)))
     total, count = 0.0, 0
     for start in range(0, len(rows), BATCH_ROWS):
-        inputs = model_inputs(*corpus.read(rows[start:start + BATCH_ROWS]))
+        inputs = model_inputs(*corpus.read(rows[start : start + BATCH_ROWS]))
         labels = inputs.pop("labels").to(device)
         ce = token_ce(model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels)
         total += float(ce.sum())
@@ -70,12 +70,14 @@ def _cached(workdir: str, version: str, corpus: str, key: str) -> dict | None:
     return result if result.get("key") == key else None
 
 
-def evaluate_versions(workdir: str, versions: list[str], eval_dirs: dict[str, str], max_rows: int,
-                      progress_bar: bool = False) -> dict:
+def evaluate_versions(
+    workdir: str, versions: list[str], eval_dirs: dict[str, str], max_rows: int, progress_bar: bool = False
+) -> dict:
     """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet; with
     `progress_bar` (a terminal), the versions are counted on a bar as they finish."""
-    import ray
     from ray.util import as_completed  # one at a time: each version is saved and counted as it finishes
+
+    import ray
 
     # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
     models = {v: _model_key(workdir, v) for v in versions}
@@ -103,7 +105,11 @@ def _model_key(workdir: str, version: str) -> str:
     published before hashes were recorded, its stage and publication time."""
     lineage = read_lineage(workdir, version)
     weights = lineage.get("weights_sha256")
-    return ",".join(weights[name][:16] for name in sorted(weights)) if weights else "{stage_hash}@{finished}".format(**lineage)
+    return (
+        ",".join(weights[name][:16] for name in sorted(weights))
+        if weights
+        else "{stage_hash}@{finished}".format(**lineage)
+    )
 
 
 def format_matrix(matrix: dict, metric: str = "loss") -> str:
@@ -140,7 +146,8 @@ def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]
             "forgetting": {c: loss[version][c] - loss[parent][c] for c in sorted(earlier) if c in loss[version]},
             "forgetting_vs_best": {
                 c: loss[version][c] - min(loss[a][c] for a in chain if c in loss.get(a, {}))
-                for c in sorted(earlier) if c in loss[version]
+                for c in sorted(earlier)
+                if c in loss[version]
             },
         }
     return deltas
@@ -159,8 +166,10 @@ def format_pairs(values: dict[str, float]) -> str:
 def format_deltas(deltas: dict[str, dict]) -> str:
     lines = [f"against each parent ({SIGNS}):"]
     for version, d in deltas.items():
-        lines.append(f"{version} (from {d['parent']}): uptake {format_pairs(d['uptake'])}; "
-                     f"forgetting {format_pairs(d['forgetting'])}")
+        lines.append(
+            f"{version} (from {d['parent']}): uptake {format_pairs(d['uptake'])}; "
+            f"forgetting {format_pairs(d['forgetting'])}"
+        )
     return "\n".join(lines)
 
 
@@ -174,11 +183,13 @@ def delta_bars(deltas: dict[str, dict]) -> list[tuple[str, float, bool]]:
     return bars
 
 
-def health_versions(workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int,
-                    progress_bar: bool = False) -> dict:
+def health_versions(
+    workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int, progress_bar: bool = False
+) -> dict:
     """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
-    import ray
     from ray.util import as_completed
+
+    import ray
 
     if not prompts:
         return {}
@@ -197,5 +208,7 @@ def health_versions(workdir: str, versions: list[str], prompts: dict[str, list],
     for ref in counted(finished, len(versions_of), "[chat health] versions", progress_bar):
         version = versions_of[ref]
         results[version] = ray.get(ref)
-        write_json(_result_path(workdir, version, "chat_health"), {"key": pending[version][0], "corpora": results[version]})
+        write_json(
+            _result_path(workdir, version, "chat_health"), {"key": pending[version][0], "corpora": results[version]}
+        )
     return {v: results[v] for v in versions}

@@ -48,23 +48,41 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
     start = (versions.get("base", {}).get("model") or {}).get("path")
     hub_start = start if start and not start.startswith(("/", ".")) and "://" not in start else None
     datasets = _hub_datasets(workdir, chain)
-    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                "tags": ["mixloop", "continual-pretraining"], **({"base_model": hub_start} if hub_start else {}),
-                **({"datasets": datasets} if datasets else {})}
-    lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in metadata.items()), "---", "",
-             f"# {lineage['version']}", "",
-             f"Version `{lineage['version']}` of a model kept current with mixloop "
-             f"{lineage.get('mixloop_version', __version__)}, exported in {dtype}. It started from "
-             f"{f'`{start}`' if start else 'a new model'} and went through these stages:", "",
-             "| version | parent | mixture (share of trained tokens) | tokens trained | peak LR |", "|---|---|---|---|---|"]
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["mixloop", "continual-pretraining"],
+        **({"base_model": hub_start} if hub_start else {}),
+        **({"datasets": datasets} if datasets else {}),
+    }
+    lines = [
+        "---",
+        *(f"{key}: {json.dumps(value)}" for key, value in metadata.items()),
+        "---",
+        "",
+        f"# {lineage['version']}",
+        "",
+        f"Version `{lineage['version']}` of a model kept current with mixloop "
+        f"{lineage.get('mixloop_version', __version__)}, exported in {dtype}. It started from "
+        f"{f'`{start}`' if start else 'a new model'} and went through these stages:",
+        "",
+        "| version | parent | mixture (share of trained tokens) | tokens trained | peak LR |",
+        "|---|---|---|---|---|",
+    ]
     for step in chain:
         stage = step.get("stage") or {}
         tokens = sum((step.get("tokens_per_corpus") or {}).values())
-        lines.append(f"| {step['version']} | {step.get('parent') or '-'} | {mixture_shares(stage.get('mixture', {}))} | "
-                     f"{tokens:,.0f} | {stage.get('lr', {}).get('peak', '-')} |")
+        lines.append(
+            f"| {step['version']} | {step.get('parent') or '-'} | {mixture_shares(stage.get('mixture', {}))} | "
+            f"{tokens:,.0f} | {stage.get('lr', {}).get('peak', '-')} |"
+        )
     lines += _evaluation(workdir, lineage["version"])
-    lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
-              "`lineage.json` beside the weights records every setting of its stage.", ""]
+    lines += [
+        "",
+        "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
+        "`lineage.json` beside the weights records every setting of its stage.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -95,12 +113,22 @@ def _evaluation(workdir: str, version: str) -> list[str]:
     row = (matrix or {}).get(version) or {}
     if not row:
         return ["", "No evaluation yet (run `mixloop report` on its pipeline)."]
-    lines = ["", "## Evaluation", "", "Eval loss (token mean; chat sets on assistant tokens):", "",
-             "| eval set | loss |", "|---|---|", *(f"| {name} | {r['loss']:.4f} |" for name, r in sorted(row.items()) if r)]
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        "Eval loss (token mean; chat sets on assistant tokens):",
+        "",
+        "| eval set | loss |",
+        "|---|---|",
+        *(f"| {name} | {r['loss']:.4f} |" for name, r in sorted(row.items()) if r),
+    ]
     delta = (deltas or {}).get(version)
     if delta:
         lines += ["", f"Against its parent `{delta['parent']}` (loss change; negative is better):", ""]
-        lines += [f"- {name}: {change:+.4f} (new corpus)" for name, change in
-                  ((c, -gain) for c, gain in delta["uptake"].items())]
+        lines += [
+            f"- {name}: {change:+.4f} (new corpus)"
+            for name, change in ((c, -gain) for c, gain in delta["uptake"].items())
+        ]
         lines += [f"- {name}: {change:+.4f} (earlier corpus)" for name, change in delta["forgetting"].items()]
     return lines

@@ -14,13 +14,21 @@ lineage of the version they make current.
 from __future__ import annotations
 
 from mixloop.errors import MixloopError
-from mixloop.registry import (current_state, current_version, now, read_lineage, set_current, trained_corpora,
-                              write_lineage)
+from mixloop.registry import (
+    current_state,
+    current_version,
+    now,
+    read_lineage,
+    set_current,
+    trained_corpora,
+    write_lineage,
+)
 from mixloop.spec import GateSpec
 
 
-def judge(gate: GateSpec | None, candidate: str, against: str | None, matrix: dict, health: dict,
-          lineages: dict[str, dict]) -> dict:
+def judge(
+    gate: GateSpec | None, candidate: str, against: str | None, matrix: dict, health: dict, lineages: dict[str, dict]
+) -> dict:
     """The verdict on `candidate` against the current version `against`: {passed, against, checks,
     failed}; each check a sentence with the measured value and its bound."""
     verdict = {"passed": True, "against": against, "checks": [], "failed": [], "judged": now()}
@@ -43,11 +51,17 @@ def judge(gate: GateSpec | None, candidate: str, against: str | None, matrix: di
         _check(verdict, fall >= floor, f"uptake on {corpus}: {fall:+.4f} (at least {floor:.4f})")
     for corpus, summary in sorted((health.get(candidate) or {}).items()):
         if gate.min_ended is not None:
-            _check(verdict, summary["ended"] >= gate.min_ended,
-                   f"answers ended on {corpus}: {summary['ended']:.0%} (at least {gate.min_ended:.0%})")
+            _check(
+                verdict,
+                summary["ended"] >= gate.min_ended,
+                f"answers ended on {corpus}: {summary['ended']:.0%} (at least {gate.min_ended:.0%})",
+            )
         if gate.max_repetition is not None:
-            _check(verdict, summary["repetition"] <= gate.max_repetition,
-                   f"repetition on {corpus}: {summary['repetition']:.3f} (at most {gate.max_repetition:.3f})")
+            _check(
+                verdict,
+                summary["repetition"] <= gate.max_repetition,
+                f"repetition on {corpus}: {summary['repetition']:.3f} (at most {gate.max_repetition:.3f})",
+            )
     return verdict
 
 
@@ -105,8 +119,10 @@ def rollback(workdir: str, reason: str) -> str:
     start = present.get("restores", len(history) - 1)
     earlier = [i for i in range(start) if history[i]["version"] != present.get("version")]
     if not earlier:
-        raise MixloopError(f"{workdir}: no earlier current version to roll back to. Fix: `mixloop models "
-                           "promote` the version you want.")
+        raise MixloopError(
+            f"{workdir}: no earlier current version to roll back to. Fix: `mixloop models "
+            "promote` the version you want."
+        )
     version = history[earlier[-1]]["version"]
     promote(workdir, version, f"rollback from {present['version']}: {reason}", restores=earlier[-1])
     return version

@@ -17,7 +17,7 @@ from mixloop.storage import expand_files
 
 def repetition_rate(tokens: list[int], n: int = 4) -> float:
     """Share of the n-grams of a sequence that already occurred earlier in it."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -37,8 +37,13 @@ def summarise(generations: list[list[int]], eos_id: int, max_new_tokens: int) ->
     }
 
 
-def eval_prompts(pattern: str | tuple[str, ...], count: int, file_format: str | None = None,
-                 record_format: str = "auto", columns: dict[str, str] | None = None) -> list[list[dict]]:
+def eval_prompts(
+    pattern: str | tuple[str, ...],
+    count: int,
+    file_format: str | None = None,
+    record_format: str = "auto",
+    columns: dict[str, str] | None = None,
+) -> list[list[dict]]:
     """The first `count` valid conversations of a chat eval split (files and records read as
     preparation reads them), each cut before its last assistant turn."""
     from mixloop.data.files import iter_records, list_chunks
@@ -63,12 +68,18 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -
     """Greedy continuations (new tokens only) of each prompt, through the chat template."""
     outputs = []
     for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        outputs.append(out[0, ids.shape[1]:].tolist())
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(out[0, ids.shape[1] :].tolist())
     return outputs
 
 
@@ -84,8 +95,10 @@ def chat_health(model_dir: str, prompts: dict[str, list[list[dict]]], max_new_to
         generations = generate(model, tokenizer, corpus_prompts, max_new_tokens)
         result[corpus] = summarise(generations, tokenizer.eos_token_id, max_new_tokens)
         result[corpus]["examples"] = [
-            {"prompt": json.dumps(p[-1]["content"], ensure_ascii=False)[1:-1][:300],
-             "answer": tokenizer.decode(g, skip_special_tokens=False)[:500]}
+            {
+                "prompt": json.dumps(p[-1]["content"], ensure_ascii=False)[1:-1][:300],
+                "answer": tokenizer.decode(g, skip_special_tokens=False)[:500],
+            }
             for p, g in zip(corpus_prompts[:3], generations[:3])
         ]
     return result

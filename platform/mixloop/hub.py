@@ -30,8 +30,9 @@ WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
 def is_hub_id(path: str, local: str) -> bool:
     """Whether a model.path (`local`: it resolved against the spec's folder) names a hub repository:
     org/name, where neither that folder nor its parent exists here."""
-    return ("://" not in path and bool(HUB_ID.match(path)) and not Path(local).exists()
-            and not Path(local).parent.exists())
+    return (
+        "://" not in path and bool(HUB_ID.match(path)) and not Path(local).exists() and not Path(local).parent.exists()
+    )
 
 
 def local_model(path: str, local: str, revision: str | None) -> tuple[str, str | None]:
@@ -55,32 +56,47 @@ def offline() -> bool:
 def download(repo: str, revision: str | None) -> tuple[str, str]:
     """(local folder, commit) of a hub model, from the cache or downloaded into it."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     name = f"{repo}@{revision}" if revision else repo
     try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES, cache_dir=_cache_dir(),
-                                   local_files_only=offline())
+        folder = snapshot_download(
+            repo, revision=revision, allow_patterns=MODEL_FILES, cache_dir=_cache_dir(), local_files_only=offline()
+        )
     except LocalEntryNotFoundError:
         raise MixloopError("model.path: " + not_cached_message(repo, revision)) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
-        raise MixloopError(f"model.path: the Hugging Face Hub has no model {name} you may read "
-                           f"({type(exc).__name__}). Fix: check the id and revision, and log in "
-                           "(`hf auth login` or HF_TOKEN) for a gated or private model.") from None
+        raise MixloopError(
+            f"model.path: the Hugging Face Hub has no model {name} you may read "
+            f"({type(exc).__name__}). Fix: check the id and revision, and log in "
+            "(`hf auth login` or HF_TOKEN) for a gated or private model."
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise MixloopError(f"model.path: cannot download {name} ({str(exc).splitlines()[0]}). Fix: check the "
-                           "network, or download it where there is one and set HF_HUB_OFFLINE=1 here.") from None
+        raise MixloopError(
+            f"model.path: cannot download {name} ({str(exc).splitlines()[0]}). Fix: check the "
+            "network, or download it where there is one and set HF_HUB_OFFLINE=1 here."
+        ) from None
     return folder, Path(folder).name  # a snapshot folder is named by its commit
 
 
 def not_cached_message(repo: str, revision: str | None, repo_type: str = "model") -> str:
     name = ("dataset " if repo_type == "dataset" else "") + (f"{repo}@{revision}" if revision else repo)
-    command = f"hf download {repo}" + (" --repo-type dataset" if repo_type == "dataset" else "") + (
-        f" --revision {revision}" if revision else "")
-    return (f"{name} is not in the Hugging Face cache ({_cache_dir() or 'the default cache'}) and HF_HUB_OFFLINE "
-            f"is set. Fix: download it once where there is a network (`{command}`) into this cache, or unset "
-            "HF_HUB_OFFLINE.")
+    command = (
+        f"hf download {repo}"
+        + (" --repo-type dataset" if repo_type == "dataset" else "")
+        + (f" --revision {revision}" if revision else "")
+    )
+    return (
+        f"{name} is not in the Hugging Face cache ({_cache_dir() or 'the default cache'}) and HF_HUB_OFFLINE "
+        f"is set. Fix: download it once where there is a network (`{command}`) into this cache, or unset "
+        "HF_HUB_OFFLINE."
+    )
 
 
 def dataset_files(repo: str, revision: str | None, subset: str | None, split: str) -> tuple[str, ...]:
@@ -111,16 +127,19 @@ def _splits_on_hub(repo: str, revision: str | None, subset: str | None) -> tuple
     uris = _subset_files(repo, repo, subset, revision)
     first = next((uri for files in uris.values() for uri in files), None)
     if first is None:
-        raise MixloopError(f"dataset {repo}: no data files{f' in subset {subset!r}' if subset else ''}. Fix: check "
-                           "the id, `subset` and `revision`.")
+        raise MixloopError(
+            f"dataset {repo}: no data files{f' in subset {subset!r}' if subset else ''}. Fix: check "
+            "the id, `subset` and `revision`."
+        )
     # The datasets library names them hf://datasets/<repo>@<commit>/<path in the repository>.
     commit = first.split("@", 1)[1].split("/", 1)[0]
     return commit, {split: tuple(uri.split(f"@{commit}/", 1)[1] for uri in files) for split, files in uris.items()}
 
 
 @functools.lru_cache(maxsize=16)
-def _splits_in_cache(repo: str, revision: str | None, subset: str | None,
-                     cache_dir: str | None) -> dict[str, tuple[str, ...]]:
+def _splits_in_cache(
+    repo: str, revision: str | None, subset: str | None, cache_dir: str | None
+) -> dict[str, tuple[str, ...]]:
     return _subset_files(_dataset_snapshot(repo, revision), repo, subset)
 
 
@@ -130,8 +149,9 @@ def _downloaded(repo: str, commit: str, paths: tuple[str, ...], cache_dir: str |
     return _dataset_snapshot(repo, commit, ["README.md", ".huggingface.yaml", *paths])
 
 
-def _subset_files(source: str, repo: str, subset: str | None,
-                  revision: str | None = None) -> dict[str, tuple[str, ...]]:
+def _subset_files(
+    source: str, repo: str, subset: str | None, revision: str | None = None
+) -> dict[str, tuple[str, ...]]:
     """split -> files of a subset of the dataset in `source` (a local snapshot folder, or the hub id)."""
     import datasets
 
@@ -140,20 +160,25 @@ def _subset_files(source: str, repo: str, subset: str | None,
     except ValueError as exc:  # an unknown subset (the message names the known ones), files in mixed formats
         raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: check `subset` and the dataset's files.") from None
     except FileNotFoundError as exc:  # a cached snapshot that lacks some of the subset's files
-        raise MixloopError(f"dataset {repo}: {_short(exc)} Fix: download it again where there is a network "
-                           f"(`hf download {repo} --repo-type dataset`).") from None
+        raise MixloopError(
+            f"dataset {repo}: {_short(exc)} Fix: download it again where there is a network "
+            f"(`hf download {repo} --repo-type dataset`)."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - network and Hub errors: one line, not a traceback
-        raise MixloopError(f"dataset {repo}: cannot read it ({type(exc).__name__}: {_short(exc)}). Fix: check the "
-                           "id and revision, the network, and `hf auth login` for a private dataset.") from None
+        raise MixloopError(
+            f"dataset {repo}: cannot read it ({type(exc).__name__}: {_short(exc)}). Fix: check the "
+            "id and revision, the network, and `hf auth login` for a private dataset."
+        ) from None
     return {str(name): tuple(files) for name, files in (builder.config.data_files or {}).items()}
 
 
 def _split(splits: dict[str, tuple[str, ...]], repo: str, split: str, in_cache: bool) -> tuple[str, ...]:
     if split not in splits:
         where = "in the Hugging Face cache" if in_cache else "on the Hub"
-        raise MixloopError(f"dataset {repo} has no split {split!r} {where} (it has {', '.join(splits) or 'none'}). "
-                           "Fix: name one of those" + (", or download the split where there is a network."
-                                                       if in_cache else "."))
+        raise MixloopError(
+            f"dataset {repo} has no split {split!r} {where} (it has {', '.join(splits) or 'none'}). "
+            "Fix: name one of those" + (", or download the split where there is a network." if in_cache else ".")
+        )
     return splits[split]
 
 
@@ -169,13 +194,21 @@ def _dataset_snapshot(repo: str, revision: str | None, allow_patterns: list[str]
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=allow_patterns,
-                                 cache_dir=_cache_dir(), local_files_only=offline())
+        return snapshot_download(
+            repo,
+            repo_type="dataset",
+            revision=revision,
+            allow_patterns=allow_patterns,
+            cache_dir=_cache_dir(),
+            local_files_only=offline(),
+        )
     except LocalEntryNotFoundError:
         raise MixloopError(not_cached_message(repo, revision, "dataset")) from None
     except OSError as exc:  # HfHubHTTPError is one
-        raise MixloopError(f"dataset {repo}: cannot download it ({str(exc).splitlines()[0]}). Fix: check the "
-                           "network, or download it where there is one and set HF_HUB_OFFLINE=1 here.") from None
+        raise MixloopError(
+            f"dataset {repo}: cannot download it ({str(exc).splitlines()[0]}). Fix: check the "
+            "network, or download it where there is one and set HF_HUB_OFFLINE=1 here."
+        ) from None
 
 
 def check_push(repo: str) -> None:
@@ -185,16 +218,22 @@ def check_push(repo: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     if offline():
-        raise MixloopError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset "
-                           "HF_HUB_OFFLINE, or export without --push-to-hub and upload the folder later (`hf upload`).")
+        raise MixloopError(
+            f"--push-to-hub {repo}: HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset "
+            "HF_HUB_OFFLINE, or export without --push-to-hub and upload the folder later (`hf upload`)."
+        )
     try:
         validate_repo_id(repo)
     except HFValidationError as exc:
-        raise MixloopError(f"--push-to-hub {repo}: not a repo id ({_first_line(exc)}). Fix: name it org/name, "
-                           "or name alone for a repo of your own.") from None
+        raise MixloopError(
+            f"--push-to-hub {repo}: not a repo id ({_first_line(exc)}). Fix: name it org/name, "
+            "or name alone for a repo of your own."
+        ) from None
     if get_token() is None:
-        raise MixloopError(f"--push-to-hub {repo}: no Hugging Face token. Fix: log in with `hf auth login`, or set "
-                           "HF_TOKEN to a token that can write.")
+        raise MixloopError(
+            f"--push-to-hub {repo}: no Hugging Face token. Fix: log in with `hf auth login`, or set "
+            "HF_TOKEN to a token that can write."
+        )
 
 
 def push(folder: Path, repo: str, private: bool, revision: str | None, message: str) -> str:
@@ -208,8 +247,9 @@ def push(folder: Path, repo: str, private: bool, revision: str | None, message: 
         repo_id = api.create_repo(repo, private=private or None, exist_ok=True).repo_id  # name alone: yours
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message,
-                                 delete_patterns=WEIGHT_FILES).commit_url
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message, delete_patterns=WEIGHT_FILES
+        ).commit_url
     # HfHubHTTPError and hf_xet's named errors are OSErrors; the HTTP client's network errors are not, and
     # the client differs between huggingface_hub versions (httpx in 1.x, httpx2 in 2.x); hf_xet may raise
     # a bare RuntimeError. Whatever the upload raised, the export is kept and the user told why.
@@ -218,8 +258,18 @@ def push(folder: Path, repo: str, private: bool, revision: str | None, message: 
 
 
 def _push_failure(exc: Exception, repo: str, folder: Path, private: bool, revision: str | None) -> str:
-    retry = shlex.join(["hf", "upload", repo, str(folder), ".", *(["--revision", revision] if revision else []),
-                        *(["--private"] if private else []), *(a for p in WEIGHT_FILES for a in ("--delete", p))])
+    retry = shlex.join(
+        [
+            "hf",
+            "upload",
+            repo,
+            str(folder),
+            ".",
+            *(["--revision", revision] if revision else []),
+            *(["--private"] if private else []),
+            *(a for p in WEIGHT_FILES for a in ("--delete", p)),
+        ]
+    )
     cause, fix = _cause_and_fix(exc)
     return f"--push-to-hub {repo}: {cause}. Fix: {fix}, then upload the export kept in {folder}: `{retry}`."
 
@@ -233,10 +283,14 @@ def _cause_and_fix(exc: Exception) -> tuple[str, str]:
     if status == 401:
         return "the Hub refused your token (401)", (
             "set HF_TOKEN to a valid token that can write (or unset it and use `hf auth login`)"
-            if os.environ.get("HF_TOKEN") else "log in again with a token that can write (`hf auth login`)")
+            if os.environ.get("HF_TOKEN")
+            else "log in again with a token that can write (`hf auth login`)"
+        )
     if status == 403:
-        return ("your token may not create or write to it (403)",
-                "use a token with write access to its namespace, or push to a repo of your own")
+        return (
+            "your token may not create or write to it (403)",
+            "use a token with write access to its namespace, or push to a repo of your own",
+        )
     if status:
         return f"the Hub answered: {_first_line(exc)}", "try again later"
     where = _endpoint() or "https://huggingface.co"
@@ -253,5 +307,6 @@ def _first_line(exc: Exception) -> str:
 
 
 def _cache_dir() -> str | None:
-    return os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
-                                              else None)
+    return os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )

@@ -46,8 +46,9 @@ class NewCorpus:
     eval: str | None = None
 
 
-def plan(spec: Spec, new: NewCorpus, text_tokens: int, trained: set[str],
-         start_from: str | None) -> tuple[dict, list[dict]]:
+def plan(
+    spec: Spec, new: NewCorpus, text_tokens: int, trained: set[str], start_from: str | None
+) -> tuple[dict, list[dict]]:
     """(corpora, stages) to add for `new`, by the spec's iterate template. `trained`: the corpora the
     model the iteration starts from was trained on, which it replays."""
     template, pipeline = spec.pipeline.iterate, spec.pipeline
@@ -57,11 +58,21 @@ def plan(spec: Spec, new: NewCorpus, text_tokens: int, trained: set[str],
     mixture = {new.name: 1.0 - template.replay if replay else 1.0}
     mixture |= {name: template.replay / len(replay) for name in replay}
     tokens = int(template.passes * text_tokens / mixture[new.name])
-    stages = [{"name": new.name, **({"from": start_from} if start_from else {}), "mixture": _rounded(mixture),
-               "tokens": tokens, **_lr(template.lr)}]
+    stages = [
+        {
+            "name": new.name,
+            **({"from": start_from} if start_from else {}),
+            "mixture": _rounded(mixture),
+            "tokens": tokens,
+            **_lr(template.lr),
+        }
+    ]
     finetune = template.finetune
-    chats = finetune.chats if finetune.chats is not None else [
-        n for n, c in pipeline.corpora.items() if c.kind == "chat" and n in trained]
+    chats = (
+        finetune.chats
+        if finetune.chats is not None
+        else [n for n, c in pipeline.corpora.items() if c.kind == "chat" and n in trained]
+    )
     if new.chat:
         corpora[f"{new.name}-chat"] = {"kind": "chat", "path": new.chat}
     if chats or new.chat:
@@ -71,8 +82,14 @@ def plan(spec: Spec, new: NewCorpus, text_tokens: int, trained: set[str],
         mixture |= {name: (chat_share - new_share) / len(chats) for name in chats}
         if finetune.text_share:
             mixture[new.name] = finetune.text_share
-        stages.append({"name": f"{new.name}-sft", "mixture": _rounded(mixture),
-                       "tokens": int(finetune.tokens * tokens), **_lr(finetune.lr)})
+        stages.append(
+            {
+                "name": f"{new.name}-sft",
+                "mixture": _rounded(mixture),
+                "tokens": int(finetune.tokens * tokens),
+                **_lr(finetune.lr),
+            }
+        )
     return corpora, stages
 
 
@@ -105,15 +122,23 @@ def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
             if len(texts) < SAMPLE_RECORDS:
                 texts.append(text)
     if not count:
-        raise MixloopError(f"{pattern}: no text records. Fix: point --text at JSON lines, Parquet or CSV files "
-                           "with a `text` field.")
+        raise MixloopError(
+            f"{pattern}: no text records. Fix: point --text at JSON lines, Parquet or CSV files with a `text` field."
+        )
     tokenizer = load_tokenizer(Corpora(spec, log).tokenizer())
     sampled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     return int(sampled * count / len(texts))
 
 
-def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, address: str | None = None,
-        log: Log = print, lock=None) -> dict | None:
+def add(
+    spec_path: str,
+    new: NewCorpus,
+    dry_run: bool = False,
+    tune: int = 0,
+    address: str | None = None,
+    log: Log = print,
+    lock=None,
+) -> dict | None:
     """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
     `dry_run`, only show and validate the stages it would add; with `tune`, search the continued
     pretraining's replay share and re-warm in that many trials first, and keep the winner."""
@@ -121,13 +146,17 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, ad
     spec = load_spec(path)
     _check_new(spec, new)
     if tune and (tune < 3 or not new.eval):
-        raise MixloopError(f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
-                           "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval.")
+        raise MixloopError(
+            f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
+            "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval."
+        )
     with workdir_lock(spec.workdir, f"mixloop add {new.name}", log, held=lock) as lock:  # reads current, edits, trains
         corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text), log), *_start(spec))
         text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
-        log(f"iteration {new.name}: adds to {path}\n" + yaml.safe_dump({"corpora": corpora, "stages": stages},
-                                                                         sort_keys=False).rstrip())
+        log(
+            f"iteration {new.name}: adds to {path}\n"
+            + yaml.safe_dump({"corpora": corpora, "stages": stages}, sort_keys=False).rstrip()
+        )
         replace_validated(path, text, f"adding iteration {new.name}", write=not (dry_run or tune))
         if dry_run:
             log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
@@ -140,8 +169,7 @@ def add(spec_path: str, new: NewCorpus, dry_run: bool = False, tune: int = 0, ad
 def _start(spec: Spec) -> tuple[set[str], str | None]:
     """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
     after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
-    from mixloop.registry import trained_corpora
-    from mixloop.registry import current_version, list_versions
+    from mixloop.registry import current_version, list_versions, trained_corpora
 
     current = current_version(spec.workdir)
     if current is None:
@@ -151,8 +179,17 @@ def _start(spec: Spec) -> tuple[set[str], str | None]:
     return trained_corpora(current, lineages), current if last in lineages and last != current else None
 
 
-def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[dict], trials: int,
-           address: str | None, log: Log, lock) -> None:
+def _tuned(
+    path: Path,
+    spec: Spec,
+    new: NewCorpus,
+    corpora: dict,
+    stages: list[dict],
+    trials: int,
+    address: str | None,
+    log: Log,
+    lock,
+) -> None:
     """Search the continued-pretraining stage's replay share and re-warm (`trials` trials, the template's
     stage among them), append the winner as the stage, then the rest of the iteration."""
     from mixloop.spec import BUILTIN_DEFAULTS
@@ -163,11 +200,15 @@ def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[d
     peak = stage.get("lr", {}).get("peak") or spec.pipeline.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
     measured = [name for name in stage["mixture"] if name != new.name and spec.pipeline.corpora[name].eval]
     search = {
-        "name": new.name, "pipeline": str(path.resolve()),
+        "name": new.name,
+        "pipeline": str(path.resolve()),
         "new_stage": {key: value for key, value in stage.items() if key not in ("name", "from")},
         **({"start_from": stage["from"]} if "from" in stage else {}),
-        "space": {"mixture": {"corpora": list(stage["mixture"]), "min_share": 0.05},
-                  "lr_peak": [peak / 3, peak * 3], "warmup": [0.0, 0.2]},
+        "space": {
+            "mixture": {"corpora": list(stage["mixture"]), "min_share": 0.05},
+            "lr_peak": [peak / 3, peak * 3],
+            "warmup": [0.0, 0.2],
+        },
         "objective": " + ".join([f"loss[{new.name!r}]", *[f"2 * forgetting[{name!r}]" for name in measured]]),
         "trials": {"count": trials, "evals": 2, "workers": 1},
     }
@@ -183,13 +224,17 @@ def _tuned(path: Path, spec: Spec, new: NewCorpus, corpora: dict, stages: list[d
 
 def _check_new(spec: Spec, new: NewCorpus) -> None:
     if not re.fullmatch(STAGE_NAME_PATTERN, new.name):
-        raise MixloopError(f"{new.name!r} cannot name a corpus and its stages. Fix: use lower-case letters, digits, "
-                           "'-', '_' and '.', starting with a letter or digit.")
+        raise MixloopError(
+            f"{new.name!r} cannot name a corpus and its stages. Fix: use lower-case letters, digits, "
+            "'-', '_' and '.', starting with a letter or digit."
+        )
     taken = [n for n in (new.name, f"{new.name}-chat") if n in spec.pipeline.corpora]
     taken += [n for n in (new.name, f"{new.name}-sft") if n in spec.stage_names()]
     if taken:
-        raise MixloopError(f"{', '.join(sorted(set(taken)))} already in the spec. Fix: add the corpus "
-                           "under a new name; a version, once trained, is never retrained.")
+        raise MixloopError(
+            f"{', '.join(sorted(set(taken)))} already in the spec. Fix: add the corpus "
+            "under a new name; a version, once trained, is never retrained."
+        )
 
 
 def _resolved(spec_path: Path, value: str) -> str:
@@ -253,13 +298,15 @@ def _corpus_of(fs, folder: str, uri: str) -> NewCorpus:
             if matches:
                 files[role] = join(uri, matches[0].rsplit("/", 1)[-1])
     if "text" not in files:
-        raise MixloopError(f"{uri}: no text file (text.jsonl, or a manifest.json naming it). Fix: add it, then the "
-                           f"{READY} marker.")
+        raise MixloopError(
+            f"{uri}: no text file (text.jsonl, or a manifest.json naming it). Fix: add it, then the {READY} marker."
+        )
     return NewCorpus(name, files["text"], files.get("chat"), files.get("eval"))
 
 
-def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False,
-          log: Log = print) -> list[str]:
+def watch(
+    spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False, log: Log = print
+) -> list[str]:
     """Add the inbox's ready corpora one at a time, polling every `poll_s` (with `once`: those ready now,
     then return); the corpora added by this call. The workdir's lock is held while there is work, not
     while waiting; a corpus that fails is recorded with why and tried again at the next start."""
@@ -268,8 +315,11 @@ def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float 
     state_path = join(workdir, "inbox.json")
     added, failed, first = [], set(), True
     while True:
-        pending = [(uri, corpus) for uri, corpus in ready_corpora(inbox, log)
-                   if uri not in failed and _entry(state_path, uri).get("status") != "done"]
+        pending = [
+            (uri, corpus)
+            for uri, corpus in ready_corpora(inbox, log)
+            if uri not in failed and _entry(state_path, uri).get("status") != "done"
+        ]
         if pending or first:
             with workdir_lock(workdir, f"mixloop watch {inbox}", log) as lock:
                 if first:
@@ -285,8 +335,7 @@ def watch(spec_path: str, inbox: str, address: str | None = None, poll_s: float 
         time.sleep(poll_s)
 
 
-def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address: str | None, log: Log,
-          lock) -> bool:
+def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address: str | None, log: Log, lock) -> bool:
     """Add one inbox corpus as an iteration, or finish the iteration a cut-short watch added for it;
     whether it is done (a failure is recorded in the state with its reason)."""
     entry = _entry(state_path, uri)

@@ -28,9 +28,11 @@ from mixloop.errors import MixloopError, WorkdirLockedError
 
 JOB_PREFIX = "mixloop-"
 AGENT_WAIT_S = 60
-TOKEN_HELP = ("Set RAY_AUTH_TOKEN to the cluster's token (print it on the head with `ray get-auth-token`), "
-              "or put it in ~/.ray/auth_token or a file named by RAY_AUTH_TOKEN_PATH; RAY_AUTH_MODE=disabled "
-              "only for a cluster started without token authentication.")
+TOKEN_HELP = (
+    "Set RAY_AUTH_TOKEN to the cluster's token (print it on the head with `ray get-auth-token`), "
+    "or put it in ~/.ray/auth_token or a file named by RAY_AUTH_TOKEN_PATH; RAY_AUTH_MODE=disabled "
+    "only for a cluster started without token authentication."
+)
 
 
 def _with_added_iterations(spec) -> dict | None:
@@ -46,10 +48,13 @@ def _with_added_iterations(spec) -> dict | None:
     except SpecError:
         return None
     names = spec.stage_names()
-    if copy is None or copy.stage_names()[:len(names)] != names or len(copy.stage_names()) == len(names):
+    if copy is None or copy.stage_names()[: len(names)] != names or len(copy.stage_names()) == len(names):
         return None
-    print(f"note: {copy_path} holds stages a watch added ({', '.join(copy.stage_names()[len(names):])}); the job "
-          "watches from that copy", file=sys.stderr)
+    print(
+        f"note: {copy_path} holds stages a watch added ({', '.join(copy.stage_names()[len(names) :])}); the job "
+        "watches from that copy",
+        file=sys.stderr,
+    )
     return copy.portable()
 
 
@@ -62,13 +67,17 @@ def job_address(address: str | None) -> str:
     """The job server's HTTP address: --address, else $RAY_ADDRESS when it is an http(s) address."""
     given = address or os.environ.get("RAY_ADDRESS")
     if not given:
-        raise MixloopError("no Ray job server address. Fix: pass --address http://HOST:8265 (the head's "
-                           "dashboard port; through an SSH tunnel or port-forward for a remote cluster) "
-                           "or set RAY_ADDRESS to it.")
+        raise MixloopError(
+            "no Ray job server address. Fix: pass --address http://HOST:8265 (the head's "
+            "dashboard port; through an SSH tunnel or port-forward for a remote cluster) "
+            "or set RAY_ADDRESS to it."
+        )
     if not given.startswith(("http://", "https://")):
         source = "--address" if address else "RAY_ADDRESS"
-        raise MixloopError(f"{source}={given!r} is not the HTTP address of a Ray job server. "
-                           "Fix: pass --address http://HOST:8265 (the head's dashboard port).")
+        raise MixloopError(
+            f"{source}={given!r} is not the HTTP address of a Ray job server. "
+            "Fix: pass --address http://HOST:8265 (the head's dashboard port)."
+        )
     return given.rstrip("/")
 
 
@@ -114,9 +123,11 @@ def _ray_errors(address: str, job: str | None = None):
             problem = "requires an authentication token, and none was sent (Ray token authentication is on)"
         raise MixloopError(f"the Ray job server at {address} {problem}. {TOKEN_HELP}") from None
     except (ConnectionError, requests.ConnectionError, aiohttp.ClientConnectionError):
-        raise MixloopError(f"cannot reach a Ray job server at {address}. Fix: check that the cluster is up and "
-                           "that its dashboard port (8265) is reachable from here (for a remote cluster: "
-                           "`ray dashboard cluster.yaml`, an SSH tunnel or `kubectl port-forward`).") from None
+        raise MixloopError(
+            f"cannot reach a Ray job server at {address}. Fix: check that the cluster is up and "
+            "that its dashboard port (8265) is reachable from here (for a remote cluster: "
+            "`ray dashboard cluster.yaml`, an SSH tunnel or `kubectl port-forward`)."
+        ) from None
     except RuntimeError as exc:
         if job is not None and "status code 404" in str(exc):
             raise MixloopError(f"no job {job!r} on {address}. See `mixloop jobs list --address {address}`.") from None
@@ -165,9 +176,11 @@ class JobClient:
 
     def commands(self, job: str) -> str:
         """How to follow, inspect and stop a job, as commands to copy."""
-        return (f"  follow: mixloop jobs logs {job} --follow --address {self.address}\n"
-                f"  status: mixloop jobs status {job} --address {self.address}\n"
-                f"  stop:   mixloop jobs stop {job} --address {self.address}")
+        return (
+            f"  follow: mixloop jobs logs {job} --follow --address {self.address}\n"
+            f"  status: mixloop jobs status {job} --address {self.address}\n"
+            f"  stop:   mixloop jobs stop {job} --address {self.address}"
+        )
 
     def submit(self, spec_path: str, inbox: str | None = None) -> str:
         """Validate the spec and submit it as a Ray job; its submission id. With `inbox`, the job is
@@ -183,18 +196,35 @@ class JobClient:
         data = (_with_added_iterations(spec) if inbox else None) or spec.portable()
         host = self.address.split("://", 1)[1].split(":")[0].split("/")[0]
         if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
-            print(f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
-                  "(use s3:// or gs:// for the workdir and corpora of a remote cluster)", file=sys.stderr)
+            print(
+                f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
+                "(use s3:// or gs:// for the workdir and corpora of a remote cluster)",
+                file=sys.stderr,
+            )
         spec_source = spec_path if "://" in str(spec_path) else str(Path(spec_path).resolve())
         with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
             Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-            self._submit(spec.pipeline.name, dict(
-                entrypoint=(f"mixloop watch pipeline.yaml --inbox {shlex.quote(inbox)} --address auto" if inbox
-                            else "mixloop run pipeline.yaml --address auto"), submission_id=job,
-                runtime_env={"working_dir": folder},
-                metadata={"mixloop": __version__, "pipeline": spec.pipeline.name, "spec": spec_source,
-                          "workdir": data["workdir"], "log_offset": str(len(earlier)), "log_tail": earlier[-80:]},
-                entrypoint_num_cpus=0))
+            self._submit(
+                spec.pipeline.name,
+                dict(
+                    entrypoint=(
+                        f"mixloop watch pipeline.yaml --inbox {shlex.quote(inbox)} --address auto"
+                        if inbox
+                        else "mixloop run pipeline.yaml --address auto"
+                    ),
+                    submission_id=job,
+                    runtime_env={"working_dir": folder},
+                    metadata={
+                        "mixloop": __version__,
+                        "pipeline": spec.pipeline.name,
+                        "spec": spec_source,
+                        "workdir": data["workdir"],
+                        "log_offset": str(len(earlier)),
+                        "log_tail": earlier[-80:],
+                    },
+                    entrypoint_num_cpus=0,
+                ),
+            )
         return job
 
     def _make_room(self, job: str, name: str, workdir: str) -> str:
@@ -202,9 +232,11 @@ class JobClient:
         its finished job. The finished job's driver log, which the new run appends to."""
         info = self.info(job)
         if info is not None and not info.status.is_terminal():
-            raise MixloopError(f"pipeline {name!r} already runs on {self.address} as job {job} ({info.status}). "
-                               f"Follow it with `mixloop jobs logs {job} --follow --address {self.address}`, or "
-                               f"stop it first with `mixloop jobs stop {job} --address {self.address}`.")
+            raise MixloopError(
+                f"pipeline {name!r} already runs on {self.address} as job {job} ({info.status}). "
+                f"Follow it with `mixloop jobs logs {job} --follow --address {self.address}`, or "
+                f"stop it first with `mixloop jobs stop {job} --address {self.address}`."
+            )
         _refuse_held_workdir(workdir)
         if info is None:
             return ""
@@ -228,15 +260,19 @@ class JobClient:
                 return
             except RuntimeError as exc:
                 if "already exists" in str(exc):  # another submit of the same pipeline won the race
-                    raise MixloopError(f"pipeline {name!r} was just submitted to {self.address} as job {job} by "
-                                       f"someone else. Follow it with `mixloop jobs logs {job} --follow "
-                                       f"--address {self.address}`.") from None
+                    raise MixloopError(
+                        f"pipeline {name!r} was just submitted to {self.address} as job {job} by "
+                        f"someone else. Follow it with `mixloop jobs logs {job} --follow "
+                        f"--address {self.address}`."
+                    ) from None
                 # A head that has just started serves HTTP before its job agent has registered.
                 if "No available agent" not in str(exc):
                     raise
                 if time.time() > deadline:
-                    raise MixloopError(f"the Ray cluster at {self.address} has no job agent ready after "
-                                       f"{AGENT_WAIT_S} s (has its head just started?). Try again.") from None
+                    raise MixloopError(
+                        f"the Ray cluster at {self.address} has no job agent ready after "
+                        f"{AGENT_WAIT_S} s (has its head just started?). Try again."
+                    ) from None
                 time.sleep(1)
 
     def jobs(self) -> list:
@@ -275,8 +311,10 @@ class JobClient:
             with _ray_errors(self.address, job):
                 asyncio.run(tail())
         except RuntimeError as exc:
-            raise MixloopError(f"lost the log stream of job {job} ({exc}); the job is unaffected: "
-                               f"run `mixloop jobs logs {job} --follow --address {self.address}` again") from None
+            raise MixloopError(
+                f"lost the log stream of job {job} ({exc}); the job is unaffected: "
+                f"run `mixloop jobs logs {job} --follow --address {self.address}` again"
+            ) from None
 
     def stop(self, job: str, timeout_s: float):
         """Stop a job and wait until it has; its final details (None if it had already ended)."""
@@ -288,8 +326,10 @@ class JobClient:
         while not (info := self.require(job)).status.is_terminal() and time.time() < deadline:
             time.sleep(0.5)
         if not info.status.is_terminal():
-            raise MixloopError(f"{job} is still {info.status} {timeout_s:.0f} s after the stop request. "
-                               f"See `mixloop jobs status {job} --address {self.address}`.")
+            raise MixloopError(
+                f"{job} is still {info.status} {timeout_s:.0f} s after the stop request. "
+                f"See `mixloop jobs status {job} --address {self.address}`."
+            )
         return info
 
 
@@ -315,8 +355,10 @@ def _refuse_held_workdir(workdir: str) -> None:
 
     holder = live_holder(workdir)
     if holder is not None:
-        raise WorkdirLockedError(f"workdir {workdir} is in use by {describe(holder)}. One run per workdir: wait "
-                                 "for it to finish or stop it, then submit again.")
+        raise WorkdirLockedError(
+            f"workdir {workdir} is in use by {describe(holder)}. One run per workdir: wait "
+            "for it to finish or stop it, then submit again."
+        )
 
 
 def job_time(ms: int | None) -> str:

@@ -21,9 +21,9 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Callable, Iterator
 
 import fsspec
 
@@ -83,9 +83,16 @@ class WorkdirLock:
         self.lost = False
         self.took_over_from: dict | None = None
         now = time.time()
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
-                       "command": command, "started": now, "heartbeat": now,
-                       "heartbeat_every_s": self.every_s, "token": secrets.token_hex(16)}
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
+            "command": command,
+            "started": now,
+            "heartbeat": now,
+            "heartbeat_every_s": self.every_s,
+            "token": secrets.token_hex(16),
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,8 +112,13 @@ class WorkdirLock:
                 self.log(f"took over the lock {self.path} from {describe(holder)}: {reason}")
                 return self._start()
         holder = _read(self.path)
-        raise self._locked(holder) if holder else WorkdirLockedError(
-            f"could not take the lock {self.path}: other processes keep taking and releasing it; try again")
+        raise (
+            self._locked(holder)
+            if holder
+            else WorkdirLockedError(
+                f"could not take the lock {self.path}: other processes keep taking and releasing it; try again"
+            )
+        )
 
     def release(self) -> None:
         self._stop.set()
@@ -120,8 +132,10 @@ class WorkdirLock:
                 self.lost = True
                 self.log(f"left the lock {self.path} alone: it is no longer this process's")
         except Exception as exc:  # noqa: BLE001 -- must not hide the error that ends the run
-            self.log(f"could not remove the lock {self.path} ({exc}); "
-                     f"it is taken over {self.timeout_s:g} s after its last heartbeat")
+            self.log(
+                f"could not remove the lock {self.path} ({exc}); "
+                f"it is taken over {self.timeout_s:g} s after its last heartbeat"
+            )
 
     def _create(self) -> bool:
         data = json.dumps(self.record, indent=2).encode()
@@ -159,7 +173,8 @@ class WorkdirLock:
                 f"this run lost the lock of workdir {self.workdir}"
                 + (f" to {describe(holder)}" if holder else " (it was deleted)")
                 + f": its heartbeat stalled for more than {self.timeout_s:g} s. It stops before publishing, so "
-                "the two runs do not write the same versions. Fix: let the other run finish, then run again.")
+                "the two runs do not write the same versions. Fix: let the other run finish, then run again."
+            )
 
     def _ours(self) -> bool:
         return (_read(self.path) or {}).get("token") == self.record["token"]
@@ -178,8 +193,10 @@ class WorkdirLock:
                 current = _read(self.path)
                 if (current or {}).get("token") != self.record["token"]:
                     self.lost = True
-                    self.log(f"lost the lock {self.path}: "
-                             + (f"it is now held by {describe(current)}" if current else "it was deleted"))
+                    self.log(
+                        f"lost the lock {self.path}: "
+                        + (f"it is now held by {describe(current)}" if current else "it was deleted")
+                    )
                     return
                 self.record["heartbeat"] = time.time()
                 write_text(self.path, json.dumps(self.record, indent=2))
@@ -191,14 +208,20 @@ class WorkdirLock:
         error = WorkdirLockedError(
             f"workdir {self.workdir} is in use by {describe(holder)}. One run per workdir: wait for it to "
             f"finish, {stop}or, if that process is gone, the lock is taken over automatically "
-            f"{_limit(holder, self.timeout_s):g} s after its last heartbeat; or delete {self.path}.")
+            f"{_limit(holder, self.timeout_s):g} s after its last heartbeat; or delete {self.path}."
+        )
         error.holder = holder
         return error
 
 
 @contextmanager
-def workdir_lock(workdir: str, command: str = "mixloop run", log: Callable[[str], object] = print,
-                 timeout_s: float | None = None, held: WorkdirLock | None = None) -> Iterator[WorkdirLock]:
+def workdir_lock(
+    workdir: str,
+    command: str = "mixloop run",
+    log: Callable[[str], object] = print,
+    timeout_s: float | None = None,
+    held: WorkdirLock | None = None,
+) -> Iterator[WorkdirLock]:
     """Hold the workdir's lock for the block, or raise WorkdirLockedError naming who holds it.
     timeout_s: when another holder counts as dead (default: $MIXLOOP_LOCK_TIMEOUT_S, else STALE_AFTER_S).
     held: the lock when the caller holds it already (a command inside another): it is used as it is."""

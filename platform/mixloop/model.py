@@ -19,14 +19,40 @@ from mixloop.storage import local_copy
 transformers_logging.disable_progress_bar()
 
 PRESETS: dict[str, dict] = {
-    "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                       intermediate_size=2432, vocab_size=6400, rope_theta=1e6, max_position_embeddings=32768),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=768, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192, max_position_embeddings=2048),
-    "micro": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  intermediate_size=64, max_position_embeddings=2048),
+    "minimind-3": dict(
+        hidden_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=2432,
+        vocab_size=6400,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=768,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        max_position_embeddings=2048,
+    ),
+    "micro": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+    ),
 }
 
 
@@ -37,8 +63,9 @@ def model_config(preset: str | None, overrides: dict | None, tokenizer) -> Qwen3
     fields.update(overrides or {})
     fields.setdefault("vocab_size", len(tokenizer))
     fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
-    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    fields.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     config = Qwen3Config(**fields)
     check_vocabulary(config.vocab_size, tokenizer)
     return config
@@ -67,9 +94,11 @@ def load_model(path: str, trust_remote_code: bool = False):
         )
     except Exception as exc:  # noqa: BLE001  safetensors, torch and transformers each raise their own kinds
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MixloopError(f"cannot load a causal LM from {path}: {type(exc).__name__}: {first_line}. Fix: point "
-                           "at a complete Hugging Face model directory (config.json and model.safetensors), or "
-                           "retrain the version it was copied from.") from None
+        raise MixloopError(
+            f"cannot load a causal LM from {path}: {type(exc).__name__}: {first_line}. Fix: point "
+            "at a complete Hugging Face model directory (config.json and model.safetensors), or "
+            "retrain the version it was copied from."
+        ) from None
 
 
 def load_config(path: str, trust_remote_code: bool = False):

@@ -22,8 +22,14 @@ from mixloop import gate
 from mixloop.corpora import Corpora, PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import StageConflictError
-from mixloop.evaluate import (eval_file, evaluate_versions, format_deltas, format_matrix, health_versions,
-                              iteration_deltas)
+from mixloop.evaluate import (
+    eval_file,
+    evaluate_versions,
+    format_deltas,
+    format_matrix,
+    health_versions,
+    iteration_deltas,
+)
 from mixloop.lock import workdir_lock
 from mixloop.registry import current_version, list_versions, read_lineage, remove_partial_publishes, verified_version
 from mixloop.report import write_report
@@ -74,8 +80,15 @@ class Pipeline:
     costs seconds. `lock`: the workdir's lock when the caller already holds it; `hooks`: see
     train.step.StepHooks."""
 
-    def __init__(self, spec: Spec, log: Log = print, address: str | None = None, lock=None,
-                 hooks: StepHooks | None = None, progress_bar: bool = False):
+    def __init__(
+        self,
+        spec: Spec,
+        log: Log = print,
+        address: str | None = None,
+        lock=None,
+        hooks: StepHooks | None = None,
+        progress_bar: bool = False,
+    ):
         self.spec = spec
         self.workdir = spec.workdir
         self.log = log
@@ -162,11 +175,19 @@ class Pipeline:
         done = sum(b for stage, b in zip(stages, budgets) if read_lineage(self.workdir, stage.name) is not None)
         left = sum(budgets) - done
         seconds = sum(lineage["metrics"].get("wall_seconds", 0) for lineage in trained)
-        rate = sum(budgets[[s.name for s in stages].index(l["version"])] for l in trained) / seconds if seconds else 0
+        rate = (
+            sum(budgets[[s.name for s in stages].index(lineage["version"])] for lineage in trained) / seconds
+            if seconds
+            else 0
+        )
         eta_s = int(left / rate) if rate else 0
-        eta = f"; ETA {eta_s // 60}:{eta_s % 60:02d} at {rate:,.0f} tokens/s (so far, start-up included)" if rate else ""
-        return (f"pipeline: stage {index + 1} of {len(stages)} ({stages[index].name}); {done:,} of "
-                f"{sum(budgets):,} budgeted tokens done, {left:,} left{eta}")
+        eta = (
+            f"; ETA {eta_s // 60}:{eta_s % 60:02d} at {rate:,.0f} tokens/s (so far, start-up included)" if rate else ""
+        )
+        return (
+            f"pipeline: stage {index + 1} of {len(stages)} ({stages[index].name}); {done:,} of "
+            f"{sum(budgets):,} budgeted tokens done, {left:,} left{eta}"
+        )
 
     def report(self, prepared: PreparedCorpora | None = None, judge: bool = False) -> dict:
         """Evaluate what is missing, then write eval/ and report/index.html and print the tables.
@@ -176,8 +197,13 @@ class Pipeline:
             matrix = self.evaluate(prepared)  # only pairs not stored yet are computed
             lineages = {v["version"]: v for v in list_versions(self.workdir)}
             deltas = iteration_deltas(matrix, lineages)
-            health = health_versions(self.workdir, list(lineages), self.corpora.chat_prompts(),
-                                     self.spec.pipeline.chat_max_new_tokens, self.progress_bar)
+            health = health_versions(
+                self.workdir,
+                list(lineages),
+                self.corpora.chat_prompts(),
+                self.spec.pipeline.chat_max_new_tokens,
+                self.progress_bar,
+            )
             if judge:
                 self._judge_last(matrix, health, lineages)
             table = format_matrix(matrix)
@@ -208,8 +234,10 @@ class Pipeline:
         if verdict["passed"]:
             self.log(f"gate: {last} is now the current version ({gate.gate_summary({'gate': verdict})})")
         else:
-            self.log(f"gate: {last} {gate.gate_summary({'gate': verdict})}; {current} stays the current version. "
-                     f"Override with `mixloop models promote {self.workdir} {last}`.")
+            self.log(
+                f"gate: {last} {gate.gate_summary({'gate': verdict})}; {current} stays the current version. "
+                f"Override with `mixloop models promote {self.workdir} {last}`."
+            )
 
     def evaluate(self, prepared: PreparedCorpora) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""
@@ -231,17 +259,26 @@ class Pipeline:
             realised, epochs = plan.rows_per_corpus(), plan.epochs()
             for name, folder in folders.items():
                 manifest = read_manifest(folder)
-                report.append({
-                    "stage": stage.name, "corpus": name, "documents": manifest["documents"],
-                    "tokens": manifest["tokens"], "rows": manifest["rows"], "rejected": manifest["rejected"],
-                    "blank_lines": manifest.get("blank_lines", 0),  # manifests before the count lack it
-                    "formats": manifest.get("formats", {}),
-                    "share": realised[name] / plan.total_rows, "epochs": epochs[name],
-                    "warnings": repeat_warnings(stage, {name: epochs[name]}),
-                })
+                report.append(
+                    {
+                        "stage": stage.name,
+                        "corpus": name,
+                        "documents": manifest["documents"],
+                        "tokens": manifest["tokens"],
+                        "rows": manifest["rows"],
+                        "rejected": manifest["rejected"],
+                        "blank_lines": manifest.get("blank_lines", 0),  # manifests before the count lack it
+                        "formats": manifest.get("formats", {}),
+                        "share": realised[name] / plan.total_rows,
+                        "epochs": epochs[name],
+                        "warnings": repeat_warnings(stage, {name: epochs[name]}),
+                    }
+                )
         return report
 
 
 def no_eval_note(corpora: list[str]) -> str:
-    return (f"no eval split for corpora {', '.join(corpora)}: their uptake and forgetting are not measured. "
-            "Fix: add `eval: <held-out file>` to each of them in the spec.")
+    return (
+        f"no eval split for corpora {', '.join(corpora)}: their uptake and forgetting are not measured. "
+        "Fix: add `eval: <held-out file>` to each of them in the spec."
+    )

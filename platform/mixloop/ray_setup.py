@@ -26,8 +26,9 @@ NOISE = (
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster, or start a private local one bound to 127.0.0.1."""
-    import ray
     import ray.data
+
+    import ray
 
     # Ray Train's reports wait for the controller's poll; the default 2 s interval makes them slow.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
@@ -48,8 +49,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # another Ray on this machine they would find two and fail, so ours is named in their environment.
         dashboard_port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        ray.init(dashboard_host="127.0.0.1", dashboard_port=dashboard_port, include_dashboard=True,
-                 num_cpus=num_cpus, resources={TRIAL_RESOURCE: 1000}, logging_level=logging.WARNING)
+        ray.init(
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            include_dashboard=True,
+            num_cpus=num_cpus,
+            resources={TRIAL_RESOURCE: 1000},
+            logging_level=logging.WARNING,
+        )
     _drop_noise_from_worker_lines()
 
 

@@ -91,8 +91,10 @@ def resolve(workdir: str, name: str) -> str:
         return name
     version = current_version(workdir)
     if version is None:
-        raise MixloopError(f"{workdir} has no current version yet: a run makes its last version current "
-                           "(when it passes the gate). See `mixloop models list`.")
+        raise MixloopError(
+            f"{workdir} has no current version yet: a run makes its last version current "
+            "(when it passes the gate). See `mixloop models list`."
+        )
     return version
 
 
@@ -111,8 +113,7 @@ def set_current(workdir: str, version: str, why: str, **details) -> None:
 
 def now(at: float | None = None) -> str:
     """The time `at` (seconds since the epoch; by default now) as the registry writes times."""
-    moment = datetime.datetime.now(datetime.timezone.utc) if at is None else \
-        datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    moment = datetime.datetime.now(datetime.UTC) if at is None else datetime.datetime.fromtimestamp(at, datetime.UTC)
     return moment.isoformat(timespec="seconds")
 
 
@@ -123,8 +124,9 @@ def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, line
         for name in MODEL_FILES:
             if Path(model_dir, name).exists():
                 shutil.copy2(Path(model_dir, name), Path(staging, name))
-        lineage["weights_sha256"] = {name: file_sha256(str(Path(staging, name)))
-                                     for name in WEIGHT_FILES if Path(staging, name).exists()}
+        lineage["weights_sha256"] = {
+            name: file_sha256(str(Path(staging, name))) for name in WEIGHT_FILES if Path(staging, name).exists()
+        }
         for file in Path(local_copy(tokenizer_dir)).iterdir():
             if not file.name.startswith("."):
                 shutil.copy2(file, Path(staging, file.name))
@@ -192,7 +194,8 @@ def verified_version(workdir: str, version: str) -> str:
             raise CorruptVersionError(
                 f"{path}: the weights of version {version} are {'missing' if actual == 'missing' else 'corrupt'} "
                 f"(SHA-256 {actual[:12]}, lineage.json says {expected[:12]}). Fix: restore the file from a backup, "
-                f"or delete {folder} and run the pipeline again to retrain it.")
+                f"or delete {folder} and run the pipeline again to retrain it."
+            )
     return folder
 
 
@@ -237,11 +240,18 @@ def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
     left = flatten({k: a.get(k) for k in keys})
     right = flatten({k: b.get(k) for k in keys})
     volatile = ("metrics.time", "metrics.wall_seconds", "metrics.tokens_per_s", "metrics.step_seconds")
-    return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
-            if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key]
+    return [
+        (key, left.get(key), right.get(key))
+        for key in sorted(set(left) | set(right))
+        if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key
+    ]
 
 
 def mixture_shares(mixture: dict) -> str:
     """A stage's mixture as lineage records it, in words: `web 70%, chat 30%→50%`, or `-`."""
-    return ", ".join(f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "")
-                     for c, w in mixture.items()) or "-"
+    return (
+        ", ".join(
+            f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "") for c, w in mixture.items()
+        )
+        or "-"
+    )

@@ -51,16 +51,25 @@ def _plot_training(curves: list[dict], path: Path) -> None:
     colours = dict(zip(corpora, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for corpus in corpora:  # one line per stage, so a corpus that skips a stage is not bridged
         for index, curve in enumerate(c for c in curves if any(corpus in p["loss_per_corpus"] for p in c["points"])):
-            xs, ys = zip(*[(p["cumulative_tokens"], p["loss_per_corpus"][corpus])
-                           for p in curve["points"] if corpus in p["loss_per_corpus"]])
+            xs, ys = zip(
+                *[
+                    (p["cumulative_tokens"], p["loss_per_corpus"][corpus])
+                    for p in curve["points"]
+                    if corpus in p["loss_per_corpus"]
+                ]
+            )
             loss_ax.plot(xs, ys, marker=".", color=colours[corpus], label=corpus if index == 0 else None)
-    lr_ax.plot([p["cumulative_tokens"] for c in curves for p in c["points"]],
-               [p["lr"] for c in curves for p in c["points"]], color="black")
+    lr_ax.plot(
+        [p["cumulative_tokens"] for c in curves for p in c["points"]],
+        [p["lr"] for c in curves for p in c["points"]],
+        color="black",
+    )
     for curve in curves:
         for ax in (loss_ax, lr_ax):
             ax.axvline(curve["start"], color="grey", linestyle=":")
-        loss_ax.annotate(curve["stage"], (curve["start"], 1.0), xycoords=("data", "axes fraction"),
-                         va="top", fontsize=8, rotation=90)
+        loss_ax.annotate(
+            curve["stage"], (curve["start"], 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8, rotation=90
+        )
     loss_ax.set_ylabel("training loss")
     loss_ax.legend(fontsize=8)
     lr_ax.set_ylabel("learning rate")
@@ -81,8 +90,9 @@ def _plot_matrix(matrix: dict, path: Path) -> None:
     ax.set_yticks(range(len(versions)), versions)
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if value > middle else "black")
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value > middle else "black"
+            )
     fig.colorbar(image, ax=ax, label="eval loss")
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")  # labels and arcs stay inside
@@ -92,8 +102,9 @@ def _plot_matrix(matrix: dict, path: Path) -> None:
 def _plot_deltas(deltas: dict, path: Path) -> None:
     bars = delta_bars(deltas)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4))
-    ax.bar(range(len(bars)), [value for _, value, _ in bars],
-           color=[BETTER if better else WORSE for _, _, better in bars])
+    ax.bar(
+        range(len(bars)), [value for _, value, _ in bars], color=[BETTER if better else WORSE for _, _, better in bars]
+    )
     ax.set_xticks(range(len(bars)), [label for label, _, _ in bars], fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("fall of eval loss vs parent\n(green: better, red: worse)")
@@ -130,8 +141,9 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict,
-                 unmeasured: list[str] = ()) -> str:
+def write_report(
+    workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict, unmeasured: list[str] = ()
+) -> str:
     """Write <workdir>/report/index.html and its plots; returns the page's path or URI. `unmeasured`:
     the corpora without an eval split, which the page names with how to add one."""
     target = join(workdir, "report")
@@ -144,8 +156,15 @@ def write_report(workdir: str, lineages: dict[str, dict], matrix: dict, deltas: 
     return join(target, "index.html")
 
 
-def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict,
-                 health: dict, unmeasured: list[str]) -> Path:
+def _write_pages(
+    folder: Path,
+    workdir: str,
+    lineages: dict[str, dict],
+    matrix: dict,
+    deltas: dict,
+    health: dict,
+    unmeasured: list[str],
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stages = [v for v, lineage in lineages.items() if lineage.get("stage")]
     curves = training_curves(join(workdir, "metrics.jsonl"), stages)
@@ -163,8 +182,11 @@ def _write_pages(folder: Path, workdir: str, lineages: dict[str, dict], matrix: 
     _plot_lineage(lineages, folder / "lineage.png")
     images["lineage.png"] = "Lineage"
     page = folder / "index.html"
-    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder),
-                          current_version(workdir)))
+    page.write_text(
+        _html(
+            lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder), current_version(workdir)
+        )
+    )
     return page
 
 
@@ -179,10 +201,21 @@ def _searches(workdir: str, folder: Path) -> list[str]:
         if results is None:
             continue
         keys = [k for k in (results["trials"][0] if results["trials"] else {}) if k.startswith("objective")]
-        rows = [[t["trial"], t["arm"], t["status"], *(_number(t.get(k)) for k in keys), mixture_shares(t["mixture"]),
-                 t["lr_peak"], f"{t['tokens']:,}"] for t in results["trials"]]
-        section = (f"<h3>{html.escape(name)}</h3><p>{html.escape(results['verdict'])}</p>"
-                   + _table(["trial", "arm", "status", *keys, "mixture", "peak LR", "tokens"], rows))
+        rows = [
+            [
+                t["trial"],
+                t["arm"],
+                t["status"],
+                *(_number(t.get(k)) for k in keys),
+                mixture_shares(t["mixture"]),
+                t["lr_peak"],
+                f"{t['tokens']:,}",
+            ]
+            for t in results["trials"]
+        ]
+        section = f"<h3>{html.escape(name)}</h3><p>{html.escape(results['verdict'])}</p>" + _table(
+            ["trial", "arm", "status", *keys, "mixture", "peak LR", "tokens"], rows
+        )
         plot = f"{root}/{name}/objective.png"
         if fs.exists(plot):
             fs.get_file(plot, str(folder / f"tune-{name}.png"))
@@ -203,36 +236,88 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _html(lineages, matrix, deltas, health, images, unmeasured, searches, current) -> str:
     sets = sorted({c for row in matrix.values() for c in row})
-    sections = [f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
-                "are not measured on them. Add <code>eval: &lt;held-out file&gt;</code> to each of these corpora "
-                "in the spec and run <code>mixloop report</code> again.</p>"] if unmeasured else []
-    sections += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
-                 for name, title in images.items()]
-    sections.append("<h2>Eval loss</h2>" + _table(
-        ["version"] + sets,
-        [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()]))
-    sections.append(f"<h2>What each version gained and forgot</h2><p>{html.escape(SIGNS)}.</p>" + _table(
-        ["version", "parent", "uptake (new corpora)", "forgetting (earlier corpora)", "forgetting vs best ancestor"],
-        [[v, d["parent"], format_pairs(d["uptake"]), format_pairs(d["forgetting"]),
-          format_pairs(d["forgetting_vs_best"])] for v, d in deltas.items()]))
+    sections = (
+        [
+            f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
+            "are not measured on them. Add <code>eval: &lt;held-out file&gt;</code> to each of these corpora "
+            "in the spec and run <code>mixloop report</code> again.</p>"
+        ]
+        if unmeasured
+        else []
+    )
+    sections += [
+        f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for name, title in images.items()
+    ]
+    sections.append(
+        "<h2>Eval loss</h2>"
+        + _table(
+            ["version"] + sets,
+            [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()],
+        )
+    )
+    sections.append(
+        f"<h2>What each version gained and forgot</h2><p>{html.escape(SIGNS)}.</p>"
+        + _table(
+            [
+                "version",
+                "parent",
+                "uptake (new corpora)",
+                "forgetting (earlier corpora)",
+                "forgetting vs best ancestor",
+            ],
+            [
+                [
+                    v,
+                    d["parent"],
+                    format_pairs(d["uptake"]),
+                    format_pairs(d["forgetting"]),
+                    format_pairs(d["forgetting_vs_best"]),
+                ]
+                for v, d in deltas.items()
+            ],
+        )
+    )
     if health:
-        sections.append("<h2>Chat health (greedy answers to eval prompts)</h2>" + _table(
-            ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
-            [[v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
-             for v, corpora in health.items() for c, h in corpora.items()]))
+        sections.append(
+            "<h2>Chat health (greedy answers to eval prompts)</h2>"
+            + _table(
+                ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
+                [
+                    [v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
+                    for v, corpora in health.items()
+                    for c, h in corpora.items()
+                ],
+            )
+        )
         sections.append("<h2>Sample answers, version by version</h2>" + _answers_side_by_side(health))
     if searches:
         sections.append("<h2>Tuning searches</h2>" + "".join(searches))
-    sections.append("<h2>Versions</h2>" + _table(
-        ["version", "parent", "mixture", "tokens", "finished", "gate"],
-        [[v + (" (current)" if v == current else ""), lin.get("parent") or "-", _mixture(lin),
-          f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}", lin.get("finished", ""), gate_summary(lin)]
-         for v, lin in lineages.items()]))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;text-align:left;vertical-align:top}.note{background:#fff4d6;padding:8px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
-            f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n")
+    sections.append(
+        "<h2>Versions</h2>"
+        + _table(
+            ["version", "parent", "mixture", "tokens", "finished", "gate"],
+            [
+                [
+                    v + (" (current)" if v == current else ""),
+                    lin.get("parent") or "-",
+                    _mixture(lin),
+                    f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}",
+                    lin.get("finished", ""),
+                    gate_summary(lin),
+                ]
+                for v, lin in lineages.items()
+            ],
+        )
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "font-size:13px;text-align:left;vertical-align:top}.note{background:#fff4d6;padding:8px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
+        f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n"
+    )
 
 
 def _mixture(lineage: dict) -> str:
@@ -247,6 +332,8 @@ def _answers_side_by_side(health: dict) -> str:
         examples = {v: (health[v].get(corpus) or {}).get("examples", []) for v in versions}
         prompts = max(examples.values(), key=len)
         for index, example in enumerate(prompts):
-            rows.append([corpus, example["prompt"]] + [examples[v][index]["answer"] if index < len(examples[v])
-                                                        else "-" for v in versions])
+            rows.append(
+                [corpus, example["prompt"]]
+                + [examples[v][index]["answer"] if index < len(examples[v]) else "-" for v in versions]
+            )
     return _table(["chat set", "prompt", *versions], rows)

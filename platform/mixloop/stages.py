@@ -39,7 +39,8 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
         if existing["stage_hash"] != digest or existing.get("model", source) != source:
             raise StageConflictError(
                 f"{version_dir(workdir, BASE_VERSION)} was made from another model, tokenizer or seed. "
-                "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed.")
+                "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed."
+            )
         return existing
     tokenizer, commit = load_tokenizer(tokenizer_dir), None
     if model_spec.path:
@@ -50,8 +51,15 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
         model = new_model(model_config(model_spec.preset, model_spec.config, tokenizer), seed)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        lineage = {"parent": None, "stage": None, "stage_hash": digest, "model": source, "started": now(),
-                   "parameters": sum(p.numel() for p in model.parameters()), "metrics": {"final_lr": 0.0}}
+        lineage = {
+            "parent": None,
+            "stage": None,
+            "stage_hash": digest,
+            "model": source,
+            "started": now(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "metrics": {"final_lr": 0.0},
+        }
         if commit:
             lineage["model_commit"] = commit  # the hub snapshot it was copied from
         publish(workdir, BASE_VERSION, folder, tokenizer_dir, lineage)
@@ -77,7 +85,8 @@ def edited_stages(spec: Spec) -> list[str]:
                 f"stages[{index}] ({stage.name}): changed after it produced version {stage.name} "
                 f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: restore the stage's "
                 f"settings, give the changed stage a new name, or delete {version_dir(workdir, stage.name)} to "
-                "retrain it.")
+                "retrain it."
+            )
         hashes[stage.name] = existing["stage_hash"] if existing is not None else digest
         previous = stage.name
     return problems
@@ -90,16 +99,27 @@ def stage_plan(stage: ResolvedStage, corpus_dirs: dict[str, str]) -> MixPlan:
 
 
 def repeat_warnings(stage: ResolvedStage, epochs: dict[str, float]) -> list[str]:
-    return [f"stage {stage.name} passes over corpus {name!r} {passes:.1f} times, more than max_repeats "
-            f"{stage.max_repeats:g}: add data to it or lower its weight" for name, passes in epochs.items()
-            if passes > stage.max_repeats]
+    return [
+        f"stage {stage.name} passes over corpus {name!r} {passes:.1f} times, more than max_repeats "
+        f"{stage.max_repeats:g}: add data to it or lower its weight"
+        for name, passes in epochs.items()
+        if passes > stage.max_repeats
+    ]
 
 
 class StageRunner:
     """Trains the stages of one preparation and publishes each as its version."""
 
-    def __init__(self, spec: Spec, prepared: PreparedCorpora, log: Log = print, hooks=None, lock=None,
-                 trackers: Trackers | None = None, progress_bar: bool = False):
+    def __init__(
+        self,
+        spec: Spec,
+        prepared: PreparedCorpora,
+        log: Log = print,
+        hooks=None,
+        lock=None,
+        trackers: Trackers | None = None,
+        progress_bar: bool = False,
+    ):
         """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks;
         `trackers`: where the stage's metrics are forwarded while it trains; `progress_bar`: show a
         live bar instead of the workers' progress lines (in a terminal)."""
@@ -110,9 +130,16 @@ class StageRunner:
 
     def job(self, stage: ResolvedStage, parent: str, parent_final_lr: float, **extra) -> StageJob:
         """The job of `stage` trained from the version `parent`, whose stage ended at `parent_final_lr`."""
-        return stage_job(self.spec.pipeline.name, stage, parent_final_lr, version_dir(self.workdir, parent),
-                         self.prepared.for_stage(stage), join(self.workdir, "metrics.jsonl"),
-                         self.spec.pipeline.model.trust_remote_code, **extra)
+        return stage_job(
+            self.spec.pipeline.name,
+            stage,
+            parent_final_lr,
+            version_dir(self.workdir, parent),
+            self.prepared.for_stage(stage),
+            join(self.workdir, "metrics.jsonl"),
+            self.spec.pipeline.model.trust_remote_code,
+            **extra,
+        )
 
     def run_name(self, stage: ResolvedStage, digest: str) -> str:
         """The stage's own Ray Train run name (train.launch.run_name); a group runs as its first stage's."""
@@ -130,8 +157,16 @@ class StageRunner:
         jobs, version, lr = [], parent["version"], parent["metrics"]["final_lr"]
         for stage, digest in stages:
             own = self.run_name(stage, digest)  # in the paths: a stage edited since leaves other names behind
-            jobs.append(self.job(stage, version, lr, progress_lines=not self.progress_bar, run=own,
-                                 final_dir=join(self.workdir, "train", run, "final", own)))
+            jobs.append(
+                self.job(
+                    stage,
+                    version,
+                    lr,
+                    progress_lines=not self.progress_bar,
+                    run=own,
+                    final_dir=join(self.workdir, "train", run, "final", own),
+                )
+            )
             self._announce(stage, version, stage_plan(stage, jobs[-1].corpus_dirs))
             version, lr = stage.name, final_lr(stage.total_steps, stage.lr, jobs[-1].start_lr)
         if len(jobs) > 1:
@@ -144,13 +179,16 @@ class StageRunner:
         return publisher.lineages
 
     def _announce(self, stage: ResolvedStage, parent: str, plan: MixPlan) -> None:
-        self.log(f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
-                 f"from version {parent} on {stage.max_workers} worker(s)")
+        self.log(
+            f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
+            f"from version {parent} on {stage.max_workers} worker(s)"
+        )
         for warning in repeat_warnings(stage, plan.epochs()):
             self.log(f"warning: {warning}")
 
-    def publish(self, job: StageJob, plan: MixPlan, parent: dict, digest: str, checkpoint_dir: str, metrics: dict,
-                started: str) -> dict:
+    def publish(
+        self, job: StageJob, plan: MixPlan, parent: dict, digest: str, checkpoint_dir: str, metrics: dict, started: str
+    ) -> dict:
         """Publish a stage's final checkpoint as its version, with its lineage."""
         from mixloop.train.checkpoint import read_state
 
@@ -158,12 +196,18 @@ class StageRunner:
         state = read_state(checkpoint_dir)
         metrics = {**metrics, "resumed_from": state.resumed_from}
         if state.step != stage.total_steps:
-            raise MixloopError(f"stage {stage.name}: the last checkpoint is at step {state.step}, "
-                               f"not {stage.total_steps}; run again to finish it")
+            raise MixloopError(
+                f"stage {stage.name}: the last checkpoint is at step {state.step}, "
+                f"not {stage.total_steps}; run again to finish it"
+            )
         lineage = {
-            "parent": parent["version"], "stage": stage.as_json(), "stage_hash": digest, "started": started,
+            "parent": parent["version"],
+            "stage": stage.as_json(),
+            "stage_hash": digest,
+            "started": started,
             "tokens_per_corpus": dict(zip(stage.mixture, state.tokens)),
-            "rows_per_corpus": plan.rows_per_corpus(), "epochs_per_corpus": plan.epochs(),
+            "rows_per_corpus": plan.rows_per_corpus(),
+            "epochs_per_corpus": plan.epochs(),
             "data_fingerprints": {n: Path(d).name for n, d in job.corpus_dirs.items()},
             "metrics": {**metrics, "final_lr": state.lr, "steps": state.step},
         }
@@ -195,8 +239,10 @@ class Publisher:
             yield
         if self.pending:
             job = self.pending[0][0]
-            raise MixloopError(f"stage {job.stage.name}: its workers ended without its final weights in "
-                               f"{job.final_dir}; run again to finish it")
+            raise MixloopError(
+                f"stage {job.stage.name}: its workers ended without its final weights in "
+                f"{job.final_dir}; run again to finish it"
+            )
 
     def _warn(self, exc: Exception) -> None:
         line = f"warning: publishing failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); tried again in a second"
@@ -214,8 +260,9 @@ class Publisher:
             last = [m for m in lines if m.get("stage") == job.stage.name][-1]
             metrics = {**last, "wall_seconds": round(max(last["time"] - self.started, 0.0), 1)}
             plan = stage_plan(job.stage, job.corpus_dirs)
-            lineage = self.runner.publish(job, plan, self.parent, digest, local_copy(job.final_dir), metrics,
-                                          now(self.started))
+            lineage = self.runner.publish(
+                job, plan, self.parent, digest, local_copy(job.final_dir), metrics, now(self.started)
+            )
             remove(job.final_dir)  # the version holds the same files
             self.lineages.append(lineage)
             self.parent, self.started = lineage, last["time"]

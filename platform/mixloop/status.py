@@ -20,8 +20,10 @@ def status_lines(spec: Spec) -> list[str]:
     left = [stage for stage in spec.resolved_stages() if stage.name not in done]
     last = _last_logged(workdir, left[0].name) if left else None
     holder = live_holder(workdir)
-    lines = [f"pipeline {spec.pipeline.name} (workdir {workdir})",
-             "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet")]
+    lines = [
+        f"pipeline {spec.pipeline.name} (workdir {workdir})",
+        "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet"),
+    ]
     if holder is not None:
         lines.append(f"running: {describe(holder)}")
         if last is not None:
@@ -30,8 +32,15 @@ def status_lines(spec: Spec) -> list[str]:
         lines.append(f"stopped: {_progress(last)}; `mixloop run` continues it from its last checkpoint")
     else:
         lines.append("running: nothing")
-    lines.append("left:    " + (", ".join(f"{stage.name} ({stage.total_steps} steps of "
-                                          f"{stage.global_batch_tokens:,} tokens)" for stage in left) or "nothing"))
+    lines.append(
+        "left:    "
+        + (
+            ", ".join(
+                f"{stage.name} ({stage.total_steps} steps of {stage.global_batch_tokens:,} tokens)" for stage in left
+            )
+            or "nothing"
+        )
+    )
     current = current_version(workdir)
     lines.append("current: " + (f"{current} ({gate_summary(done[current])})" if current in done else "none yet"))
     return lines
@@ -46,11 +55,13 @@ def _last_logged(workdir: str, stage: str) -> dict | None:
 
 def _progress(record: dict) -> str:
     eta = int(record["step_seconds"] * (record["total_steps"] - record["step"]))
-    return (f"stage {record['stage']} at step {record['step']}/{record['total_steps']}, loss {record['loss']:.3f}, "
-            f"{record['tokens_per_s']:,.0f} tok/s, logged {time.time() - record['time']:.0f} s ago, "
-            f"ETA {eta // 60}:{eta % 60:02d}")
+    return (
+        f"stage {record['stage']} at step {record['step']}/{record['total_steps']}, loss {record['loss']:.3f}, "
+        f"{record['tokens_per_s']:,.0f} tok/s, logged {time.time() - record['time']:.0f} s ago, "
+        f"ETA {eta // 60}:{eta % 60:02d}"
+    )
 
 
 def _ago(finished: str) -> str:
-    seconds = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(finished)).total_seconds()
+    seconds = (datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(finished)).total_seconds()
     return f"{seconds / 3600:.1f} h ago" if seconds >= 3600 else f"{seconds / 60:.0f} min ago"

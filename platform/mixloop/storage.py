@@ -169,7 +169,7 @@ class LogFollower:
             with open(inner, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
-            whole = data[:data.rfind(b"\n") + 1]
+            whole = data[: data.rfind(b"\n") + 1]
             self.offset += len(whole)
             return whole.decode().splitlines()
         fs.invalidate_cache(f"{inner}.d")  # fsspec caches listings: other processes append
@@ -196,7 +196,7 @@ def local_copy(folder: str) -> str:
         LOCAL_CACHE.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=LOCAL_CACHE))
         for path in listing:
-            target = staging / path[len(root):].lstrip("/")
+            target = staging / path[len(root) :].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(path, str(target))
         (staging / ".complete").touch()

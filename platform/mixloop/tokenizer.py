@@ -119,8 +119,13 @@ def encode_chats(tokenizer, conversations: list[list[dict]]) -> list[list[tuple[
     flat = [document for conversation in documents for document in conversation]
     encoded = tokenizer.backend_tokenizer.encode_batch([text for text, _ in flat], add_special_tokens=False)
     masked = iter(zip(flat, encoded))
-    return [[_masked(encoding.ids, encoding.offsets, spans) for (_, spans), encoding in
-             (next(masked) for _ in conversation)] for conversation in documents]
+    return [
+        [
+            _masked(encoding.ids, encoding.offsets, spans)
+            for (_, spans), encoding in (next(masked) for _ in conversation)
+        ]
+        for conversation in documents
+    ]
 
 
 # A template that marks what the assistant says ({% generation %} ... {% endgeneration %}) says itself
@@ -132,8 +137,9 @@ def _marked(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray
     """Each conversation's ids, and its assistant tokens as the template's generation markers mark them
     (one batched call; the error is the batch's, so a caller finds the conversation by encoding it alone)."""
     try:
-        out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
     except Exception as exc:  # jinja2's TemplateError (the template's own raise_exception too), or transformers'
         raise DataError(f"chat template failed: {exc}") from exc
     masks = [np.asarray(mask, dtype=bool) for mask in out["assistant_masks"]]
@@ -160,8 +166,11 @@ def _rendered_documents(tokenizer, conversation: list[dict]) -> list[tuple[str, 
     try:
         return [_assistant_spans(tokenizer, conversation)]
     except _HistoryChanges:
-        return [_assistant_spans(tokenizer, conversation[:turn + 1], only_last=True)
-                for turn, message in enumerate(conversation) if message["role"] == "assistant"]
+        return [
+            _assistant_spans(tokenizer, conversation[: turn + 1], only_last=True)
+            for turn, message in enumerate(conversation)
+            if message["role"] == "assistant"
+        ]
 
 
 def _assistant_spans(tokenizer, conversation: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -179,11 +188,14 @@ def _assistant_spans(tokenizer, conversation: list[dict], only_last: bool = Fals
         # Both are per-conversation reasons (MiniMind's template opens an answer that holds a <think> block
         # unlike its generation prompt), so the conversation is rejected, not the template.
         if not full.startswith(prompt):
-            raise DataError(f"the chat template opens assistant turn {turn} differently from its generation "
-                            "prompt, so the turn's tokens cannot be located")
+            raise DataError(
+                f"the chat template opens assistant turn {turn} differently from its generation "
+                "prompt, so the turn's tokens cannot be located"
+            )
         if not full.startswith(through):
-            raise _HistoryChanges(f"the chat template renders the turns up to {turn} differently as the "
-                                  "conversation goes on")
+            raise _HistoryChanges(
+                f"the chat template renders the turns up to {turn} differently as the conversation goes on"
+            )
         end = through.rfind(eos, len(prompt))
         spans.append((len(prompt), end + len(eos) if end >= 0 else len(through)))
     return full, spans
@@ -206,6 +218,8 @@ def _opening_prompt(tokenizer) -> str:
     probe = [{"role": "user", "content": ""}]
     before, after = _render(tokenizer, probe), _render(tokenizer, probe, add_generation_prompt=True)
     if not after.startswith(before):
-        raise DataError("the chat template's generation prompt changes the turns before it, "
-                        "so the assistant's tokens cannot be located")
-    return after[len(before):]
+        raise DataError(
+            "the chat template's generation prompt changes the turns before it, "
+            "so the assistant's tokens cannot be located"
+        )
+    return after[len(before) :]

@@ -31,9 +31,13 @@ FOLLOW_EVERY_S = 2.0
 
 def scalars(record: dict) -> dict[str, float]:
     """The training scalars of one metrics.jsonl record, by tracker name."""
-    values = {"train/loss": record["loss"], "train/lr": record["lr"], "train/tokens_per_s": record["tokens_per_s"],
-              "train/grad_norm": record["grad_norm"],
-              "train/data_wait_share": record.get("data_s", 0.0) / max(record.get("step_seconds", 0.0), 1e-9)}
+    values = {
+        "train/loss": record["loss"],
+        "train/lr": record["lr"],
+        "train/tokens_per_s": record["tokens_per_s"],
+        "train/grad_norm": record["grad_norm"],
+        "train/data_wait_share": record.get("data_s", 0.0) / max(record.get("step_seconds", 0.0), 1e-9),
+    }
     values.update({f"train/loss/{corpus}": loss for corpus, loss in record["loss_per_corpus"].items()})
     return {name: float(value) for name, value in values.items() if value == value}  # NaN: a skipped step
 
@@ -104,11 +108,15 @@ class MLflow:
         if self.parent is None:
             found = self.client.get_experiment_by_name(self.experiment)
             experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
-            self.parent = self.client.create_run(experiment, run_name=self.pipeline,
-                                                 tags={"mixloop.pipeline": self.pipeline}).info
+            self.parent = self.client.create_run(
+                experiment, run_name=self.pipeline, tags={"mixloop.pipeline": self.pipeline}
+            ).info
         if name not in self.runs:
-            self.runs[name] = self.client.create_run(self.parent.experiment_id, run_name=name, tags={
-                "mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline}).info.run_id
+            self.runs[name] = self.client.create_run(
+                self.parent.experiment_id,
+                run_name=name,
+                tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline},
+            ).info.run_id
         return self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
@@ -148,8 +156,16 @@ class WandB:
 
         if name not in self.runs:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.runs[name] = wandb.init(project=self.project, entity=self.entity, name=name, group=self.pipeline,
-                                         mode=self.mode, dir=str(self.dir), config=params, reinit="create_new")
+            self.runs[name] = wandb.init(
+                project=self.project,
+                entity=self.entity,
+                name=name,
+                group=self.pipeline,
+                mode=self.mode,
+                dir=str(self.dir),
+                config=params,
+                reinit="create_new",
+            )
         return self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
@@ -181,7 +197,7 @@ class Trackers:
         self.failing: set[str] = set()
 
     @classmethod
-    def of(cls, spec, log: Log = print) -> "Trackers":
+    def of(cls, spec, log: Log = print) -> Trackers:
         """The trackers a spec's `tracking:` names."""
         tracking, workdir, name = spec.pipeline.tracking, spec.workdir, spec.pipeline.name
         sinks = [TensorBoard(workdir)] if tracking.tensorboard else []
@@ -202,6 +218,7 @@ class Trackers:
 
     def forward(self, run: str, points: list[tuple[dict[str, float], int]]) -> None:
         """A run's (values, step) points, then one flush (for a workdir on object storage: an upload)."""
+
         def send(sink) -> None:
             for values, step in points:
                 sink.log(run, values, step)
@@ -213,8 +230,10 @@ class Trackers:
     def _warn(self, name: str, exc: Exception) -> None:
         if name not in self.failing:
             self.failing.add(name)
-            self.log(f"warning: tracker {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
-                     "training goes on, and it is tried again at the next report")
+            self.log(
+                f"warning: tracker {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                "training goes on, and it is tried again at the next report"
+            )
 
     @contextmanager
     def follow(self, stages: dict[str, dict], tokens_before: float, bar: bool = False):
@@ -269,8 +288,10 @@ class Trackers:
         tokens it was trained to."""
         for version, row in matrix.items():
             lineage = lineages.get(version) or {}
-            self._each(lambda sink: sink.params(version, {"lineage": {
-                key: lineage.get(key) for key in ("parent", "stage_hash", "finished", "tokens_per_corpus")}}))
+            summary = {
+                "lineage": {key: lineage.get(key) for key in ("parent", "stage_hash", "finished", "tokens_per_corpus")}
+            }
+            self._each(lambda sink, version=version, summary=summary: sink.params(version, summary))
             values = {f"eval/{corpus}": r["loss"] for corpus, r in row.items() if r}
             delta = deltas.get(version) or {}
             values.update({f"uptake/{c}": v for c, v in delta.get("uptake", {}).items()})
@@ -353,7 +374,7 @@ class TokenAxis:
     def at(self, record: dict) -> int:
         stage = record["stage"]
         self.trained[stage] = sum(record["tokens"].values())
-        earlier = self.stages[:self.stages.index(stage)]
+        earlier = self.stages[: self.stages.index(stage)]
         return int(self.tokens_before + sum(self.trained.get(s, 0) for s in earlier) + self.trained[stage])
 
 

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from support import generated_spec, write_spec
 
 pytestmark = [
@@ -28,8 +29,9 @@ def packed_row(documents: list[np.ndarray], seq_len: int) -> dict[str, torch.Ten
 
 
 def test_bf16_sdpa_keeps_packed_documents_apart_on_the_gpu():
-    from mixloop.model import PRESETS, new_model
     from transformers import Qwen3Config
+
+    from mixloop.model import PRESETS, new_model
 
     config = Qwen3Config(**PRESETS["small"], vocab_size=512, tie_word_embeddings=True, head_dim=64)
     model = new_model(config, seed=0).cuda().eval()
@@ -44,13 +46,14 @@ def test_bf16_sdpa_keeps_packed_documents_apart_on_the_gpu():
 
 
 def test_gpu_optimizer_is_fused_and_batches_are_pinned(tmp_path):
+    from transformers import Qwen3Config
+
     from mixloop.data.store import PackedCorpus, write_shard
     from mixloop.model import PRESETS, new_model
-    from mixloop.storage import write_json
     from mixloop.spec import ResolvedLR, ResolvedStage
+    from mixloop.storage import write_json
     from mixloop.train.batches import MicroBatch
     from mixloop.train.checkpoint import optimizer_for
-    from transformers import Qwen3Config
 
     model = new_model(Qwen3Config(**PRESETS["micro"], vocab_size=256, head_dim=16), seed=0).cuda()
     stage = ResolvedStage.model_construct(weight_decay=0.1, lr=ResolvedLR.model_construct(peak=1e-3))

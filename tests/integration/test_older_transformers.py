@@ -12,8 +12,8 @@ import venv
 import pytest
 import torch
 
-from mixloop.model import model_config, new_model
 from mixloop.export import export
+from mixloop.model import model_config, new_model
 from mixloop.registry import publish
 
 pytestmark = pytest.mark.slow
@@ -38,13 +38,21 @@ def transformers_457(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("transformers-4.57")
     venv.create(folder, with_pip=True)
     python = str(folder / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # Appended after the new venv's own site-packages: transformers 4.57 and what it pins shadow ours.
     (folder / site.split(str(folder))[-1].lstrip("/")).joinpath("zz-parent.pth").write_text(
-        sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "transformers==4.57.*"],
-                   check=True, timeout=600)
+        sysconfig.get_paths()["purelib"] + "\n"
+    )
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "transformers==4.57.*"],
+        check=True,
+        timeout=600,
+    )
     return python
 
 
@@ -54,16 +62,25 @@ def run_logits(python: str, folder) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_an_exported_version_gives_the_same_logits_under_transformers_4_57(transformers_457, tmp_path,
-                                                                           trained_tokenizer):
+def test_an_exported_version_gives_the_same_logits_under_transformers_4_57(
+    transformers_457, tmp_path, trained_tokenizer
+):
     config = model_config("micro", {"rope_theta": 5e5}, trained_tokenizer)  # not 4.x's default base (1e4)
     new_model(config, seed=0).save_pretrained(tmp_path / "weights")
     trained_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    publish(str(tmp_path / "run"), "v1", str(tmp_path / "weights"), str(tmp_path / "tokenizer"),
-            {"parent": None, "stage_hash": "h"})
+    publish(
+        str(tmp_path / "run"),
+        "v1",
+        str(tmp_path / "weights"),
+        str(tmp_path / "tokenizer"),
+        {"parent": None, "stage_hash": "h"},
+    )
     export(str(tmp_path / "run"), "v1", str(tmp_path / "exported"))
 
-    older, newer = run_logits(transformers_457, tmp_path / "exported"), run_logits(sys.executable, tmp_path / "exported")
+    older, newer = (
+        run_logits(transformers_457, tmp_path / "exported"),
+        run_logits(sys.executable, tmp_path / "exported"),
+    )
     assert older["version"].startswith("4.57.") and newer["version"].startswith("5.")
     assert older["rope_theta"] == 5e5
     assert older["ids"] == newer["ids"]  # the same tokens, through the same chat template

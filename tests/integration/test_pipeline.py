@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import SHARED_DATA, open_in_browser, write_spec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mixloop.cli import main
@@ -17,37 +16,68 @@ from mixloop.health import eval_prompts
 from mixloop.pipeline import Pipeline
 from mixloop.registry import list_versions
 from mixloop.spec import load_spec
+from support import SHARED_DATA, open_in_browser, write_spec
 
 pytestmark = pytest.mark.slow
 
 STAGES = [
     {"name": "pretrain", "mixture": {"shakespeare": 1.0}, "tokens": 114688},
     {"name": "sft", "mixture": {"gsm8k": 0.8, "shakespeare": 0.2}, "tokens": 49152, "lr": {"peak": 0.001}},
-    {"name": "medical", "mixture": {"medical": {"from": 0.7, "to": 0.9}, "shakespeare": {"from": 0.3, "to": 0.1}}, "tokens": 81920,
-     "lr": {"peak": 0.002, "decay": "wsd"}},
+    {
+        "name": "medical",
+        "mixture": {"medical": {"from": 0.7, "to": 0.9}, "shakespeare": {"from": 0.3, "to": 0.1}},
+        "tokens": 81920,
+        "lr": {"peak": 0.002, "decay": "wsd"},
+    },
 ]
-MEDICAL_SFT = {"name": "medical-sft", "mixture": {"medical_chat": 0.6, "gsm8k": 0.4}, "tokens": 32768,
-               "lr": {"peak": 0.001}}
+MEDICAL_SFT = {
+    "name": "medical-sft",
+    "mixture": {"medical_chat": 0.6, "gsm8k": 0.4},
+    "tokens": 32768,
+    "lr": {"peak": 0.001},
+}
 
 
 def spec_dict(workdir, stages):
     data = SHARED_DATA
     return {
-        "name": "shared-data", "workdir": str(workdir), "seed": 1,
+        "name": "shared-data",
+        "workdir": str(workdir),
+        "seed": 1,
         "tokenizer": {"path": str(data / "tokenizer")},
         "model": {"preset": "tiny"},
         "corpora": {
-            "shakespeare": {"kind": "text", "path": str(data / "pretrain/en_tinyshakespeare.jsonl"),
-                            "eval": str(data / "eval/pretrain_en.jsonl")},
-            "gsm8k": {"kind": "chat", "path": str(data / "sft/en_gsm8k.jsonl"), "eval": str(data / "eval/sft_en.jsonl")},
-            "medical": {"kind": "text", "path": str(data / "domain/medical_en_medquad.jsonl"),
-                        "eval": str(data / "eval/domain_medical_en.jsonl")},
-            "medical_chat": {"kind": "chat", "path": str(data / "sft/en_medical_medquad.jsonl"),
-                             "eval": str(data / "eval/sft_medical_en.jsonl")},
+            "shakespeare": {
+                "kind": "text",
+                "path": str(data / "pretrain/en_tinyshakespeare.jsonl"),
+                "eval": str(data / "eval/pretrain_en.jsonl"),
+            },
+            "gsm8k": {
+                "kind": "chat",
+                "path": str(data / "sft/en_gsm8k.jsonl"),
+                "eval": str(data / "eval/sft_en.jsonl"),
+            },
+            "medical": {
+                "kind": "text",
+                "path": str(data / "domain/medical_en_medquad.jsonl"),
+                "eval": str(data / "eval/domain_medical_en.jsonl"),
+            },
+            "medical_chat": {
+                "kind": "chat",
+                "path": str(data / "sft/en_medical_medquad.jsonl"),
+                "eval": str(data / "eval/sft_medical_en.jsonl"),
+            },
         },
-        "defaults": {"seq_len": 256, "global_batch_tokens": 8192, "micro_batch_rows": 8, "workers": 1,
-                     "cpus_per_worker": 2, "checkpoint_every": 10, "log_every": 5,
-                     "lr": {"peak": 0.004, "warmup": 0.1}},
+        "defaults": {
+            "seq_len": 256,
+            "global_batch_tokens": 8192,
+            "micro_batch_rows": 8,
+            "workers": 1,
+            "cpus_per_worker": 2,
+            "checkpoint_every": 10,
+            "log_every": 5,
+            "lr": {"peak": 0.004, "warmup": 0.1},
+        },
         "stages": stages,
         "eval_rows": 16,
         "chat_prompts": 3,
@@ -68,7 +98,10 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     assert matrix["medical"]["medical"]["loss"] < matrix["sft"]["medical"]["loss"]
     assert (workdir / "eval" / "table.txt").read_text().startswith("version")
     deltas = first["deltas"]
-    assert deltas["medical"]["uptake"]["medical"] > 0 and set(deltas["medical"]["forgetting"]) == {"shakespeare", "gsm8k"}
+    assert deltas["medical"]["uptake"]["medical"] > 0 and set(deltas["medical"]["forgetting"]) == {
+        "shakespeare",
+        "gsm8k",
+    }
     assert set(first["health"]["sft"]) == {"gsm8k", "medical_chat"}
     gsm8k_health = first["health"]["sft"]["gsm8k"]
     assert gsm8k_health["samples"] == 3 and gsm8k_health["ended"] in (0, 1 / 3, 2 / 3, 1)  # chat_prompts: 3
@@ -90,7 +123,9 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     steps = {stage: [e.step for e in run.Scalars("train/loss")] for stage, run in runs.items()}
     assert all(s == sorted(s) and len(s) >= 2 for s in steps.values())
     assert steps["pretrain"][-1] < steps["sft"][0] and steps["sft"][-1] < steps["medical"][0]
-    assert runs["medical"].Scalars("eval/medical")[0].value == pytest.approx(matrix["medical"]["medical"]["loss"], rel=1e-5)
+    assert runs["medical"].Scalars("eval/medical")[0].value == pytest.approx(
+        matrix["medical"]["medical"]["loss"], rel=1e-5
+    )
     assert runs["medical"].Scalars("uptake/medical")[0].value > 0
 
     lineage = json.loads((workdir / "models" / "medical" / "lineage.json").read_text())

@@ -18,16 +18,18 @@ import time
 from pathlib import Path
 
 # Read by Ray Train's controller and by the node processes: set before anything starts.
-os.environ.update({
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
-    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
-    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-})
+os.environ.update(
+    {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
+)
 
-import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+import ray  # noqa: E402
 from mixloop.pipeline import Pipeline  # noqa: E402
 from mixloop.spec import load_spec  # noqa: E402
 
@@ -78,14 +80,21 @@ def preempt(cluster: Cluster, node, seconds: float) -> None:
 
     reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
     accepted, message = GcsClient(address=cluster.address).drain_node(
-        node.node_id, reason, "spot instance reclaimed (test)", int((time.time() + seconds) * 1000))
+        node.node_id, reason, "spot instance reclaimed (test)", int((time.time() + seconds) * 1000)
+    )
     assert accepted, message
 
 
 def main(spec_path: str) -> None:
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
+        },
+    )
     node_a, node_b = cluster.add_node(**NODE), cluster.add_node(**NODE)
     cluster.wait_for_nodes()
     stop = threading.Event()

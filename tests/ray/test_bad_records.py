@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from support import write_spec
 
 from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.errors import DataError, MixloopError, SpecError
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
+from support import write_spec
 
 GOOD_TEXT = [json.dumps({"text": f"document number {i} is fine."}).encode() for i in range(12)]
 BAD_TEXT = [
@@ -21,11 +21,19 @@ BAD_TEXT = [
     (b'{"text": "   "}', "is empty"),
     (b'{"text": 42}', "must be a string"),
 ]
-GOOD_CHAT = [json.dumps({"conversations": [{"role": "user", "content": f"q{i}"},
-                                           {"role": "assistant", "content": f"a{i}"}]}).encode() for i in range(8)]
+GOOD_CHAT = [
+    json.dumps(
+        {"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    ).encode()
+    for i in range(8)
+]
 BAD_CHAT = [
-    (json.dumps({"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
-     "unknown role 'robot'"),
+    (
+        json.dumps(
+            {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+        ).encode(),
+        "unknown role 'robot'",
+    ),
     (json.dumps({"conversations": [{"role": "user", "content": "only a question"}]}).encode(), "no assistant turn"),
 ]
 
@@ -41,8 +49,10 @@ def spec_for(tmp_path, max_bad_fraction):
     text_lines = corpus_file(tmp_path / "text.jsonl", GOOD_TEXT, BAD_TEXT)
     chat_lines = corpus_file(tmp_path / "chat.jsonl", GOOD_CHAT, BAD_CHAT)
     spec = {
-        "name": "bad", "workdir": str(tmp_path / "run"),
-        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
+        "name": "bad",
+        "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "model": {"preset": "micro"},
         "corpora": {
             "text": {"kind": "text", "path": str(tmp_path / "text.jsonl"), "max_bad_fraction": max_bad_fraction},
             "chat": {"kind": "chat", "path": str(tmp_path / "chat.jsonl"), "max_bad_fraction": max_bad_fraction},
@@ -57,8 +67,11 @@ def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, t
     spec, text_lines, chat_lines = spec_for(tmp_path, max_bad_fraction=0.5)
     Pipeline(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages())
     for corpus, expected, good in (("text", text_lines, GOOD_TEXT), ("chat", chat_lines, GOOD_CHAT)):
-        rejects = [json.loads(line) for f in (tmp_path / "run" / "rejects").glob(f"{corpus}-train-*/*.jsonl")
-                   for line in f.read_text().splitlines()]
+        rejects = [
+            json.loads(line)
+            for f in (tmp_path / "run" / "rejects").glob(f"{corpus}-train-*/*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         assert len(rejects) == len(expected)
         for reason, line in expected.items():
             match = [r for r in rejects if reason in r["reason"]]
@@ -93,11 +106,15 @@ def long_document_spec(tmp_path, long_text):
     (tmp_path / "long.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     limited = {"kind": "text", "path": str(tmp_path / "long.jsonl"), "max_document_tokens": 20, "max_bad_fraction": 0.2}
     spec = {
-        "name": "long", "workdir": str(tmp_path / "run"),
-        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
-        "corpora": {"whole": {"kind": "text", "path": str(tmp_path / "long.jsonl")},
-                    "split": {**limited, "long_documents": "split"},
-                    "dropped": {**limited, "long_documents": "drop"}},
+        "name": "long",
+        "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "model": {"preset": "micro"},
+        "corpora": {
+            "whole": {"kind": "text", "path": str(tmp_path / "long.jsonl")},
+            "split": {**limited, "long_documents": "split"},
+            "dropped": {**limited, "long_documents": "drop"},
+        },
         "defaults": {"seq_len": 64, "global_batch_tokens": 128, "micro_batch_rows": 2},
         "stages": [{"name": "s", "mixture": {"whole": 1, "split": 1, "dropped": 1}, "tokens": 128}],
     }
@@ -107,7 +124,11 @@ def long_document_spec(tmp_path, long_text):
 def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_path):
     long_text = " ".join(f"word{i}" for i in range(60))
     spec = long_document_spec(tmp_path, long_text)
-    packed = Pipeline(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages()).for_stage(spec.resolved_stages()[0])
+    packed = (
+        Pipeline(spec, log=lambda line: None)
+        .corpora.prepare(spec.resolved_stages())
+        .for_stage(spec.resolved_stages()[0])
+    )
     manifests = {name: read_manifest(packed[name]) for name in ("whole", "split", "dropped")}
     long_tokens = manifests["whole"]["tokens"] - manifests["dropped"]["tokens"]
     assert long_tokens > 40, "the long document must be well over the limit for this test to mean anything"
@@ -129,14 +150,21 @@ def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_p
 
 def test_empty_or_all_bad_corpus_stops_and_leaves_the_workdir_as_it_was(ray_address, tmp_path):
     def spec_with(empty_lines):
-        return write_spec(tmp_path, {
-            "name": "empty", "workdir": str(tmp_path / "run"),
-            "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro"},
-            "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))},
-                        "empty": {"kind": "chat", "path": str(corpus_path(tmp_path, "empty", empty_lines))}},
-            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
-            "stages": [{"name": "s", "mixture": {"good": 1, "empty": 1}, "tokens": 128}],
-        })
+        return write_spec(
+            tmp_path,
+            {
+                "name": "empty",
+                "workdir": str(tmp_path / "run"),
+                "tokenizer": {"train": {"vocab_size": 300}},
+                "model": {"preset": "micro"},
+                "corpora": {
+                    "good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))},
+                    "empty": {"kind": "chat", "path": str(corpus_path(tmp_path, "empty", empty_lines))},
+                },
+                "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+                "stages": [{"name": "s", "mixture": {"good": 1, "empty": 1}, "tokens": 128}],
+            },
+        )
 
     # A file of no bytes is found by validation, before Ray or any file in the workdir.
     with pytest.raises(SpecError, match=r"corpora\.empty\.path: every file matching .* is empty"):
@@ -156,13 +184,20 @@ def test_empty_or_all_bad_corpus_stops_and_leaves_the_workdir_as_it_was(ray_addr
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_stops_before_training(tmp_path):
-    spec = load_spec(write_spec(tmp_path, {
-        "name": "vocab", "workdir": str(tmp_path / "run"),
-        "tokenizer": {"train": {"vocab_size": 300}}, "model": {"preset": "micro", "config": {"vocab_size": 100}},
-        "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))}},
-        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
-        "stages": [{"name": "s", "mixture": {"good": 1}, "tokens": 128}],
-    }))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            {
+                "name": "vocab",
+                "workdir": str(tmp_path / "run"),
+                "tokenizer": {"train": {"vocab_size": 300}},
+                "model": {"preset": "micro", "config": {"vocab_size": 100}},
+                "corpora": {"good": {"kind": "text", "path": str(corpus_path(tmp_path, "good", GOOD_TEXT))}},
+                "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+                "stages": [{"name": "s", "mixture": {"good": 1}, "tokens": 128}],
+            },
+        )
+    )
     with pytest.raises(MixloopError, match="tokenizer has .* tokens but the model's vocabulary holds 100"):
         Pipeline(spec, log=lambda line: None).run()
     assert not (tmp_path / "run" / "models").exists() and not (tmp_path / "run" / "train").exists()

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from support import generated_spec, port_block, stop_head, write_spec
 
 from mixloop import cli, jobs
 from mixloop.errors import MixloopError
 from mixloop.lock import workdir_lock
+from support import generated_spec, port_block, stop_head, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -51,24 +51,60 @@ def head():
     marker = f"MIXLOOP_TEST_HEAD={uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base = port_block(120)
-    env.update(HOME=str(home), PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_USAGE_STATS_ENABLED="0", **dict([marker.split("=", 1)]),
-               # Ray's own processes (Train's placement-group cleaner queries the state API) look for
-               # "the" local cluster when they have no address; on a machine that runs other Rays they
-               # find several and fail. A real head does not need this; a head beside others does.
-               RAY_ADDRESS=f"127.0.0.1:{base}")
+    env.update(
+        HOME=str(home),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0",
+        **dict([marker.split("=", 1)]),
+        # Ray's own processes (Train's placement-group cleaner queries the state API) look for
+        # "the" local cluster when they have no address; on a machine that runs other Rays they
+        # find several and fail. A real head does not need this; a head beside others does.
+        RAY_ADDRESS=f"127.0.0.1:{base}",
+    )
     # Ray's own way to make a token: written to $HOME/.ray/auth_token, where the head reads it.
-    token = subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True,
-                           capture_output=True, text=True).stdout.strip()
+    token = subprocess.run(
+        [BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert token and (home / ".ray" / "auth_token").exists()
-    ports = dict(zip(["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                      "metrics-export-port"], range(base, base + 9)))
-    command = [BIN / "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--num-cpus", "3", "--object-store-memory", str(300 * 2**20),
-               "--temp-dir", str(temp / "ray"), "--disable-usage-stats",
-               "--min-worker-port", str(base + 20), "--max-worker-port", str(base + 119),
-               *[arg for name, port in ports.items() for arg in (f"--{name}", str(port))]]
+    ports = dict(
+        zip(
+            [
+                "port",
+                "dashboard-port",
+                "ray-client-server-port",
+                "node-manager-port",
+                "object-manager-port",
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            ],
+            range(base, base + 9),
+        )
+    )
+    command = [
+        BIN / "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--num-cpus",
+        "3",
+        "--object-store-memory",
+        str(300 * 2**20),
+        "--temp-dir",
+        str(temp / "ray"),
+        "--disable-usage-stats",
+        "--min-worker-port",
+        str(base + 20),
+        "--max-worker-port",
+        str(base + 119),
+        *[arg for name, port in ports.items() for arg in (f"--{name}", str(port))],
+    ]
     log = open(temp / "head.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
@@ -84,7 +120,9 @@ def head():
         print(f"\nhead ready {time.time() - started:.1f} s after `ray start`")
         yield {"address": address, "token": token, "home": home}
     finally:
-        stop_head(process, marker, grace_s=3)  # `ray start --block` outlives a SIGTERM by ~30 s: its processes are killed anyway
+        stop_head(
+            process, marker, grace_s=3
+        )  # `ray start --block` outlives a SIGTERM by ~30 s: its processes are killed anyway
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -102,9 +140,11 @@ def mixloop(head, monkeypatch):
 
 def spec_file(folder: Path, steps: int) -> Path:
     stage = {"name": "short", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 1024 * steps}
-    return write_spec(folder, generated_spec(folder / "run", [stage], workers=1, cpus_per_worker=1,
-                                             checkpoint_every=4, log_every=2)
-                     | {"eval_rows": 4, "chat_prompts": 2, "chat_max_new_tokens": 8})
+    return write_spec(
+        folder,
+        generated_spec(folder / "run", [stage], workers=1, cpus_per_worker=1, checkpoint_every=4, log_every=2)
+        | {"eval_rows": 4, "chat_prompts": 2, "chat_max_new_tokens": 8},
+    )
 
 
 def wait_status(client, job: str, wanted: set[str], timeout: float) -> str:
@@ -138,8 +178,13 @@ def test_submit_runs_the_pipeline_and_jobs_commands_follow_it(mixloop, head, tmp
     assert status == "SUCCEEDED", logs[-4000:]
     first_step = next(t for t, line in timeline if "] step " in line)
     with capsys.disabled():  # for the record: where a submitted pipeline spends its time on this machine
-        print("\n".join(f"{t:6.1f} s  {line[:150]}" for t, line in timeline
-                        if "] step " in line or not line.lstrip().startswith(("(", "\x1b"))))
+        print(
+            "\n".join(
+                f"{t:6.1f} s  {line[:150]}"
+                for t, line in timeline
+                if "] step " in line or not line.lstrip().startswith(("(", "\x1b"))
+            )
+        )
         print(f"submit -> first step line in the job's logs: {first_step:.1f} s; submit -> SUCCEEDED: {total:.1f} s")
 
     lineage = json.loads((tmp_path / "run" / "models" / "short" / "lineage.json").read_text())
@@ -197,8 +242,13 @@ def test_a_client_without_the_token_is_refused_clearly(mixloop, head, tmp_path, 
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     # A fresh process, as a user's shell: this one may hold the token of the tests' own local Ray.
     for command in (["submit", str(spec), "--no-wait"], ["jobs", "list"]):
-        result = subprocess.run([sys.executable, "-m", "mixloop.cli", *command], env=dict(os.environ),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "mixloop.cli", *command],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 1, result.stdout + result.stderr
         assert "requires an authentication token" in result.stderr, result.stderr
         assert "RAY_AUTH_TOKEN" in result.stderr and "RAY_AUTH_MODE" in result.stderr
@@ -225,8 +275,9 @@ def test_the_embedded_rays_own_processes_find_its_state_api_beside_another_ray(r
     """Ray Train's placement-group cleaner asks the state API without an address. With a second Ray on
     the machine (this head), auto-detection finds two and fails, and a stopped trial's CPUs stay
     reserved; mixloop's embedded Ray names its own API server in its processes' environment."""
-    import ray
     from ray.util.state import list_nodes
+
+    import ray
 
     @ray.remote(num_cpus=0)
     def nodes_seen_from_a_worker() -> list[str]:

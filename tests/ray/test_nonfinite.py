@@ -6,11 +6,11 @@ import json
 import math
 
 import pytest
-from support import NanLoss, generated_spec, write_spec
 
 from mixloop.errors import MixloopError
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
+from support import NanLoss, generated_spec, write_spec
 
 STAGE = {"name": "s", "mixture": {"facts": 1.0}, "tokens": 10240}  # 10 steps
 FIRST = {"name": "first", "mixture": {"chats": 1.0}, "tokens": 5120}  # 5 steps: no NaN batch reaches it

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from support import generated_spec, write_spec
-
 from mixloop.cli import main
+from support import generated_spec, write_spec
 
 
 def test_preview_shows_shares_passes_and_rows_without_training(ray_address, tmp_path, capsys):
@@ -13,7 +12,8 @@ def test_preview_shows_shares_passes_and_rows_without_training(ray_address, tmp_
     assert main(["data", "preview", str(spec), "--address", ray_address]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert ["stage", "corpus", "documents", "tokens", "rows", "rejected", "blank", "share", "passes", "format"] in [
-        l.split() for l in lines]
+        line.split() for line in lines
+    ]
     rows = {line.split()[1]: line.split() for line in lines if line.startswith("mixed ")}
     assert set(rows) == {"facts", "chats"}
     assert rows["facts"][2] == "400" and rows["chats"][2] == "300"  # documents generated

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from support import write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.data import synthetic
 from mixloop.storage import read_lines
+from support import write_spec
 
 BUCKET = "mixloop-test"
 
@@ -35,10 +35,17 @@ def free_port() -> int:
 def s3_env():
     """Start moto's S3 server on a free loopback port; the environment a client needs to reach it."""
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     deadline = time.time() + 30
     while True:
         try:
@@ -64,8 +71,13 @@ def s3(s3_env, monkeypatch):
 
 
 def mixloop(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixloop.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mixloop.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -76,18 +88,34 @@ def test_pipeline_with_corpora_and_workdir_on_s3(s3, s3_env, tmp_path):
             s3.put_file(path, f"{BUCKET}/data/{kind}/{split}.jsonl")
     workdir = f"s3://{BUCKET}/runs/s3test"
     spec = {
-        "name": "s3test", "workdir": workdir,
-        "tokenizer": {"train": {"vocab_size": 320}}, "model": {"preset": "micro"},
+        "name": "s3test",
+        "workdir": workdir,
+        "tokenizer": {"train": {"vocab_size": 320}},
+        "model": {"preset": "micro"},
         "corpora": {
-            "facts": {"kind": "text", "path": f"s3://{BUCKET}/data/text/train.jsonl",
-                      "eval": f"s3://{BUCKET}/data/text/eval.jsonl"},
-            "chats": {"kind": "chat", "path": f"s3://{BUCKET}/data/chat/train*.jsonl",
-                      "eval": f"s3://{BUCKET}/data/chat/eval.jsonl"},
+            "facts": {
+                "kind": "text",
+                "path": f"s3://{BUCKET}/data/text/train.jsonl",
+                "eval": f"s3://{BUCKET}/data/text/eval.jsonl",
+            },
+            "chats": {
+                "kind": "chat",
+                "path": f"s3://{BUCKET}/data/chat/train*.jsonl",
+                "eval": f"s3://{BUCKET}/data/chat/eval.jsonl",
+            },
         },
-        "defaults": {"seq_len": 64, "global_batch_tokens": 512, "micro_batch_rows": 4, "workers": 1,
-                     "checkpoint_every": 4, "log_every": 4},
+        "defaults": {
+            "seq_len": 64,
+            "global_batch_tokens": 512,
+            "micro_batch_rows": 4,
+            "workers": 1,
+            "checkpoint_every": 4,
+            "log_every": 4,
+        },
         "stages": [{"name": "sft", "mixture": {"chats": 0.8, "facts": 0.2}, "tokens": 4096}],
-        "eval_rows": 4, "chat_prompts": 2, "chat_max_new_tokens": 8,
+        "eval_rows": 4,
+        "chat_prompts": 2,
+        "chat_max_new_tokens": 8,
     }
     spec_path = write_spec(tmp_path / "spec", spec)
 
@@ -97,8 +125,13 @@ def test_pipeline_with_corpora_and_workdir_on_s3(s3, s3_env, tmp_path):
     for version in ("base", "sft"):
         assert s3.exists(f"{root}/models/{version}/lineage.json")
         assert s3.exists(f"{root}/models/{version}/model.safetensors")
-    for written in ("pipeline.yaml", "tokenizer/tokenizer.json", "eval/matrix.json", "report/index.html",
-                    "report/eval_matrix.png"):
+    for written in (
+        "pipeline.yaml",
+        "tokenizer/tokenizer.json",
+        "eval/matrix.json",
+        "report/index.html",
+        "report/eval_matrix.png",
+    ):
         assert s3.exists(f"{root}/{written}"), written
     # Logs on S3: one object per append, read back in order.
     steps = [json.loads(line)["step"] for line in read_lines(f"s3://{root}/metrics.jsonl")]

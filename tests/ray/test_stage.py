@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import SlowSteps, generated_spec, write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.cli import main
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
+from support import SlowSteps, generated_spec, write_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
 # The second stage, on the same workers: the group that trained `mixed` trains it next.
@@ -133,7 +133,7 @@ def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
     assert budget == 40 * 1024 and 0 < int(rows["mixed"][2].replace(",", "")) <= budget  # trained <= slots
     assert main(["models", "show", str(workdir), "mixed"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["parent"] == "base"
+    assert json.loads(out[out.index("{") : out.rindex("}") + 1])["parent"] == "base"
     assert main(["models", "diff", str(workdir), "base", "mixed"]) == 0
     diff = capsys.readouterr().out.splitlines()
     assert diff[0].split() == ["eval", "loss", "base", "mixed", "change"]  # the eval change leads
@@ -144,8 +144,12 @@ def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
     # The version is an ordinary Hugging Face model with a chat template.
     model = AutoModelForCausalLM.from_pretrained(version)
     tokenizer = AutoTokenizer.from_pretrained(version)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does the fox eat?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does the fox eat?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(output[0]), str)
@@ -158,7 +162,9 @@ def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninte
     shutil.copytree(reference, workdir, ignore=lambda folder, names: {"after", "train", "metrics.jsonl"} & set(names))
     lines = []
     Pipeline(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER]))), log=lines.append).train()
-    assert "stage mixed: done (version mixed), skipping" in lines and not any("one worker group" in l for l in lines)
+    assert "stage mixed: done (version mixed), skipping" in lines and not any(
+        "one worker group" in line for line in lines
+    )
     assert_same_training(workdir, reference, stages=("after",))
 
 
@@ -171,8 +177,12 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     interrupted = tmp_path / "interrupted"
     spec_path = write_spec(tmp_path, generated_spec(interrupted, [MIXED, AFTER]))
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(spec_path), ray_address],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-c", SLOW_DRIVER, str(spec_path), ray_address],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_checkpoint(interrupted, "mixed", 15, lambda: driver.poll() is None)
         started = time.time()
@@ -200,8 +210,9 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
 
     lines = []
     Pipeline(load_spec(spec_path), log=lines.append).run()
-    assert any(f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line
-               for line in lines), lines
+    assert any(
+        f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line for line in lines
+    ), lines
     assert "stage mixed: done (version mixed), skipping" in lines
     assert not (interrupted / ".lock").exists(), "the lock is released when the run ends"
     lineage = json.loads((interrupted / "models" / "after" / "lineage.json").read_text())
@@ -240,9 +251,13 @@ def test_export_and_chat_with_a_version(uninterrupted, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     assert model.num_parameters() > 0
 
-    chat = subprocess.run([sys.executable, "-m", "mixloop.cli", "chat", str(workdir), "mixed", "--max-new-tokens", "6"],
-                          input="What does the fox eat?\n/reset\nWhere does Ada live?\n", capture_output=True,
-                          text=True, timeout=120)
+    chat = subprocess.run(
+        [sys.executable, "-m", "mixloop.cli", "chat", str(workdir), "mixed", "--max-new-tokens", "6"],
+        input="What does the fox eat?\n/reset\nWhere does Ada live?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("model> ") == 2
 
@@ -257,15 +272,23 @@ def test_elastic_stage_shrinks_on_preemption_and_node_loss_grows_back_and_change
     driver = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("elastic_driver.py")), str(spec_path)],
         env={**os.environ, "RAY_ADDRESS": ""},
-        capture_output=True, text=True, timeout=900)
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = driver.stdout + driver.stderr  # workers' lines reach the driver's console through Ray
     assert driver.returncode == 0, output[-4000:]
     report = json.loads(next(line for line in output.splitlines() if line.startswith('{"events"')))
     assert report.get("finished"), report
     events = report["events"]
-    print("elastic timings (s): preemption notice -> node gone", round(events["preempted"] - events["notice"], 1),
-          "| node gone -> training on 1 worker", round(events["shrunk"] - events["preempted"], 1),
-          "| node added -> training on 2 workers", round(events["grown"] - events["added"], 1))
+    print(
+        "elastic timings (s): preemption notice -> node gone",
+        round(events["preempted"] - events["notice"], 1),
+        "| node gone -> training on 1 worker",
+        round(events["shrunk"] - events["preempted"], 1),
+        "| node added -> training on 2 workers",
+        round(events["grown"] - events["added"], 1),
+    )
 
     logged = metrics(workdir, "mixed")
     # The notice made the loop checkpoint at its next report, off the 5-step cadence, so the restart after

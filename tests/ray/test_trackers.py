@@ -15,10 +15,10 @@ import venv
 import pytest
 import requests
 import yaml
-from support import SlowSteps, generated_spec, port_block, write_spec
 
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
+from support import SlowSteps, generated_spec, port_block, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,11 @@ def wandb_run(path) -> tuple[str, set[str]]:
     assert data[:4] == b":W&B"
     while position + 7 <= len(data):
         left = 32768 - position % 32768
-        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
         if left < 7 or (length == 0 and kind == 0):  # a block's padding
             position += left
             continue
-        pending += data[position + 7:position + 7 + length]
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a whole record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -57,14 +57,32 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` (the full package, which mixloop's client does not need) in a throwaway venv."""
     folder = tmp_path_factory.mktemp("mlflow")
     venv.create(folder / "venv", with_pip=True)
-    subprocess.run([str(folder / "venv/bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    "mlflow"], check=True, timeout=900)
+    subprocess.run(
+        [str(folder / "venv/bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "mlflow"],
+        check=True,
+        timeout=900,
+    )
     port = port_block(1)
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(
-        [str(folder / "venv/bin/mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(folder / "venv/bin/mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri, deadline = f"http://127.0.0.1:{port}", time.time() + 180
     while True:
         try:
@@ -81,13 +99,16 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
-def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing(ray_address, tmp_path, mlflow_server,
-                                                                                   monkeypatch):
+def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing(
+    ray_address, tmp_path, mlflow_server, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracking = {"mlflow": {"tracking_uri": mlflow_server["uri"], "experiment": "trackers"},
-                "wandb": {"project": "mixloop-test", "mode": "offline"}}
+    tracking = {
+        "mlflow": {"tracking_uri": mlflow_server["uri"], "experiment": "trackers"},
+        "wandb": {"project": "mixloop-test", "mode": "offline"},
+    }
     spec = generated_spec(tmp_path / "run", [S1], workers=1, log_every=2, checkpoint_every=4) | {"tracking": tracking}
     lines: list[str] = []
     result = Pipeline(load_spec(write_spec(tmp_path, spec)), log=lines.append).run()
@@ -101,8 +122,9 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     assert runs["s1"].data.tags["mlflow.parentRunId"] == parent == runs["base"].data.tags["mlflow.parentRunId"]
     history = client.get_metric_history(runs["s1"].info.run_id, "train/loss")
     assert [m.step for m in history] == sorted(m.step for m in history) and len(history) == 4  # steps 2, 4, 6, 8
-    assert history[-1].step == int(sum(json.loads((tmp_path / "run/models/s1/lineage.json").read_text())
-                                       ["tokens_per_corpus"].values()))  # the pipeline's token axis
+    assert history[-1].step == int(
+        sum(json.loads((tmp_path / "run/models/s1/lineage.json").read_text())["tokens_per_corpus"].values())
+    )  # the pipeline's token axis
     assert runs["s1"].data.params["lr.peak"] == "0.003" and runs["s1"].data.params["mixture.facts.from"] == "0.75"
     lineage = json.loads((tmp_path / "run/models/s1/lineage.json").read_text())
     assert runs["s1"].data.params["lineage.parent"] == "base"
@@ -111,8 +133,9 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     assert runs["s1"].data.metrics["uptake/facts"] > 0
     assert "report/index.html" in [a.path for a in client.list_artifacts(parent, "report")]
 
-    wandb_runs = {name: keys for path in (tmp_path / "run" / "wandb").rglob("run-*.wandb")
-                  for name, keys in [wandb_run(path)]}
+    wandb_runs = {
+        name: keys for path in (tmp_path / "run" / "wandb").rglob("run-*.wandb") for name, keys in [wandb_run(path)]
+    }
     assert {"train/loss", "train/loss/facts", "eval/facts"} <= wandb_runs["s1"] and "eval/facts" in wandb_runs["base"]
 
     # The next stage: the MLflow server goes while it trains, and the stage publishes all the same.

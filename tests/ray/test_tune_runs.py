@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import generated_spec, write_spec
 
 from mixloop.pipeline import Pipeline
 from mixloop.spec import load_spec
+from support import generated_spec, write_spec
 
 STAGES = [{"name": "pretrain", "mixture": {"facts": 1.0}, "tokens": 5120}]
 SEARCH = {  # a new stage for the new data (chats), replaying facts
@@ -35,8 +35,11 @@ def run_state(workdir: Path, trial: str) -> dict:
     modification times: a trial that trained again, even for zero steps, changes them. (A finished trial
     that Tune starts again, having missed its end, appends to starts.jsonl and reports its result.json.)"""
     folder = workdir / "tune" / "mixed-tuned" / "trials" / trial
-    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
-            if p.is_file() and p.name not in ("starts.jsonl", "tracked.json")}
+    return {
+        str(p): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in ("starts.jsonl", "tracked.json")
+    }
 
 
 def tune_command(search: Path, ray_address: str, *extra: str) -> list[str]:
@@ -54,8 +57,13 @@ def search(ray_address, tmp_path_factory):
     trials = workdir / "tune" / "mixed-tuned" / "trials"
 
     started = time.time()
-    first = subprocess.Popen(tune_command(path, ray_address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True, text=True)
+    first = subprocess.Popen(
+        tune_command(path, ray_address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     deadline = time.time() + 300
     try:
         while len(list(trials.glob("*/result.json"))) < 2:
@@ -71,9 +79,14 @@ def search(ray_address, tmp_path_factory):
     second = subprocess.run(tune_command(path, ray_address, "--apply"), capture_output=True, text=True, timeout=600)
     print(f"search: interrupted after {interrupted - started:.0f} s, resumed run {time.time() - interrupted:.0f} s")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return {"folder": folder, "workdir": workdir, "trials": trials, "output": second.stdout,
-            "finished_before": finished_before,
-            "results": json.loads((workdir / "tune" / "mixed-tuned" / "results.json").read_text())}
+    return {
+        "folder": folder,
+        "workdir": workdir,
+        "trials": trials,
+        "output": second.stdout,
+        "finished_before": finished_before,
+        "results": json.loads((workdir / "tune" / "mixed-tuned" / "results.json").read_text()),
+    }
 
 
 @pytest.mark.tuning
@@ -126,7 +139,9 @@ def test_baselines_run_and_the_table_names_the_winner_against_stratified(search)
 def test_no_trial_tokenizes(search):
     """Every corpus was packed once, before the first trial started; no trial packed anything."""
     prepared = [json.loads(line) for line in (search["workdir"] / "cache" / "prepare.jsonl").read_text().splitlines()]
-    starts = [json.loads(line)["time"] for p in search["trials"].glob("*/starts.jsonl") for line in p.read_text().splitlines()]
+    starts = [
+        json.loads(line)["time"] for p in search["trials"].glob("*/starts.jsonl") for line in p.read_text().splitlines()
+    ]
     assert len(starts) >= TRIALS
     assert max(entry["finished"] for entry in prepared) < min(starts)
     assert len({(e["corpus"], e["split"], e["key"]) for e in prepared}) == len(prepared)
@@ -140,7 +155,9 @@ def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
     best = min((row for row in rows if row["status"] == "finished"), key=lambda row: row["objective"])
     spec = load_spec(search["folder"] / "pipeline.yaml")
     assert spec.stage_names() == ["pretrain", "mixed-tuned"]
-    assert yaml.safe_load((search["workdir"] / "tune" / "mixed-tuned" / "best-stage.yaml").read_text()) == [best["stage"]]
+    assert yaml.safe_load((search["workdir"] / "tune" / "mixed-tuned" / "best-stage.yaml").read_text()) == [
+        best["stage"]
+    ]
 
     result = Pipeline(spec, log=lambda line: None).run()
     assert result["trained"] == []
@@ -156,8 +173,12 @@ def test_trials_of_two_workers_run_on_ray_train_and_train_what_one_worker_trials
     """A search whose trials need two workers runs each as a Ray Train run (one-worker trials train in
     their Tune trial's process): its baselines end where the first search's did (training does not
     depend on the number of workers)."""
-    two = {**SEARCH, "name": "on-two", "start_from": "pretrain",
-           "trials": {"count": 3, "evals": 2, "workers": 2, "cpus_per_worker": 0.5, "max_concurrent": 3}}
+    two = {
+        **SEARCH,
+        "name": "on-two",
+        "start_from": "pretrain",
+        "trials": {"count": 3, "evals": 2, "workers": 2, "cpus_per_worker": 0.5, "max_concurrent": 3},
+    }
     path = write_spec(search["folder"], two, name="on-two.yaml")
     run = subprocess.run(tune_command(path, ray_address), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -168,8 +189,12 @@ def test_trials_of_two_workers_run_on_ray_train_and_train_what_one_worker_trials
     for row in rows:
         assert (folder / "train" / row["trial"]).is_dir()
         assert (folder / "trials" / row["trial"] / "final").is_dir() == (row["status"] == "finished")
-        logged = [json.loads(line) for line in (folder / "trials" / row["trial"] / "metrics.jsonl").read_text().splitlines()]
+        logged = [
+            json.loads(line) for line in (folder / "trials" / row["trial"] / "metrics.jsonl").read_text().splitlines()
+        ]
         assert {m["workers"] for m in logged} == {2}
         if row["arm"] in one:
             assert row["objective"] == pytest.approx(one[row["arm"]]["objective"], rel=1e-3)
-    assert not (search["workdir"] / "tune" / "mixed-tuned" / "train").exists(), "one-worker trials start no Ray Train run"
+    assert not (search["workdir"] / "tune" / "mixed-tuned" / "train").exists(), (
+        "one-worker trials start no Ray Train run"
+    )

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import yaml
-from support import write_spec
+from test_hard_edges import small_spec, text_file
 
 from mixloop.cli import main
-from test_hard_edges import small_spec, text_file
+from support import write_spec
 
 
 def wait_for(predicate, what: str, process, timeout_s: float = 420.0) -> None:
@@ -37,22 +37,42 @@ def iteration_done(workdir: Path, count: int):
     def done() -> bool:
         state = json.loads((workdir / "inbox.json").read_text()) if (workdir / "inbox.json").exists() else {}
         return sum(entry["status"] == "done" for entry in state.get("corpora", {}).values()) >= count
+
     return done
 
 
-def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothing_twice(ray_address, tmp_path,
-                                                                                         capsys):
-    corpora = {"web": {"kind": "text", "path": str(text_file(tmp_path / "web.jsonl", 200)),
-                       "eval": str(text_file(tmp_path / "web-eval.jsonl", 20, seed=1))}}
+def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothing_twice(ray_address, tmp_path, capsys):
+    corpora = {
+        "web": {
+            "kind": "text",
+            "path": str(text_file(tmp_path / "web.jsonl", 200)),
+            "eval": str(text_file(tmp_path / "web-eval.jsonl", 20, seed=1)),
+        }
+    }
     data = small_spec(tmp_path, corpora, [{"name": "s1", "mixture": {"web": 1.0}, "tokens": 1024}])
     data["gate"] = {"max_forgetting": 10.0}  # the first iteration passes
     spec = write_spec(tmp_path, data)
     workdir, inbox = tmp_path / "run", tmp_path / "inbox"
     inbox.mkdir()
     log = (tmp_path / "watch.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mixloop.cli", "watch", str(spec), "--inbox", str(inbox),
-                                "--poll-s", "1", "--address", ray_address], stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixloop.cli",
+            "watch",
+            str(spec),
+            "--inbox",
+            str(inbox),
+            "--poll-s",
+            "1",
+            "--address",
+            ray_address,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         drop(inbox, "court", seed=2)
         wait_for(iteration_done(workdir, 1), "the first iteration", process)
@@ -94,7 +114,12 @@ def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothi
     assert main(["status", str(spec)]) == 0
     assert "current: court (passed against s1)" in capsys.readouterr().out
     assert sorted(p.name for p in (workdir / "models").iterdir() if not p.name.startswith(".")) == [
-        "base", "court", "current", "market", "s1"]
+        "base",
+        "court",
+        "current",
+        "market",
+        "s1",
+    ]
 
     # After the rejected iteration, the next starts from the current version; --tune searches its replay
     # share and re-warm (the template's stage, the stratified mix and one proposal) and keeps the winner.
@@ -102,8 +127,24 @@ def test_watch_turns_two_arrivals_into_gated_iterations_and_a_restart_does_nothi
     data["gate"] = {"max_forgetting": 10.0}
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
     drop(inbox, "law", seed=4)
-    assert main(["add", str(spec), "law", "--text", str(inbox / "law/text.jsonl"), "--eval",
-                 str(inbox / "law/eval.jsonl"), "--tune", "3", "--address", ray_address]) == 0
+    assert (
+        main(
+            [
+                "add",
+                str(spec),
+                "law",
+                "--text",
+                str(inbox / "law/text.jsonl"),
+                "--eval",
+                str(inbox / "law/eval.jsonl"),
+                "--tune",
+                "3",
+                "--address",
+                ray_address,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     law = yaml.safe_load(spec.read_text())["stages"][-1]
     assert law["name"] == "law" and law["from"] == "court" and set(law["mixture"]) == {"law", "web", "court"}

@@ -10,6 +10,7 @@ from mixloop.tokenizer import load_tokenizer
 
 MINIMIND_TOKENIZER = Path(__file__).parents[3] / "shared/data/tokenizer"
 
+
 @pytest.fixture(scope="session")
 def minimind_tokenizer_dir() -> str:
     """MiniMind's tokenizer folder (../shared/data/tokenizer); tests that need it skip where it is absent."""

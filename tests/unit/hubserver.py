@@ -79,11 +79,19 @@ class FakeHub:
         if action in ("tree", "preupload", "commit") and name not in repo.branches:
             return _error(404, f"Invalid rev id: {name}", "RevisionNotFound")
         if method == "GET" and action == "tree":
-            return 200, [{"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                         for path, data in sorted(repo.branches[name].items())], {}
+            return (
+                200,
+                [
+                    {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for path, data in sorted(repo.branches[name].items())
+                ],
+                {},
+            )
         if method == "POST" and action == "preupload":
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                     for f in json.loads(body)["files"]]
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                for f in json.loads(body)["files"]
+            ]
             return 200, {"files": files}, {}
         if method == "POST" and action == "commit":
             return self._commit(f"{parts[1]}/{parts[2]}", repo, name, body)
@@ -92,8 +100,9 @@ class FakeHub:
     def _create(self, payload: dict) -> tuple[int, dict, dict]:
         repo_id = f"{payload['organization'] or self.namespaces[0]}/{payload['name']}"
         if repo_id.split("/")[0] not in self.namespaces:
-            return _error(403, f"You don't have the rights to create a model under the namespace "
-                               f"\"{repo_id.split('/')[0]}\"")
+            return _error(
+                403, f'You don\'t have the rights to create a model under the namespace "{repo_id.split("/")[0]}"'
+            )
         if repo_id in self.repos:  # the Hub names the repo in this answer, and create_repo(exist_ok) reads it
             status, answer, headers = _error(409, "You already created this model repo")
             return status, {**answer, "url": f"{self.url}/{repo_id}"}, headers
@@ -104,8 +113,9 @@ class FakeHub:
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if any(line["key"] not in ("header", "file", "deletedFile") for line in lines):
             return _error(400, "this fake hub takes regular files only")
-        files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
-                 if line["key"] == "file"}
+        files = {
+            line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"
+        }
         deleted = [line["value"]["path"] for line in lines if line["key"] == "deletedFile"]
         if any(path not in repo.branches[branch] for path in deleted):
             return _error(404, "A file with this name doesn't exist", "EntryNotFound")
@@ -114,8 +124,15 @@ class FakeHub:
         repo.branches[branch].update(files)
         oid = hashlib.sha1(body).hexdigest()
         url = f"{self.url}/{repo_id}/commit/{oid}"
-        repo.commits.append({"branch": branch, "summary": lines[0]["value"]["summary"], "added": sorted(files),
-                             "deleted": deleted, "url": url})
+        repo.commits.append(
+            {
+                "branch": branch,
+                "summary": lines[0]["value"]["summary"],
+                "added": sorted(files),
+                "deleted": deleted,
+                "url": url,
+            }
+        )
         return 200, {"commitUrl": url, "commitOid": oid, "pullRequestUrl": None}, {}
 
 

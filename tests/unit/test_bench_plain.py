@@ -36,8 +36,9 @@ def rows():
 def test_the_plain_loop_trains_and_counts_only_document_tokens(rows, trained_tokenizer):
     model = new_model(model_config("micro", None, trained_tokenizer), seed=0)
     index = np.arange(8)
-    records = plain_loop(model, rows, lambda step: index, steps=WINDOW + 3, micro_batch_rows=4, lr=1e-2,
-                         device=torch.device("cpu"))
+    records = plain_loop(
+        model, rows, lambda step: index, steps=WINDOW + 3, micro_batch_rows=4, lr=1e-2, device=torch.device("cpu")
+    )
     assert len(records) == WINDOW + 3
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
     real = int((rows.segments[index] > 0).sum())

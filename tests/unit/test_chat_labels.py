@@ -69,8 +69,10 @@ def test_prefix_rendering_finds_what_transformers_generation_markers_mark(traine
 
 def test_generation_markers_decide_which_tokens_train(trained_tokenizer):
     tok = copy.deepcopy(trained_tokenizer)  # this template marks the answer but not its end-of-turn token
-    tok.chat_template = CHATML_TEMPLATE.replace("{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
-                                                "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+    tok.chat_template = CHATML_TEMPLATE.replace(
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+        "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
+    )
     assert tok.chat_template != CHATML_TEMPLATE
     [[(ids, mask)]] = encode_chats(tok, [CONVERSATIONS["one turn"]])
     answer = CONVERSATIONS["one turn"][-1]["content"]
@@ -158,8 +160,10 @@ def test_minimind_answers_with_a_think_block_before_the_end_cannot_be_located(mi
 
 def test_a_template_that_refuses_a_conversation_says_why(trained_tokenizer):
     tok = copy.deepcopy(trained_tokenizer)
-    tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}"
-                         "{{ raise_exception('a conversation opens with the user') }}{% endif %}" + CHATML_TEMPLATE)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'assistant' %}"
+        "{{ raise_exception('a conversation opens with the user') }}{% endif %}" + CHATML_TEMPLATE
+    )
     [[(ids, _)]] = encode_chats(tok, [CONVERSATIONS["one turn"]])
     assert len(ids) > 0
     with pytest.raises(DataError, match="^chat template failed: a conversation opens with the user$"):
@@ -197,17 +201,20 @@ DROPS_EARLIER_REASONING = (
 def test_a_template_that_rewrites_history_gives_one_document_per_answer_as_the_model_sees_it(trained_tokenizer):
     tok = copy.deepcopy(trained_tokenizer)
     tok.chat_template = DROPS_EARLIER_REASONING
-    chat = [{"role": "user", "content": "why is the sun far?"},
-            {"role": "assistant", "content": "<think>it is a star</think>\n\nthe sun is far."},
-            {"role": "user", "content": "and the moon?"},
-            {"role": "assistant", "content": "<think>the moon is near</think>\n\nthe moon is near."}]
+    chat = [
+        {"role": "user", "content": "why is the sun far?"},
+        {"role": "assistant", "content": "<think>it is a star</think>\n\nthe sun is far."},
+        {"role": "user", "content": "and the moon?"},
+        {"role": "assistant", "content": "<think>the moon is near</think>\n\nthe moon is near."},
+    ]
     [documents] = encode_chats(tok, [chat])
     assert len(documents) == 2
     for turn, (ids, mask) in zip((1, 3), documents):
-        rendered = tok.apply_chat_template(chat[:turn + 1], tokenize=False)
+        rendered = tok.apply_chat_template(chat[: turn + 1], tokenize=False)
         assert tok.decode(ids.tolist()) == rendered  # the conversation up to that answer, as rendered then
-        assert _supervised_runs(ids, mask) == [tok(chat[turn]["content"] + "<|im_end|>",
-                                                   add_special_tokens=False)["input_ids"]]
+        assert _supervised_runs(ids, mask) == [
+            tok(chat[turn]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ]
     second = tok.decode(documents[1][0].tolist())
     assert "<think>it is a star" not in second and "the sun is far." in second  # earlier reasoning dropped
     assert "<think>the moon is near</think>" in second  # the supervised answer keeps its own
@@ -226,5 +233,7 @@ def test_padding_and_truncation_saved_in_tokenizer_json_do_not_reach_the_encoder
     assert ids.tolist() == trained_tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert supervised.all()
     conversation = [{"role": "user", "content": "hi there, how are you"}, {"role": "assistant", "content": "fine"}]
-    assert encode_chats(tokenizer, [conversation])[0][0][0].tolist() == \
-        encode_chats(trained_tokenizer, [conversation])[0][0][0].tolist()
+    assert (
+        encode_chats(tokenizer, [conversation])[0][0][0].tolist()
+        == encode_chats(trained_tokenizer, [conversation])[0][0][0].tolist()
+    )

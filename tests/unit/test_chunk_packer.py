@@ -56,13 +56,15 @@ CHAT_LINES = [
     (chat(("system", "You are a helpful assistant.")), b"\n", "no assistant turn with content"),
     (b"\r", b"\n", "blank"),
     (chat(("robot", "beep"), ("assistant", "x")), b"\n", "turn 0 has unknown role 'robot'"),
-    (b'{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant"}]}', b"\n",
-     "turn 1 has no 'content'"),
+    (b'{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant"}]}', b"\n", "turn 1 has no 'content'"),
     (b'{"conversations": []}', b"\n", "'conversations' must be a non-empty list"),
     (b'{"conversations": null}', b"\n", "'conversations' must be a non-empty list"),
     (b'{"conversations": [{"role": "user", "content": "q"}, ["assistant", "a"]]}', b"\n", "turn 1 must be an object"),
-    (chat(("user", "q"), ("assistant", "<think>hm</think>a"), ("user", "q2"), ("assistant", "b")), b"\n",
-     "chat template opens assistant turn 1 differently from its generation prompt"),
+    (
+        chat(("user", "q"), ("assistant", "<think>hm</think>a"), ("user", "q2"), ("assistant", "b")),
+        b"\n",
+        "chat template opens assistant turn 1 differently from its generation prompt",
+    ),
     (b'{"messages": []}', b"\n", "field 'messages' must be a non-empty list"),
     (b'{"conversations": [{"role": "user", "content": "', b"\n", "malformed JSON: Unterminated string"),
     (chat(("system", "Be brief."), ("user", "Sun?"), ("assistant", "A star.")), b"\n", None),
@@ -84,7 +86,9 @@ def pack(packer, folder, lines: list[tuple[bytes, bytes, object]], kind: str, se
     summaries = [packer.pack_chunk(chunk) for chunk in chunks]
     manifest = prepare._manifest(request, "key", [str(path)], summaries)
     write_json(str(folder / "packed" / MANIFEST), manifest)
-    rejects = [json.loads(line) for f in sorted((folder / "rejects").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rejects = [
+        json.loads(line) for f in sorted((folder / "rejects").glob("*.jsonl")) for line in f.read_text().splitlines()
+    ]
     return manifest, {r["where"].removeprefix(f"{path}:"): r["reason"] for r in rejects}
 
 
@@ -137,10 +141,15 @@ def test_a_chat_the_template_refuses_is_rejected_with_the_templates_reason(train
     tokenizer = ChunkPacker(str(tmp_path / "tokenizer")).tokenizer
     tokenizer.chat_template = strict + tokenizer.chat_template
     tokenizer.save_pretrained(tmp_path / "tokenizer")
-    lines = [(chat(("user", "why"), ("assistant", "yes")), b"\n", None),
-             (chat(("assistant", "hello"), ("user", "why"), ("assistant", "yes")), b"\n",
-              "chat template failed: conversations open with the user"),
-             (chat(("user", "how"), ("assistant", "no")), b"\n", None)]
+    lines = [
+        (chat(("user", "why"), ("assistant", "yes")), b"\n", None),
+        (
+            chat(("assistant", "hello"), ("user", "why"), ("assistant", "yes")),
+            b"\n",
+            "chat template failed: conversations open with the user",
+        ),
+        (chat(("user", "how"), ("assistant", "no")), b"\n", None),
+    ]
     manifest, rejects = pack(ChunkPacker(str(tmp_path / "tokenizer")), tmp_path, lines, "chat")
     assert rejects == {"2": "chat template failed: conversations open with the user"}
     assert manifest["documents"] == 2
@@ -163,7 +172,9 @@ def test_chunk_boundaries_keep_every_line_once_with_a_bom_and_blank_lines(packer
     lines = [(BOM + text("zero"), b"\r\n", None)]
     for i in range(1, 30):
         bad = i % 3 == 0
-        lines.append((b'{"text": 7}' if bad else text(f"row {i}"), b"\n" if i % 2 else b"\r\n", "got int" if bad else None))
+        lines.append(
+            (b'{"text": 7}' if bad else text(f"row {i}"), b"\n" if i % 2 else b"\r\n", "got int" if bad else None)
+        )
         if i % 5 == 0:
             lines.append((b" ", b"\n", "blank"))
     good = "zero" + EOS + "".join(f"row {i}{EOS}" for i in range(1, 30) if i % 3)
@@ -182,8 +193,12 @@ def test_chunk_boundaries_keep_every_line_once_with_a_bom_and_blank_lines(packer
 
 
 def test_an_all_bad_file_packs_nothing_and_stops_the_run_with_examples(packer, tmp_path):
-    lines = [(b"{", b"\n", "malformed JSON: Expecting property name"), (b"", b"\n", "blank"),
-             (b'{"text": ""}', b"\n", "'text' is empty"), (b"[1, 2]", b"", "got list")]
+    lines = [
+        (b"{", b"\n", "malformed JSON: Expecting property name"),
+        (b"", b"\n", "blank"),
+        (b'{"text": ""}', b"\n", "'text' is empty"),
+        (b"[1, 2]", b"", "got list"),
+    ]
     manifest, rejects = pack(packer, tmp_path, lines, "text")
     assert_rejects(rejects, lines)
     assert (manifest["documents"], manifest["rows"], manifest["rejected"], manifest["blank_lines"]) == (0, 0, 3, 1)
@@ -226,7 +241,12 @@ def test_a_corpus_template_renders_its_chats_and_the_next_corpus_gets_the_tokeni
     question = chat(("user", "The moon?"), ("assistant", "It orbits the earth."))
     own, _ = pack(packer, tmp_path / "own", [(question, b"\n", None)], "chat", chat_template=CHATML_TEMPLATE)
     default, _ = pack(packer, tmp_path / "default", [(question, b"\n", None)], "chat")
-    decode = lambda folder: packer.tokenizer.decode(PackedCorpus(str(folder)).read(np.arange(1))[0][0].tolist())
-    assert decode(tmp_path / "own" / "packed").startswith("<|im_start|>user\nThe moon?<|im_end|>\n<|im_start|>assistant\n")
+
+    def decode(folder):
+        return packer.tokenizer.decode(PackedCorpus(str(folder)).read(np.arange(1))[0][0].tolist())
+
+    assert decode(tmp_path / "own" / "packed").startswith(
+        "<|im_start|>user\nThe moon?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert "<think>" in decode(tmp_path / "default" / "packed")  # MiniMind's template, back for the next chunk
     assert own["documents"] == default["documents"] == 1

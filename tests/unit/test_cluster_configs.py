@@ -10,9 +10,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+import ray
 
 REPO = Path(__file__).parents[2]
 CLUSTER = REPO / "cluster"
@@ -90,8 +91,10 @@ def test_gpu_workers_scale_from_zero_and_declare_their_gpus(name):
 
 def test_aws_offers_spot_and_on_demand_gpus_with_an_on_demand_head():
     config = load("aws.yaml")
-    market = {name: node["node_config"].get("InstanceMarketOptions", {}).get("MarketType")
-              for name, node in gpu_workers(config).items()}
+    market = {
+        name: node["node_config"].get("InstanceMarketOptions", {}).get("MarketType")
+        for name, node in gpu_workers(config).items()
+    }
     assert "spot" in market.values() and None in market.values(), market
     assert "InstanceMarketOptions" not in config["available_node_types"][config["head_node_type"]]["node_config"]
 
@@ -205,7 +208,9 @@ def test_rayjob_spec_is_the_quickstart_on_gpus_with_its_workdir_on_a_bucket(tmp_
     spec_path = Path(objects["RayJob"]["spec"]["entrypoint"].split()[2])
     head = objects["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])}
-    volume = next(v for v in head["volumes"] if v.get("configMap", {}).get("name") == objects["ConfigMap"]["metadata"]["name"])
+    volume = next(
+        v for v in head["volumes"] if v.get("configMap", {}).get("name") == objects["ConfigMap"]["metadata"]["name"]
+    )
     assert mounts[volume["name"]] == str(spec_path.parent), "the ConfigMap is mounted where the entrypoint reads"
 
     text = objects["ConfigMap"]["data"][spec_path.name]

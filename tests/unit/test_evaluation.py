@@ -22,10 +22,12 @@ def test_uptake_and_forgetting_against_parent_and_best_ancestor():
         "sft": lineage("pretrain", ["chat", "web"]),
         "domain": lineage("sft", ["law", "web"]),
     }
-    loss = {"base": {"web": 9.0, "chat": 9.0, "law": 9.0},
-            "pretrain": {"web": 3.0, "chat": 5.0, "law": 7.0},
-            "sft": {"web": 3.5, "chat": 2.0, "law": 6.5},
-            "domain": {"web": 3.25, "chat": 4.0, "law": 2.5}}
+    loss = {
+        "base": {"web": 9.0, "chat": 9.0, "law": 9.0},
+        "pretrain": {"web": 3.0, "chat": 5.0, "law": 7.0},
+        "sft": {"web": 3.5, "chat": 2.0, "law": 6.5},
+        "domain": {"web": 3.25, "chat": 4.0, "law": 2.5},
+    }
     matrix = {v: {c: {"loss": x} for c, x in row.items()} for v, row in loss.items()}
     deltas = iteration_deltas(matrix, lineages)
     assert set(deltas) == {"pretrain", "sft", "domain"}
@@ -77,18 +79,24 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
 
     from mixloop.data.packing import Packer
     from mixloop.data.store import MANIFEST, write_shard
-    from mixloop.storage import write_json
     from mixloop.evaluate import evaluate_model
     from mixloop.model import model_config, new_model
+    from mixloop.storage import write_json
     from mixloop.tokenizer import encode_chats, encode_texts
 
-    docs = [doc for record in encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"]) for doc in record]
-    docs += encode_chats(trained_tokenizer, [[{"role": "user", "content": "why"}, {"role": "assistant", "content": "yes"}]])[0]
+    docs = [
+        doc for record in encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"]) for doc in record
+    ]
+    docs += encode_chats(
+        trained_tokenizer, [[{"role": "user", "content": "why"}, {"role": "assistant", "content": "yes"}]]
+    )[0]
     packer = Packer(16, trained_tokenizer.pad_token_id, split_documents=True)
     rows = [row for ids, sup in docs for row in packer.add(ids, sup)] + list(packer.flush())
     folder = tmp_path / "packed"
     write_shard(str(folder), "00000-00000", rows)
-    write_json(str(folder / MANIFEST), {"key": "k", "seq_len": 16, "shards": [{"name": "00000-00000", "rows": len(rows)}]})
+    write_json(
+        str(folder / MANIFEST), {"key": "k", "seq_len": 16, "shards": [{"name": "00000-00000", "rows": len(rows)}]}
+    )
 
     model = new_model(model_config("micro", None, trained_tokenizer), seed=0).eval()
     with torch.no_grad():
@@ -113,7 +121,11 @@ def test_chat_health_prompts_come_from_every_file_of_a_glob_and_from_parquet(tmp
 
     (tmp_path / "eval-0.jsonl").write_text(json.dumps(chat("first?")) + "\n{broken\n")
     (tmp_path / "eval-1.jsonl").write_text(
-        json.dumps({"conversations": [{"role": "assistant", "content": "hello"}]}) + "\n" + json.dumps(chat("second?")) + "\n")
+        json.dumps({"conversations": [{"role": "assistant", "content": "hello"}]})
+        + "\n"
+        + json.dumps(chat("second?"))
+        + "\n"
+    )
     prompts = eval_prompts(str(tmp_path / "eval-*.jsonl"), 5)
     assert [p[-1]["content"] for p in prompts] == ["first?", "second?"]  # bad and prompt-less chats skipped
     assert eval_prompts(str(tmp_path / "eval-*.jsonl"), 1) == [[{"role": "user", "content": "first?"}]]

@@ -18,8 +18,10 @@ def records_of(path) -> list[tuple[str, object]]:
 def test_a_json_file_holds_an_array_or_json_lines(tmp_path):
     (tmp_path / "array.json").write_text('\ufeff [{"text": "a"},\n {"text": "b"}]')
     (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
-    assert records_of(tmp_path / "array.json") == [(f"{tmp_path}/array.json[0]", {"text": "a"}),
-                                                   (f"{tmp_path}/array.json[1]", {"text": "b"})]
+    assert records_of(tmp_path / "array.json") == [
+        (f"{tmp_path}/array.json[0]", {"text": "a"}),
+        (f"{tmp_path}/array.json[1]", {"text": "b"}),
+    ]
     assert [record for _, record in records_of(tmp_path / "lines.json")] == [{"text": "a"}, {"text": "b"}]
     (tmp_path / "broken.json").write_text('[{"text": "a"}, ')
     [(where, record)] = records_of(tmp_path / "broken.json")
@@ -30,7 +32,8 @@ def test_csv_fields_stay_text_and_rows_keep_their_line_numbers(tmp_path):
     (tmp_path / "chats.csv").write_text('instruction,input,output\n"multi\nline",,3.\nsecond,x,007\n')
     assert records_of(tmp_path / "chats.csv") == [
         (f"{tmp_path}/chats.csv:3", {"instruction": "multi\nline", "input": "", "output": "3."}),
-        (f"{tmp_path}/chats.csv:4", {"instruction": "second", "input": "x", "output": "007"})]
+        (f"{tmp_path}/chats.csv:4", {"instruction": "second", "input": "x", "output": "007"}),
+    ]
 
 
 def test_a_save_to_disk_folder_reads_as_its_arrow_files_in_order(tmp_path):
@@ -42,4 +45,8 @@ def test_a_save_to_disk_folder_reads_as_its_arrow_files_in_order(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"_data_files": files}))
     (tmp_path / "dataset_info.json").write_text("{}")
     assert [record["text"] for _, record in records_of(tmp_path)] == [
-        "part 0 row 0", "part 0 row 1", "part 1 row 0", "part 1 row 1"]
+        "part 0 row 0",
+        "part 0 row 1",
+        "part 1 row 0",
+        "part 1 row 1",
+    ]

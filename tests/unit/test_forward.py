@@ -102,9 +102,17 @@ def test_the_documents_route_is_for_transformers_models_on_cpu(model):
     assert not takes_documents(RemoteCode(), "cpu")
     from transformers import MistralConfig, MistralForCausalLM
 
-    windowed = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                                                sliding_window=16))
+    windowed = MistralForCausalLM(
+        MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+            sliding_window=16,
+        )
+    )
     assert not takes_documents(windowed, "cpu")  # the route computes no sliding window: the mask path does
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from support import generated_spec, write_spec
-
 from mixloop.pipeline import Pipeline, _blocks
 from mixloop.registry import write_lineage
 from mixloop.spec import load_spec
+from support import generated_spec, write_spec
 
 
 def stage(name: str, **settings) -> dict:
@@ -44,8 +43,10 @@ def test_a_group_resumes_at_its_checkpoints_stage_and_never_from_a_stage_since_e
     from mixloop.train.loop import _resume_point
 
     spec = load_spec(write_spec(tmp_path, generated_spec(tmp_path / "run", [stage("a"), stage("b"), stage("c")])))
-    jobs = [stage_job("test", s, 0.0, "parent", {"facts": "x"}, "metrics.jsonl", run=f"test.{s.name}.h1.d")
-            for s in spec.resolved_stages()[1:]]  # a block [b, c] of the group whose run is a's
+    jobs = [
+        stage_job("test", s, 0.0, "parent", {"facts": "x"}, "metrics.jsonl", run=f"test.{s.name}.h1.d")
+        for s in spec.resolved_stages()[1:]
+    ]  # a block [b, c] of the group whose run is a's
 
     def at(run: str | None) -> Start:
         return Start(torch.nn.Linear(1, 1), TrainState(step=3, lr=0.1, tokens=[1.0], run=run))

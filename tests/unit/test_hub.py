@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-from support import cache_dataset
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from mixloop.cli import main
 from mixloop.corpora import Corpora
@@ -21,19 +27,32 @@ from mixloop.errors import SpecError
 from mixloop.model import load_model
 from mixloop.spec import load_spec
 from mixloop.stages import ensure_base
+from support import cache_dataset
 
-ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                 "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def cache_model(cache: Path, repo: str, architecture: str, tokenizer) -> Path:
     """A tiny model of `architecture` as huggingface_hub keeps a download: snapshots/<commit>/, refs/main."""
     config_class, model_class = ARCHITECTURES[architecture]
-    config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=256,
-                          rope_theta=5e4, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = config_class(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        rope_theta=5e4,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     repo_folder = cache / f"models--{repo.replace('/', '--')}"
     snapshot = repo_folder / "snapshots" / COMMIT
@@ -56,10 +75,14 @@ def hub(tmp_path, monkeypatch, trained_tokenizer):
 
 def spec_file(tmp_path: Path, model: dict) -> Path:
     (tmp_path / "web.jsonl").write_text('{"text": "the sun is far"}\n')
-    spec = {"name": "hub", "workdir": str(tmp_path / "run"), "model": model,
-            "corpora": {"web": {"kind": "text", "path": "web.jsonl"}},
-            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
-            "stages": [{"name": "s", "mixture": {"web": 1}, "tokens": 128}]}
+    spec = {
+        "name": "hub",
+        "workdir": str(tmp_path / "run"),
+        "model": model,
+        "corpora": {"web": {"kind": "text", "path": "web.jsonl"}},
+        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+        "stages": [{"name": "s", "mixture": {"web": 1}, "tokens": 128}],
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -83,8 +106,10 @@ def test_a_hub_model_loads_offline_and_packed_documents_never_see_each_other(hub
     vocab, pad = model.config.vocab_size, model.config.pad_token_id
     second = rng.integers(3, vocab, 12).astype(np.int32)
     with torch.no_grad():
-        logits = [model(**row([rng.integers(3, vocab, 10).astype(np.int32), second], 32, pad)).logits[0, 10:22]
-                  for _ in range(2)]
+        logits = [
+            model(**row([rng.integers(3, vocab, 10).astype(np.int32), second], 32, pad)).logits[0, 10:22]
+            for _ in range(2)
+        ]
         alone = model(input_ids=torch.as_tensor(second[None], dtype=torch.long)).logits[0]
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)  # the first document changed: not the second
     torch.testing.assert_close(logits[0], alone, atol=1e-4, rtol=0)
@@ -103,7 +128,8 @@ def test_the_base_version_copies_the_hub_model_with_its_tokenizer_and_commit(hub
     snapshot = hub / "models--tiny-org--qwen2" / "snapshots" / COMMIT
     texts = ["the sun is far", "hello world 42, why?"]  # no tokenizer section: the model's own
     assert [AutoTokenizer.from_pretrained(tmp_path / "run/models/base")(t)["input_ids"] for t in texts] == [
-        AutoTokenizer.from_pretrained(snapshot)(t)["input_ids"] for t in texts]
+        AutoTokenizer.from_pretrained(snapshot)(t)["input_ids"] for t in texts
+    ]
     base, original = load_model(str(tmp_path / "run/models/base")), load_model(str(snapshot))
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), original.state_dict().values()))
 
@@ -126,17 +152,23 @@ def test_a_pipeline_chat_template_goes_into_the_workdirs_tokenizer_and_cannot_ch
     from mixloop.tokenizer import load_tokenizer
 
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}"
-                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     path = spec_file(tmp_path, {"preset": "micro"})
     data = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "template.jinja"}))
+    path.write_text(
+        yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "template.jinja"})
+    )
     tokenizer_dir = Corpora(load_spec(path), log=lambda line: None).tokenizer()
     assert load_tokenizer(tokenizer_dir).chat_template == template.read_text()
     template.write_text("{{ messages }}")
     with pytest.raises(StageConflictError, match="was made from another tokenizer spec or files"):
         Corpora(load_spec(path), log=lambda line: None).tokenizer()
-    path.write_text(yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "none.jinja"}))
+    path.write_text(
+        yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "none.jinja"})
+    )
     with pytest.raises(SpecError, match="chat_template: no template in .*none.jinja"):
         load_spec(path)
 
@@ -164,18 +196,30 @@ def gsm_rows(split: str, count: int) -> list[dict]:
 
 @pytest.fixture
 def hub_dataset(hub):
-    return cache_dataset(hub, "tiny-org/gsm", COMMIT, {
-        "README.md": GSM_README, "main/train-00000-of-00002.parquet": gsm_rows("train", 4),
-        "main/train-00001-of-00002.parquet": gsm_rows("train-b", 2), "main/test.parquet": gsm_rows("test", 3),
-        "socratic/train.jsonl": "".join(json.dumps(row) + "\n" for row in gsm_rows("socratic", 3))})
+    return cache_dataset(
+        hub,
+        "tiny-org/gsm",
+        COMMIT,
+        {
+            "README.md": GSM_README,
+            "main/train-00000-of-00002.parquet": gsm_rows("train", 4),
+            "main/train-00001-of-00002.parquet": gsm_rows("train-b", 2),
+            "main/test.parquet": gsm_rows("test", 3),
+            "socratic/train.jsonl": "".join(json.dumps(row) + "\n" for row in gsm_rows("socratic", 3)),
+        },
+    )
 
 
 def dataset_spec(tmp_path: Path, corpus: dict) -> Path:
     path = spec_file(tmp_path, {"preset": "micro"})
     data = yaml.safe_load(path.read_text())
     data["tokenizer"] = {"train": {"vocab_size": 300}}
-    data["corpora"]["gsm"] = {"kind": "chat", "dataset": "tiny-org/gsm",
-                              "columns": {"instruction": "question", "output": "answer"}, **corpus}
+    data["corpora"]["gsm"] = {
+        "kind": "chat",
+        "dataset": "tiny-org/gsm",
+        "columns": {"instruction": "question", "output": "answer"},
+        **corpus,
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -187,19 +231,26 @@ def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dat
 
     corpora = Corpora(load_spec(dataset_spec(tmp_path, {"subset": "main", "eval": "test"})), log=lambda line: None)
     files = corpora.files("gsm")
-    assert files == {"train": tuple(str(hub_dataset / f"main/train-0000{i}-of-00002.parquet") for i in (0, 1)),
-                     "eval": (str(hub_dataset / "main/test.parquet"),)}
-    chats = [checked(record, "chat", "auto", {"instruction": "question", "output": "answer"})
-             for chunk in list_chunks(expand_files(files["train"]), None) for _, record in iter_records(chunk)]
+    assert files == {
+        "train": tuple(str(hub_dataset / f"main/train-0000{i}-of-00002.parquet") for i in (0, 1)),
+        "eval": (str(hub_dataset / "main/test.parquet"),),
+    }
+    chats = [
+        checked(record, "chat", "auto", {"instruction": "question", "output": "answer"})
+        for chunk in list_chunks(expand_files(files["train"]), None)
+        for _, record in iter_records(chunk)
+    ]
     assert [turns[0]["content"] for turns, shape in chats] == [f"train question {i}?" for i in range(4)] + [
-        f"train-b question {i}?" for i in range(2)]
+        f"train-b question {i}?" for i in range(2)
+    ]
     assert {shape for _, shape in chats} == {"alpaca"}
     copy = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's copy keeps the split's name
     copy.parent.mkdir()
     copy.write_text(yaml.safe_dump(corpora.spec.portable()))
     assert Corpora(load_spec(copy), log=lambda line: None).files("gsm") == files
     assert Corpora(load_spec(dataset_spec(tmp_path, {"subset": "socratic"})), log=lambda line: None).files("gsm") == {
-        "train": (str(hub_dataset / "socratic/train.jsonl"),)}
+        "train": (str(hub_dataset / "socratic/train.jsonl"),)
+    }
 
 
 def test_hub_dataset_problems_name_the_yaml_path_and_the_fix(hub_dataset, tmp_path, capsys):
@@ -209,7 +260,8 @@ def test_hub_dataset_problems_name_the_yaml_path_and_the_fix(hub_dataset, tmp_pa
         "corpora.gsm.eval: dataset tiny-org/gsm has no split 'dev'": {"subset": "main", "eval": "dev"},
         "corpora.gsm.split: dataset tiny-org/gsm: ": {"subset": "nope"},  # the known subsets follow
         "corpora.gsm.split: dataset tiny-org/elsewhere is not in the Hugging Face cache": {
-            "dataset": "tiny-org/elsewhere"},
+            "dataset": "tiny-org/elsewhere"
+        },
         "corpora.gsm.dataset: 'gsm' is not a hub id": {"dataset": "gsm"},
         "corpora.gsm: give exactly one of `path` (files), `dataset`": {"path": "web.jsonl"},
     }
@@ -218,7 +270,8 @@ def test_hub_dataset_problems_name_the_yaml_path_and_the_fix(hub_dataset, tmp_pa
             load_spec(dataset_spec(tmp_path, corpus))
         assert expected in str(error.value), str(error.value)
     assert "`hf download tiny-org/elsewhere --repo-type dataset`" in str(
-        pytest.raises(SpecError, load_spec, dataset_spec(tmp_path, {"dataset": "tiny-org/elsewhere"})).value)
+        pytest.raises(SpecError, load_spec, dataset_spec(tmp_path, {"dataset": "tiny-org/elsewhere"})).value
+    )
     unknown_subset = pytest.raises(SpecError, load_spec, dataset_spec(tmp_path, {"subset": "nope"}))
     assert "'main', 'socratic'" in str(unknown_subset.value)
     with pytest.raises(SpecError, match="corpora.web.subset: only a hub dataset"):

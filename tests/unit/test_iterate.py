@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import micro_versions
-
 from mixloop import gate
 from mixloop.cli import main
 from mixloop.errors import MixloopError, SpecError
 from mixloop.iterate import NewCorpus, plan, ready_corpora
 from mixloop.registry import current_state, current_version, list_versions, set_current
 from mixloop.spec import GateSpec, load_spec, spec_from_data
+from support import micro_versions
 
 LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
     "base": {"parent": None, "stage": None},
@@ -44,11 +43,13 @@ def verdict(**bounds) -> dict:
 def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_version():
     passed = verdict(max_forgetting=0.25, min_uptake=0.5, min_ended=0.5, max_repetition=0.3)
     assert passed["passed"] and passed["against"] == "sft" and not passed["failed"]
-    assert passed["checks"] == ["forgetting on chats: +0.0500 (at most 0.2500)",
-                                "forgetting on web: +0.2000 (at most 0.2500)",
-                                "uptake on law: +1.0000 (at least 0.5000)",
-                                "answers ended on chats: 75% (at least 50%)",
-                                "repetition on chats: 0.200 (at most 0.300)"]
+    assert passed["checks"] == [
+        "forgetting on chats: +0.0500 (at most 0.2500)",
+        "forgetting on web: +0.2000 (at most 0.2500)",
+        "uptake on law: +1.0000 (at least 0.5000)",
+        "answers ended on chats: 75% (at least 50%)",
+        "repetition on chats: 0.200 (at most 0.300)",
+    ]
     # A share is of the current version's loss: 5% of web's 3.0 is 0.15 < 0.2; per corpus, others unchecked.
     relative = verdict(max_forgetting={"web": " 5% "})  # as written in YAML, spaces and all
     assert not relative["passed"] and relative["failed"] == ["forgetting on web: +0.2000 (at most 0.1500)"]
@@ -88,8 +89,9 @@ def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(v
     assert main(["models", "list", workdir]) == 0
     listing = capsys.readouterr().out
     rows = {line.split()[0]: line for line in listing.splitlines()[1:]}
-    assert rows["v1"].endswith("CURRENT, passed") and rows["v2"].endswith("failed against v1: forgetting on web: +1 "
-                                                                            "(at most 0.1)")
+    assert rows["v1"].endswith("CURRENT, passed") and rows["v2"].endswith(
+        "failed against v1: forgetting on web: +1 (at most 0.1)"
+    )
     assert main(["models", "promote", workdir, "v2", "--reason", "checked by hand"]) == 0
     assert current_version(workdir) == "v2" and os.readlink(versions / "models/current") == "v2"
     promotions = json.loads((versions / "models/v2/lineage.json").read_text())["promotions"]
@@ -130,27 +132,46 @@ def write_lines(path: Path, texts: list[str]) -> Path:
 
 def pipeline_data(tmp_path: Path) -> dict:
     write_lines(tmp_path / "web.jsonl", [f"the web page number {i} says hello." for i in range(40)])
-    (tmp_path / "chats.jsonl").write_text(json.dumps({"conversations": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
-    return {"name": "grow", "workdir": str(tmp_path / "run"), "tokenizer": {"train": {"vocab_size": 300}},
-            "model": {"preset": "micro"},
-            "corpora": {"web": {"kind": "text", "path": "web.jsonl"}, "chats": {"kind": "chat", "path": "chats.jsonl"}},
-            "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
-            "stages": [{"name": "pre", "mixture": {"web": 1}, "tokens": 512},
-                       {"name": "sft", "mixture": {"chats": 0.9, "web": 0.1}, "tokens": 256}]}
+    (tmp_path / "chats.jsonl").write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+        + "\n"
+    )
+    return {
+        "name": "grow",
+        "workdir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "model": {"preset": "micro"},
+        "corpora": {"web": {"kind": "text", "path": "web.jsonl"}, "chats": {"kind": "chat", "path": "chats.jsonl"}},
+        "defaults": {"seq_len": 32, "global_batch_tokens": 128, "micro_batch_rows": 4},
+        "stages": [
+            {"name": "pre", "mixture": {"web": 1}, "tokens": 512},
+            {"name": "sft", "mixture": {"chats": 0.9, "web": 0.1}, "tokens": 256},
+        ],
+    }
 
 
 def test_the_iteration_template_replays_old_text_and_fine_tunes_on_old_and_new_chats(tmp_path):
     data = pipeline_data(tmp_path)
-    data["iterate"] = {"replay": 0.4, "passes": 2, "lr": {"peak": 0.002},
-                       "finetune": {"tokens": 0.5, "new_share": 0.5, "text_share": 0.2}}
+    data["iterate"] = {
+        "replay": 0.4,
+        "passes": 2,
+        "lr": {"peak": 0.002},
+        "finetune": {"tokens": 0.5, "new_share": 0.5, "text_share": 0.2},
+    }
     spec = spec_from_data(data, str(tmp_path))
     new = NewCorpus("law", "law.jsonl", chat="law-qa.jsonl", eval="law-eval.jsonl")
     corpora, stages = plan(spec, new, 1000, {"web", "chats"}, "sft")
-    assert corpora == {"law": {"kind": "text", "path": "law.jsonl", "eval": "law-eval.jsonl"},
-                       "law-chat": {"kind": "chat", "path": "law-qa.jsonl"}}
-    assert stages[0] == {"name": "law", "from": "sft", "mixture": {"law": 0.6, "web": 0.4}, "tokens": 3333,
-                         "lr": {"peak": 0.002, "warmup": 0.05, "warmup_from": "zero", "decay": "cosine"}}
+    assert corpora == {
+        "law": {"kind": "text", "path": "law.jsonl", "eval": "law-eval.jsonl"},
+        "law-chat": {"kind": "chat", "path": "law-qa.jsonl"},
+    }
+    assert stages[0] == {
+        "name": "law",
+        "from": "sft",
+        "mixture": {"law": 0.6, "web": 0.4},
+        "tokens": 3333,
+        "lr": {"peak": 0.002, "warmup": 0.05, "warmup_from": "zero", "decay": "cosine"},
+    }
     assert stages[1]["name"] == "law-sft" and stages[1]["tokens"] == 1666
     assert stages[1]["mixture"] == {"law-chat": 0.4, "chats": 0.4, "law": 0.2}
     # Without chats anywhere, no fine-tune; without old text, no replay.
@@ -189,25 +210,34 @@ def test_add_appends_to_the_spec_keeping_its_comments(tmp_path):
     from mixloop.spec.edit import append_entries, replace_validated
 
     spec_path = tmp_path / "pipeline.yaml"
-    spec_path.write_text("# my pipeline\n" + yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False)
-                         + "# evaluation\neval_rows: 8\n")
+    spec_path.write_text(
+        "# my pipeline\n" + yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False) + "# evaluation\neval_rows: 8\n"
+    )
     write_lines(tmp_path / "law.jsonl", ["x"])
-    text = append_entries(spec_path, {"corpora": "law: {kind: text, path: law.jsonl}",
-                                      "stages": "- {name: law, mixture: {law: 0.5, web: 0.5}, tokens: 256}"})
+    text = append_entries(
+        spec_path,
+        {
+            "corpora": "law: {kind: text, path: law.jsonl}",
+            "stages": "- {name: law, mixture: {law: 0.5, web: 0.5}, tokens: 256}",
+        },
+    )
     replace_validated(spec_path, text, "adding law")
     spec = load_spec(spec_path)
     assert list(spec.pipeline.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
     assert spec_path.read_text().startswith("# my pipeline\n") and spec.pipeline.eval_rows == 8
     with pytest.raises(MixloopError, match="would make .* invalid"):
-        replace_validated(spec_path, append_entries(spec_path, {"stages": "- {name: x, mixture: {nope: 1}, tokens: 9}"}),
-                          "adding x")
+        replace_validated(
+            spec_path, append_entries(spec_path, {"stages": "- {name: x, mixture: {nope: 1}, tokens: 9}"}), "adding x"
+        )
     assert load_spec(spec_path).stage_names() == ["pre", "sft", "law"]
 
 
 def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_path):
     inbox = tmp_path / "inbox"
-    for name, files in (("Zoo Law", {"text.jsonl": ""}), ("alpha", {"text.parquet": "", "eval.jsonl": "",
-                                                                    "chat.jsonl": ""})):
+    for name, files in (
+        ("Zoo Law", {"text.jsonl": ""}),
+        ("alpha", {"text.parquet": "", "eval.jsonl": "", "chat.jsonl": ""}),
+    ):
         (inbox / name).mkdir(parents=True)
         for file, content in files.items():
             (inbox / name / file).write_text(content)
@@ -219,12 +249,19 @@ def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_pa
     found = ready_corpora(str(inbox))
     assert [uri for uri, _ in found] == [str(inbox / "Zoo Law"), str(inbox / "alpha")]
     assert found[0][1] == NewCorpus("zoo-law", str(inbox / "Zoo Law" / "text.jsonl"))
-    assert found[1][1] == NewCorpus("alpha", str(inbox / "alpha" / "text.parquet"), str(inbox / "alpha" / "chat.jsonl"),
-                                    str(inbox / "alpha" / "eval.jsonl"))
+    assert found[1][1] == NewCorpus(
+        "alpha",
+        str(inbox / "alpha" / "text.parquet"),
+        str(inbox / "alpha" / "chat.jsonl"),
+        str(inbox / "alpha" / "eval.jsonl"),
+    )
     (inbox / "broken").mkdir()
     (inbox / "broken" / "_READY").write_text("")
     logged = []  # a ready folder without a text file is named, and the others still come
-    assert [uri for uri, _ in ready_corpora(str(inbox), logged.append)] == [str(inbox / "Zoo Law"), str(inbox / "alpha")]
+    assert [uri for uri, _ in ready_corpora(str(inbox), logged.append)] == [
+        str(inbox / "Zoo Law"),
+        str(inbox / "alpha"),
+    ]
     assert len(logged) == 1 and "broken: no text file" in logged[0]
 
 

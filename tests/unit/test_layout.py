@@ -17,8 +17,9 @@ def test_platform_folder_is_not_a_package():
 
 
 def test_stdlib_platform_works_next_to_mixloop():
-    import mixloop
     import platform
+
+    import mixloop
 
     assert Path(mixloop.__file__).resolve().parent == (REPO / "platform" / "mixloop").resolve()
     assert isinstance(platform.system(), str) and platform.system()
@@ -46,7 +47,10 @@ def test_every_import_of_a_mixloop_name_resolves_lazy_ones_too():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mixloop"):
                 module = importlib.import_module(node.module)
-                broken += [f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}"
-                           for alias in node.names if not hasattr(module, alias.name)
-                           and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+                broken += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}"
+                    for alias in node.names
+                    if not hasattr(module, alias.name)
+                    and importlib.util.find_spec(f"{node.module}.{alias.name}") is None
+                ]
     assert not broken, broken

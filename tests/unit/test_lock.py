@@ -39,9 +39,16 @@ def eventually(condition, timeout_s: float = 5.0) -> bool:
 
 def foreign_lock(heartbeat_age_s: float, host: str = "other-host.example", pid: int = 4242) -> dict:
     now = time.time()
-    return {"host": host, "pid": pid, "pid_namespace": None, "command": "mixloop tune lr-search",
-            "started": now - 3600, "heartbeat": now - heartbeat_age_s, "heartbeat_every_s": 0.2,
-            "token": "f" * 32}
+    return {
+        "host": host,
+        "pid": pid,
+        "pid_namespace": None,
+        "command": "mixloop tune lr-search",
+        "started": now - 3600,
+        "heartbeat": now - heartbeat_age_s,
+        "heartbeat_every_s": 0.2,
+        "token": "f" * 32,
+    }
 
 
 def test_acquire_records_the_holder_and_release_removes_the_lock(tmp_path):

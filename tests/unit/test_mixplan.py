@@ -149,8 +149,12 @@ def test_one_two_or_three_workers_train_the_same_global_batches(micro_batch_rows
                     span = slice(m * micro_batch_rows, (m + 1) * micro_batch_rows)
                     trained[m] = (corpus[span], index[span])
             assert sorted(trained) == list(range(micro_batches)), "a micro-batch was left out"
-            per_step.append(row_hash(np.concatenate([trained[m][0] for m in range(micro_batches)]),
-                                     np.concatenate([trained[m][1] for m in range(micro_batches)])))
+            per_step.append(
+                row_hash(
+                    np.concatenate([trained[m][0] for m in range(micro_batches)]),
+                    np.concatenate([trained[m][1] for m in range(micro_batches)]),
+                )
+            )
         hashes[world] = per_step
     assert hashes[1] == hashes[2] == hashes[3]
     assert len(set(hashes[1])) == 40

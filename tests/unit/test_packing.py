@@ -58,9 +58,7 @@ def test_chat_documents_that_fit_are_never_split():
     docs = _docs([5, 9, 12, 16, 3, 14, 2, 8])
     rows = _pack(docs, seq_len=16, split=False)
     for ids, _ in docs:
-        homes = [
-            (tokens, segments) for tokens, _, segments in rows if np.isin(ids, tokens[segments > 0]).any()
-        ]
+        homes = [(tokens, segments) for tokens, _, segments in rows if np.isin(ids, tokens[segments > 0]).any()]
         assert len(homes) == 1, f"document starting at {ids[0]} is spread over {len(homes)} rows"
         tokens, segments = homes[0]
         segment = segments[tokens == ids[0]][0]
@@ -218,6 +216,10 @@ def test_without_packing_every_document_gets_rows_of_its_own():
     docs = [np.arange(1, 4), np.arange(10, 20), np.arange(30, 32)]
     rows = [row for doc in docs for row in packer.add(doc, np.ones(len(doc), bool))] + list(packer.flush())
     tokens = [row[0].tolist() for row in rows]
-    assert tokens == [[1, 2, 3, 0, 0, 0, 0, 0], list(range(10, 18)), [18, 19, 0, 0, 0, 0, 0, 0],
-                      [30, 31, 0, 0, 0, 0, 0, 0]]
+    assert tokens == [
+        [1, 2, 3, 0, 0, 0, 0, 0],
+        list(range(10, 18)),
+        [18, 19, 0, 0, 0, 0, 0, 0],
+        [30, 31, 0, 0, 0, 0, 0, 0],
+    ]
     assert all(set(row[2][row[2] > 0].tolist()) == {1} for row in rows), "one document (segment) per row"

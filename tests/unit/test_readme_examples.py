@@ -64,8 +64,11 @@ def test_yaml_example_is_valid(where, text, tmp_path):
     readme_dir = str((REPO / where.split(":")[0]).parent)
     problems = check_spec_data(data, readme_dir, files=False)
     if kind == "pipeline fragment":  # a few keys shown on their own: what the others would say is left out
-        problems = [p for p in problems if not re.fullmatch(r"\w+: required but missing\..*", p)
-                    and re.split(r"[.\[:]", p)[0] in data]
+        problems = [
+            p
+            for p in problems
+            if not re.fullmatch(r"\w+: required but missing\..*", p) and re.split(r"[.\[:]", p)[0] in data
+        ]
     assert problems == [], f"{where} ({kind}):\n" + "\n".join(problems)
 
 

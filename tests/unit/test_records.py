@@ -63,7 +63,7 @@ def test_lone_surrogates_are_refused_before_the_tokenizer_sees_them():
     lone = {"conversations": [USER, {"role": "assistant", "content": "\udfff"}]}
     with pytest.raises(BadRecord, match="turn 1 content holds a lone surrogate"):
         check_chat(lone)
-    assert check_text(parse_json_line(b'{"text": "\\ud83d\\ude00"}')) == "\U0001F600"  # a pair is fine
+    assert check_text(parse_json_line(b'{"text": "\\ud83d\\ude00"}')) == "\U0001f600"  # a pair is fine
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,10 @@ ASSISTANT = {"role": "assistant", "content": "hello"}
         ({"conversations": [USER, {"role": "bot", "content": "x"}]}, "turn 1 has unknown role 'bot'"),
         ({"conversations": [{"role": "user", "content": 3}, ASSISTANT]}, "turn 0 content must be a string, got int"),
         ({"conversations": [USER, {"role": "assistant"}]}, "turn 1 has no 'content'"),
-        ({"conversations": [USER, {"role": "assistant", "content": None}]}, "turn 1 content must be a string, got NoneType"),
+        (
+            {"conversations": [USER, {"role": "assistant", "content": None}]},
+            "turn 1 content must be a string, got NoneType",
+        ),
         ({"conversations": [USER, {"role": "assistant", "content": {"text": "x"}}]}, "must be a string, got dict"),
         ({"conversations": None}, "non-empty list"),
         ({"conversations": [{"role": "system", "content": "be nice"}]}, "no assistant turn with content"),
@@ -137,8 +140,15 @@ def test_a_chat_may_open_with_the_assistant():
 SHAPES = [  # (record, format it is read as)
     ({"conversations": [USER, ASSISTANT]}, "conversations"),
     ({"messages": [USER, ASSISTANT]}, "messages"),
-    ({"conversations": [{"from": "human", "value": USER["content"]}, {"from": "gpt", "value": ASSISTANT["content"]}]},
-     "sharegpt"),
+    (
+        {
+            "conversations": [
+                {"from": "human", "value": USER["content"]},
+                {"from": "gpt", "value": ASSISTANT["content"]},
+            ]
+        },
+        "sharegpt",
+    ),
     ({"instruction": USER["content"], "input": "", "output": ASSISTANT["content"]}, "alpaca"),
 ]
 
@@ -154,22 +164,27 @@ def test_alpaca_input_and_system_and_renamed_columns():
     record = {"q": "Add them.", "ctx": "2 and 3", "a": "5", "sys": "Be exact."}
     columns = {"instruction": "q", "input": "ctx", "output": "a", "system": "sys"}
     normalized, _ = normalize(record, "chat", "alpaca", columns)
-    assert check_chat(normalized) == [{"role": "system", "content": "Be exact."},
-                                      {"role": "user", "content": "Add them.\n\n2 and 3"},
-                                      {"role": "assistant", "content": "5"}]
+    assert check_chat(normalized) == [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "Add them.\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     dialog = {"dialog": [{"speaker": "user", "utterance": "hi"}, {"speaker": "assistant", "utterance": "yo"}]}
     columns = {"conversations": "dialog", "role": "speaker", "content": "utterance"}
     assert check_chat(normalize(dialog, "chat", "auto", columns)[0])[1] == {"role": "assistant", "content": "yo"}
     assert check_text(normalize({"body": "a document"}, "text", "auto", {"text": "body"})[0]) == "a document"
 
 
-@pytest.mark.parametrize("record, fmt, reason", [
-    ({"prompt": "x", "completion": "y"}, "auto", "not a chat in a shape mixloop reads"),
-    ({"conversations": [{"from": "alien", "value": "x"}]}, "auto", "unknown speaker 'alien'"),
-    ({"messages": [USER, ASSISTANT]}, "sharegpt", "missing field 'conversations' (sharegpt format)"),
-    ({"instruction": "x", "output": 3}, "auto", "field 'output' must be a string (alpaca format)"),
-    ({"messages": "hello"}, "auto", "field 'messages' must be a non-empty list of turns"),
-])
+@pytest.mark.parametrize(
+    "record, fmt, reason",
+    [
+        ({"prompt": "x", "completion": "y"}, "auto", "not a chat in a shape mixloop reads"),
+        ({"conversations": [{"from": "alien", "value": "x"}]}, "auto", "unknown speaker 'alien'"),
+        ({"messages": [USER, ASSISTANT]}, "sharegpt", "missing field 'conversations' (sharegpt format)"),
+        ({"instruction": "x", "output": 3}, "auto", "field 'output' must be a string (alpaca format)"),
+        ({"messages": "hello"}, "auto", "field 'messages' must be a non-empty list of turns"),
+    ],
+)
 def test_a_record_in_no_known_shape_is_rejected_with_what_was_expected(record, fmt, reason):
     with pytest.raises(BadRecord, match=re.escape(reason)):
         check_chat(normalize(record, "chat", fmt)[0])

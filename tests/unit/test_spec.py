@@ -100,8 +100,10 @@ def test_misspelt_nested_key_suggests_the_field(write_spec):
 
 def test_wrong_type_names_the_path_the_value_and_what_the_field_is(write_spec):
     problem = _only_problem(write_spec, lambda d: d["stages"][1].update(tokens="many"))
-    assert problem == ("stages[1].tokens: expected a whole number, got 'many'. Fix: write a whole number such as "
-                       "160000 (Token budget of the stage (rounded up to whole optimizer steps)).")
+    assert problem == (
+        "stages[1].tokens: expected a whole number, got 'many'. Fix: write a whole number such as "
+        "160000 (Token budget of the stage (rounded up to whole optimizer steps))."
+    )
 
 
 def test_missing_required_field_is_named(write_spec):
@@ -230,8 +232,9 @@ def test_cli_validate_accepts_a_valid_spec(write_spec, capsys):
 def test_cli_lines_reach_a_pipe_while_the_command_still_runs(write_spec):
     """Progress lines of a long run that writes to a file or pipe (Ray Jobs' logs, tee) appear as
     they are printed, not when a buffer fills or the process ends."""
-    script = ("import sys, time; from mixloop.cli import main; "
-              f"main(['validate', {str(write_spec())!r}]); time.sleep(60)")
+    script = (
+        f"import sys, time; from mixloop.cli import main; main(['validate', {str(write_spec())!r}]); time.sleep(60)"
+    )
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as on users' machines
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environment)
     try:
@@ -416,6 +419,7 @@ def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_pa
 
 def test_structural_and_semantic_problems_come_in_one_list(write_spec):
     """A type error in one stage leaves the corpus file checks and the other stages' checks running."""
+
     def edit(data):
         data["stages"][1]["tokens"] = "lots"
         data["corpora"]["web"]["kind"] = "audio"
@@ -426,8 +430,11 @@ def test_structural_and_semantic_problems_come_in_one_list(write_spec):
     message, problems = _problems(write_spec, edit)
     assert message.splitlines()[0].endswith("5 problem(s) in the pipeline spec:")
     assert [p.split(":")[0] for p in problems] == [  # structure first, then meaning
-        "corpora.web.kind", "stages[1].tokens",
-        "corpora.chat.path", "stages[0].mixture.books", "stages[0].global_batch_tokens",
+        "corpora.web.kind",
+        "stages[1].tokens",
+        "corpora.chat.path",
+        "stages[0].mixture.books",
+        "stages[0].global_batch_tokens",
     ]
     assert all("Fix:" in p for p in problems)
 
@@ -442,62 +449,104 @@ def test_checks_that_need_a_broken_part_are_skipped_not_guessed(write_spec):
 
     _, problems = _problems(write_spec, edit)
     assert sorted(p.split(":")[0] for p in problems) == [
-        "corpora.web.kind", "defaults.micro_batch_rows", "stages[0].tokens"]
+        "corpora.web.kind",
+        "defaults.micro_batch_rows",
+        "stages[0].tokens",
+    ]
 
 
 def test_a_broken_seed_leaves_the_batch_checks_running(write_spec):
-    _, problems = _problems(write_spec, lambda d: d.update(seed="seven") or d["defaults"].update(global_batch_tokens=2000))
-    assert [p.split(":")[0] for p in problems] == ["seed", "stages[0].global_batch_tokens", "stages[1].global_batch_tokens"]
+    _, problems = _problems(
+        write_spec, lambda d: d.update(seed="seven") or d["defaults"].update(global_batch_tokens=2000)
+    )
+    assert [p.split(":")[0] for p in problems] == [
+        "seed",
+        "stages[0].global_batch_tokens",
+        "stages[1].global_batch_tokens",
+    ]
 
 
 def test_check_spec_data_without_files_checks_the_spec_alone(tmp_path):
     # A filesystem that refuses every write: the check reaches no network (a real s3:// would ask AWS).
     fsspec.register_implementation("refusing", _RefusingFileSystem, clobber=True)
-    data = {**copy.deepcopy(BASE), "workdir": "refusing://no-such-bucket/run", "model": {"path": "missing-model"},
-            "tokenizer": {"path": "missing-tokenizer"}}
+    data = {
+        **copy.deepcopy(BASE),
+        "workdir": "refusing://no-such-bucket/run",
+        "model": {"path": "missing-model"},
+        "tokenizer": {"path": "missing-tokenizer"},
+    }
     assert check_spec_data(data, str(tmp_path), files=False) == []
     paths = sorted(p.split(":")[0] for p in check_spec_data(data, str(tmp_path)))
     assert paths == ["corpora.chat.path", "corpora.web.path", "model.path", "tokenizer.path", "workdir"]
     data["stages"][0]["tokens"] = "lots"
     data["stages"][1]["mixture"]["books"] = 1.0
     assert [p.split(":")[0] for p in check_spec_data(data, str(tmp_path), files=False)] == [
-        "stages[0].tokens", "stages[1].mixture.books"]
+        "stages[0].tokens",
+        "stages[1].mixture.books",
+    ]
 
 
 # ---------------------------------------------------------------- fixes that say what to write
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda d: d["stages"][0].update(tokens=2.5),
-     "stages[0].tokens: expected a whole number, got 2.5. Fix: write a whole number such as 160000 ("),
-    (lambda d: d["defaults"].update(seq_len=4),
-     "defaults.seq_len: expected a whole number greater than or equal to 8, got 4. "
-     "Fix: write a whole number greater than or equal to 8 such as 256 (Tokens per packed row)."),
-    (lambda d: d["defaults"].update(lr={"peak": "fast"}),
-     "defaults.lr.peak: expected a number, got 'fast'. Fix: write a number such as 0.001 ("),
-    (lambda d: d["defaults"].update(lr={"floor": 1.5}),
-     "defaults.lr.floor: expected a number less than or equal to 1, got 1.5. Fix: write a number greater than "
-     "or equal to 0 and less than or equal to 1 such as 0.1 ("),
-    (lambda d: d["defaults"].update(use_gpu="maybe"),
-     "defaults.use_gpu: expected true or false, got 'maybe'. Fix: write true or false ("),
-    (lambda d: d["stages"][1].update(balance="tokens"),
-     "stages[1].balance: expected one of corpus, token, got 'tokens'. Fix: did you mean 'token'? "
-     "write one of: corpus, token ("),
-    (lambda d: d["corpora"]["web"].update(kind="audio"),
-     "corpora.web.kind: expected one of text, chat, got 'audio'. Fix: write one of: text, chat ("),
-    (lambda d: d["stages"][0].update(name="Pre Train"),
-     "stages[0].name: expected a name of lowercase letters, digits, '_', '.' and '-', got 'Pre Train'. "
-     "Fix: write e.g. 'pre-train' ("),
-    (lambda d: d["stages"][0]["mixture"].update(web="lots"),
-     "stages[0].mixture.web: expected a weight or {from: W, to: W}, got 'lots'. Fix: write a weight or {from: W, to: W} ("),
-    (lambda d: d["defaults"].update(workers=2.5),
-     "defaults.workers: expected a whole number or {min: N, max: N}, got 2.5. Fix: write a whole number or {min: N, max: N} ("),
-    (lambda d: d["tokenizer"]["train"].update(vocab_size=100),
-     "tokenizer.train.vocab_size: expected a whole number greater than or equal to 260, got 100. Fix: write a whole "
-     "number greater than or equal to 260 and less than or equal to 262144 such as 6400 ("),
-    (lambda d: d.update(stages=[]),
-     "stages: List should have at least 1 item, got []. Fix: give at least 1 (The ordered stages of the model's life)."),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda d: d["stages"][0].update(tokens=2.5),
+            "stages[0].tokens: expected a whole number, got 2.5. Fix: write a whole number such as 160000 (",
+        ),
+        (
+            lambda d: d["defaults"].update(seq_len=4),
+            "defaults.seq_len: expected a whole number greater than or equal to 8, got 4. "
+            "Fix: write a whole number greater than or equal to 8 such as 256 (Tokens per packed row).",
+        ),
+        (
+            lambda d: d["defaults"].update(lr={"peak": "fast"}),
+            "defaults.lr.peak: expected a number, got 'fast'. Fix: write a number such as 0.001 (",
+        ),
+        (
+            lambda d: d["defaults"].update(lr={"floor": 1.5}),
+            "defaults.lr.floor: expected a number less than or equal to 1, got 1.5. Fix: write a number greater than "
+            "or equal to 0 and less than or equal to 1 such as 0.1 (",
+        ),
+        (
+            lambda d: d["defaults"].update(use_gpu="maybe"),
+            "defaults.use_gpu: expected true or false, got 'maybe'. Fix: write true or false (",
+        ),
+        (
+            lambda d: d["stages"][1].update(balance="tokens"),
+            "stages[1].balance: expected one of corpus, token, got 'tokens'. Fix: did you mean 'token'? "
+            "write one of: corpus, token (",
+        ),
+        (
+            lambda d: d["corpora"]["web"].update(kind="audio"),
+            "corpora.web.kind: expected one of text, chat, got 'audio'. Fix: write one of: text, chat (",
+        ),
+        (
+            lambda d: d["stages"][0].update(name="Pre Train"),
+            "stages[0].name: expected a name of lowercase letters, digits, '_', '.' and '-', got 'Pre Train'. "
+            "Fix: write e.g. 'pre-train' (",
+        ),
+        (
+            lambda d: d["stages"][0]["mixture"].update(web="lots"),
+            "stages[0].mixture.web: expected a weight or {from: W, to: W}, got 'lots'. Fix: write a weight or {from: W, to: W} (",
+        ),
+        (
+            lambda d: d["defaults"].update(workers=2.5),
+            "defaults.workers: expected a whole number or {min: N, max: N}, got 2.5. Fix: write a whole number or {min: N, max: N} (",
+        ),
+        (
+            lambda d: d["tokenizer"]["train"].update(vocab_size=100),
+            "tokenizer.train.vocab_size: expected a whole number greater than or equal to 260, got 100. Fix: write a whole "
+            "number greater than or equal to 260 and less than or equal to 262144 such as 6400 (",
+        ),
+        (
+            lambda d: d.update(stages=[]),
+            "stages: List should have at least 1 item, got []. Fix: give at least 1 (The ordered stages of the model's life).",
+        ),
+    ],
+)
 def test_a_type_error_says_what_to_write(write_spec, edit, expected):
     problem = _only_problem(write_spec, edit)
     assert problem.startswith(expected), problem
@@ -506,12 +555,20 @@ def test_a_type_error_says_what_to_write(write_spec, edit, expected):
 
 def test_numbers_in_exponent_notation_are_whole_numbers_where_one_is_meant(write_spec):
     """PyYAML (YAML 1.1) reads 2e9, 2.0e9 and 1e-3 as strings and 5.0e+8 as a float; all are numbers here."""
+
     def edit(data):
         data["defaults"]["global_batch_tokens"] = "2.048e3"
         data["stages"][0]["tokens"] = "2e9"
         data["stages"][1]["tokens"] = "2.0e9"
-        data["stages"].append({"name": "more", "mixture": {"web": "1e-1", "chat": {"from": "9e-1", "to": "5e-1"}},
-                               "tokens": 5.0e8, "workers": "1e0", "lr": {"peak": "3e-4"}})
+        data["stages"].append(
+            {
+                "name": "more",
+                "mixture": {"web": "1e-1", "chat": {"from": "9e-1", "to": "5e-1"}},
+                "tokens": 5.0e8,
+                "workers": "1e0",
+                "lr": {"peak": "3e-4"},
+            }
+        )
 
     path = write_spec(edit)
     assert "tokens: 2e9\n" in path.read_text() and "tokens: 500000000.0\n" in path.read_text()
@@ -534,28 +591,41 @@ def test_a_stage_name_that_reads_like_a_number_stays_a_name(write_spec):
 
 def test_a_stage_longer_than_the_models_positions(write_spec):
     problem = _only_problem(write_spec, lambda d: d["stages"][1].update(seq_len=4096, global_batch_tokens=32768))
-    assert problem == ("stages[1].seq_len: rows of 4096 tokens, but the model has 2048 positions (max_position_embeddings "
-                       "of preset micro). Fix: set seq_len to at most 2048, or raise model.config.max_position_embeddings.")
+    assert problem == (
+        "stages[1].seq_len: rows of 4096 tokens, but the model has 2048 positions (max_position_embeddings "
+        "of preset micro). Fix: set seq_len to at most 2048, or raise model.config.max_position_embeddings."
+    )
 
 
 def test_a_defaults_seq_len_too_long_is_named_once_where_it_is_set(write_spec):
     problem = _only_problem(write_spec, lambda d: d["defaults"].update(seq_len=4096, global_batch_tokens=32768))
-    assert problem.startswith("defaults.seq_len: rows of 4096 tokens (every stage without its own seq_len, and the "
-                              "eval splits), but the model has 2048 positions")
+    assert problem.startswith(
+        "defaults.seq_len: rows of 4096 tokens (every stage without its own seq_len, and the "
+        "eval splits), but the model has 2048 positions"
+    )
 
 
 def test_positions_from_config_overrides_qwen3s_default_and_a_model_directory(write_spec, tmp_path):
     problem = _only_problem(write_spec, lambda d: d["model"].update(config={"max_position_embeddings": 32}))
     assert problem.startswith("defaults.seq_len: rows of 64 tokens") and "32 positions (model.config" in problem
     config = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    problem = _only_problem(write_spec, lambda d: d.update(model={"config": config})
-                            or d["stages"][0].update(seq_len=65536, global_batch_tokens=65536 * 8, tokens=10**7))
+    problem = _only_problem(
+        write_spec,
+        lambda d: (
+            d.update(model={"config": config})
+            or d["stages"][0].update(seq_len=65536, global_batch_tokens=65536 * 8, tokens=10**7)
+        ),
+    )
     assert f"{QWEN3_DEFAULT_POSITIONS} positions (Qwen3Config's default" in problem
     (tmp_path / "start").mkdir()
     (tmp_path / "start" / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
-    problem = _only_problem(write_spec, lambda d: d.update(model={"path": "start"}) or d["stages"][1].update(seq_len=256))
-    assert problem.startswith("stages[1].seq_len: rows of 256 tokens, but the model has 128 positions (model.path's "
-                              "config.json). Fix: set seq_len to at most 128, or start from a model with more positions.")
+    problem = _only_problem(
+        write_spec, lambda d: d.update(model={"path": "start"}) or d["stages"][1].update(seq_len=256)
+    )
+    assert problem.startswith(
+        "stages[1].seq_len: rows of 256 tokens, but the model has 128 positions (model.path's "
+        "config.json). Fix: set seq_len to at most 128, or start from a model with more positions."
+    )
 
 
 def test_preset_positions_match_the_models_presets_and_qwen3s_default():
@@ -565,8 +635,9 @@ def test_preset_positions_match_the_models_presets_and_qwen3s_default():
     from mixloop.model import PRESETS
 
     assert QWEN3_DEFAULT_POSITIONS == Qwen3Config().max_position_embeddings
-    assert PRESET_POSITIONS == {name: preset.get("max_position_embeddings", QWEN3_DEFAULT_POSITIONS)
-                                for name, preset in PRESETS.items()}
+    assert PRESET_POSITIONS == {
+        name: preset.get("max_position_embeddings", QWEN3_DEFAULT_POSITIONS) for name, preset in PRESETS.items()
+    }
 
 
 # ---------------------------------------------------------------- the workdir and the corpus files
@@ -577,7 +648,9 @@ def test_workdir_that_is_a_file_or_lies_under_one(write_spec, tmp_path):
     problem = _only_problem(write_spec, lambda d: d.update(workdir="afile"))
     assert problem == f"workdir: {tmp_path / 'afile'} is a file. Fix: point workdir at a folder, or move the file away."
     problem = _only_problem(write_spec, lambda d: d.update(workdir="afile/runs/one"))
-    assert problem.startswith(f"workdir: cannot create {tmp_path / 'afile/runs/one'}, because {tmp_path / 'afile'} is a file.")
+    assert problem.startswith(
+        f"workdir: cannot create {tmp_path / 'afile/runs/one'}, because {tmp_path / 'afile'} is a file."
+    )
     assert "Fix:" in problem
 
 
@@ -667,5 +740,7 @@ def test_the_python_api_takes_a_spec_from_a_dict(tmp_path, write_spec):
     assert spec.stage_names() == ["pretrain", "sft"] and spec.resolved_stages()[1].tokens == 60_000
     assert mixloop.versions(spec) == []  # nothing trained yet
     with pytest.raises(SpecError, match="no file matches"):
-        mixloop.from_dict({**data, "corpora": {**data["corpora"], "web": {"kind": "text", "path": "none/*.jsonl"}}},
-                          base_dir=str(tmp_path))
+        mixloop.from_dict(
+            {**data, "corpora": {**data["corpora"], "web": {"kind": "text", "path": "none/*.jsonl"}}},
+            base_dir=str(tmp_path),
+        )

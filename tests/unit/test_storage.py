@@ -98,11 +98,19 @@ def test_packed_corpus_keys_from_before_the_packing_options_still_hold(tmp_path)
     corpus = tmp_path / "a.jsonl"
     corpus.write_text('{"text": "x"}\n')
     fs, inner = fsspec.core.url_to_fs(str(corpus))
-    before = {"files": [[str(corpus), fs.ukey(inner)]], "kind": "text", "tokenizer": "fp", "seq_len": 64,
-              "format": FORMAT_VERSION}  # the payload of mixloop 0.1.0
+    before = {
+        "files": [[str(corpus), fs.ukey(inner)]],
+        "kind": "text",
+        "tokenizer": "fp",
+        "seq_len": 64,
+        "format": FORMAT_VERSION,
+    }  # the payload of mixloop 0.1.0
     request = CorpusRequest("a", "train", str(corpus), None, "text", 0.01, 64)
-    assert corpus_key([str(corpus)], request, "fp") == hashlib.sha256(
-        json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert (
+        corpus_key([str(corpus)], request, "fp")
+        == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    )
     assert corpus_key([str(corpus)], request._replace(packing=False), "fp") != corpus_key([str(corpus)], request, "fp")
     assert corpus_key([str(corpus)], request._replace(max_document_tokens=100), "fp") != corpus_key(
-        [str(corpus)], request, "fp")
+        [str(corpus)], request, "fp"
+    )

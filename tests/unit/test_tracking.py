@@ -12,9 +12,20 @@ from mixloop.tracking import Trackers, scalars, tokens_through
 
 
 def record(stage: str, step: int, loss: float, tokens: float) -> dict:
-    return {"stage": stage, "step": step, "total_steps": 4, "lr": 1e-3, "loss": loss, "grad_norm": 0.5,
-            "loss_per_corpus": {"web": loss}, "tokens_per_s": 100.0, "step_seconds": 0.5, "data_s": 0.1,
-            "tokens": {"web": tokens}, "time": 0.0}
+    return {
+        "stage": stage,
+        "step": step,
+        "total_steps": 4,
+        "lr": 1e-3,
+        "loss": loss,
+        "grad_norm": 0.5,
+        "loss_per_corpus": {"web": loss},
+        "tokens_per_s": 100.0,
+        "step_seconds": 0.5,
+        "data_s": 0.1,
+        "tokens": {"web": tokens},
+        "time": 0.0,
+    }
 
 
 def events(folder) -> EventAccumulator:
@@ -27,19 +38,27 @@ def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_pat
     metrics = tmp_path / "metrics.jsonl"
     trackers = Trackers(str(tmp_path), log=lambda line: None)
     with trackers.follow({"sft": {}}, tokens_before=1000):
-        lines = [json.dumps(r) for r in [record("pretrain", 2, 3.0, 1000), record("sft", 2, 2.0, 200),
-                                         record("sft", 4, 1.5, 400)]]
+        lines = [
+            json.dumps(r)
+            for r in [record("pretrain", 2, 3.0, 1000), record("sft", 2, 2.0, 200), record("sft", 4, 1.5, 400)]
+        ]
         metrics.write_text("\n".join(lines) + '\n{"stage": "sft", "st')  # the last line still being written
     loss = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
     assert [(e.step, e.value) for e in loss] == [(1200, 2.0), (1400, 1.5)]  # after pretrain's 1000 tokens
-    assert {"train/loss/web", "train/lr", "train/data_wait_share"} <= set(events(tmp_path / "tensorboard" / "sft").Tags()["scalars"])
+    assert {"train/loss/web", "train/lr", "train/data_wait_share"} <= set(
+        events(tmp_path / "tensorboard" / "sft").Tags()["scalars"]
+    )
     assert not (tmp_path / "tensorboard" / "pretrain").exists()
 
-    lineages = {"base": {"parent": None}, "pretrain": {"parent": "base", "tokens_per_corpus": {"web": 1000}},
-                "sft": {"parent": "pretrain", "tokens_per_corpus": {"web": 400}}}
+    lineages = {
+        "base": {"parent": None},
+        "pretrain": {"parent": "base", "tokens_per_corpus": {"web": 1000}},
+        "sft": {"parent": "pretrain", "tokens_per_corpus": {"web": 400}},
+    }
     assert tokens_through("sft", lineages) == 1400
-    trackers.log_versions({"sft": {"web": {"loss": 1.25}}}, {"sft": {"uptake": {}, "forgetting": {"web": -0.1}}},
-                          lineages)
+    trackers.log_versions(
+        {"sft": {"web": {"loss": 1.25}}}, {"sft": {"uptake": {}, "forgetting": {"web": -0.1}}}, lineages
+    )
     evaluation = events(tmp_path / "tensorboard" / "sft")
     assert [(e.step, e.value) for e in evaluation.Scalars("eval/web")] == [(1400, 1.25)]
     assert evaluation.Scalars("forgetting/web")[0].value == pytest.approx(-0.1)

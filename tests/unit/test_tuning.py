@@ -12,8 +12,8 @@ import yaml
 from mixloop.cli import main
 from mixloop.errors import MixloopError, SpecError
 from mixloop.spec import load_spec
-from mixloop.tuning.results import append_stage, pareto_front, pick, stage_yaml, verdict_line
 from mixloop.tuning.objectives import objective_terms, objective_value
+from mixloop.tuning.results import append_stage, pareto_front, pick, stage_yaml, verdict_line
 from mixloop.tuning.search import load_search
 from mixloop.tuning.simplex import simplex_weights
 
@@ -32,8 +32,12 @@ PIPELINE = {
     "defaults": {"seq_len": 64, "global_batch_tokens": 2048, "micro_batch_rows": 8},
     "stages": [
         {"name": "pretrain", "mixture": {"web": 1.0}, "tokens": 100_000},
-        {"name": "news", "mixture": {"news": {"from": 0.7, "to": 0.9}, "web": {"from": 0.3, "to": 0.1}},
-         "tokens": 50_000, "lr": {"peak": 0.002, "decay": "wsd"}},
+        {
+            "name": "news",
+            "mixture": {"news": {"from": 0.7, "to": 0.9}, "web": {"from": 0.3, "to": 0.1}},
+            "tokens": 50_000,
+            "lr": {"peak": 0.002, "decay": "wsd"},
+        },
     ],
 }
 
@@ -41,8 +45,12 @@ SEARCH = {
     "name": "news-tuned",
     "pipeline": "pipeline.yaml",
     "stage": "news",
-    "space": {"mixture": {"corpora": ["news", "web"], "min_share": 0.05}, "lr_peak": [0.0005, 0.005],
-              "warmup": [0.0, 0.3], "decay": ["cosine", "wsd"]},
+    "space": {
+        "mixture": {"corpora": ["news", "web"], "min_share": 0.05},
+        "lr_peak": [0.0005, 0.005],
+        "warmup": [0.0, 0.3],
+        "decay": ["cosine", "wsd"],
+    },
     "objective": "loss.news + 2 * forgetting.web",
 }
 
@@ -53,7 +61,8 @@ def write_search(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "web.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "data" / "chat.jsonl").write_text(
-        '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+        '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(PIPELINE, sort_keys=False))
 
     def write(edit=None) -> Path:
@@ -90,6 +99,7 @@ def test_unknown_keys_and_bad_ranges_are_all_named_with_their_paths(write_search
     def edit(data):
         data["space"]["lr_pek"] = [0.1, 0.2]
         data["trials"] = {"count": 2}
+
     message = problems(write_search, edit)
     assert "space.lr_pek: unknown key" in message and "did you mean 'lr_peak'?" in message
     assert "trials.count" in message and "greater than or equal to 3" in message
@@ -97,8 +107,12 @@ def test_unknown_keys_and_bad_ranges_are_all_named_with_their_paths(write_search
 
 def test_space_problems_name_the_fix(write_search):
     def edit(data):
-        data["space"] = {"mixture": {"corpora": ["news", "web", "nope"], "min_share": 0.3}, "lr_peak": [0.0, 0.01],
-                         "warmup": [0.3, 0.1]}
+        data["space"] = {
+            "mixture": {"corpora": ["news", "web", "nope"], "min_share": 0.3},
+            "lr_peak": [0.0, 0.01],
+            "warmup": [0.3, 0.1],
+        }
+
     message = problems(write_search, edit)
     assert "space.mixture.corpora[2]: unknown corpus 'nope'" in message
     assert "space.lr_peak: the low end 0.0 must be above 0" in message
@@ -109,19 +123,24 @@ def test_space_problems_name_the_fix(write_search):
 def test_min_share_leaving_nothing_to_search_and_an_empty_space(write_search):
     three = {"corpora": ["news", "web", "chat"], "min_share": 0.4}
     assert "0.4 for each of 3 corpora leaves nothing to search" in problems(
-        write_search, lambda d: d["space"].update(mixture=three))
+        write_search, lambda d: d["space"].update(mixture=three)
+    )
     assert "space: nothing to search" in problems(write_search, lambda d: d.update(space={}))
 
 
 def test_searched_mix_must_cover_the_stage_and_trials_must_fit(write_search):
     assert "space.mixture.corpora: leaves out web of the stage's mixture" in problems(
-        write_search, lambda d: d["space"].update(mixture={"corpora": ["news", "chat"]}))
+        write_search, lambda d: d["space"].update(mixture={"corpora": ["news", "chat"]})
+    )
     assert "space.tokens: [20000, 20400] holds no whole step of 2048 tokens" in problems(
-        write_search, lambda d: d["space"].update(tokens=[20000, 20400]))
+        write_search, lambda d: d["space"].update(tokens=[20000, 20400])
+    )
     assert "asha.grace_evals: 4 is more than trials.evals (3)" in problems(
-        write_search, lambda d: d.update(asha={"grace_evals": 4}))
+        write_search, lambda d: d.update(asha={"grace_evals": 4})
+    )
     assert "trials.workers: 5 workers but only 4 micro-batches per step" in problems(
-        write_search, lambda d: d.update(trials={"workers": 5}))
+        write_search, lambda d: d.update(trials={"workers": 5})
+    )
 
 
 def test_objective_must_use_known_metrics_of_corpora_with_eval_splits(write_search):
@@ -142,6 +161,7 @@ def test_new_stage_problems_are_named_under_new_stage(write_search):
     def edit(data):
         data.pop("stage")
         data["new_stage"] = {"mixture": {"news": 1.0, "gone": 1.0}, "tokens": 10_000}
+
     assert "new_stage.mixture.gone: unknown corpus" in problems(write_search, edit)
 
 
@@ -149,9 +169,12 @@ def test_new_stage_starts_from_the_last_stage_by_default(write_search):
     def edit(data):
         data.pop("stage")
         data["new_stage"] = {"mixture": {"news": 0.5, "web": 0.5}, "tokens": 10_000}
+
     search = load_search(write_search(edit))
-    assert search.start_from == "news" and search.template["mixture"] == {"news": {"from": 0.5, "to": 0.5},
-                                                                          "web": {"from": 0.5, "to": 0.5}}
+    assert search.start_from == "news" and search.template["mixture"] == {
+        "news": {"from": 0.5, "to": 0.5},
+        "web": {"from": 0.5, "to": 0.5},
+    }
 
 
 def test_broken_pipeline_is_reported_through_the_search(write_search, tmp_path):
@@ -172,7 +195,10 @@ def test_cli_tune_reports_spec_problems_without_traceback(write_search, capsys):
 
 def test_objective_terms_and_values():
     assert objective_terms('loss.news + 2 * forgetting["web-2"] - gain.news / 4') == [
-        ("loss", "news"), ("forgetting", "web-2"), ("gain", "news")]
+        ("loss", "news"),
+        ("forgetting", "web-2"),
+        ("gain", "news"),
+    ]
     losses, start = {"news": 2.0, "web": 1.5}, {"news": 3.0, "web": 1.0}
     assert objective_value("loss.news + 2 * forgetting.web", losses, start) == pytest.approx(3.0)
     assert objective_value("-gain.news", losses, start) == pytest.approx(-1.0)
@@ -207,10 +233,15 @@ def test_stratified_baseline_follows_token_counts(write_search):
 
 def test_token_budget_is_searched_in_whole_steps(write_search):
     search = load_search(write_search(lambda d: d["space"].update(tokens=[10_000, 40_000])))
-    assert search.trial_stage({**{"share.news": 0.5, "share.web": 0.5, "lr_peak": 0.001, "warmup": 0.1,
-                                  "decay": "wsd"}, "steps": 7})["tokens"] == 7 * 2048
+    assert (
+        search.trial_stage(
+            {**{"share.news": 0.5, "share.web": 0.5, "lr_peak": 0.001, "warmup": 0.1, "decay": "wsd"}, "steps": 7}
+        )["tokens"]
+        == 7 * 2048
+    )
     assert "space.tokens: the low end 100 must be at least 2048" in problems(
-        write_search, lambda d: d["space"].update(tokens=[100, 40_000]))
+        write_search, lambda d: d["space"].update(tokens=[100, 40_000])
+    )
 
 
 def test_a_baseline_inside_the_space_encodes_to_parameters_that_give_it_back(write_search):
@@ -278,19 +309,26 @@ def row(trial, arm, objective, status="finished", **more):
 
 
 def test_best_is_the_lowest_finished_objective_and_the_verdict_gives_the_margin():
-    rows = [row("a", "current", 3.0), row("b", "stratified", 2.5), row("c", "search", 2.0),
-            row("d", "search", 1.0, status="stopped")]
+    rows = [
+        row("a", "current", 3.0),
+        row("b", "stratified", 2.5),
+        row("c", "search", 2.0),
+        row("d", "search", 1.0, status="stopped"),
+    ]
     best = pick(rows, ["objective"], None)
     assert best["trial"] == "c"
     assert verdict_line(rows, ["objective"], best) == (
-        "winner: trial c (search) with objective 2.0000, 0.5000 (20.0%) below the stratified baseline's 2.5000")
+        "winner: trial c (search) with objective 2.0000, 0.5000 (20.0%) below the stratified baseline's 2.5000"
+    )
 
 
 def test_verdict_when_stratified_wins_or_did_not_finish():
     rows = [row("a", "current", 3.0), row("b", "stratified", 2.5), row("c", "search", 2.7)]
     assert "the stratified baseline won" in verdict_line(rows, ["objective"], pick(rows, ["objective"], None))
     rows[1]["status"] = "failed"
-    assert "the stratified baseline did not finish" in verdict_line(rows, ["objective"], pick(rows, ["objective"], None))
+    assert "the stratified baseline did not finish" in verdict_line(
+        rows, ["objective"], pick(rows, ["objective"], None)
+    )
 
 
 def test_chosen_trial_must_exist_and_have_finished():
@@ -303,8 +341,10 @@ def test_chosen_trial_must_exist_and_have_finished():
 
 def test_pareto_front_keeps_the_trials_nothing_beats_on_both():
     keys = ["objective_1", "objective_2"]
-    rows = [{"trial": t, "arm": "search", "status": "finished", "objective_1": a, "objective_2": b}
-            for t, a, b in [("a", 1, 5), ("b", 2, 2), ("c", 3, 3), ("d", 5, 1)]]
+    rows = [
+        {"trial": t, "arm": "search", "status": "finished", "objective_1": a, "objective_2": b}
+        for t, a, b in [("a", 1, 5), ("b", 2, 2), ("c", 3, 3), ("d", 5, 1)]
+    ]
     rows.append({"trial": "s", "arm": "stratified", "status": "finished", "objective_1": 4, "objective_2": 4})
     assert [r["trial"] for r in pareto_front(rows, keys)] == ["a", "b", "d"]
     assert "the stratified baseline is not on it" in verdict_line(rows, keys, rows[0])
@@ -331,8 +371,9 @@ def test_append_goes_to_the_end_of_the_stages_list_when_other_sections_follow(wr
     pipeline_path = tmp_path / "pipeline.yaml"
     pipeline_path.write_text(pipeline_path.read_text() + "\n# evaluation\neval_rows: 8\n")
     stage = search.trial_stage({"baseline": "current"})
-    append_stage(pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0,
-                                                           "stage": stage}))
+    append_stage(
+        pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0, "stage": stage})
+    )
     spec = load_spec(pipeline_path)
     assert spec.stage_names()[-1] == "news-tuned" and spec.pipeline.eval_rows == 8
     assert pipeline_path.read_text().endswith("\n# evaluation\neval_rows: 8\n")
@@ -345,6 +386,7 @@ def test_append_refuses_a_flow_style_stages_list_and_leaves_the_file(write_searc
     before = pipeline_path.read_text()
     stage = search.trial_stage({"baseline": "current"})
     with pytest.raises(MixloopError, match="no block-style `stages:` section"):
-        append_stage(pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0,
-                                                               "stage": stage}))
+        append_stage(
+            pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0, "stage": stage})
+        )
     assert pipeline_path.read_text() == before

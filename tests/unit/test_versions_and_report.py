@@ -15,13 +15,12 @@ import pytest
 import torch
 import yaml
 
-from support import micro_versions
-
 from mixloop.cli import as_user_error, build_parser, main
 from mixloop.errors import CorruptVersionError, SpecError, StorageError
 from mixloop.export import export
 from mixloop.registry import remove_partial_publishes, verified_version, version_dir
 from mixloop.report import write_report
+from support import micro_versions
 
 
 @pytest.fixture
@@ -72,8 +71,10 @@ def test_versions_are_readable_under_the_umask_and_killed_publishes_are_cleaned_
 
 
 def test_report_without_eval_splits_renders_and_names_what_to_add(tmp_path):
-    lineages = {"base": {"version": "base", "parent": None}, "s": {"version": "s", "parent": "base",
-                                                                 "stage": {"mixture": {"web": {"from": 1, "to": 1}}}}}
+    lineages = {
+        "base": {"version": "base", "parent": None},
+        "s": {"version": "s", "parent": "base", "stage": {"mixture": {"web": {"from": 1, "to": 1}}}},
+    }
     page = Path(write_report(str(tmp_path), lineages, {"base": {}, "s": {}}, {}, {}, ["web", "chats"]))
     text = page.read_text()
     assert "No eval split for web, chats" in text and "eval: &lt;held-out file&gt;" in text
@@ -89,8 +90,9 @@ def test_report_with_eval_splits_on_some_corpora_draws_them(tmp_path):
     assert "No eval split for chats" in page.read_text() and "2.0000" in page.read_text()
 
 
-@pytest.mark.parametrize("code, words", [(errno.EACCES, "write access"), (errno.EROFS, "read-only"),
-                                         (errno.ENOSPC, "disk is full")])
+@pytest.mark.parametrize(
+    "code, words", [(errno.EACCES, "write access"), (errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full")]
+)
 def test_storage_errors_become_one_line_with_the_path_and_a_fix(code, words):
     error = as_user_error(OSError(code, os.strerror(code), "/data/run/models"))
     assert isinstance(error, StorageError) and error.exit_code == 5
@@ -144,10 +146,24 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
     (version / "eval").mkdir()
     (version / "eval" / "matrix.json").write_text(json.dumps({"v1": {"web": {"loss": 2.5}}}))
     # v1 trained on a Hub dataset and a local file: the card's metadata names the dataset.
-    (version / "pipeline.yaml").write_text(yaml.safe_dump({"corpora": {
-        "gsm": {"kind": "chat", "dataset": "openai/gsm8k"}, "web": {"kind": "text", "path": "/data/web.jsonl"}}}))
-    write_lineage(str(version), "v1", {**read_lineage(str(version), "v1"),
-                                       "stage": {"mixture": {"gsm": {"from": 0.5, "to": 0.5}, "web": {"from": 0.5, "to": 0.5}}}})
+    (version / "pipeline.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "corpora": {
+                    "gsm": {"kind": "chat", "dataset": "openai/gsm8k"},
+                    "web": {"kind": "text", "path": "/data/web.jsonl"},
+                }
+            }
+        )
+    )
+    write_lineage(
+        str(version),
+        "v1",
+        {
+            **read_lineage(str(version), "v1"),
+            "stage": {"mixture": {"gsm": {"from": 0.5, "to": 0.5}, "web": {"from": 0.5, "to": 0.5}}},
+        },
+    )
     out = tmp_path / "exported"
     assert main(["models", "export", str(version), "v1", str(out), "--dtype", "bf16", "--max-shard-size", "40KB"]) == 0
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -160,7 +176,7 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
         torch.testing.assert_close(model(ids).logits.float(), original(ids).logits, atol=0.05, rtol=0.05)
     assert json.loads((out / "lineage.json").read_text())["version"] == "v1"
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: \"transformers\"") and "# v1" in card and "| web | 2.5000 |" in card
+    assert card.startswith('---\nlibrary_name: "transformers"') and "# v1" in card and "| web | 2.5000 |" in card
     assert 'datasets: ["openai/gsm8k"]\n' in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
@@ -171,8 +187,14 @@ def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_pat
 
     # v2 brought in `new` (its loss fell by 0.5) and, on earlier corpora, improved `old` (loss fell 0.2)
     # and forgot `older` (loss rose 0.3).
-    deltas = {"v2": {"parent": "v1", "uptake": {"new": 0.5}, "forgetting": {"old": -0.2, "older": 0.3},
-                     "forgetting_vs_best": {"old": -0.1, "older": 0.3}}}
+    deltas = {
+        "v2": {
+            "parent": "v1",
+            "uptake": {"new": 0.5},
+            "forgetting": {"old": -0.2, "older": 0.3},
+            "forgetting_vs_best": {"old": -0.1, "older": 0.3},
+        }
+    }
     line = format_deltas(deltas).splitlines()[1]
     assert line == "v2 (from v1): uptake new +0.500; forgetting old -0.200, older +0.300"
     lineages = {"v1": {"version": "v1", "parent": None}, "v2": {"version": "v2", "parent": "v1"}}
@@ -184,15 +206,38 @@ def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_pat
 
 
 def test_the_report_shows_answers_side_by_side_and_the_tuning_searches(tmp_path):
-    health = {v: {"chats": {"ended": 1.0, "repetition": 0.0, "length": 3.0,
-                            "examples": [{"prompt": "hi?", "answer": f"{v} says hi"},
-                                         {"prompt": "bye?", "answer": f"{v} says bye"}]}} for v in ("sft", "sft2")}
+    health = {
+        v: {
+            "chats": {
+                "ended": 1.0,
+                "repetition": 0.0,
+                "length": 3.0,
+                "examples": [
+                    {"prompt": "hi?", "answer": f"{v} says hi"},
+                    {"prompt": "bye?", "answer": f"{v} says bye"},
+                ],
+            }
+        }
+        for v in ("sft", "sft2")
+    }
     search = tmp_path / "tune" / "mix-search"
     search.mkdir(parents=True)
-    trials = [{"trial": "t1", "arm": "current", "status": "finished", "objective": 0.61, "lr_peak": 0.001,
-               "mixture": {"web": {"from": 0.3, "to": 0.3}, "new": {"from": 0.7, "to": 0.7}}, "tokens": 20480}]
-    (search / "results.json").write_text(json.dumps({"verdict": "t1 beat the stratified mix by 0.2.", "trials": trials}))
+    trials = [
+        {
+            "trial": "t1",
+            "arm": "current",
+            "status": "finished",
+            "objective": 0.61,
+            "lr_peak": 0.001,
+            "mixture": {"web": {"from": 0.3, "to": 0.3}, "new": {"from": 0.7, "to": 0.7}},
+            "tokens": 20480,
+        }
+    ]
+    (search / "results.json").write_text(
+        json.dumps({"verdict": "t1 beat the stratified mix by 0.2.", "trials": trials})
+    )
     import matplotlib.pyplot as plt
+
     plt.figure().savefig(search / "objective.png")
     lineages = {"sft": {"version": "sft", "parent": None}, "sft2": {"version": "sft2", "parent": "sft"}}
     page = Path(write_report(str(tmp_path), lineages, {}, {}, health)).read_text()
@@ -209,12 +254,28 @@ def test_plots_keep_every_label_and_arc_inside_the_image(tmp_path):
     import matplotlib.image
 
     versions = ["base", "pretrain", "sft", "astronomy", "astronomy-sft", "redo-from-pretrain"]
-    lineages = {v: {"version": v, "parent": p, "stage": {"mixture": {"web": {"from": 1.0, "to": 1.0}}},
-                    "tokens_per_corpus": {"web": 100.0}}
-                for v, p in zip(versions, [None, "base", "pretrain", "sft", "astronomy", "pretrain"])}
+    lineages = {
+        v: {
+            "version": v,
+            "parent": p,
+            "stage": {"mixture": {"web": {"from": 1.0, "to": 1.0}}},
+            "tokens_per_corpus": {"web": 100.0},
+        }
+        for v, p in zip(versions, [None, "base", "pretrain", "sft", "astronomy", "pretrain"])
+    }
     lineages["base"]["stage"] = None
-    metrics = [{"stage": s, "step": step, "tokens": {"web": 50.0 * step}, "loss_per_corpus": {"web": 3.0 / step},
-                "loss": 3.0 / step, "lr": 1e-3} for s in versions[1:] for step in (1, 2)]
+    metrics = [
+        {
+            "stage": s,
+            "step": step,
+            "tokens": {"web": 50.0 * step},
+            "loss_per_corpus": {"web": 3.0 / step},
+            "loss": 3.0 / step,
+            "lr": 1e-3,
+        }
+        for s in versions[1:]
+        for step in (1, 2)
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
     write_report(str(tmp_path), lineages, {}, {}, {})
     for name in ("lineage.png", "training.png"):
@@ -227,7 +288,6 @@ def test_plots_keep_every_label_and_arc_inside_the_image(tmp_path):
 def hub_server(monkeypatch):
     """A fake Hugging Face Hub on 127.0.0.1 (hubserver.py) that huggingface_hub talks to, with our token."""
     import huggingface_hub.constants
-
     from hubserver import FakeHub
 
     with FakeHub(token="hf_test_write_token", namespaces=("me",)) as hub:
@@ -248,16 +308,40 @@ def test_export_pushes_the_folder_to_the_hub_and_prints_the_commit(version, tmp_
     assert main([*argv, "--private"]) == 0
     repo = hub_server.repos["me/tiny"]
     exported = files_in(out)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lineage.json",
-            "README.md"} <= exported.keys()
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "lineage.json",
+        "README.md",
+    } <= exported.keys()
     assert repo.private and repo.branches["main"] == exported, "the Hub holds exactly the exported bytes"
     assert repo.commits[0]["summary"].startswith("v1 in bf16, exported by mixloop")
     assert f"pushed {out} to me/tiny: {repo.commits[0]['url']}\n" in capsys.readouterr().out
     # Again in fp16 and sharded, onto a new branch (from main) of the repo that now exists: the branch
     # holds the new shards and not main's model.safetensors, and main stays as it was.
     again = tmp_path / "fp16"
-    assert main(["models", "export", str(version), "v1", str(again), "--dtype", "fp16", "--max-shard-size", "40KB",
-                 "--push-to-hub", "me/tiny", "--revision", "fp16"]) == 0
+    assert (
+        main(
+            [
+                "models",
+                "export",
+                str(version),
+                "v1",
+                str(again),
+                "--dtype",
+                "fp16",
+                "--max-shard-size",
+                "40KB",
+                "--push-to-hub",
+                "me/tiny",
+                "--revision",
+                "fp16",
+            ]
+        )
+        == 0
+    )
     assert "model.safetensors" not in files_in(again) and (again / "model.safetensors.index.json").exists()
     assert repo.branches["fp16"] == files_in(again) and repo.branches["main"] == exported
     assert f"to me/tiny (branch fp16): {repo.commits[1]['url']}" in capsys.readouterr().out
@@ -271,13 +355,17 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case, repo, cause", [
-    ("wrong token", "me/tiny", "the Hub refused your token (401). Fix: set HF_TOKEN to a valid token"),
-    ("another's namespace", "someone-else/tiny", "your token may not create or write to it (403)"),
-    ("no network", "me/tiny", "cannot reach the Hub at http://127.0.0.1:"),
-])
-def test_a_failed_push_says_why_in_one_line_and_keeps_the_export(version, tmp_path, hub_server, monkeypatch, capsys,
-                                                                 case, repo, cause):
+@pytest.mark.parametrize(
+    "case, repo, cause",
+    [
+        ("wrong token", "me/tiny", "the Hub refused your token (401). Fix: set HF_TOKEN to a valid token"),
+        ("another's namespace", "someone-else/tiny", "your token may not create or write to it (403)"),
+        ("no network", "me/tiny", "cannot reach the Hub at http://127.0.0.1:"),
+    ],
+)
+def test_a_failed_push_says_why_in_one_line_and_keeps_the_export(
+    version, tmp_path, hub_server, monkeypatch, capsys, case, repo, cause
+):
     if case == "wrong token":
         monkeypatch.setenv("HF_TOKEN", "hf_not_this_one")
     if case == "no network":
@@ -291,14 +379,18 @@ def test_a_failed_push_says_why_in_one_line_and_keeps_the_export(version, tmp_pa
     assert (out / "model.safetensors").exists() and not hub_server.repos
 
 
-@pytest.mark.parametrize("case, argv, message", [
-    ("offline", ["--push-to-hub", "me/tiny"], "HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset"),
-    ("no token", ["--push-to-hub", "me/tiny"], "no Hugging Face token. Fix: log in with `hf auth login`"),
-    ("bad id", ["--push-to-hub", "me/tiny/v1"], "--push-to-hub me/tiny/v1: not a repo id"),
-    ("no repo", ["--private"], "--private and --revision go with --push-to-hub. Fix:"),
-])
-def test_a_push_that_cannot_work_is_refused_before_the_export(version, tmp_path, hub_server, monkeypatch, capsys,
-                                                              case, argv, message):
+@pytest.mark.parametrize(
+    "case, argv, message",
+    [
+        ("offline", ["--push-to-hub", "me/tiny"], "HF_HUB_OFFLINE is set, so nothing can be uploaded. Fix: unset"),
+        ("no token", ["--push-to-hub", "me/tiny"], "no Hugging Face token. Fix: log in with `hf auth login`"),
+        ("bad id", ["--push-to-hub", "me/tiny/v1"], "--push-to-hub me/tiny/v1: not a repo id"),
+        ("no repo", ["--private"], "--private and --revision go with --push-to-hub. Fix:"),
+    ],
+)
+def test_a_push_that_cannot_work_is_refused_before_the_export(
+    version, tmp_path, hub_server, monkeypatch, capsys, case, argv, message
+):
     import huggingface_hub.constants
 
     if case == "offline":

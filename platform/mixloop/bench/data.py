@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 SEQ_LEN = 128
 MEMORY_FILES = "pretrain/en_*.jsonl"
 LOADER_CORPORA = {"pretrain": 0.6, "sft": 0.3, "domain": 0.1}
@@ -44,11 +43,17 @@ def _measure(data: Path, workdir: Path, replicas: int) -> dict:
     memory = {}
     for factor in (1, replicas):
         files = replicate(sorted(data.glob(MEMORY_FILES)), factor, workdir / f"x{factor}")
-        memory[f"x{factor}"] = prepare_in_child({"english": str(files / "*.jsonl")}, tokenizer, workdir / f"mem{factor}")
+        memory[f"x{factor}"] = prepare_in_child(
+            {"english": str(files / "*.jsonl")}, tokenizer, workdir / f"mem{factor}"
+        )
     return {
         "machine": f"{os.cpu_count()} CPU cores",
-        "preparation": {**prepared, "tokens_per_s": prepared["tokens"] / prepared["seconds"],
-                        "tokens_per_s_per_core": per_core, "share_of_raw_encoding": per_core / raw["tokens_per_s"]},
+        "preparation": {
+            **prepared,
+            "tokens_per_s": prepared["tokens"] / prepared["seconds"],
+            "tokens_per_s_per_core": per_core,
+            "share_of_raw_encoding": per_core / raw["tokens_per_s"],
+        },
         "raw_encoding": raw,
         "loader": loader_vs_training(prepared["folders"]),
         "memory": {**memory, "ratio": memory[f"x{replicas}"]["peak_rss_mb"] / memory["x1"]["peak_rss_mb"]},
@@ -68,8 +73,17 @@ def replicate(files: list[Path], factor: int, out: Path) -> Path:
 
 def prepare_in_child(corpora: dict[str, str], tokenizer: str, workdir: Path) -> dict:
     """Prepare in a fresh process; its result plus the peak RSS of its whole process tree."""
-    command = [sys.executable, "-m", "mixloop.bench.data", "--tokenizer", tokenizer, "--workdir", str(workdir),
-               "--corpora", json.dumps(corpora)]
+    command = [
+        sys.executable,
+        "-m",
+        "mixloop.bench.data",
+        "--tokenizer",
+        tokenizer,
+        "--workdir",
+        str(workdir),
+        "--corpora",
+        json.dumps(corpora),
+    ]
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
         peak = 0
@@ -86,8 +100,16 @@ def prepare_in_child(corpora: dict[str, str], tokenizer: str, workdir: Path) -> 
 def raw_encode_in_child(corpora: dict[str, str], tokenizer: str) -> dict:
     """The tokenizer's own speed on the same documents: `encode_batch` in one process on one thread
     (chats rendered by the chat template first, untimed)."""
-    command = [sys.executable, "-m", "mixloop.bench.data", "--tokenizer", tokenizer, "--corpora", json.dumps(corpora),
-               "--raw"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixloop.bench.data",
+        "--tokenizer",
+        tokenizer,
+        "--corpora",
+        json.dumps(corpora),
+        "--raw",
+    ]
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.splitlines()[-1])
@@ -126,7 +148,7 @@ def tree_rss(root: int) -> int:
             continue
         try:
             stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             children.setdefault(int(fields[1]), []).append(int(entry.name))
             rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
@@ -142,13 +164,13 @@ def tree_rss(root: int) -> int:
 def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
     """Rows/s the mixed loader hands one worker, and rows/s that worker trains (quickstart settings)."""
     import torch
+    from transformers import Qwen3Config
 
     from mixloop.data.mixplan import MixPlan
     from mixloop.data.store import PackedCorpus
     from mixloop.model import PRESETS, new_model
     from mixloop.train.batches import MicroBatch, micro_batches_of
     from mixloop.train.loss import token_ce
-    from transformers import Qwen3Config
 
     torch.set_num_threads(1)
     names = list(LOADER_CORPORA)
@@ -160,7 +182,9 @@ def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
 
     def load(step: int) -> list[MicroBatch]:
         corpus, index = plan.rows(step * rows_per_step, (step + 1) * rows_per_step)
-        return [MicroBatch(corpora, corpus[m * micro:(m + 1) * micro], index[m * micro:(m + 1) * micro]) for m in mine]
+        return [
+            MicroBatch(corpora, corpus[m * micro : (m + 1) * micro], index[m * micro : (m + 1) * micro]) for m in mine
+        ]
 
     started = time.perf_counter()
     for step in range(steps):
@@ -185,23 +209,31 @@ def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     training_rows_per_s = trained / (time.perf_counter() - started)
-    return {"loader_rows_per_s": loader_rows_per_s, "training_rows_per_s": training_rows_per_s,
-            "ratio": loader_rows_per_s / training_rows_per_s, "seq_len": SEQ_LEN, "micro_batch_rows": micro}
+    return {
+        "loader_rows_per_s": loader_rows_per_s,
+        "training_rows_per_s": training_rows_per_s,
+        "ratio": loader_rows_per_s / training_rows_per_s,
+        "seq_len": SEQ_LEN,
+        "micro_batch_rows": micro,
+    }
 
 
 def format_data(result: dict) -> str:
     prep, loader, memory = result["preparation"], result["loader"], result["memory"]
-    sizes = " vs ".join(f"{k} {v['peak_rss_mb']:.0f} MB ({v['tokens']:,} tokens)" for k, v in memory.items()
-                        if isinstance(v, dict))
-    return "\n".join([
-        f"preparation  {prep['tokens']:,} tokens in {prep['seconds']:.1f} s on {prep['cpus']} CPUs: "
-        f"{prep['tokens_per_s']:,.0f} tokens/s, {prep['tokens_per_s_per_core']:,.0f} per core, "
-        f"{prep['share_of_raw_encoding']:.0%} of the tokenizer's own {result['raw_encoding']['tokens_per_s']:,.0f} "
-        "tokens/s on one core",
-        f"loader       {loader['loader_rows_per_s']:,.0f} rows/s to one worker; it trains "
-        f"{loader['training_rows_per_s']:,.1f} rows/s: {loader['ratio']:,.0f}x",
-        f"memory       peak RSS {sizes}: ratio {memory['ratio']:.2f}",
-    ])
+    sizes = " vs ".join(
+        f"{k} {v['peak_rss_mb']:.0f} MB ({v['tokens']:,} tokens)" for k, v in memory.items() if isinstance(v, dict)
+    )
+    return "\n".join(
+        [
+            f"preparation  {prep['tokens']:,} tokens in {prep['seconds']:.1f} s on {prep['cpus']} CPUs: "
+            f"{prep['tokens_per_s']:,.0f} tokens/s, {prep['tokens_per_s_per_core']:,.0f} per core, "
+            f"{prep['share_of_raw_encoding']:.0%} of the tokenizer's own {result['raw_encoding']['tokens_per_s']:,.0f} "
+            "tokens/s on one core",
+            f"loader       {loader['loader_rows_per_s']:,.0f} rows/s to one worker; it trains "
+            f"{loader['training_rows_per_s']:,.1f} rows/s: {loader['ratio']:,.0f}x",
+            f"memory       peak RSS {sizes}: ratio {memory['ratio']:.2f}",
+        ]
+    )
 
 
 def _child(argv: list[str]) -> None:
@@ -216,7 +248,6 @@ def _child(argv: list[str]) -> None:
         print(json.dumps(_raw_encode(json.loads(args.corpora), args.tokenizer)))
         return
     import ray
-
     from mixloop.data.prepare import CorpusRequest, prepare_corpora
     from mixloop.data.store import read_manifest
     from mixloop.ray_setup import init_ray
@@ -224,16 +255,26 @@ def _child(argv: list[str]) -> None:
     init_ray()
     corpora = json.loads(args.corpora)
     kinds = {name: "chat" if name == "sft" else "text" for name in corpora}
-    requests = [CorpusRequest(name, "train", pattern, None, kinds[name], 0.05, SEQ_LEN)
-                for name, pattern in corpora.items()]
+    requests = [
+        CorpusRequest(name, "train", pattern, None, kinds[name], 0.05, SEQ_LEN) for name, pattern in corpora.items()
+    ]
     started = time.perf_counter()
     folders = prepare_corpora(requests, args.tokenizer, args.workdir)
     seconds = time.perf_counter() - started
     manifests = [read_manifest(folders[r]) for r in requests]
-    print(json.dumps({"seconds": seconds, "cpus": int(ray.cluster_resources()["CPU"]),
-                      "tokens": sum(m["tokens"] for m in manifests), "documents": sum(m["documents"] for m in manifests),
-                      "rows": sum(m["rows"] for m in manifests), "rejected": sum(m["rejected"] for m in manifests),
-                      "folders": {r.name: folders[r] for r in requests}}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpus": int(ray.cluster_resources()["CPU"]),
+                "tokens": sum(m["tokens"] for m in manifests),
+                "documents": sum(m["documents"] for m in manifests),
+                "rows": sum(m["rows"] for m in manifests),
+                "rejected": sum(m["rejected"] for m in manifests),
+                "folders": {r.name: folders[r] for r in requests},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

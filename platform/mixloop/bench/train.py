@@ -40,25 +40,46 @@ WINDOW = 5  # steps per logged window
 
 def train_spec(data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int], use_gpu: bool) -> dict:
     """Two stages per workload, both from base: `<workload>-packed` and `<workload>-padded`."""
-    corpora = {name: {"kind": kind, "path": str(data / folder / "*.jsonl"), "max_bad_fraction": 0.05}
-               for name, (folder, kind, _) in WORKLOADS.items() if name in seq_lens}
+    corpora = {
+        name: {"kind": kind, "path": str(data / folder / "*.jsonl"), "max_bad_fraction": 0.05}
+        for name, (folder, kind, _) in WORKLOADS.items()
+        if name in seq_lens
+    }
     stages = []
     for name, seq_len in seq_lens.items():
         tokens_per_step = ROWS_PER_STEP * seq_len
-        common = {"from": "base", "mixture": {name: 1}, "seq_len": seq_len, "global_batch_tokens": tokens_per_step,
-                  "tokens": steps * tokens_per_step}
+        common = {
+            "from": "base",
+            "mixture": {name: 1},
+            "seq_len": seq_len,
+            "global_batch_tokens": tokens_per_step,
+            "tokens": steps * tokens_per_step,
+        }
         stages += [{"name": f"{name}-packed", **common}, {"name": f"{name}-padded", "packing": False, **common}]
     return {
-        "name": "bench-train", "workdir": str(workdir), "seed": 0,
-        "tokenizer": {"path": str(data / "tokenizer")}, "model": model, "corpora": corpora,
-        "defaults": {"micro_batch_rows": MICRO_BATCH_ROWS, "workers": 1, "cpus_per_worker": 1, "use_gpu": use_gpu,
-                     "log_every": WINDOW, "checkpoint_every": steps, "lr": {"peak": 0.001, "warmup": 0.1}},
-        "stages": stages, "eval_rows": 8,
+        "name": "bench-train",
+        "workdir": str(workdir),
+        "seed": 0,
+        "tokenizer": {"path": str(data / "tokenizer")},
+        "model": model,
+        "corpora": corpora,
+        "defaults": {
+            "micro_batch_rows": MICRO_BATCH_ROWS,
+            "workers": 1,
+            "cpus_per_worker": 1,
+            "use_gpu": use_gpu,
+            "log_every": WINDOW,
+            "checkpoint_every": steps,
+            "lr": {"peak": 0.001, "warmup": 0.1},
+        },
+        "stages": stages,
+        "eval_rows": 8,
     }
 
 
-def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int],
-                    address: str | None = None) -> dict:
+def train_benchmark(
+    data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int], address: str | None = None
+) -> dict:
     import torch
 
     from mixloop.data.store import read_manifest
@@ -90,7 +111,8 @@ def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens
         manifest = read_manifest(prepared.train[(name, seq_len, True)])
         packed, plain, local = results["packed"], results["plain"], results["in-process"]
         workloads[name] = {
-            "corpus": f"{WORKLOADS[name][0]}/*.jsonl", "seq_len": seq_len,
+            "corpus": f"{WORKLOADS[name][0]}/*.jsonl",
+            "seq_len": seq_len,
             "mean_document_tokens": manifest["tokens"] / manifest["documents"],
             "variants": results,
             "vs_plain": {v: r["useful_tokens_per_s"] / plain["useful_tokens_per_s"] for v, r in results.items()},
@@ -99,8 +121,13 @@ def train_benchmark(data: Path, workdir: Path, model: dict, steps: int, seq_lens
             "data_wait_share": packed["data_s"] / packed["step_seconds"],
             "mfu": 6 * parameters * packed["useful_tokens_per_s"] / peak if peak else None,
         }
-    return {"machine": machine, "model": {**model, "parameters": parameters}, "steps": steps,
-            "rows_per_step": ROWS_PER_STEP, "workloads": workloads}
+    return {
+        "machine": machine,
+        "model": {**model, "parameters": parameters},
+        "steps": steps,
+        "rows_per_step": ROWS_PER_STEP,
+        "workloads": workloads,
+    }
 
 
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
@@ -113,7 +140,8 @@ def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_proces
     # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
     name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
     job = runner.job(stage, base["version"], base["metrics"]["final_lr"], run=name).model_copy(
-        update={"metrics_path": metrics_path})
+        update={"metrics_path": metrics_path}
+    )
     fit_stages([job], join(str(workdir), "train"), name, in_process=in_process)
     return summarise(metrics_path)
 
@@ -132,8 +160,15 @@ def plain_variant(stage, corpus_dir: str, base_dir: str, device) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(stage.cpus_per_worker)))
     try:
-        records = plain_loop(load_model(base_dir), corpus, lambda step: plan.rows(step * rows, (step + 1) * rows)[1],
-                             stage.total_steps, stage.geometry.micro_batch_rows, stage.lr.peak, device)
+        records = plain_loop(
+            load_model(base_dir),
+            corpus,
+            lambda step: plan.rows(step * rows, (step + 1) * rows)[1],
+            stage.total_steps,
+            stage.geometry.micro_batch_rows,
+            stage.lr.peak,
+            device,
+        )
     finally:
         torch.set_num_threads(threads)
     return summarise_plain(records)
@@ -166,15 +201,25 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
             part = slice(start, start + micro_batch_rows)
             with autocast:
                 logits = model(input_ids=inputs[part].to(device)).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels[part].flatten().to(device), ignore_index=-100,
-                                   reduction="sum") / targets  # a micro-batch without targets adds 0, not NaN
+            loss = (
+                F.cross_entropy(
+                    logits.float().flatten(0, 1), labels[part].flatten().to(device), ignore_index=-100, reduction="sum"
+                )
+                / targets
+            )  # a micro-batch without targets adds 0, not NaN
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        records.append({"step_seconds": time.perf_counter() - started, "data_s": loaded - started,
-                        "useful_tokens": int((segments > 0).sum()), "loss": loss_sum})
+        records.append(
+            {
+                "step_seconds": time.perf_counter() - started,
+                "data_s": loaded - started,
+                "useful_tokens": int((segments > 0).sum()),
+                "loss": loss_sum,
+            }
+        )
     return records
 
 
@@ -184,12 +229,20 @@ def summarise_plain(records: list[dict]) -> dict:
 
     kept = records[WINDOW:] or records
     seconds = sum(r["step_seconds"] for r in kept)
-    memory = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"useful_tokens_per_s": sum(r["useful_tokens"] for r in kept) / seconds,
-            "step_seconds": seconds / len(kept), "data_s": statistics.fmean(r["data_s"] for r in kept),
-            "compute_s": statistics.fmean(r["step_seconds"] - r["data_s"] for r in kept),
-            "sync_s": 0.0, "report_s": 0.0, "peak_memory_mb": memory}
+    memory = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**20
+    return {
+        "useful_tokens_per_s": sum(r["useful_tokens"] for r in kept) / seconds,
+        "step_seconds": seconds / len(kept),
+        "data_s": statistics.fmean(r["data_s"] for r in kept),
+        "compute_s": statistics.fmean(r["step_seconds"] - r["data_s"] for r in kept),
+        "sync_s": 0.0,
+        "report_s": 0.0,
+        "peak_memory_mb": memory,
+    }
 
 
 def summarise(metrics_path: str) -> dict:
@@ -197,25 +250,36 @@ def summarise(metrics_path: str) -> dict:
     windows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()][1:]
     if not windows:
         raise RuntimeError(f"{metrics_path}: fewer than two logged windows; run more steps")
-    mean = {key: statistics.fmean(w.get(key, 0.0) for w in windows)
-            for key in ("tokens_per_s", "step_seconds", "data_s", "compute_s", "sync_s", "report_s")}
+    mean = {
+        key: statistics.fmean(w.get(key, 0.0) for w in windows)
+        for key in ("tokens_per_s", "step_seconds", "data_s", "compute_s", "sync_s", "report_s")
+    }
     mean["useful_tokens_per_s"] = mean.pop("tokens_per_s")
     mean["peak_memory_mb"] = max(w["peak_memory_mb"] for w in windows)
     return mean
 
 
 def format_train(result: dict) -> str:
-    lines = [f"{result['machine']}; model {result['model']['parameters']:,} parameters; "
-             f"{result['rows_per_step']} rows per step, {result['steps']} steps per variant"]
+    lines = [
+        f"{result['machine']}; model {result['model']['parameters']:,} parameters; "
+        f"{result['rows_per_step']} rows per step, {result['steps']} steps per variant"
+    ]
     for name, w in result["workloads"].items():
-        lines += ["", f"{WORKLOADS[name][2]} ({w['corpus']}), rows of {w['seq_len']} tokens, "
-                      f"mean document {w['mean_document_tokens']:.0f} tokens",
-                  f"{'variant':<12}{'useful tok/s':>14}{'vs plain':>10}{'step s':>9}{'data':>8}{'compute':>9}"
-                  f"{'sync':>8}{'report':>8}{'peak MB':>9}"]
+        lines += [
+            "",
+            f"{WORKLOADS[name][2]} ({w['corpus']}), rows of {w['seq_len']} tokens, "
+            f"mean document {w['mean_document_tokens']:.0f} tokens",
+            f"{'variant':<12}{'useful tok/s':>14}{'vs plain':>10}{'step s':>9}{'data':>8}{'compute':>9}"
+            f"{'sync':>8}{'report':>8}{'peak MB':>9}",
+        ]
         for variant, v in w["variants"].items():
-            lines.append(f"{variant:<12}{v['useful_tokens_per_s']:>14,.0f}{w['vs_plain'][variant]:>9.2f}x"
-                         f"{v['step_seconds']:>9.3f}{v['data_s']:>8.4f}{v['compute_s']:>9.3f}{v['sync_s']:>8.4f}"
-                         f"{v['report_s']:>8.4f}{v['peak_memory_mb']:>9,.0f}")
-        lines.append(f"packed / padded {w['packed_over_padded']:.2f}x; Ray overhead {w['ray_overhead']:.1%} of a "
-                     f"step; data wait {w['data_wait_share']:.2%}" + (f"; MFU {w['mfu']:.1%}" if w["mfu"] else ""))
+            lines.append(
+                f"{variant:<12}{v['useful_tokens_per_s']:>14,.0f}{w['vs_plain'][variant]:>9.2f}x"
+                f"{v['step_seconds']:>9.3f}{v['data_s']:>8.4f}{v['compute_s']:>9.3f}{v['sync_s']:>8.4f}"
+                f"{v['report_s']:>8.4f}{v['peak_memory_mb']:>9,.0f}"
+            )
+        lines.append(
+            f"packed / padded {w['packed_over_padded']:.2f}x; Ray overhead {w['ray_overhead']:.1%} of a "
+            f"step; data wait {w['data_wait_share']:.2%}" + (f"; MFU {w['mfu']:.1%}" if w["mfu"] else "")
+        )
     return "\n".join(lines)

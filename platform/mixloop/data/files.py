@@ -39,7 +39,13 @@ def list_chunks(files: list[str], fmt: str | None) -> list[dict]:
             spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, max(size, 1), CHUNK_BYTES)]
         for chunk_index, (start, end) in enumerate(spans):
             chunks.append(
-                {"file": path, "format": kind, "start": start, "end": end, "shard": f"{file_index:05d}-{chunk_index:05d}"}
+                {
+                    "file": path,
+                    "format": kind,
+                    "start": start,
+                    "end": end,
+                    "shard": f"{file_index:05d}-{chunk_index:05d}",
+                }
             )
     return chunks
 

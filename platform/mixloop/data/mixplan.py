@@ -52,11 +52,17 @@ class MixPlan:
         self._last_block: tuple = (-1, None, None)
 
     @classmethod
-    def for_stage(cls, stage: ResolvedStage, corpus_rows: dict[str, int]) -> "MixPlan":
+    def for_stage(cls, stage: ResolvedStage, corpus_rows: dict[str, int]) -> MixPlan:
         """The plan of a resolved stage (every row of its steps) over corpora of the given sizes."""
         names = list(stage.mixture)
-        return cls(names, [stage.mixture[n].start for n in names], [stage.mixture[n].end for n in names],
-                   [corpus_rows[n] for n in names], stage.total_steps * stage.geometry.rows_per_step, stage.seed)
+        return cls(
+            names,
+            [stage.mixture[n].start for n in names],
+            [stage.mixture[n].end for n in names],
+            [corpus_rows[n] for n in names],
+            stage.total_steps * stage.geometry.rows_per_step,
+            stage.seed,
+        )
 
     def _block_weights(self, block: int) -> np.ndarray:
         middle = (block * BLOCK + BLOCK / 2) / max(self.total_rows, 1)

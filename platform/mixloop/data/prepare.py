@@ -38,11 +38,19 @@ FORMAT_VERSION = 1
 TOKENIZE_BATCH = 512
 REJECT_PREVIEW_CHARS = 500
 SHARD_ROWS = 4096
-PACKING_FIELDS = ("kind", "seq_len", "max_document_tokens", "long_documents", "packing", "record_format", "columns",
-                  "chat_template")
+PACKING_FIELDS = (
+    "kind",
+    "seq_len",
+    "max_document_tokens",
+    "long_documents",
+    "packing",
+    "record_format",
+    "columns",
+    "chat_template",
+)
 
 
-def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) -> str:
+def corpus_key(files: list[str], request: CorpusRequest, tokenizer_fp: str) -> str:
     """Identity of a packed corpus: its files' identities, the tokenizer and every packing rule."""
     identities = []
     for path in files:
@@ -50,8 +58,11 @@ def corpus_key(files: list[str], request: "CorpusRequest", tokenizer_fp: str) ->
         identities.append([path, fs.ukey(inner)])
     # Options at their defaults stay out, so corpora packed before the options existed keep their keys
     # (and a stage that was under way keeps its run name and checkpoints).
-    options = {field: getattr(request, field) for field in PACKING_FIELDS
-               if field in ("kind", "seq_len") or getattr(request, field) != CorpusRequest._field_defaults[field]}
+    options = {
+        field: getattr(request, field)
+        for field in PACKING_FIELDS
+        if field in ("kind", "seq_len") or getattr(request, field) != CorpusRequest._field_defaults[field]
+    }
     payload = {"files": identities, "tokenizer": tokenizer_fp, "format": FORMAT_VERSION, **options}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -69,8 +80,12 @@ class ChunkPacker:
 
     def pack_chunk(self, chunk: dict) -> dict:
         kind = chunk["kind"]
-        packer = Packer(int(chunk["seq_len"]), self.tokenizer.pad_token_id, split_documents=kind == "text",
-                        one_per_row=not chunk["packing"])
+        packer = Packer(
+            int(chunk["seq_len"]),
+            self.tokenizer.pad_token_id,
+            split_documents=kind == "text",
+            one_per_row=not chunk["packing"],
+        )
         shards = ShardWriter(chunk["out_dir"], chunk["shard"])
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
         record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
@@ -118,12 +133,19 @@ class ChunkPacker:
         shards.add(packer.flush())
         shards.close()
         rejects.close()
-        return {"request": chunk["request"], "shard": chunk["shard"], "shards": json.dumps(shards.written),
-                "rows": sum(rows for _, rows in shards.written), "rejected": rejects.count,
-                "first_rejects": json.dumps(rejects.first), "formats": json.dumps(shapes), **stats}
+        return {
+            "request": chunk["request"],
+            "shard": chunk["shard"],
+            "shards": json.dumps(shards.written),
+            "rows": sum(rows for _, rows in shards.written),
+            "rejected": rejects.count,
+            "first_rejects": json.dumps(rejects.first),
+            "formats": json.dumps(shapes),
+            **stats,
+        }
 
 
-def encode_each(tokenizer, encode, pending: list[tuple[str, object, object]], rejects: "RejectWriter") -> list:
+def encode_each(tokenizer, encode, pending: list[tuple[str, object, object]], rejects: RejectWriter) -> list:
     """(pending item, its encoding) for each item the tokenizer and chat template accept.
 
     One record the template refuses fails the whole batch, so a failed batch is
@@ -216,8 +238,9 @@ class CorpusRequest(NamedTuple):
     chat_template: str = ""  # the corpus's own template ("": the tokenizer's)
 
 
-def prepare_corpora(requests: list[CorpusRequest], tokenizer_dir: str, workdir: str,
-                    progress_bar: bool = False) -> dict[CorpusRequest, str]:
+def prepare_corpora(
+    requests: list[CorpusRequest], tokenizer_dir: str, workdir: str, progress_bar: bool = False
+) -> dict[CorpusRequest, str]:
     """The packed folder of each request; those the cache lacks are prepared in one Ray Data job
     (its chunks counted on a bar with `progress_bar`, for a terminal)."""
     tokenizer_fp = tokenizer_fingerprint(tokenizer_dir)
@@ -255,8 +278,12 @@ def request_chunks(request: CorpusRequest, index: int, files: list[str], out_dir
     """The chunks of one request's files, each with all ChunkPacker.pack_chunk needs to know."""
     chunks = list_chunks(files, request.fmt)
     for chunk in chunks:
-        chunk.update(request=index, out_dir=out_dir, rejects_dir=rejects_dir,
-                     **{field: getattr(request, field) for field in PACKING_FIELDS})
+        chunk.update(
+            request=index,
+            out_dir=out_dir,
+            rejects_dir=rejects_dir,
+            **{field: getattr(request, field) for field in PACKING_FIELDS},
+        )
         chunk["max_document_tokens"] = request.max_document_tokens or 0  # Arrow columns want no None
     return chunks
 
@@ -283,7 +310,10 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str, progress_bar: bool) -> 
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        pack_chunks, fn_kwargs=dict(tokenizer_dir=tokenizer_dir), batch_size=1, num_cpus=1,
+        pack_chunks,
+        fn_kwargs=dict(tokenizer_dir=tokenizer_dir),
+        batch_size=1,
+        num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=parallel),
     )
     summaries = counted(dataset.iter_rows(), len(chunks), "[prepare] chunks", progress_bar)
@@ -295,7 +325,11 @@ def _manifest(request: CorpusRequest, key: str, files: list[str], summaries: lis
     counts = ("rows", "documents", "tokens", "supervised_tokens", "split_documents", "rejected", "blank_lines")
     totals = {k: int(sum(s[k] for s in summaries)) for k in counts}
     return {
-        "corpus": request.name, "split": request.split, "key": key, "seq_len": request.seq_len, "files": files,
+        "corpus": request.name,
+        "split": request.split,
+        "key": key,
+        "seq_len": request.seq_len,
+        "files": files,
         "shards": [{"name": name, "rows": rows} for s in summaries for name, rows in json.loads(s["shards"])],
         "reject_examples": [r for s in summaries for r in json.loads(s["first_rejects"])][:3],
         "formats": dict(sum((Counter(json.loads(s["formats"])) for s in summaries), Counter())),  # records per shape
@@ -307,8 +341,10 @@ def _check_quality(request: CorpusRequest, manifest: dict, rejects_dir: str) -> 
     name, max_bad_fraction = request.name, request.max_bad_fraction
     seen = manifest["documents"] + manifest["rejected"]
     if manifest["documents"] == 0:
-        raise DataError(f"corpus {name!r} ({manifest['split']}): no usable document in {len(manifest['files'])} file(s)"
-                        f"{_examples(manifest)}. Rejects: {rejects_dir}")
+        raise DataError(
+            f"corpus {name!r} ({manifest['split']}): no usable document in {len(manifest['files'])} file(s)"
+            f"{_examples(manifest)}. Rejects: {rejects_dir}"
+        )
     if manifest["rejected"] / seen > max_bad_fraction:
         raise DataError(
             f"corpus {name!r} ({manifest['split']}): {manifest['rejected']} of {seen} records are bad "

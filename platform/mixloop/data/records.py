@@ -24,8 +24,15 @@ ROLES = ("system", "user", "assistant")
 TEXT_FORMATS = ("auto", "text")
 CHAT_FORMATS = ("auto", "conversations", "messages", "sharegpt", "alpaca")
 # ShareGPT's speakers, as chat roles.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                  "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 class BadRecord(ValueError):
@@ -97,8 +104,10 @@ def _chat_shape(record: dict, columns: dict[str, str]) -> str:
         return "sharegpt" if isinstance(first, dict) and "from" in first and "value" in first else "conversations"
     if columns.get("instruction", "instruction") in record:
         return "alpaca"
-    raise BadRecord("not a chat in a shape mixloop reads: expected 'conversations' (role/content or ShareGPT "
-                    "from/value turns), 'messages' (OpenAI) or 'instruction'/'output' (Alpaca) fields")
+    raise BadRecord(
+        "not a chat in a shape mixloop reads: expected 'conversations' (role/content or ShareGPT "
+        "from/value turns), 'messages' (OpenAI) or 'instruction'/'output' (Alpaca) fields"
+    )
 
 
 def _sharegpt_turn(turn: Any, index: int) -> Any:
@@ -115,9 +124,12 @@ def _alpaca_turns(record: dict, columns: dict[str, str]) -> list[dict]:
     get = {key: record.get(columns.get(key, key)) for key in ("instruction", "input", "output", "system")}
     for key in ("instruction", "output"):
         if not isinstance(get[key], str):
-            raise BadRecord(f"field {columns.get(key, key)!r} must be a string (alpaca format), "
-                            f"got {type(get[key]).__name__}")
-    prompt = get["instruction"] + (f"\n\n{get['input']}" if isinstance(get["input"], str) and get["input"].strip() else "")
+            raise BadRecord(
+                f"field {columns.get(key, key)!r} must be a string (alpaca format), got {type(get[key]).__name__}"
+            )
+    prompt = get["instruction"] + (
+        f"\n\n{get['input']}" if isinstance(get["input"], str) and get["input"].strip() else ""
+    )
     system = [{"role": "system", "content": get["system"]}] if isinstance(get["system"], str) and get["system"] else []
     return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": get["output"]}]
 

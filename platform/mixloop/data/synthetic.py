@@ -36,13 +36,33 @@ def _world_facts(topic: str) -> list[tuple[str, str, str]]:
         for animal in ANIMALS:
             food, home = rng.choice(FOODS), rng.choice(HOMES)
             facts.append((f"The {animal} eats {food}.", f"What does the {animal} eat?", f"The {animal} eats {food}."))
-            facts.append((f"The {animal} lives near the {home}.", f"Where does the {animal} live?", f"The {animal} lives near the {home}."))
+            facts.append(
+                (
+                    f"The {animal} lives near the {home}.",
+                    f"Where does the {animal} live?",
+                    f"The {animal} lives near the {home}.",
+                )
+            )
     else:
         for planet in PLANETS:
             moons, colour, star = rng.randint(0, 9), rng.choice(COLOURS), rng.choice(STARS)
-            facts.append((f"The planet {planet} has {moons} moons.", f"How many moons does {planet} have?", f"{planet} has {moons} moons."))
-            facts.append((f"{planet} looks {colour} through a telescope.", f"What colour is {planet}?", f"{planet} looks {colour}."))
-            facts.append((f"{planet} orbits the star {star}.", f"Which star does {planet} orbit?", f"{planet} orbits {star}."))
+            facts.append(
+                (
+                    f"The planet {planet} has {moons} moons.",
+                    f"How many moons does {planet} have?",
+                    f"{planet} has {moons} moons.",
+                )
+            )
+            facts.append(
+                (
+                    f"{planet} looks {colour} through a telescope.",
+                    f"What colour is {planet}?",
+                    f"{planet} looks {colour}.",
+                )
+            )
+            facts.append(
+                (f"{planet} orbits the star {star}.", f"Which star does {planet} orbit?", f"{planet} orbits {star}.")
+            )
     return facts
 
 
@@ -52,7 +72,7 @@ def _text_document(facts, rng: random.Random) -> dict:
 
 def _chat_document(facts, rng: random.Random) -> dict:
     turns = []
-    for statement, question, answer in rng.sample(facts, rng.randint(1, 3)):
+    for _statement, question, answer in rng.sample(facts, rng.randint(1, 3)):
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return {"conversations": turns}
 

@@ -18,14 +18,17 @@ def append_entries(pipeline_path: Path, additions: dict[str, str]) -> str:
         top_level = [i for i, line in enumerate(lines) if re.match(r"[A-Za-z_]", line)]
         start = next((i for i in top_level if re.fullmatch(rf"{section}:\s*(#.*)?", lines[i])), None)
         if start is None:
-            raise MixloopError(f"{pipeline_path}: no block-style `{section}:` section to add to. "
-                               f"Fix: write {section} one entry per line, then add again.")
+            raise MixloopError(
+                f"{pipeline_path}: no block-style `{section}:` section to add to. "
+                f"Fix: write {section} one entry per line, then add again."
+            )
         end = next((i for i in top_level if i > start), len(lines))
         while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
             end -= 1  # blank lines and column-0 comments before the next section belong to it
-        first = next((line for line in lines[start + 1:end] if line.strip() and not line.lstrip().startswith("#")),
-                     "  ")
-        indent = first[:len(first) - len(first.lstrip())]  # the first entry's: list items may sit at column 0
+        first = next(
+            (line for line in lines[start + 1 : end] if line.strip() and not line.lstrip().startswith("#")), "  "
+        )
+        indent = first[: len(first) - len(first.lstrip())]  # the first entry's: list items may sit at column 0
         block = [f"{indent}{line}" if line else "" for line in text.splitlines()]
         lines = lines[:end] + [""] + block + lines[end:]
     return "\n".join(lines) + "\n"

@@ -31,8 +31,9 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, files: bool = 
     return spec_from_data(data, base_dir, overrides, files=files, source=str(path))
 
 
-def spec_from_data(data: dict, base_dir: str = ".", overrides: Sequence[str] = (), *, files: bool = True,
-                   source: str = "spec") -> Spec:
+def spec_from_data(
+    data: dict, base_dir: str = ".", overrides: Sequence[str] = (), *, files: bool = True, source: str = "spec"
+) -> Spec:
     """A validated Spec from data shaped like the YAML (relative paths start at `base_dir`); SpecError
     naming `source` and listing every problem."""
     data, problems = apply_overrides(data, overrides)
@@ -55,8 +56,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, list[st
             value = None
         keys = [int(part) if part.isdigit() else part for part in re.split(r"\.|\[(\d+)\]\.?", path) if part]
         if not sep or not keys or (value is None and raw.strip() not in ("null", "~", "")):
-            problems.append(f"{override!r}: not an override. Fix: write KEY.PATH=VALUE, e.g. stages[0].tokens=2e5 "
-                            "or defaults.lr.peak=0.002.")
+            problems.append(
+                f"{override!r}: not an override. Fix: write KEY.PATH=VALUE, e.g. stages[0].tokens=2e5 "
+                "or defaults.lr.peak=0.002."
+            )
             continue
         problems += _set(data, keys, value, override)
     return data, problems
@@ -73,7 +76,7 @@ def _set(data: dict, keys: list, value: Any, override: str) -> list[str]:
         try:
             node = node[key] if isinstance(node, list) else node.setdefault(key, {})
         except (IndexError, TypeError, AttributeError):
-            return [f"{override!r}: {'.'.join(map(str, keys[:depth + 1]))} holds no {key!r}. Fix: check the key path."]
+            return [f"{override!r}: {'.'.join(map(str, keys[: depth + 1]))} holds no {key!r}. Fix: check the key path."]
     try:
         node[keys[-1]] = value
     except (IndexError, TypeError):
@@ -137,7 +140,9 @@ def _partial_pipeline(data: dict) -> PipelineSpec:
         elif value is PydanticUndefined:
             parts[name] = Broken() if field.is_required() else field.get_default(call_default_factory=True)
         else:
-            parts[name] = _validated(Annotated[field.annotation, field], _numbers_where_numeric(value, field.annotation))
+            parts[name] = _validated(
+                Annotated[field.annotation, field], _numbers_where_numeric(value, field.annotation)
+            )
     return PipelineSpec.model_construct(**parts)
 
 

@@ -61,7 +61,12 @@ def _describe(error: dict, root: type[BaseModel]) -> str:
 
 
 _NUMBER_ERRORS = ("int_parsing", "int_type", "int_from_float", "float_parsing", "float_type", "finite_number")
-_BOUND_WORDS = {"gt": "greater than", "ge": "greater than or equal to", "lt": "less than", "le": "less than or equal to"}
+_BOUND_WORDS = {
+    "gt": "greater than",
+    "ge": "greater than or equal to",
+    "lt": "less than",
+    "le": "less than or equal to",
+}
 _BOUND_ERRORS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
 # The patterns of the spec models in words.
 _PATTERN_WORDS = {STAGE_NAME_PATTERN: "a name of lowercase letters, digits, '_', '.' and '-'"}
@@ -113,8 +118,12 @@ def _example(place: _Place, whole: bool) -> Any:
 
 
 def _bounds_text(bounds: tuple) -> str:
-    return " and ".join(f"{words} {_number(getattr(bound, key))}" for bound in bounds
-                        for key, words in _BOUND_WORDS.items() if hasattr(bound, key))
+    return " and ".join(
+        f"{words} {_number(getattr(bound, key))}"
+        for bound in bounds
+        for key, words in _BOUND_WORDS.items()
+        if hasattr(bound, key)
+    )
 
 
 def _number(value: Any) -> str:
@@ -135,7 +144,11 @@ def _shape(annotation: Any) -> tuple[str, str]:
         return annotation.shape, f"write {annotation.shape}"
     fields = annotation.model_fields.items()
     required = [f.alias or n for n, f in fields if f.is_required()]
-    keys = f"with keys {', '.join(required)}" if required else f"of keys from: {', '.join(f.alias or n for n, f in fields)}"
+    keys = (
+        f"with keys {', '.join(required)}"
+        if required
+        else f"of keys from: {', '.join(f.alias or n for n, f in fields)}"
+    )
     return "a mapping", f"write a mapping {keys}"
 
 

@@ -209,8 +209,20 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> ResolvedStage:
 # (workers, CPUs, GPU and other resources per worker, micro-batch size, logging and checkpoint intervals,
 # restarts) may change between runs, so a finished stage stays finished and an unfinished one resumes on
 # another machine.
-TRAJECTORY_FIELDS = ("mixture", "tokens", "seq_len", "packing", "global_batch_tokens", "lr", "loss_weights",
-                     "balance", "weight_decay", "grad_clip", "seed", "start_from")
+TRAJECTORY_FIELDS = (
+    "mixture",
+    "tokens",
+    "seq_len",
+    "packing",
+    "global_batch_tokens",
+    "lr",
+    "loss_weights",
+    "balance",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "start_from",
+)
 
 
 def stage_hash(resolved_stage: ResolvedStage, parent_hash: str) -> str:

@@ -56,7 +56,7 @@ def _numbers_where_numeric(value: Any, annotation: Any) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (list, tuple) and isinstance(value, list) and args:
         kinds = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
-        return [_numbers_where_numeric(item, kind) for item, kind in zip(value, kinds)] + value[len(kinds):]
+        return [_numbers_where_numeric(item, kind) for item, kind in zip(value, kinds)] + value[len(kinds) :]
     if origin is dict and isinstance(value, dict) and len(args) == 2:
         return {key: _numbers_where_numeric(item, args[1]) for key, item in value.items()}
     return value
@@ -131,6 +131,7 @@ class CorpusSpec(Strict):
     @property
     def train_split(self) -> str:
         return self.split or "train"
+
     revision: str | None = None
     """For a hub dataset: the branch, tag or commit to take (default: main)."""
     format: Literal[RECORD_FORMATS] = "auto"  # type: ignore[valid-type]
@@ -368,7 +369,7 @@ class GateSpec(Strict):
     @field_validator("max_forgetting", "min_uptake", mode="before")
     @classmethod
     def _shares_without_spaces(cls, value: Any) -> Any:
-        """" 5% " as "5%", so the share that validation accepts is the one the gate reads."""
+        """ " 5% " as "5%", so the share that validation accepts is the one the gate reads."""
         if isinstance(value, dict):
             return {corpus: bound.strip() if isinstance(bound, str) else bound for corpus, bound in value.items()}
         return value.strip() if isinstance(value, str) else value

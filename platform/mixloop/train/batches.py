@@ -19,15 +19,16 @@ from mixloop.train.forward import document_lengths
 class StepBatch(NamedTuple):
     corpus_of_row: np.ndarray  # corpus of every row of the global batch
     row_hash: str  # identity of the global batch's rows
-    micro_batches: list["MicroBatch"]  # this worker's share, ready for the model
+    micro_batches: list[MicroBatch]  # this worker's share, ready for the model
 
 
 class StepLoader:
     """This worker's micro-batches of each global batch, the next one read in a background thread
     while the current one trains (numpy and torch release the GIL while they copy)."""
 
-    def __init__(self, plan: MixPlan, corpora, geometry: StepGeometry, total_steps: int, mine: list[int],
-                 pin_memory: bool):
+    def __init__(
+        self, plan: MixPlan, corpora, geometry: StepGeometry, total_steps: int, mine: list[int], pin_memory: bool
+    ):
         self.plan, self.corpora, self.rows_per_step, self.mine = plan, corpora, geometry.rows_per_step, mine
         self.micro, self.total_steps, self.pin_memory = geometry.micro_batch_rows, total_steps, pin_memory
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixloop-loader")
@@ -44,8 +45,12 @@ class StepLoader:
     def load(self, step: int) -> StepBatch:
         corpus, index = self.plan.rows(step * self.rows_per_step, (step + 1) * self.rows_per_step)
         micro = self.micro
-        batches = [MicroBatch(self.corpora, corpus[i * micro:(i + 1) * micro], index[i * micro:(i + 1) * micro],
-                              self.pin_memory) for i in self.mine]
+        batches = [
+            MicroBatch(
+                self.corpora, corpus[i * micro : (i + 1) * micro], index[i * micro : (i + 1) * micro], self.pin_memory
+            )
+            for i in self.mine
+        ]
         return StepBatch(corpus, row_hash(corpus, index), batches)
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ class TrainState:
     trained one stage, before groups)."""
 
     @classmethod
-    def fresh(cls, job: StageJob, start_lr: float) -> "TrainState":
+    def fresh(cls, job: StageJob, start_lr: float) -> TrainState:
         return cls(step=0, lr=start_lr, tokens=[0.0] * len(job.stage.mixture), run=job.run)
 
     def add_tokens(self, tokens) -> None:
@@ -100,9 +100,12 @@ def latest_start(session, trust_remote_code: bool) -> Start | None:
     with restored(checkpoint) as source:
         state = read_state(source)
         state.resumed_from = state.step
-        return Start(load_model(source, trust_remote_code).to(device), state,
-                     torch.load(Path(source, OPTIMIZER_FILE), weights_only=True, map_location=device),
-                     torch.load(Path(source, RNG_FILE), weights_only=True))
+        return Start(
+            load_model(source, trust_remote_code).to(device),
+            state,
+            torch.load(Path(source, OPTIMIZER_FILE), weights_only=True, map_location=device),
+            torch.load(Path(source, RNG_FILE), weights_only=True),
+        )
 
 
 class Checkpointer:
@@ -140,9 +143,13 @@ class Checkpointer:
             if state.step == self.job.stage.total_steps and self.job.final_dir is not None:
                 upload(folder, self.job.final_dir, last=STATE_FILE)
             torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-            torch.save({"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       os.path.join(folder, RNG_FILE))
+            torch.save(
+                {
+                    "cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                os.path.join(folder, RNG_FILE),
+            )
             self.session.report(metrics, folder, checkpoint_dir_name(self.job.run, state.step))
 
 

@@ -38,14 +38,18 @@ def document_lengths(segments: np.ndarray) -> list[int]:
     return np.diff(np.append(first, real.sum())).tolist()
 
 
-def _document_attention(module, query, key, value, attention_mask, *, document_lengths: list[int], dropout=0.0,
-                        scaling=None, **kwargs):
+def _document_attention(
+    module, query, key, value, attention_mask, *, document_lengths: list[int], dropout=0.0, scaling=None, **kwargs
+):
     """SDPA over each document of a one-row batch (B x heads x L x dim); only micro_batch_ce selects it,
     and it always passes the documents' lengths."""
     gqa = query.shape[1] != key.shape[1]
-    parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-             for q, k, v in zip(query.split(document_lengths, 2), key.split(document_lengths, 2),
-                                value.split(document_lengths, 2))]
+    parts = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(
+            query.split(document_lengths, 2), key.split(document_lengths, 2), value.split(document_lengths, 2)
+        )
+    ]
     return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
 
 
@@ -57,11 +61,13 @@ def takes_documents(model, device) -> bool:
     attention comes from transformers' registry and whose forward takes logits_to_keep, with plain
     causal attention: the route computes no sliding window and no logit soft-capping."""
     unwrapped = getattr(model, "module", model)
-    return (torch.device(device).type == "cpu"
-            and type(unwrapped).__module__.startswith("transformers.")
-            and getattr(unwrapped, "_supports_attention_backend", False)
-            and "logits_to_keep" in inspect.signature(unwrapped.forward).parameters
-            and _full_causal(unwrapped.config))
+    return (
+        torch.device(device).type == "cpu"
+        and type(unwrapped).__module__.startswith("transformers.")
+        and getattr(unwrapped, "_supports_attention_backend", False)
+        and "logits_to_keep" in inspect.signature(unwrapped.forward).parameters
+        and _full_causal(unwrapped.config)
+    )
 
 
 def _full_causal(config) -> bool:
@@ -90,9 +96,13 @@ def micro_batch_ce(model, batch, device, by_document: bool) -> torch.Tensor:
     if by_document:
         real, supervised = batch.real, inputs["labels"] != -100
         with _attention(model, DOCUMENT_ATTENTION):
-            logits = model(input_ids=inputs["input_ids"][real][None], position_ids=inputs["position_ids"][real][None],
-                           logits_to_keep=supervised[real].nonzero().view(-1), use_cache=False,
-                           document_lengths=batch.document_lengths).logits[0]
+            logits = model(
+                input_ids=inputs["input_ids"][real][None],
+                position_ids=inputs["position_ids"][real][None],
+                logits_to_keep=supervised[real].nonzero().view(-1),
+                use_cache=False,
+                document_lengths=batch.document_lengths,
+            ).logits[0]
         ce = F.cross_entropy(logits.float(), labels[supervised], reduction="none")
         return torch.zeros(labels.shape, dtype=ce.dtype).index_put((supervised,), ce)
     if batch.one_document_per_row:

@@ -35,18 +35,39 @@ class StageJob(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def stage_job(pipeline: str, stage: ResolvedStage, parent_final_lr: float, parent_dir: str,
-              corpus_dirs: dict[str, str], metrics_path: str, trust_remote_code: bool = False, **extra) -> StageJob:
+def stage_job(
+    pipeline: str,
+    stage: ResolvedStage,
+    parent_final_lr: float,
+    parent_dir: str,
+    corpus_dirs: dict[str, str],
+    metrics_path: str,
+    trust_remote_code: bool = False,
+    **extra,
+) -> StageJob:
     """The job of a resolved stage that starts from the version in `parent_dir`, whose stage ended at
     the learning rate `parent_final_lr`."""
     return StageJob(
-        pipeline=pipeline, stage=stage, corpus_dirs={n: corpus_dirs[n] for n in stage.mixture},
-        parent_dir=parent_dir, metrics_path=metrics_path, trust_remote_code=trust_remote_code,
-        start_lr=parent_final_lr if stage.lr.warmup_from == "current" else 0.0, **extra)
+        pipeline=pipeline,
+        stage=stage,
+        corpus_dirs={n: corpus_dirs[n] for n in stage.mixture},
+        parent_dir=parent_dir,
+        metrics_path=metrics_path,
+        trust_remote_code=trust_remote_code,
+        start_lr=parent_final_lr if stage.lr.warmup_from == "current" else 0.0,
+        **extra,
+    )
 
 
 def same_workers(a: ResolvedStage, b: ResolvedStage) -> bool:
     """Whether two stages ask for the same worker group, so one group can train both in turn."""
-    keys = ("min_workers", "max_workers", "cpus_per_worker", "use_gpu", "resources_per_worker", "resize_every_s",
-            "max_failures")
+    keys = (
+        "min_workers",
+        "max_workers",
+        "cpus_per_worker",
+        "use_gpu",
+        "resources_per_worker",
+        "resize_every_s",
+        "max_failures",
+    )
     return all(getattr(a, key) == getattr(b, key) for key in keys)

@@ -24,8 +24,14 @@ def run_name(pipeline: str, stage: str, stage_hash: str, corpus_dirs: dict[str, 
     return f"{pipeline}.{stage}.{stage_hash}.{data[:8]}"
 
 
-def fit_stages(jobs: list[StageJob], storage: str, name: str, in_process: bool = False,
-               callbacks: list | None = None, hooks: StepHooks | None = None) -> ray.train.Result:
+def fit_stages(
+    jobs: list[StageJob],
+    storage: str,
+    name: str,
+    in_process: bool = False,
+    callbacks: list | None = None,
+    hooks: StepHooks | None = None,
+) -> ray.train.Result:
     """Train stages in turn on one group of Ray Train workers (they must ask for the same workers, see
     job.same_workers) as the run `name` under the folder or URI `storage` (the same name resumes from
     its latest checkpoint); `in_process` runs the same loop in this process instead (Ray Train's local
@@ -39,7 +45,8 @@ def fit_stages(jobs: list[StageJob], storage: str, name: str, in_process: bool =
         train_stages,
         train_loop_config={"jobs": [job.as_json() for job in jobs], "hooks": hooks},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=stage.use_gpu,
+            num_workers=workers,
+            use_gpu=stage.use_gpu,
             resources_per_worker={"CPU": stage.cpus_per_worker, **stage.resources_per_worker},
             elastic_resize_monitor_interval_s=stage.resize_every_s,
         ),

@@ -31,8 +31,8 @@ from mixloop.storage import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
 from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
 from mixloop.train.job import StageJob
-from mixloop.train.session import WorkerGroup
 from mixloop.train.schedule import learning_rate
+from mixloop.train.session import WorkerGroup
 from mixloop.train.step import Progress, StepHooks, StepTimer, StepTrainer
 
 
@@ -125,8 +125,10 @@ class StageWorker:
         grad_norm = self.trainer.step(batch, lr, self.progress, step, self.timer)
         if not math.isfinite(grad_norm):
             if self.stage.nonfinite == "stop":
-                raise NonFiniteError(f"stage {self.stage.name}: non-finite loss or gradient at step {step + 1}. "
-                                     "Its last good checkpoint is kept. Fix: lower lr.peak or set nonfinite: skip.")
+                raise NonFiniteError(
+                    f"stage {self.stage.name}: non-finite loss or gradient at step {step + 1}. "
+                    "Its last good checkpoint is kept. Fix: lower lr.peak or set nonfinite: skip."
+                )
             self.state.skipped_steps += 1
         self.state.step, self.state.lr = step + 1, lr
         return grad_norm
@@ -151,14 +153,23 @@ class StageWorker:
         loss, supervised, tokens = self.progress.reduced()
         self.state.add_tokens(tokens)
         elapsed, steps = time.time() - self.window_start, max(self.state.step - self.window_step, 1)
-        per_corpus = {n: float(l / s) for n, l, s in zip(self.names, loss, supervised) if s > 0}
+        per_corpus = {n: float(total / s) for n, total, s in zip(self.names, loss, supervised) if s > 0}
         metrics = {
-            "stage": self.stage.name, "step": self.state.step, "total_steps": self.stage.total_steps,
-            "lr": self.state.lr, "loss": float(loss.sum() / supervised.sum().clamp(min=1)),
-            "loss_per_corpus": per_corpus, "grad_norm": grad_norm, "skipped_steps": self.state.skipped_steps,
-            "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9), "step_seconds": elapsed / steps,
-            "tokens": dict(zip(self.names, self.state.tokens)), "time": time.time(),
-            "peak_memory_mb": _peak_memory_mb(), "row_hashes": self.row_hashes, "workers": self.world,
+            "stage": self.stage.name,
+            "step": self.state.step,
+            "total_steps": self.stage.total_steps,
+            "lr": self.state.lr,
+            "loss": float(loss.sum() / supervised.sum().clamp(min=1)),
+            "loss_per_corpus": per_corpus,
+            "grad_norm": grad_norm,
+            "skipped_steps": self.state.skipped_steps,
+            "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
+            "step_seconds": elapsed / steps,
+            "tokens": dict(zip(self.names, self.state.tokens)),
+            "time": time.time(),
+            "peak_memory_mb": _peak_memory_mb(),
+            "row_hashes": self.row_hashes,
+            "workers": self.world,
             **self.timer.per_step(self.state.step - self.window_step),
         }
         self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
@@ -189,9 +200,12 @@ class PreemptionCheck:
         self.seen |= nodes
         if self.rank == 0:
             deadline = max(info.deadline_ms / 1000 - time.time(), 0) if info.deadline_ms else None
-            print(f"[{self.stage}] preemption notice for node(s) {', '.join(sorted(n[:8] for n in nodes))}"
-                  + (f", {deadline:.0f} s left" if deadline is not None else "")
-                  + f": checkpointing at step {step}", flush=True)
+            print(
+                f"[{self.stage}] preemption notice for node(s) {', '.join(sorted(n[:8] for n in nodes))}"
+                + (f", {deadline:.0f} s left" if deadline is not None else "")
+                + f": checkpointing at step {step}",
+                flush=True,
+            )
         return True
 
 
@@ -202,8 +216,10 @@ def _resume_line(job: StageJob, step: int) -> str:
     redo = max([m["step"] for m in logged] + [step]) - step
     since = time.time() - logged[-1]["time"] if logged else 0.0
     lost = f"{redo} logged step(s) to redo" if redo else "no logged step lost"
-    return (f"[{job.stage.name}] resumed from checkpoint at step {step}/{job.stage.total_steps}: "
-            f"{lost}, {since:.1f} s since the last report")
+    return (
+        f"[{job.stage.name}] resumed from checkpoint at step {step}/{job.stage.total_steps}: "
+        f"{lost}, {since:.1f} s since the last report"
+    )
 
 
 def _evaluate(model, eval_dirs: dict[str, str], rows: int, device) -> dict[str, float]:
@@ -228,5 +244,7 @@ def _peak_memory_mb() -> float:
 def _progress_line(m: dict, total: int) -> str:
     eta = int(m["step_seconds"] * (total - m["step"]))
     corpora = " ".join(f"{n} {v:.3f}" for n, v in m["loss_per_corpus"].items())
-    return (f"[{m['stage']}] step {m['step']}/{total} loss {m['loss']:.3f} ({corpora}) lr {m['lr']:.2e} "
-            f"{m['tokens_per_s']:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}")
+    return (
+        f"[{m['stage']}] step {m['step']}/{total} loss {m['loss']:.3f} ({corpora}) lr {m['lr']:.2e} "
+        f"{m['tokens_per_s']:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}"
+    )

@@ -59,8 +59,10 @@ class TuneTrial:
 
     def __init__(self, row: Callable[[dict], dict], use_gpu: bool):
         if use_gpu and not torch.cuda.is_available():
-            raise MixloopError("the trial asks for a GPU (use_gpu) but its process sees none. Fix: run the search "
-                               "on a cluster with GPUs, or set use_gpu: false.")
+            raise MixloopError(
+                "the trial asks for a GPU (use_gpu) but its process sees none. Fix: run the search "
+                "on a cluster with GPUs, or set use_gpu: false."
+            )
         self.row, self.last = row, None
         self.device = torch.device("cuda" if use_gpu else "cpu")
 

@@ -95,11 +95,19 @@ class StepTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with timer("sync"):
-            weights = _token_weights(batch.micro_batches, batch.corpus_of_row, self.corpora, self.loss_weights,
-                                     self.stage.balance, self.device)
+            weights = _token_weights(
+                batch.micro_batches,
+                batch.corpus_of_row,
+                self.corpora,
+                self.loss_weights,
+                self.stage.balance,
+                self.device,
+            )
         with timer("compute"):
-            losses = [self._backward(micro_batch, weights, step, last=position == len(batch.micro_batches) - 1)
-                      for position, micro_batch in enumerate(batch.micro_batches)]
+            losses = [
+                self._backward(micro_batch, weights, step, last=position == len(batch.micro_batches) - 1)
+                for position, micro_batch in enumerate(batch.micro_batches)
+            ]
             # After DDP's all-reduce every worker holds the same gradients, so all take the same decision.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.grad_clip))
             if math.isfinite(grad_norm):
@@ -109,7 +117,7 @@ class StepTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _backward(self, micro_batch: "MicroBatch", weights: torch.Tensor, step: int, last: bool) -> torch.Tensor:
+    def _backward(self, micro_batch: MicroBatch, weights: torch.Tensor, step: int, last: bool) -> torch.Tensor:
         labels = micro_batch.inputs["labels"].to(self.device, non_blocking=True)
         with nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
             with self.autocast:
@@ -131,7 +139,7 @@ def _token_weights(batches, corpus_of_row, corpora: int, loss_weights, balance, 
     return corpus_token_weights(supervised, rows, loss_weights, balance).float().to(device)
 
 
-def _accumulate(progress: Progress, ce: torch.Tensor, batch: "MicroBatch") -> None:
+def _accumulate(progress: Progress, ce: torch.Tensor, batch: MicroBatch) -> None:
     progress.loss.index_add_(0, batch.corpus, ce.sum(1))
     progress.supervised.index_add_(0, batch.corpus, batch.targets)
     progress.tokens.index_add_(0, batch.corpus, batch.real_tokens)

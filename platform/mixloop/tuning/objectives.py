@@ -19,9 +19,11 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
 
 def objective_value(expression: str, losses: dict[str, float], start_losses: dict[str, float]) -> float:
     """The expression's value for a model with these eval losses, started from one with `start_losses`."""
-    terms = {"loss": losses,
-             "gain": {c: start_losses[c] - losses[c] for c in losses},
-             "forgetting": {c: losses[c] - start_losses[c] for c in losses}}
+    terms = {
+        "loss": losses,
+        "gain": {c: start_losses[c] - losses[c] for c in losses},
+        "forgetting": {c: losses[c] - start_losses[c] for c in losses},
+    }
 
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.BinOp):
@@ -64,12 +66,18 @@ def _term(node: ast.AST) -> tuple[str, str]:
     """loss.X or loss["X"] (for corpus names that are not identifiers)."""
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
         kind, corpus = node.value.id, node.attr
-    elif (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
-          and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+    elif (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Name)
+        and isinstance(node.slice, ast.Constant)
+        and isinstance(node.slice.value, str)
+    ):
         kind, corpus = node.value.id, node.slice.value
     else:
-        raise ValueError(f"{ast.unparse(node)!r} is not allowed: use numbers, + - * /, and "
-                         f"{', '.join(k + '.CORPUS' for k in OBJECTIVE_TERMS)}")
+        raise ValueError(
+            f"{ast.unparse(node)!r} is not allowed: use numbers, + - * /, and "
+            f"{', '.join(k + '.CORPUS' for k in OBJECTIVE_TERMS)}"
+        )
     if kind not in OBJECTIVE_TERMS:
         raise ValueError(f"{kind!r} is not a metric: use {', '.join(OBJECTIVE_TERMS)}")
     return kind, corpus

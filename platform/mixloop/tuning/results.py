@@ -9,8 +9,8 @@ import csv
 import io
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -39,10 +39,20 @@ def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | 
     best = pick(rows, keys, chosen)
     verdict = verdict_line(rows, keys, best)
     if interrupted:
-        verdict = (f"the search was interrupted with {ended} of {search.spec.trials.count} trials "
-                   f"ended; run the same command again to resume it. So far: {verdict}")
-    write_json(join(folder, "results.json"), {"objectives": search.objectives, "start_from": search.start_from,
-                                              "start_losses": start_losses, "verdict": verdict, "trials": rows})
+        verdict = (
+            f"the search was interrupted with {ended} of {search.spec.trials.count} trials "
+            f"ended; run the same command again to resume it. So far: {verdict}"
+        )
+    write_json(
+        join(folder, "results.json"),
+        {
+            "objectives": search.objectives,
+            "start_from": search.start_from,
+            "start_losses": start_losses,
+            "verdict": verdict,
+            "trials": rows,
+        },
+    )
     write_text(join(folder, "results.csv"), to_csv(rows, keys))
     _plot(rows, keys, search.objectives, folder)
     log(format_table(rows, keys, search.objectives))
@@ -61,15 +71,22 @@ def trial_row(search: Search, result, keys: list[str], interrupted: bool) -> dic
     finished = metrics.get("step") is not None and metrics.get("step") == metrics.get("total_steps")
     status = "failed" if result.error else "finished" if finished else "unfinished" if interrupted else "stopped"
     return {
-        "trial": metrics.get("trial_id") or Path(result.path).name, "arm": config.get("baseline", "search"),
+        "trial": metrics.get("trial_id") or Path(result.path).name,
+        "arm": config.get("baseline", "search"),
         "status": status,
-        "mixture": resolved.as_json()["mixture"], "lr_peak": resolved.lr.peak, "warmup": resolved.lr.warmup,
-        "decay": resolved.lr.decay, "tokens": resolved.tokens,
+        "mixture": resolved.as_json()["mixture"],
+        "lr_peak": resolved.lr.peak,
+        "warmup": resolved.lr.warmup,
+        "decay": resolved.lr.decay,
+        "tokens": resolved.tokens,
         **{key: metrics.get(key) for key in keys},
-        "loss": metrics.get("loss", {}), "forgetting": metrics.get("forgetting", {}),
-        "trained_tokens": metrics.get("trained_tokens"), "evals": metrics.get("eval", 0),
+        "loss": metrics.get("loss", {}),
+        "forgetting": metrics.get("forgetting", {}),
+        "trained_tokens": metrics.get("trained_tokens"),
+        "evals": metrics.get("eval", 0),
         # A finished trial measured its own training (Tune's clock restarts when a resumed search replays it).
-        "wall_s": metrics.get("wall_s", round(metrics.get("time_total_s", 0.0), 1)), "stage": stage,
+        "wall_s": metrics.get("wall_s", round(metrics.get("time_total_s", 0.0), 1)),
+        "stage": stage,
     }
 
 
@@ -78,9 +95,13 @@ def pick(rows: list[dict], keys: list[str], chosen: str | None) -> dict | None:
     if chosen is not None:
         match = [r for r in rows if r["trial"] == chosen]
         if not match:
-            raise MixloopError(f"no trial {chosen!r} in this search. Fix: use one of {', '.join(r['trial'] for r in rows)}.")
+            raise MixloopError(
+                f"no trial {chosen!r} in this search. Fix: use one of {', '.join(r['trial'] for r in rows)}."
+            )
         if match[0]["status"] != "finished":
-            raise MixloopError(f"trial {chosen} {match[0]['status']} before the end of its stage. Fix: choose a finished trial.")
+            raise MixloopError(
+                f"trial {chosen} {match[0]['status']} before the end of its stage. Fix: choose a finished trial."
+            )
         return match[0]
     finished = [r for r in rows if r["status"] == "finished"]
     return min(finished, key=lambda r: r[keys[0]]) if finished else None
@@ -105,8 +126,10 @@ def verdict_line(rows: list[dict], keys: list[str], best: dict | None) -> str:
         front = pareto_front(rows, keys)
         on_front = stratified is not None and stratified in front
         members = ", ".join(f"{r['trial']} ({r['arm']})" for r in front)
-        return (f"Pareto front: {members}; the stratified baseline is "
-                f"{'on it' if on_front else 'not on it' if stratified else 'missing (it did not finish)'}")
+        return (
+            f"Pareto front: {members}; the stratified baseline is "
+            f"{'on it' if on_front else 'not on it' if stratified else 'missing (it did not finish)'}"
+        )
     key = keys[0]
     if stratified is None:
         return f"best: trial {best['trial']} ({best['arm']}) with objective {best[key]:.4f}; the stratified baseline did not finish"
@@ -114,8 +137,10 @@ def verdict_line(rows: list[dict], keys: list[str], best: dict | None) -> str:
         return f"the stratified baseline won ({best[key]:.4f}): no other trial beat it"
     margin = stratified[key] - best[key]
     relative = f" ({margin / abs(stratified[key]):.1%})" if stratified[key] else ""
-    return (f"winner: trial {best['trial']} ({best['arm']}) with objective {best[key]:.4f}, {margin:.4f}{relative} "
-            f"below the stratified baseline's {stratified[key]:.4f}")
+    return (
+        f"winner: trial {best['trial']} ({best['arm']}) with objective {best[key]:.4f}, {margin:.4f}{relative} "
+        f"below the stratified baseline's {stratified[key]:.4f}"
+    )
 
 
 def describe_changes(changes: dict, config: dict) -> str:
@@ -130,17 +155,31 @@ def describe_changes(changes: dict, config: dict) -> str:
 
 
 def _mixture_text(mixture: dict) -> str:
-    return " ".join(f"{c}={w['from']:.3f}" if w["from"] == w["to"] else f"{c}={w['from']:.2f}->{w['to']:.2f}"
-                    for c, w in mixture.items())
+    return " ".join(
+        f"{c}={w['from']:.3f}" if w["from"] == w["to"] else f"{c}={w['from']:.2f}->{w['to']:.2f}"
+        for c, w in mixture.items()
+    )
 
 
 def format_table(rows: list[dict], keys: list[str], objectives: list[str]) -> str:
     """Finished trials first, best first."""
     rows = sorted(rows, key=lambda r: (r["status"] != "finished", r[keys[0]] is None, r[keys[0]] or 0.0))
     header = ["trial", "arm", "status", "mixture", "lr_peak", "warmup", "decay", "tokens", *keys, "wall_s"]
-    lines = [[r["trial"], r["arm"], r["status"], _mixture_text(r["mixture"]), f"{r['lr_peak']:.2e}", f"{r['warmup']:.3f}",
-              r["decay"], f"{r['tokens']:,}", *[f"{r[k]:.4f}" if r[k] is not None else "-" for k in keys],
-              f"{r['wall_s']:.0f}"] for r in rows]
+    lines = [
+        [
+            r["trial"],
+            r["arm"],
+            r["status"],
+            _mixture_text(r["mixture"]),
+            f"{r['lr_peak']:.2e}",
+            f"{r['warmup']:.3f}",
+            r["decay"],
+            f"{r['tokens']:,}",
+            *[f"{r[k]:.4f}" if r[k] is not None else "-" for k in keys],
+            f"{r['wall_s']:.0f}",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     table = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *lines]]
     legend = [f"{key}: {expression}" for key, expression in zip(keys, objectives)]
@@ -149,15 +188,32 @@ def format_table(rows: list[dict], keys: list[str], objectives: list[str]) -> st
 
 def to_csv(rows: list[dict], keys: list[str]) -> str:
     corpora = sorted({c for r in rows for c in r["loss"]})
-    columns = ["trial", "arm", "status", "mixture", "lr_peak", "warmup", "decay", "tokens", *keys,
-               *[f"loss.{c}" for c in corpora], *[f"forgetting.{c}" for c in corpora], "trained_tokens", "evals", "wall_s"]
+    columns = [
+        "trial",
+        "arm",
+        "status",
+        "mixture",
+        "lr_peak",
+        "warmup",
+        "decay",
+        "tokens",
+        *keys,
+        *[f"loss.{c}" for c in corpora],
+        *[f"forgetting.{c}" for c in corpora],
+        "trained_tokens",
+        "evals",
+        "wall_s",
+    ]
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        flat = {**row, "mixture": _mixture_text(row["mixture"]),
-                **{f"loss.{c}": v for c, v in row["loss"].items()},
-                **{f"forgetting.{c}": v for c, v in row["forgetting"].items()}}
+        flat = {
+            **row,
+            "mixture": _mixture_text(row["mixture"]),
+            **{f"loss.{c}": v for c, v in row["loss"].items()},
+            **{f"forgetting.{c}": v for c, v in row["forgetting"].items()},
+        }
         writer.writerow(flat)
     return out.getvalue()
 
@@ -170,8 +226,14 @@ def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: str)
     if len(keys) == 1:
         for index, row in enumerate(measured):
             filled = row["status"] == "finished"
-            axes.scatter(index, row[keys[0]], s=50, color=colors[row["arm"]],
-                         facecolors=colors[row["arm"]] if filled else "none", label=row["arm"])
+            axes.scatter(
+                index,
+                row[keys[0]],
+                s=50,
+                color=colors[row["arm"]],
+                facecolors=colors[row["arm"]] if filled else "none",
+                label=row["arm"],
+            )
         stratified = next((r for r in measured if r["arm"] == "stratified"), None)
         if stratified:
             axes.axhline(stratified[keys[0]], color=colors["stratified"], linestyle="--", linewidth=1)
@@ -210,6 +272,8 @@ def append_stage(pipeline_path: Path, stage: dict, text: str) -> None:
     comments and layout stay; the result must validate before it replaces the file."""
     names = [s.name for s in load_spec(pipeline_path).pipeline.stages]
     if stage["name"] in names:
-        raise MixloopError(f"{pipeline_path} already has a stage named {stage['name']!r}. Fix: give the search a new "
-                           "name, or remove that stage first.")
+        raise MixloopError(
+            f"{pipeline_path} already has a stage named {stage['name']!r}. Fix: give the search a new "
+            "name, or remove that stage first."
+        )
     replace_validated(pipeline_path, append_entries(pipeline_path, {"stages": text}), "appending the stage")

@@ -23,41 +23,51 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
-from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from mixloop.corpora import PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluate import evaluate_versions
-from mixloop.corpora import PreparedCorpora
 from mixloop.pipeline import Pipeline
 from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
 from mixloop.registry import list_versions, now, read_lineage, verified_version, version_dir
 from mixloop.spec import Share, stage_hash
 from mixloop.stages import StageRunner, stage_plan
+from mixloop.storage import (
+    append_line,
+    exists,
+    join,
+    local_copy,
+    read_json,
+    read_lines,
+    train_storage,
+    write_json,
+    write_text,
+)
 from mixloop.tracking import Trackers, tokens_through
 from mixloop.train.job import StageJob, stage_job
-from mixloop.storage import (append_line, exists, join, local_copy, read_json, read_lines, train_storage, write_json,
-                             write_text)
-from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
 from mixloop.tuning.objectives import objective_keys, objective_value
+from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
 from mixloop.tuning.search import Search, load_search
+from ray import tune
 
 Log = Callable[[str], None]
 RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
 TRACKED_FILE = "tracked.json"  # written once a trial's run went to the trackers
 
 
-def run_search(path: str, address: str | None = None, apply: bool = False, trial: str | None = None,
-               log: Log = print, lock=None) -> dict:
+def run_search(
+    path: str, address: str | None = None, apply: bool = False, trial: str | None = None, log: Log = print, lock=None
+) -> dict:
     """Run or resume a search, then write and print its results (and append the best stage). `lock`: the
     workdir's lock when the caller holds it already."""
     search = load_search(path)
@@ -87,8 +97,13 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
             continue
         final = {key: value for key, value in row.items() if key.startswith("objective") and value is not None}
         final.update({f"eval/{corpus}": loss for corpus, loss in row["loss"].items()})
-        trackers.replay(f"{search.spec.name}/{row['trial']}", read_lines(join(folder, "metrics.jsonl")), before,
-                        search.resolve(row["stage"]).as_json(), final)
+        trackers.replay(
+            f"{search.spec.name}/{row['trial']}",
+            read_lines(join(folder, "metrics.jsonl")),
+            before,
+            search.resolve(row["stage"]).as_json(),
+            final,
+        )
         write_json(join(folder, TRACKED_FILE), {"trackers": [type(sink).__name__ for sink in trackers.sinks]})
     trackers.close()
 
@@ -96,11 +111,15 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
 def _check_apply(search: Search, trial: str | None) -> None:
     """Before any work: what would make --apply fail at the end."""
     if search.spec.name in search.pipeline.stage_names():
-        raise MixloopError(f"{search.pipeline_path} already has a stage named {search.spec.name!r}. "
-                           "Fix: give the search a new name, or leave out --apply.")
+        raise MixloopError(
+            f"{search.pipeline_path} already has a stage named {search.spec.name!r}. "
+            "Fix: give the search a new name, or leave out --apply."
+        )
     if len(search.objectives) > 1 and trial is None:
-        raise MixloopError("a search with several objectives has no single best trial. Fix: run it without --apply, "
-                           "pick a trial of the Pareto front, then add --apply --trial ID.")
+        raise MixloopError(
+            "a search with several objectives has no single best trial. Fix: run it without --apply, "
+            "pick a trial of the Pareto front, then add --apply --trial ID."
+        )
 
 
 def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock) -> None:
@@ -109,23 +128,36 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     finds it done instead of training it again."""
     best = results["best"]
     if results["interrupted"] or best is None:
-        raise MixloopError("not applied: the search did not end with a finished trial. "
-                           "Fix: run it again (it resumes), then add --apply.")
+        raise MixloopError(
+            "not applied: the search did not end with a finished trial. "
+            "Fix: run it again (it resumes), then add --apply."
+        )
     stage = search.resolve(best["stage"])
     trial_folder = join(context.folder, "trials", best["trial"])
     if not exists(join(trial_folder, "final")):
-        raise MixloopError(f"trial {best['trial']} left no final weights in {trial_folder}/final: it ran before "
-                           "mixloop kept them. Fix: run the search again under a new name, then --apply.")
+        raise MixloopError(
+            f"trial {best['trial']} left no final weights in {trial_folder}/final: it ran before "
+            "mixloop kept them. Fix: run the search again under a new name, then --apply."
+        )
     trial_lines = read_lines(join(trial_folder, "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
     runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
     job = runner.job(stage, context.parent["version"], context.parent["metrics"]["final_lr"])
-    runner.publish(job, stage_plan(stage, job.corpus_dirs), context.parent,
-                   stage_hash(stage, context.parent["stage_hash"]), local_copy(join(trial_folder, "final")), metrics, now())
+    runner.publish(
+        job,
+        stage_plan(stage, job.corpus_dirs),
+        context.parent,
+        stage_hash(stage, context.parent["stage_hash"]),
+        local_copy(join(trial_folder, "final")),
+        metrics,
+        now(),
+    )
     # One append: the report's training curves then show the stage like any other.
     append_line(join(search.pipeline.workdir, "metrics.jsonl"), "\n".join(trial_lines))
     append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
-    log(f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model")
+    log(
+        f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
+    )
 
 
 @dataclass(frozen=True)
@@ -154,14 +186,29 @@ class TrialContext:
         folder = join(self.folder, "trials", trial_id)
         resolved = self.search.resolve(stage)
         evals_every = math.ceil(resolved.total_steps / self.search.spec.trials.evals)
-        trial = resolved.model_copy(update={"min_workers": self.workers, "max_workers": self.workers,
-                                            "cpus_per_worker": self.cpus_per_worker, "checkpoint_every": evals_every})
+        trial = resolved.model_copy(
+            update={
+                "min_workers": self.workers,
+                "max_workers": self.workers,
+                "cpus_per_worker": self.cpus_per_worker,
+                "checkpoint_every": evals_every,
+            }
+        )
         pipeline = self.search.pipeline
-        return stage_job(pipeline.pipeline.name, trial, self.parent["metrics"]["final_lr"],
-                         version_dir(pipeline.workdir, self.parent["version"]), self.corpus_dirs,
-                         join(folder, "metrics.jsonl"), pipeline.pipeline.model.trust_remote_code,
-                         evals=self.eval_dirs, eval_rows=self.eval_rows, progress_lines=False, run=trial_id,
-                         final_dir=join(folder, "final"))
+        return stage_job(
+            pipeline.pipeline.name,
+            trial,
+            self.parent["metrics"]["final_lr"],
+            version_dir(pipeline.workdir, self.parent["version"]),
+            self.corpus_dirs,
+            join(folder, "metrics.jsonl"),
+            pipeline.pipeline.model.trust_remote_code,
+            evals=self.eval_dirs,
+            eval_rows=self.eval_rows,
+            progress_lines=False,
+            run=trial_id,
+            final_dir=join(folder, "final"),
+        )
 
 
 def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
@@ -175,10 +222,16 @@ def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
     start = evaluate_versions(workdir, [search.start_from], prepared.eval, rows)[search.start_from]
     trials = search.spec.trials
     return TrialContext(
-        search=search, folder=join(workdir, "tune", search.spec.name), prepared=prepared,
-        corpus_dirs=prepared.for_stage(candidates), parent=read_lineage(workdir, search.start_from),
-        eval_dirs=prepared.eval, eval_rows=rows, start_losses={c: r["loss"] for c, r in start.items()},
-        workers=trials.workers or template.max_workers, cpus_per_worker=trials.cpus_per_worker or template.cpus_per_worker,
+        search=search,
+        folder=join(workdir, "tune", search.spec.name),
+        prepared=prepared,
+        corpus_dirs=prepared.for_stage(candidates),
+        parent=read_lineage(workdir, search.start_from),
+        eval_dirs=prepared.eval,
+        eval_rows=rows,
+        start_losses={c: r["loss"] for c, r in start.items()},
+        workers=trials.workers or template.max_workers,
+        cpus_per_worker=trials.cpus_per_worker or template.cpus_per_worker,
     )
 
 
@@ -195,27 +248,45 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log(f"search {search.spec.name}: resuming from {context.folder}")
         # A failed trial stays failed (Ray Train already retried its workers): it would fail again.
-        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
-                                  param_space=search.param_space(), storage_filesystem=filesystem)
+        return tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            param_space=search.param_space(),
+            storage_filesystem=filesystem,
+        )
     concurrency = _concurrency(search, context)
     manifests = {c: read_manifest(d)["tokens"] for c, d in context.corpus_dirs.items()}
     baselines = search.baselines(manifests)
     searcher = BaselinesFirst(_optuna(search), baselines, [search.encode(search.trial_stage(b)) for b in baselines])
-    log(f"search {search.spec.name}: {search.spec.trials.count} trials from version {search.start_from}, "
-        f"{concurrency} at a time, {context.workers} worker(s) each")
+    log(
+        f"search {search.spec.name}: {search.spec.trials.count} trials from version {search.start_from}, "
+        f"{concurrency} at a time, {context.workers} worker(s) each"
+    )
     return tune.Tuner(
         trainable,
         param_space=search.param_space(),
         # Not reuse_actors: a trial ASHA stops takes longer to shut its Train run down than Tune waits
         # (TUNE_FUNCTION_THREAD_TIMEOUT_S, 2 s) before reusing its driver, and the next trial then fails.
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(search), num_samples=search.spec.trials.count,
-                                    max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=search.spec.name, storage_path=storage, storage_filesystem=filesystem,
-                                  verbose=0, callbacks=[ProgressLines(search)],
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  # On a worker group, Ray Train already restarted the workers: a failed trial stays failed.
-                                  failure_config=tune.FailureConfig(
-                                      max_failures=search.resolved_template.max_failures if context.in_trial else 0)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=_scheduler(search),
+            num_samples=search.spec.trials.count,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=search.spec.name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            verbose=0,
+            callbacks=[ProgressLines(search)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # On a worker group, Ray Train already restarted the workers: a failed trial stays failed.
+            failure_config=tune.FailureConfig(
+                max_failures=search.resolved_template.max_failures if context.in_trial else 0
+            ),
+        ),
     )
 
 
@@ -235,7 +306,8 @@ def _check_fingerprint(search: Search, folder: str) -> None:
     if exists(record) and read_json(record)["fingerprint"] != fingerprint:
         raise StageConflictError(
             f"search {search.spec.name!r} in {folder} ran with other settings; its trials are not comparable with "
-            "these. Fix: give the changed search a new name, or delete that folder to start it again.")
+            "these. Fix: give the changed search a new name, or delete that folder to start it again."
+        )
     write_json(record, {"fingerprint": fingerprint, "spec": search.path})
 
 
@@ -246,7 +318,8 @@ def _check_trial_resource() -> None:
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
         raise MixloopError(
             f"the cluster offers no {TRIAL_RESOURCE!r} resource, which tuning trials' drivers use instead of CPUs. "
-            f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do).")
+            f"Fix: start the head with --resources='{{\"{TRIAL_RESOURCE}\": 16}}' (cluster/ configs do)."
+        )
 
 
 def _concurrency(search: Search, context: TrialContext) -> int:
@@ -270,8 +343,9 @@ def _optuna(search: Search) -> OptunaSearch:
     searched = search.spec.trials.count - 2
     # TPE handles one objective or several (multi-objective TPE); it samples at random for its first
     # trials, so few of them here, and a liar so that concurrent trials do not all pick the same point.
-    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(1, searched // 2),
-                                         multivariate=True, constant_liar=True)
+    sampler = optuna.samplers.TPESampler(
+        seed=search.seed, n_startup_trials=max(1, searched // 2), multivariate=True, constant_liar=True
+    )
     keys = objective_keys(len(search.objectives))
     metric, mode = (keys[0], "min") if len(keys) == 1 else (keys, ["min"] * len(keys))
     return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
@@ -281,9 +355,14 @@ def _scheduler(search: Search) -> TrialScheduler:
     asha = search.spec.asha
     if asha is None or len(search.objectives) > 1:
         return FIFOScheduler()
-    return SparingBaselines(metric="objective", mode="min", time_attr="eval",
-                            max_t=search.spec.trials.evals, grace_period=asha.grace_evals,
-                            reduction_factor=asha.reduction_factor)
+    return SparingBaselines(
+        metric="objective",
+        mode="min",
+        time_attr="eval",
+        max_t=search.spec.trials.evals,
+        grace_period=asha.grace_evals,
+        reduction_factor=asha.reduction_factor,
+    )
 
 
 # ---------------------------------------------------------------- inside a trial
@@ -338,10 +417,15 @@ def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, 
     (`eval` counts evals by step, so a repeated or extra report does not advance ASHA's rungs)."""
     losses = metrics["eval_loss"]
     values = [objective_value(expression, losses, start_losses) for expression in objectives]
-    return {**dict(zip(objective_keys(len(objectives)), values)), "loss": losses,
-            "forgetting": {c: losses[c] - start_losses[c] for c in losses},
-            "step": metrics["step"], "total_steps": metrics["total_steps"],
-            "eval": math.ceil(metrics["step"] / checkpoint_every), "trained_tokens": sum(metrics["tokens"].values())}
+    return {
+        **dict(zip(objective_keys(len(objectives)), values)),
+        "loss": losses,
+        "forgetting": {c: losses[c] - start_losses[c] for c in losses},
+        "step": metrics["step"],
+        "total_steps": metrics["total_steps"],
+        "eval": math.ceil(metrics["step"] / checkpoint_every),
+        "trained_tokens": sum(metrics["tokens"].values()),
+    }
 
 
 class ReportObjectives(TuneReportCallback):
@@ -395,7 +479,9 @@ class BaselinesFirst(Searcher):
             self.optuna.save(os.path.join(folder, "optuna.pkl"))
             optuna_state = open(os.path.join(folder, "optuna.pkl"), "rb").read()
         with open(checkpoint_path, "wb") as file:
-            pickle.dump({"waiting": self.waiting, "baseline_points": self.baseline_points, "optuna": optuna_state}, file)
+            pickle.dump(
+                {"waiting": self.waiting, "baseline_points": self.baseline_points, "optuna": optuna_state}, file
+            )
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:

@@ -17,8 +17,21 @@ from typing import Literal
 from pydantic import Field
 
 from mixloop.errors import SpecError
-from mixloop.spec import (BASE_VERSION, STAGE_NAME_PATTERN, ResolvedStage, Spec, StageSpec, StageTemplate, Strict,
-                          format_problems, load_spec, resolve_stage, stage_hash, stage_problems, validate_yaml)
+from mixloop.spec import (
+    BASE_VERSION,
+    STAGE_NAME_PATTERN,
+    ResolvedStage,
+    Spec,
+    StageSpec,
+    StageTemplate,
+    Strict,
+    format_problems,
+    load_spec,
+    resolve_stage,
+    stage_hash,
+    stage_problems,
+    validate_yaml,
+)
 from mixloop.tuning.objectives import objective_terms
 from mixloop.tuning.simplex import rounded_weights, simplex_draws, simplex_weights
 
@@ -144,8 +157,9 @@ class Search:
             params["decay"] = tune.choice(space.decay)
         if space.tokens:
             geometry = self.resolved_template.geometry
-            params["steps"] = tune.randint(geometry.steps_for(space.tokens[0]),
-                                           geometry.whole_steps_within(space.tokens[1]) + 1)
+            params["steps"] = tune.randint(
+                geometry.steps_for(space.tokens[0]), geometry.whole_steps_within(space.tokens[1]) + 1
+            )
         return params
 
     def decode(self, config: dict) -> dict:
@@ -154,10 +168,14 @@ class Search:
             return {"mixture": config["mixture"]} if "mixture" in config else {}
         changes: dict = {}
         if self.spec.space.mixture:
-            changes["mixture"] = simplex_weights({c: config[f"share.{c}"] for c in self.spec.space.mixture.corpora},
-                                                 self.spec.space.mixture.min_share)
-        lr = {key: config[param] for key, param in (("peak", "lr_peak"), ("warmup", "warmup"), ("decay", "decay"))
-              if param in config}
+            changes["mixture"] = simplex_weights(
+                {c: config[f"share.{c}"] for c in self.spec.space.mixture.corpora}, self.spec.space.mixture.min_share
+            )
+        lr = {
+            key: config[param]
+            for key, param in (("peak", "lr_peak"), ("warmup", "warmup"), ("decay", "decay"))
+            if param in config
+        }
         if "peak" in lr:
             lr["peak"] = float(f"{lr['peak']:.3g}")
         if "warmup" in lr:
@@ -184,8 +202,12 @@ class Search:
         space (a ramped mix, a value out of range): Optuna then learns from the baselines it can represent."""
         resolved, params = self.resolve(stage), {}
         lr = resolved.lr
-        values = {"lr_peak": lr.peak, "warmup": lr.warmup, "decay": lr.decay,
-                  "steps": resolved.geometry.whole_steps_within(resolved.tokens)}
+        values = {
+            "lr_peak": lr.peak,
+            "warmup": lr.warmup,
+            "decay": lr.decay,
+            "steps": resolved.geometry.whole_steps_within(resolved.tokens),
+        }
         if self.spec.space.mixture:  # a ramp's start weights: the round trip below turns the ramp away
             draws = simplex_draws({c: w.start for c, w in resolved.mixture.items()}, self.spec.space.mixture.min_share)
             values.update({f"share.{c}": u for c, u in (draws or {}).items()})
@@ -201,8 +223,10 @@ class Search:
         """The stage's own mix, and weights proportional to the searched corpora's token counts."""
         tokens = {c: train_tokens[c] for c in self.searched_corpora}
         total = sum(tokens.values())
-        return [{"baseline": "current"},
-                {"baseline": "stratified", "mixture": rounded_weights({c: n / total for c, n in tokens.items()})}]
+        return [
+            {"baseline": "current"},
+            {"baseline": "stratified", "mixture": rounded_weights({c: n / total for c, n in tokens.items()})},
+        ]
 
 
 def _in_domain(value, domain) -> bool:
@@ -242,23 +266,36 @@ def _default_start(spec: SearchSpec, pipeline: Spec) -> str:
 def _search_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
     names = pipeline.stage_names()
     if (spec.stage is None) == (spec.new_stage is None):
-        return ["stage: give exactly one of `stage` (a stage of the pipeline to tune again) or `new_stage` "
-                "(a new stage: mixture, tokens, lr...)."]
+        return [
+            "stage: give exactly one of `stage` (a stage of the pipeline to tune again) or `new_stage` "
+            "(a new stage: mixture, tokens, lr...)."
+        ]
     if spec.stage is not None and spec.stage not in names:
-        return [f"stage: {spec.stage!r} is not a stage of {pipeline.pipeline.name}. Fix: use one of {', '.join(names)}."]
+        return [
+            f"stage: {spec.stage!r} is not a stage of {pipeline.pipeline.name}. Fix: use one of {', '.join(names)}."
+        ]
     problems = []
     if spec.start_from is not None and spec.start_from not in [BASE_VERSION, *names]:
-        problems.append(f"start_from: {spec.start_from!r} is no version of the pipeline. "
-                        f"Fix: use base or one of {', '.join(names)}.")
+        problems.append(
+            f"start_from: {spec.start_from!r} is no version of the pipeline. "
+            f"Fix: use base or one of {', '.join(names)}."
+        )
         return problems
     search = Search(spec, pipeline)
     template = StageSpec.model_validate(search.template)
     # The tuned stage is appended after the pipeline's stages, and starts from start_from.
     where = "new_stage" if spec.new_stage else "stage"
-    problems += [p.replace(f"{where}.name:", "name:") for p in stage_problems(pipeline, where, template, names)
-                 if not p.startswith(f"{where}.name: stage name")]  # the name may already be applied
-    return (problems + _space_problems(spec, pipeline, search) + _trials_problems(spec, pipeline, search)
-            + _objective_problems(spec, pipeline))
+    problems += [
+        p.replace(f"{where}.name:", "name:")
+        for p in stage_problems(pipeline, where, template, names)
+        if not p.startswith(f"{where}.name: stage name")
+    ]  # the name may already be applied
+    return (
+        problems
+        + _space_problems(spec, pipeline, search)
+        + _trials_problems(spec, pipeline, search)
+        + _objective_problems(spec, pipeline)
+    )
 
 
 def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
@@ -268,16 +305,22 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     if space.mixture:
         left_out = [c for c in search.template["mixture"] if c not in space.mixture.corpora]
         if left_out:
-            problems.append(f"space.mixture.corpora: leaves out {', '.join(left_out)} of the stage's mixture, which "
-                            "trials would then not train on. Fix: add them (every weight of the mix is searched).")
+            problems.append(
+                f"space.mixture.corpora: leaves out {', '.join(left_out)} of the stage's mixture, which "
+                "trials would then not train on. Fix: add them (every weight of the mix is searched)."
+            )
         for index, corpus in enumerate(space.mixture.corpora):
             if corpus not in corpora:
-                problems.append(f"space.mixture.corpora[{index}]: unknown corpus {corpus!r}. Fix: use one of {', '.join(corpora)}.")
+                problems.append(
+                    f"space.mixture.corpora[{index}]: unknown corpus {corpus!r}. Fix: use one of {', '.join(corpora)}."
+                )
         if len(set(space.mixture.corpora)) != len(space.mixture.corpora):
             problems.append("space.mixture.corpora: a corpus is named twice. Fix: name each once.")
         if space.mixture.min_share * len(space.mixture.corpora) >= 1:
-            problems.append(f"space.mixture.min_share: {space.mixture.min_share} for each of {len(space.mixture.corpora)} "
-                            "corpora leaves nothing to search. Fix: lower it.")
+            problems.append(
+                f"space.mixture.min_share: {space.mixture.min_share} for each of {len(space.mixture.corpora)} "
+                "corpora leaves nothing to search. Fix: lower it."
+            )
     problems += _range_problems("space.lr_peak", space.lr_peak, low=0.0, low_open=True)
     problems += _range_problems("space.warmup", space.warmup, low=0.0, high=1.0)
     if space.tokens:
@@ -294,16 +337,22 @@ def _trials_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[s
     trials, problems = spec.trials, []
     overrides = {k: v for k, v in (("workers", trials.workers), ("cpus_per_worker", trials.cpus_per_worker)) if v}
     trial_stage = StageSpec.model_validate({**search.template, **overrides})
-    problems += [p for p in stage_problems(pipeline, "trials", trial_stage, pipeline.stage_names())
-                 if p.startswith(("trials.workers", "trials.cpus_per_worker"))]
+    problems += [
+        p
+        for p in stage_problems(pipeline, "trials", trial_stage, pipeline.stage_names())
+        if p.startswith(("trials.workers", "trials.cpus_per_worker"))
+    ]
     if spec.asha and spec.asha.grace_evals > trials.evals:
-        problems.append(f"asha.grace_evals: {spec.asha.grace_evals} is more than trials.evals ({trials.evals}). "
-                        "Fix: lower it or raise trials.evals.")
+        problems.append(
+            f"asha.grace_evals: {spec.asha.grace_evals} is more than trials.evals ({trials.evals}). "
+            "Fix: lower it or raise trials.evals."
+        )
     return problems
 
 
-def _range_problems(where: str, bounds: tuple | None, low: float, high: float | None = None,
-                    low_open: bool = False) -> list[str]:
+def _range_problems(
+    where: str, bounds: tuple | None, low: float, high: float | None = None, low_open: bool = False
+) -> list[str]:
     if bounds is None:
         return []
     lo, hi = bounds
@@ -331,8 +380,12 @@ def _objective_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
             problems.append(f"{where}: {expression!r} uses no eval metric. Fix: use loss.X, gain.X or forgetting.X.")
         for _, corpus in terms:
             if corpus not in with_eval:
-                problems.append(f"{where}: corpus {corpus!r} has no eval split. Fix: use one of "
-                                f"{', '.join(with_eval) or '(none: add eval splits to the corpora)'}.")
+                problems.append(
+                    f"{where}: corpus {corpus!r} has no eval split. Fix: use one of "
+                    f"{', '.join(with_eval) or '(none: add eval splits to the corpora)'}."
+                )
     if isinstance(spec.objective, list) and len(spec.objective) < 2:
-        problems.append("objective: a list is for several objectives (a Pareto front). Fix: give one string or two or more.")
+        problems.append(
+            "objective: a list is for several objectives (a Pareto front). Fix: give one string or two or more."
+        )
     return problems
