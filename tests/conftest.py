@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from mixloop.tokenizer import load_tokenizer, train_tokenizer
+from mixloop.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="session")
 def ray_address():
     """A real local Ray cluster (4 logical CPUs on a 2-core machine is fine); its GCS address."""
     import ray
-    from mixloop.ray_setup import init_ray
+    from mixloop.runs.ray_setup import init_ray
 
     init_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address

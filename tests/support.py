@@ -103,8 +103,8 @@ def cache_dataset(cache: Path, repo: str, commit: str, files: dict[str, object])
 
 def micro_versions(folder: Path, tokenizer, chain: list[tuple[str, str | None]]) -> Path:
     """Versions of one untrained micro model published in `chain` order (name, parent) in folder/run."""
-    from mixloop.model import model_config, new_model
-    from mixloop.registry import publish
+    from mixloop.train.model import model_config, new_model
+    from mixloop.versioning.registry import publish
 
     model_dir, tokenizer_dir = folder / "weights", folder / "tokenizer"
     new_model(model_config("micro", None, tokenizer), seed=0).save_pretrained(model_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 from mixloop import __version__
 from mixloop import commands as handlers
 from mixloop.errors import MixloopError, StorageError
-from mixloop.export import DTYPES
+from mixloop.versioning.export import DTYPES
 
 DESCRIPTION = """mixloop keeps small decoder LLMs current as data arrives: pretrain, fine-tune, then keep going.
 One YAML file describes the model's life; `mixloop run` trains what is missing and reports what each

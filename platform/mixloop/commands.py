@@ -8,13 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from mixloop import api, jobs
+from mixloop import api
 from mixloop.errors import MixloopError
+from mixloop.runs import jobs
 
 
 def _workdir(target: str) -> str:
     """A workdir given directly (a path or URI), or the one a spec file names."""
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
 
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         return load_spec(target, files=False).workdir  # only its workdir is needed: no file checks
@@ -27,17 +28,17 @@ def _workdir(target: str) -> str:
 
 def _spec(target: str, files: bool = True):
     """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
-    from mixloop.spec import load_spec
-    from mixloop.storage import join
+    from mixloop.config import load_spec
+    from mixloop.storage.fs import join
 
     is_spec = Path(target).is_file() or target.endswith((".yaml", ".yml"))
     return load_spec(target if is_spec else join(_workdir(target), "pipeline.yaml"), files=files)
 
 
 def cmd_validate(args) -> int:
+    from mixloop.config import format_problems, load_spec
     from mixloop.errors import SpecError
-    from mixloop.spec import format_problems, load_spec
-    from mixloop.stages import edited_stages
+    from mixloop.runs.stages import edited_stages
 
     spec = load_spec(args.spec, args.overrides)
     edited = edited_stages(spec)  # against the versions its workdir already holds
@@ -54,15 +55,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from mixloop.status import status_lines
+    from mixloop.runs.status import status_lines
 
     print("\n".join(status_lines(_spec(args.target, files=False))))
     return 0
 
 
 def cmd_models_list(args) -> int:
-    from mixloop.gate import gate_summary
-    from mixloop.registry import current_version
+    from mixloop.versioning.gate import gate_summary
+    from mixloop.versioning.registry import current_version
 
     workdir = _workdir(args.target)
     versions, current = api.versions(workdir), current_version(workdir)
@@ -84,15 +85,15 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_path(args) -> int:
-    from mixloop.registry import verified_version
+    from mixloop.versioning.registry import verified_version
 
     print(verified_version(_workdir(args.target), args.version))
     return 0
 
 
 def cmd_models_promote(args) -> int:
-    from mixloop.gate import promote
-    from mixloop.lock import workdir_lock
+    from mixloop.storage.lock import workdir_lock
+    from mixloop.versioning.gate import promote
 
     workdir = _workdir(args.target)
     with workdir_lock(workdir, "mixloop models promote"):
@@ -102,8 +103,8 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_models_rollback(args) -> int:
-    from mixloop.gate import rollback
-    from mixloop.lock import workdir_lock
+    from mixloop.storage.lock import workdir_lock
+    from mixloop.versioning.gate import rollback
 
     workdir = _workdir(args.target)
     with workdir_lock(workdir, "mixloop models rollback"):
@@ -113,7 +114,7 @@ def cmd_models_rollback(args) -> int:
 
 
 def cmd_models_show(args) -> int:
-    from mixloop.registry import read_lineage
+    from mixloop.versioning.registry import read_lineage
 
     lineage = read_lineage(_workdir(args.target), args.version)
     if lineage is None:
@@ -123,9 +124,9 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_diff(args) -> int:
-    from mixloop.evaluate import eval_file
-    from mixloop.registry import diff_lineages, read_lineage
-    from mixloop.storage import read_json
+    from mixloop.evaluation.evaluate import eval_file
+    from mixloop.storage.fs import read_json
+    from mixloop.versioning.registry import diff_lineages, read_lineage
 
     workdir = _workdir(args.target)
     lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
@@ -155,8 +156,9 @@ def _cell(value) -> str:
 
 
 def cmd_models_export(args) -> int:
-    from mixloop import __version__, hub
-    from mixloop.export import export
+    from mixloop import __version__
+    from mixloop.storage import hub
+    from mixloop.versioning.export import export
 
     if (args.private or args.revision) and not args.push_to_hub:
         raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
@@ -180,8 +182,8 @@ def cmd_models_export(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from mixloop.chat import chat
-    from mixloop.registry import verified_version
+    from mixloop.evaluation.chat import chat
+    from mixloop.versioning.registry import verified_version
 
     chat(verified_version(_workdir(args.target), args.version), max_new_tokens=args.max_new_tokens)
     return 0
@@ -262,7 +264,7 @@ def _shapes(formats: dict[str, int]) -> str:
 
 
 def cmd_add(args) -> int:
-    from mixloop.iterate import NewCorpus, add
+    from mixloop.runs.iterate import NewCorpus, add
 
     files = {role: _from_here(args.spec, getattr(args, role)) for role in ("text", "chat", "eval")}
     add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, tune=args.tune, address=args.address)
@@ -277,7 +279,7 @@ def _from_here(spec_path: str, value: str | None) -> str | None:
 
 
 def cmd_watch(args) -> int:
-    from mixloop.iterate import watch
+    from mixloop.runs.iterate import watch
 
     try:
         watch(args.spec, args.inbox, args.address, args.poll_s, args.once)

@@ -31,7 +31,7 @@ def packed_row(documents: list[np.ndarray], seq_len: int) -> dict[str, torch.Ten
 def test_bf16_sdpa_keeps_packed_documents_apart_on_the_gpu():
     from transformers import Qwen3Config
 
-    from mixloop.model import PRESETS, new_model
+    from mixloop.train.model import PRESETS, new_model
 
     config = Qwen3Config(**PRESETS["small"], vocab_size=512, tie_word_embeddings=True, head_dim=64)
     model = new_model(config, seed=0).cuda().eval()
@@ -48,12 +48,12 @@ def test_bf16_sdpa_keeps_packed_documents_apart_on_the_gpu():
 def test_gpu_optimizer_is_fused_and_batches_are_pinned(tmp_path):
     from transformers import Qwen3Config
 
+    from mixloop.config import ResolvedLR, ResolvedStage
     from mixloop.data.store import PackedCorpus, write_shard
-    from mixloop.model import PRESETS, new_model
-    from mixloop.spec import ResolvedLR, ResolvedStage
-    from mixloop.storage import write_json
+    from mixloop.storage.fs import write_json
     from mixloop.train.batches import MicroBatch
     from mixloop.train.checkpoint import optimizer_for
+    from mixloop.train.model import PRESETS, new_model
 
     model = new_model(Qwen3Config(**PRESETS["micro"], vocab_size=256, head_dim=16), seed=0).cuda()
     stage = ResolvedStage.model_construct(weight_decay=0.1, lr=ResolvedLR.model_construct(peak=1e-3))
@@ -67,8 +67,8 @@ def test_gpu_optimizer_is_fused_and_batches_are_pinned(tmp_path):
 
 
 def test_a_stage_trains_on_one_gpu_in_bf16(ray_address, tmp_path):
-    from mixloop.pipeline import Pipeline
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
+    from mixloop.runs.pipeline import Pipeline
 
     stage = {"name": "gpu", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 20480}
     spec = write_spec(tmp_path, generated_spec(tmp_path / "run", [stage], workers=1, use_gpu=True))

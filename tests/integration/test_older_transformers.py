@@ -12,9 +12,9 @@ import venv
 import pytest
 import torch
 
-from mixloop.export import export
-from mixloop.model import model_config, new_model
-from mixloop.registry import publish
+from mixloop.train.model import model_config, new_model
+from mixloop.versioning.export import export
+from mixloop.versioning.registry import publish
 
 pytestmark = pytest.mark.slow
 

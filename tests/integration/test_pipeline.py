@@ -12,10 +12,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mixloop.cli import main
-from mixloop.health import eval_prompts
-from mixloop.pipeline import Pipeline
-from mixloop.registry import list_versions
-from mixloop.spec import load_spec
+from mixloop.config import load_spec
+from mixloop.evaluation.health import eval_prompts
+from mixloop.runs.pipeline import Pipeline
+from mixloop.versioning.registry import list_versions
 from support import SHARED_DATA, open_in_browser, write_spec
 
 pytestmark = pytest.mark.slow

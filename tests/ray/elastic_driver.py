@@ -30,8 +30,8 @@ os.environ.update(
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import ray  # noqa: E402
-from mixloop.pipeline import Pipeline  # noqa: E402
-from mixloop.spec import load_spec  # noqa: E402
+from mixloop.config import load_spec  # noqa: E402
+from mixloop.runs.pipeline import Pipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support
 from support import SlowSteps  # noqa: E402

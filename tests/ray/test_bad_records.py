@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from mixloop.config import load_spec
 from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.errors import DataError, MixloopError, SpecError
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.runs.pipeline import Pipeline
 from support import write_spec
 
 GOOD_TEXT = [json.dumps({"text": f"document number {i} is fine."}).encode() for i in range(12)]

@@ -22,9 +22,10 @@ import pytest
 import requests
 import yaml
 
-from mixloop import cli, jobs
+from mixloop import cli
 from mixloop.errors import MixloopError
-from mixloop.lock import workdir_lock
+from mixloop.runs import jobs
+from mixloop.storage.lock import workdir_lock
 from support import generated_spec, port_block, stop_head, write_spec
 
 pytestmark = pytest.mark.slow

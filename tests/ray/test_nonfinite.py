@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from mixloop.config import load_spec
 from mixloop.errors import MixloopError
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.runs.pipeline import Pipeline
 from support import NanLoss, generated_spec, write_spec
 
 STAGE = {"name": "s", "mixture": {"facts": 1.0}, "tokens": 10240}  # 10 steps

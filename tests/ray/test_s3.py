@@ -19,7 +19,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.data import synthetic
-from mixloop.storage import read_lines
+from mixloop.storage.fs import read_lines
 from support import write_spec
 
 BUCKET = "mixloop-test"

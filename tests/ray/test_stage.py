@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.cli import main
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.config import load_spec
+from mixloop.runs.pipeline import Pipeline
 from support import SlowSteps, generated_spec, write_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
@@ -33,8 +33,8 @@ SLOW_DRIVER = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from support import SlowSteps
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.runs.pipeline import Pipeline
+from mixloop.config import load_spec
 Pipeline(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
 """
 

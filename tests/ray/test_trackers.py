@@ -16,8 +16,8 @@ import pytest
 import requests
 import yaml
 
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.config import load_spec
+from mixloop.runs.pipeline import Pipeline
 from support import SlowSteps, generated_spec, port_block, write_spec
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixloop.pipeline import Pipeline
-from mixloop.spec import load_spec
+from mixloop.config import load_spec
+from mixloop.runs.pipeline import Pipeline
 from support import generated_spec, write_spec
 
 STAGES = [{"name": "pretrain", "mixture": {"facts": 1.0}, "tokens": 5120}]

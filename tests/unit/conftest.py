@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mixloop.tokenizer import load_tokenizer
+from mixloop.data.tokenizer import load_tokenizer
 
 MINIMIND_TOKENIZER = Path(__file__).parents[3] / "shared/data/tokenizer"
 

@@ -8,7 +8,7 @@ import torch
 
 from mixloop.bench.train import WINDOW, plain_loop, summarise_plain
 from mixloop.data.packing import Packer
-from mixloop.model import model_config, new_model
+from mixloop.train.model import model_config, new_model
 
 
 class PaddedRows:

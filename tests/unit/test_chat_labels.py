@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from mixloop.data.tokenizer import CHATML_TEMPLATE, encode_chats, encode_texts
 from mixloop.errors import DataError
-from mixloop.tokenizer import CHATML_TEMPLATE, encode_chats, encode_texts
 
 CONVERSATIONS = {
     "one turn": [
@@ -221,7 +221,7 @@ def test_a_template_that_rewrites_history_gives_one_document_per_answer_as_the_m
 
 
 def test_padding_and_truncation_saved_in_tokenizer_json_do_not_reach_the_encoders(trained_tokenizer, tmp_path):
-    from mixloop.tokenizer import load_tokenizer
+    from mixloop.data.tokenizer import load_tokenizer
 
     saved = copy.deepcopy(trained_tokenizer)
     saved.backend_tokenizer.enable_padding(pad_id=saved.pad_token_id, length=64)

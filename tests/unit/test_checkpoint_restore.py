@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mixloop.model import load_model, model_config, new_model
 from mixloop.train.checkpoint import restored
+from mixloop.train.model import load_model, model_config, new_model
 
 
 def weights_digest(model) -> float:

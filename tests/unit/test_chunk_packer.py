@@ -16,7 +16,7 @@ from mixloop.data import files, prepare
 from mixloop.data.prepare import ChunkPacker, CorpusRequest, RejectWriter, encode_each, request_chunks
 from mixloop.data.store import MANIFEST, PackedCorpus
 from mixloop.errors import DataError
-from mixloop.storage import write_json
+from mixloop.storage.fs import write_json
 
 BOM = b"\xef\xbb\xbf"
 EOS = "<|im_end|>"  # MiniMind's end-of-text and end-of-turn token
@@ -236,7 +236,7 @@ def test_a_reject_preview_never_fails():
 
 
 def test_a_corpus_template_renders_its_chats_and_the_next_corpus_gets_the_tokenizers_again(packer, tmp_path):
-    from mixloop.tokenizer import CHATML_TEMPLATE
+    from mixloop.data.tokenizer import CHATML_TEMPLATE
 
     question = chat(("user", "The moon?"), ("assistant", "It orbits the earth."))
     own, _ = pack(packer, tmp_path / "own", [(question, b"\n", None)], "chat", chat_template=CHATML_TEMPLATE)

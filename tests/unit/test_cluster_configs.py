@@ -202,7 +202,7 @@ def test_rayjob_runs_a_pipeline_and_shuts_its_cluster_down():
 
 def test_rayjob_spec_is_the_quickstart_on_gpus_with_its_workdir_on_a_bucket(tmp_path):
     pytest.importorskip("s3fs")
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
 
     objects = manifests("rayjob.yaml")
     spec_path = Path(objects["RayJob"]["spec"]["entrypoint"].split()[2])

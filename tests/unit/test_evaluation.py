@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mixloop.evaluate import iteration_deltas
-from mixloop.health import repetition_rate, summarise
-from mixloop.report import training_curves
+from mixloop.evaluation.evaluate import iteration_deltas
+from mixloop.evaluation.health import repetition_rate, summarise
+from mixloop.evaluation.report import training_curves
 
 
 def lineage(parent, mixture):
@@ -79,10 +79,10 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
 
     from mixloop.data.packing import Packer
     from mixloop.data.store import MANIFEST, write_shard
-    from mixloop.evaluate import evaluate_model
-    from mixloop.model import model_config, new_model
-    from mixloop.storage import write_json
-    from mixloop.tokenizer import encode_chats, encode_texts
+    from mixloop.data.tokenizer import encode_chats, encode_texts
+    from mixloop.evaluation.evaluate import evaluate_model
+    from mixloop.storage.fs import write_json
+    from mixloop.train.model import model_config, new_model
 
     docs = [
         doc for record in encode_texts(trained_tokenizer, ["the cat sat on the mat", "hello world"]) for doc in record
@@ -114,7 +114,7 @@ def test_chat_health_prompts_come_from_every_file_of_a_glob_and_from_parquet(tmp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mixloop.health import eval_prompts
+    from mixloop.evaluation.health import eval_prompts
 
     def chat(question):
         return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}]}

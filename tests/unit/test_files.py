@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.records import BadRecord
-from mixloop.storage import expand_files
+from mixloop.storage.fs import expand_files
 
 
 def records_of(path) -> list[tuple[str, object]]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mixloop.data.packing import Packer
-from mixloop.model import model_config, new_model
 from mixloop.train.batches import MicroBatch
 from mixloop.train.forward import document_lengths, micro_batch_ce, takes_documents
+from mixloop.train.model import model_config, new_model
 
 PAD = 0
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mixloop.pipeline import Pipeline, _blocks
-from mixloop.registry import write_lineage
-from mixloop.spec import load_spec
+from mixloop.config import load_spec
+from mixloop.runs.pipeline import Pipeline, _blocks
+from mixloop.versioning.registry import write_lineage
 from support import generated_spec, write_spec
 
 

@@ -21,12 +21,12 @@ from transformers import (
 )
 
 from mixloop.cli import main
-from mixloop.corpora import Corpora
+from mixloop.config import load_spec
+from mixloop.data.corpora import Corpora
 from mixloop.data.packing import Packer, model_inputs
 from mixloop.errors import SpecError
-from mixloop.model import load_model
-from mixloop.spec import load_spec
-from mixloop.stages import ensure_base
+from mixloop.runs.stages import ensure_base
+from mixloop.train.model import load_model
 from support import cache_dataset
 
 ARCHITECTURES = {
@@ -148,8 +148,8 @@ def test_a_hub_model_missing_from_the_cache_offline_is_a_spec_problem_with_its_f
 
 
 def test_a_pipeline_chat_template_goes_into_the_workdirs_tokenizer_and_cannot_change_later(tmp_path):
+    from mixloop.data.tokenizer import load_tokenizer
     from mixloop.errors import StageConflictError
-    from mixloop.tokenizer import load_tokenizer
 
     template = tmp_path / "template.jinja"
     template.write_text(
@@ -227,7 +227,7 @@ def dataset_spec(tmp_path: Path, corpus: dict) -> Path:
 def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dataset, tmp_path):
     from mixloop.data.files import iter_records, list_chunks
     from mixloop.data.records import checked
-    from mixloop.storage import expand_files
+    from mixloop.storage.fs import expand_files
 
     corpora = Corpora(load_spec(dataset_spec(tmp_path, {"subset": "main", "eval": "test"})), log=lambda line: None)
     files = corpora.files("gsm")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixloop import gate
 from mixloop.cli import main
+from mixloop.config import GateSpec, load_spec, spec_from_data
 from mixloop.errors import MixloopError, SpecError
-from mixloop.iterate import NewCorpus, plan, ready_corpora
-from mixloop.registry import current_state, current_version, list_versions, set_current
-from mixloop.spec import GateSpec, load_spec, spec_from_data
+from mixloop.runs.iterate import NewCorpus, plan, ready_corpora
+from mixloop.versioning import gate
+from mixloop.versioning.registry import current_state, current_version, list_versions, set_current
 from support import micro_versions
 
 LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
@@ -207,7 +207,7 @@ def test_add_dry_run_prints_and_validates_the_stages_and_writes_nothing(tmp_path
 
 
 def test_add_appends_to_the_spec_keeping_its_comments(tmp_path):
-    from mixloop.spec.edit import append_entries, replace_validated
+    from mixloop.config.edit import append_entries, replace_validated
 
     spec_path = tmp_path / "pipeline.yaml"
     spec_path.write_text(
@@ -266,7 +266,7 @@ def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_pa
 
 
 def test_a_corpus_that_fails_in_watch_is_recorded_with_why_and_left_out_of_the_spec(tmp_path):
-    from mixloop.iterate import _take
+    from mixloop.runs.iterate import _take
 
     spec_path = tmp_path / "pipeline.yaml"
     spec_path.write_text(yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False))

@@ -16,9 +16,9 @@ import uuid
 import fsspec
 import pytest
 
-from mixloop import lock as lockmod
 from mixloop.errors import WorkdirLockedError
-from mixloop.lock import LOCK_NAME, read_lock, workdir_lock
+from mixloop.storage import lock as lockmod
+from mixloop.storage.lock import LOCK_NAME, read_lock, workdir_lock
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_a_second_run_is_refused_with_who_holds_it_and_how_to_proceed(tmp_path):
 
 HOLDER = """
 import sys, time
-from mixloop.lock import workdir_lock
+from mixloop.storage.lock import workdir_lock
 with workdir_lock(sys.argv[1], command="mixloop run", log=lambda _: None):
     print("held", flush=True)
     time.sleep(60)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixloop.data.packing import Packer, model_inputs
-from mixloop.model import model_config, new_model
+from mixloop.train.model import model_config, new_model
 
 PAD = 0
 

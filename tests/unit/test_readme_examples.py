@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixloop.spec import PipelineSpec, check_spec_data
+from mixloop.config import PipelineSpec, check_spec_data
 from mixloop.tuning.search import load_search
 
 REPO = Path(__file__).parents[2]

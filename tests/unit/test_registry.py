@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mixloop.registry import diff_lineages
+from mixloop.versioning.registry import diff_lineages
 
 
 def test_diff_names_what_changed_in_mix_schedule_and_metrics():
@@ -34,7 +34,7 @@ def test_diff_names_what_changed_in_mix_schedule_and_metrics():
 def test_saving_and_loading_a_version_prints_no_progress_bars(trained_tokenizer, tmp_path, capfd):
     """Every checkpoint and eval task saves or loads a model: transformers' bars for those would
     bury the stages' progress lines."""
-    from mixloop.model import load_model, model_config, new_model
+    from mixloop.train.model import load_model, model_config, new_model
 
     new_model(model_config("micro", None, trained_tokenizer), seed=0).save_pretrained(tmp_path / "v")
     load_model(str(tmp_path / "v"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixloop.spec import ResolvedLR
+from mixloop.config import ResolvedLR
 from mixloop.train.schedule import learning_rate, warmup_steps
 
 PEAK, FLOOR = 1e-3, 0.1

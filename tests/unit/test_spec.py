@@ -17,8 +17,8 @@ import yaml
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mixloop.cli import main
+from mixloop.config import BUILTIN_DEFAULTS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, check_spec_data, load_spec
 from mixloop.errors import SpecError
-from mixloop.spec import BUILTIN_DEFAULTS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, check_spec_data, load_spec
 
 JOBS = sorted((Path(__file__).parents[2] / "jobs").glob("*.yaml"))
 
@@ -297,7 +297,7 @@ def test_ramped_weight_is_normalised_at_each_end(write_spec):
 
 
 def test_a_resolved_stage_crosses_to_workers_as_json_and_comes_back_the_same(write_spec):
-    from mixloop.spec import ResolvedStage
+    from mixloop.config import ResolvedStage
 
     for stage in load_spec(write_spec()).resolved_stages():
         sent = json.loads(json.dumps(stage.as_json()))  # what Ray Train hands each worker
@@ -341,7 +341,7 @@ def test_workdir_on_a_filesystem_fsspec_cannot_open_is_refused_before_any_work(w
 
 
 def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec):
-    from mixloop.spec import stage_hash
+    from mixloop.config import stage_hash
 
     def digest(edit):
         spec = load_spec(write_spec(edit))
@@ -359,7 +359,7 @@ def test_stage_hash_ignores_where_a_stage_runs_but_not_what_it_trains(write_spec
 
 def test_stage_hash_of_a_known_stage_never_changes(write_spec):
     """Hashes name finished versions; a new setting must not make old stages look edited."""
-    from mixloop.spec import stage_hash
+    from mixloop.config import stage_hash
 
     spec = load_spec(write_spec())
     assert stage_hash(spec.resolved_stages()[0], "parent") == KNOWN_STAGE_HASH
@@ -367,7 +367,7 @@ def test_stage_hash_of_a_known_stage_never_changes(write_spec):
 
 def test_resources_per_worker_leave_the_known_stage_hash_alone(write_spec):
     """Where a stage trains (GPU nodes, a custom resource) is no part of what it trains."""
-    from mixloop.spec import stage_hash
+    from mixloop.config import stage_hash
 
     def edit(data):
         data["defaults"].update(use_gpu=True, resources_per_worker={"GPU": 2})
@@ -632,7 +632,7 @@ def test_preset_positions_match_the_models_presets_and_qwen3s_default():
     """spec.py keeps its own copy so that validating imports no torch; this keeps the copies in step."""
     from transformers import Qwen3Config
 
-    from mixloop.model import PRESETS
+    from mixloop.train.model import PRESETS
 
     assert QWEN3_DEFAULT_POSITIONS == Qwen3Config().max_position_embeddings
     assert PRESET_POSITIONS == {

@@ -11,7 +11,7 @@ import fsspec
 import pytest
 
 from mixloop.data.prepare import FORMAT_VERSION, CorpusRequest, corpus_key
-from mixloop.storage import LogFollower, append_line, local_copy, read_lines, upload, write_json
+from mixloop.storage.fs import LogFollower, append_line, local_copy, read_lines, upload, write_json
 
 
 def test_a_remote_folder_rewritten_with_same_sizes_is_fetched_again():

@@ -8,7 +8,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mixloop.tracking import Trackers, scalars, tokens_through
+from mixloop.runs.tracking import Trackers, scalars, tokens_through
 
 
 def record(stage: str, step: int, loss: float, tokens: float) -> dict:
@@ -93,7 +93,7 @@ def test_polling_warns_retries_and_lets_the_blocks_error_win():
     stop publishing for the rest of a group); after a failed block, a failing last poll hides nothing."""
     import threading
 
-    from mixloop.tracking import polling
+    from mixloop.runs.tracking import polling
 
     calls, warnings, two_calls = [], [], threading.Event()
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from mixloop.cli import main
+from mixloop.config import load_spec
 from mixloop.errors import MixloopError, SpecError
-from mixloop.spec import load_spec
 from mixloop.tuning.objectives import objective_terms, objective_value
 from mixloop.tuning.results import append_stage, pareto_front, pick, stage_yaml, verdict_line
 from mixloop.tuning.search import load_search

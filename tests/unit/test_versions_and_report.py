@@ -17,9 +17,9 @@ import yaml
 
 from mixloop.cli import as_user_error, build_parser, main
 from mixloop.errors import CorruptVersionError, SpecError, StorageError
-from mixloop.export import export
-from mixloop.registry import remove_partial_publishes, verified_version, version_dir
-from mixloop.report import write_report
+from mixloop.evaluation.report import write_report
+from mixloop.versioning.export import export
+from mixloop.versioning.registry import remove_partial_publishes, verified_version, version_dir
 from support import micro_versions
 
 
@@ -141,7 +141,7 @@ def test_the_top_level_help_is_whole_sentences_and_lists_exit_codes(capsys):
 def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mixloop.registry import read_lineage, write_lineage
+    from mixloop.versioning.registry import read_lineage, write_lineage
 
     (version / "eval").mkdir()
     (version / "eval" / "matrix.json").write_text(json.dumps({"v1": {"web": {"loss": 2.5}}}))
@@ -183,7 +183,7 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
 
 
 def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_path):
-    from mixloop.evaluate import delta_bars, format_deltas
+    from mixloop.evaluation.evaluate import delta_bars, format_deltas
 
     # v2 brought in `new` (its loss fell by 0.5) and, on earlier corpora, improved `old` (loss fell 0.2)
     # and forgot `older` (loss rose 0.3).

@@ -65,10 +65,10 @@ def continual_spec(data: Path, workdir: Path) -> dict:
 
 
 def continual(data: Path, workdir: Path, address: str | None = None, trials: int = TRIALS) -> dict:
-    from mixloop.iterate import NewCorpus, add, count_tokens
-    from mixloop.ray_setup import init_ray
-    from mixloop.registry import set_current
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
+    from mixloop.runs.iterate import NewCorpus, add, count_tokens
+    from mixloop.runs.ray_setup import init_ray
+    from mixloop.versioning.registry import set_current
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-continual.yaml"
@@ -127,8 +127,8 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
 def _pretrain_until_flat(path: Path, spec: dict, address: str | None) -> dict:
     """Pretrain chunk by chunk at a constant learning rate until a chunk improves the general eval loss
     by less than FLAT (relative), or MAX_CHUNKS ran: how the base was decided to be trained enough."""
-    from mixloop.pipeline import Pipeline
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
+    from mixloop.runs.pipeline import Pipeline
 
     losses = []
     while True:  # training and evaluation only: chat health and the report wait for the strategies
@@ -168,8 +168,8 @@ def _write(path: Path, spec: dict) -> Path:
 
 
 def _run(path: Path, address: str | None) -> dict:
-    from mixloop.pipeline import Pipeline
-    from mixloop.spec import load_spec
+    from mixloop.config import load_spec
+    from mixloop.runs.pipeline import Pipeline
 
     return Pipeline(load_spec(path), log=lambda line: None, address=address).run()
 

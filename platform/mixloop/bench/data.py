@@ -118,8 +118,8 @@ def raw_encode_in_child(corpora: dict[str, str], tokenizer: str) -> dict:
 def _raw_encode(corpora: dict[str, str], tokenizer_dir: str) -> dict:
     from mixloop.data.files import iter_records, list_chunks
     from mixloop.data.records import BadRecord, checked
-    from mixloop.storage import expand_files
-    from mixloop.tokenizer import load_tokenizer
+    from mixloop.data.tokenizer import load_tokenizer
+    from mixloop.storage.fs import expand_files
 
     tokenizer = load_tokenizer(tokenizer_dir)
     texts = []
@@ -168,9 +168,9 @@ def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
 
     from mixloop.data.mixplan import MixPlan
     from mixloop.data.store import PackedCorpus
-    from mixloop.model import PRESETS, new_model
     from mixloop.train.batches import MicroBatch, micro_batches_of
     from mixloop.train.loss import token_ce
+    from mixloop.train.model import PRESETS, new_model
 
     torch.set_num_threads(1)
     names = list(LOADER_CORPORA)
@@ -250,7 +250,7 @@ def _child(argv: list[str]) -> None:
     import ray
     from mixloop.data.prepare import CorpusRequest, prepare_corpora
     from mixloop.data.store import read_manifest
-    from mixloop.ray_setup import init_ray
+    from mixloop.runs.ray_setup import init_ray
 
     init_ray()
     corpora = json.loads(args.corpora)

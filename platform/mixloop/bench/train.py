@@ -82,11 +82,11 @@ def train_benchmark(
 ) -> dict:
     import torch
 
+    from mixloop.config import BASE_VERSION, load_spec
     from mixloop.data.store import read_manifest
-    from mixloop.pipeline import Pipeline
-    from mixloop.registry import read_lineage, version_dir
-    from mixloop.spec import BASE_VERSION, load_spec
-    from mixloop.stages import StageRunner
+    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.stages import StageRunner
+    from mixloop.versioning.registry import read_lineage, version_dir
 
     use_gpu = torch.cuda.is_available()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +131,8 @@ def train_benchmark(
 
 
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
-    from mixloop.spec import stage_hash
-    from mixloop.storage import join
+    from mixloop.config import stage_hash
+    from mixloop.storage.fs import join
     from mixloop.train.launch import fit_stages
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
@@ -152,7 +152,7 @@ def plain_variant(stage, corpus_dir: str, base_dir: str, device) -> dict:
 
     from mixloop.data.mixplan import MixPlan
     from mixloop.data.store import PackedCorpus
-    from mixloop.model import load_model
+    from mixloop.train.model import load_model
 
     corpus = PackedCorpus(corpus_dir)
     plan = MixPlan.for_stage(stage, {next(iter(stage.mixture)): len(corpus)})

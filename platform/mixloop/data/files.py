@@ -14,7 +14,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from mixloop.data import records
-from mixloop.storage import file_format
+from mixloop.storage.fs import file_format
 
 CHUNK_BYTES = 32 * 1024 * 1024
 WHOLE_FILE_FORMATS = ("json", "csv", "arrow")  # read whole, as one chunk per file

@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from mixloop.spec import ResolvedStage
+from mixloop.config import ResolvedStage
 
 BLOCK = 256
 

@@ -29,10 +29,10 @@ from mixloop.data import records
 from mixloop.data.files import BLANK_LINE, iter_records, list_chunks
 from mixloop.data.packing import Packer
 from mixloop.data.store import MANIFEST, read_manifest, write_shard
+from mixloop.data.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
 from mixloop.errors import DataError
-from mixloop.storage import append_line, expand_files, join, write_json
-from mixloop.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
-from mixloop.tracking import counted
+from mixloop.runs.tracking import counted
+from mixloop.storage.fs import append_line, expand_files, join, write_json
 
 FORMAT_VERSION = 1
 TOKENIZE_BATCH = 512

@@ -9,7 +9,7 @@ chat: {"conversations": [{"role": "system"|"user"|"assistant", "content": "<stri
       say) has nothing to learn from and is rejected. Turn order is the chat template's business:
       a chat that opens with the assistant (a greeting) trains on that turn too when the template
       renders it (MiniMind's does), and is rejected with the template's reason when it refuses it
-      (mixloop.tokenizer.encode_chats; the preparation rejects such records one by one).
+      (mixloop.data.tokenizer.encode_chats; the preparation rejects such records one by one).
 
 Strings must be valid Unicode: JSON's \\u escapes can hold a lone surrogate, which no tokenizer encodes.
 """

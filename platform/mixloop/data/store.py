@@ -11,7 +11,7 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 
-from mixloop.storage import join, local_copy, read_json
+from mixloop.storage.fs import join, local_copy, read_json
 
 ARRAYS = ("tokens", "supervised", "segments")
 MANIFEST = "manifest.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 
-from mixloop.storage import exists, join, read_text, write_text
+from mixloop.storage.fs import exists, join, read_text, write_text
 
 NAMES = ["Ada", "Bram", "Chen", "Dora", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kira", "Lars"]
 JOBS = ["baker", "pilot", "doctor", "farmer", "teacher", "painter", "sailor", "miner"]

@@ -10,9 +10,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mixloop.config import StepGeometry
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.packing import model_inputs
-from mixloop.spec import StepGeometry
 from mixloop.train.forward import document_lengths
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from mixloop.model import load_model
-from mixloop.spec import ResolvedStage
-from mixloop.storage import upload
+from mixloop.config import ResolvedStage
+from mixloop.storage.fs import upload
 from mixloop.train.job import StageJob
+from mixloop.train.model import load_model
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"

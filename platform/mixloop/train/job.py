@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from mixloop.spec import ResolvedStage
+from mixloop.config import ResolvedStage
 
 
 class StageJob(BaseModel):

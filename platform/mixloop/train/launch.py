@@ -10,7 +10,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from mixloop.errors import MixloopError
-from mixloop.storage import train_storage
+from mixloop.storage.fs import train_storage
 from mixloop.train.job import StageJob
 from mixloop.train.loop import train_stages
 from mixloop.train.step import StepHooks

@@ -27,7 +27,7 @@ import torch
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import PackedCorpus
 from mixloop.errors import MixloopError
-from mixloop.storage import append_line, read_lines
+from mixloop.storage.fs import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
 from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
 from mixloop.train.job import StageJob
@@ -224,7 +224,7 @@ def _resume_line(job: StageJob, step: int) -> str:
 
 def _evaluate(model, eval_dirs: dict[str, str], rows: int, device) -> dict[str, float]:
     """Eval loss per split, measured as `mixloop eval` measures a published version."""
-    from mixloop.evaluate import evaluate_model
+    from mixloop.evaluation.evaluate import evaluate_model
 
     inner = unwrapped(model)
     training = inner.training

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from mixloop.spec import ResolvedLR
+from mixloop.config import ResolvedLR
 
 
 def warmup_steps(total_steps: int, warmup_share: float) -> int:

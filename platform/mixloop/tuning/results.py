@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import yaml  # noqa: E402
 
+from mixloop.config import load_spec  # noqa: E402
+from mixloop.config.edit import append_entries, replace_validated  # noqa: E402
 from mixloop.errors import MixloopError  # noqa: E402
-from mixloop.spec import load_spec  # noqa: E402
-from mixloop.spec.edit import append_entries, replace_validated  # noqa: E402
-from mixloop.storage import join, upload, write_json, write_text  # noqa: E402
+from mixloop.storage.fs import join, upload, write_json, write_text  # noqa: E402
 from mixloop.tuning.objectives import objective_keys  # noqa: E402
 from mixloop.tuning.search import Search  # noqa: E402
 

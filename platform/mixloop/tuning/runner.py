@@ -33,16 +33,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from mixloop.corpora import PreparedCorpora
+from mixloop.config import Share, stage_hash
+from mixloop.data.corpora import PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
-from mixloop.evaluate import evaluate_versions
-from mixloop.pipeline import Pipeline
-from mixloop.ray_setup import TRIAL_RESOURCE, init_ray
-from mixloop.registry import list_versions, now, read_lineage, verified_version, version_dir
-from mixloop.spec import Share, stage_hash
-from mixloop.stages import StageRunner, stage_plan
-from mixloop.storage import (
+from mixloop.evaluation.evaluate import evaluate_versions
+from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.ray_setup import TRIAL_RESOURCE, init_ray
+from mixloop.runs.stages import StageRunner, stage_plan
+from mixloop.runs.tracking import Trackers, tokens_through
+from mixloop.storage.fs import (
     append_line,
     exists,
     join,
@@ -53,11 +53,11 @@ from mixloop.storage import (
     write_json,
     write_text,
 )
-from mixloop.tracking import Trackers, tokens_through
 from mixloop.train.job import StageJob, stage_job
 from mixloop.tuning.objectives import objective_keys, objective_value
 from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
 from mixloop.tuning.search import Search, load_search
+from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version, version_dir
 from ray import tune
 
 Log = Callable[[str], None]

@@ -16,8 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mixloop.errors import SpecError
-from mixloop.spec import (
+from mixloop.config import (
     BASE_VERSION,
     STAGE_NAME_PATTERN,
     ResolvedStage,
@@ -32,6 +31,7 @@ from mixloop.spec import (
     stage_problems,
     validate_yaml,
 )
+from mixloop.errors import SpecError
 from mixloop.tuning.objectives import objective_terms
 from mixloop.tuning.simplex import rounded_weights, simplex_draws, simplex_weights
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
-from mixloop.spec.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRSpec, StageSettings, _unwrap
+from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRSpec, StageSettings, _unwrap
 
 
 def format_problems(path: str | Path, problems: list[str], what: str = "pipeline") -> str:

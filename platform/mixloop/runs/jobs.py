@@ -39,8 +39,8 @@ def _with_added_iterations(spec) -> dict | None:
     """The workdir's copy of the spec when iterations were added to it (by a watch job) since the given
     spec was written: it holds every stage of the given spec, and more."""
     from mixloop.errors import SpecError
-    from mixloop.spec import load_spec
-    from mixloop.storage import exists, join
+    from mixloop.config import load_spec
+    from mixloop.storage.fs import exists, join
 
     copy_path = join(spec.workdir, "pipeline.yaml")
     try:
@@ -188,7 +188,7 @@ class JobClient:
         later submit takes up when it holds every stage of the given spec and more."""
         import yaml
 
-        from mixloop.spec import load_spec
+        from mixloop.config import load_spec
 
         spec = load_spec(spec_path)
         job = submission_id(spec.pipeline.name)
@@ -341,7 +341,7 @@ def _this_run(logs: str, info) -> str:
 
 
 def _local_paths(data: dict) -> list[str]:
-    from mixloop.spec.resolve import path_keys
+    from mixloop.config.resolve import path_keys
 
     sections = (data["tokenizer"], data["model"], *data["corpora"].values())
     paths = [data["workdir"]] + [section[key] for section in sections for key in path_keys(section)]
@@ -351,7 +351,7 @@ def _local_paths(data: dict) -> list[str]:
 def _refuse_held_workdir(workdir: str) -> None:
     """A workdir that a live run holds (here or on the cluster, when it is shared storage) would only
     make the job fail once it started: refuse the submission instead."""
-    from mixloop.lock import describe, live_holder
+    from mixloop.storage.lock import describe, live_holder
 
     holder = live_holder(workdir)
     if holder is not None:

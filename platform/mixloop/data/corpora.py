@@ -16,15 +16,15 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from mixloop.config import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
 from mixloop.data import records, synthetic
 from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.prepare import CorpusRequest, prepare_corpora
+from mixloop.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from mixloop.errors import MixloopError, StageConflictError
-from mixloop.health import eval_prompts
-from mixloop.hub import dataset_files
-from mixloop.ray_setup import init_ray
-from mixloop.spec import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
-from mixloop.storage import (
+from mixloop.evaluation.health import eval_prompts
+from mixloop.runs.ray_setup import init_ray
+from mixloop.storage.fs import (
     exists,
     expand_files,
     is_local,
@@ -36,7 +36,7 @@ from mixloop.storage import (
     upload,
     write_json,
 )
-from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from mixloop.storage.hub import dataset_files
 
 Log = Callable[[str], None]
 

@@ -12,12 +12,12 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticUndefined
 
+from mixloop.config.checks import Broken, _semantic_problems
+from mixloop.config.messages import _describe, format_problems
+from mixloop.config.resolve import Spec
+from mixloop.config.schema import CorpusSpec, PipelineSpec, StageSpec, _numbers_where_numeric
 from mixloop.errors import SpecError
-from mixloop.spec.checks import Broken, _semantic_problems
-from mixloop.spec.messages import _describe, format_problems
-from mixloop.spec.resolve import Spec
-from mixloop.spec.schema import CorpusSpec, PipelineSpec, StageSpec, _numbers_where_numeric
-from mixloop.storage import exists, read_text
+from mixloop.storage.fs import exists, read_text
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (), *, files: bool = True) -> Spec:

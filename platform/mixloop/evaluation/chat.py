@@ -7,8 +7,8 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from mixloop.model import load_model
-from mixloop.tokenizer import load_tokenizer
+from mixloop.data.tokenizer import load_tokenizer
+from mixloop.train.model import load_model
 
 
 def chat(model_dir: str, max_new_tokens: int = 256) -> None:

@@ -14,11 +14,8 @@ from typing import Any
 
 import fsspec
 
-from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
-from mixloop.errors import MixloopError
-from mixloop.hub import HUB_ID, cached_config, is_hub_id, not_cached_message, offline, split_paths
-from mixloop.spec.resolve import ResolvedStage, Spec, resolve_stage
-from mixloop.spec.schema import (
+from mixloop.config.resolve import ResolvedStage, Spec, resolve_stage
+from mixloop.config.schema import (
     BASE_VERSION,
     BUILTIN_DEFAULTS,
     CURRENT_ALIAS,
@@ -32,7 +29,10 @@ from mixloop.spec.schema import (
     _as_number,
     _is_whole,
 )
-from mixloop.storage import exists, expand_files, file_format, read_text, size
+from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
+from mixloop.errors import MixloopError
+from mixloop.storage.fs import exists, expand_files, file_format, read_text, size
+from mixloop.storage.hub import HUB_ID, cached_config, is_hub_id, not_cached_message, offline, split_paths
 
 # The fields of each kind of record that `columns` may rename.
 CHAT_FIELDS = ("conversations", "messages", "role", "content", "instruction", "input", "output", "system")
@@ -210,7 +210,7 @@ def _local_write_problems(workdir: Path) -> list[str]:
 
 
 def _remote_write_problems(workdir: str) -> list[str]:
-    """Write and delete a probe object as the run will write (mixloop.storage makes the folders first)."""
+    """Write and delete a probe object as the run will write (mixloop.storage.fs makes the folders first)."""
     probe = workdir.rstrip("/") + "/.mixloop-write-probe"
     try:
         fs, inner = fsspec.core.url_to_fs(probe)

@@ -11,8 +11,14 @@ from pathlib import Path
 
 from mixloop import __version__
 from mixloop.errors import MixloopError
-from mixloop.registry import list_versions, loadable_everywhere, mixture_shares, read_lineage, verified_version
-from mixloop.storage import local_copy, read_json
+from mixloop.storage.fs import local_copy, read_json
+from mixloop.versioning.registry import (
+    list_versions,
+    loadable_everywhere,
+    mixture_shares,
+    read_lineage,
+    verified_version,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
@@ -23,7 +29,7 @@ def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_sha
     """Write the version `version` of `workdir` into the new or empty folder `target`."""
     import torch
 
-    from mixloop.model import load_model
+    from mixloop.train.model import load_model
 
     out = Path(target)
     if out.exists() and any(out.iterdir()):
@@ -90,7 +96,7 @@ def _hub_datasets(workdir: str, chain: list[dict]) -> list[str]:
     """The Hub datasets (ids) of the corpora the chain trained on, from the workdir's copy of the spec."""
     import yaml
 
-    from mixloop.storage import exists, join, read_text
+    from mixloop.storage.fs import exists, join, read_text
 
     copy = join(workdir, "pipeline.yaml")
     corpora = (yaml.safe_load(read_text(copy)) or {}).get("corpora", {}) if exists(copy) else {}
@@ -107,7 +113,7 @@ def _chain(version: str, versions: dict[str, dict]) -> list[dict]:
 
 
 def _evaluation(workdir: str, version: str) -> list[str]:
-    from mixloop.evaluate import eval_file
+    from mixloop.evaluation.evaluate import eval_file
 
     matrix, deltas = read_json(eval_file(workdir, "matrix.json")), read_json(eval_file(workdir, "deltas.json"))
     row = (matrix or {}).get(version) or {}

@@ -18,11 +18,11 @@ from typing import NamedTuple
 
 import yaml
 
-from mixloop import gate
-from mixloop.corpora import Corpora, PreparedCorpora
+from mixloop.versioning import gate
+from mixloop.data.corpora import Corpora, PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import StageConflictError
-from mixloop.evaluate import (
+from mixloop.evaluation.evaluate import (
     eval_file,
     evaluate_versions,
     format_deltas,
@@ -30,13 +30,13 @@ from mixloop.evaluate import (
     health_versions,
     iteration_deltas,
 )
-from mixloop.lock import workdir_lock
-from mixloop.registry import current_version, list_versions, read_lineage, remove_partial_publishes, verified_version
-from mixloop.report import write_report
-from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
-from mixloop.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
-from mixloop.storage import join, write_json, write_text
-from mixloop.tracking import Trackers
+from mixloop.storage.lock import workdir_lock
+from mixloop.versioning.registry import current_version, list_versions, read_lineage, remove_partial_publishes, verified_version
+from mixloop.evaluation.report import write_report
+from mixloop.config import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
+from mixloop.runs.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
+from mixloop.storage.fs import join, write_json, write_text
+from mixloop.runs.tracking import Trackers
 from mixloop.train.job import same_workers
 from mixloop.train.step import StepHooks
 

@@ -10,15 +10,15 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from mixloop.corpora import PreparedCorpora
+from mixloop.data.corpora import PreparedCorpora
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
-from mixloop.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
-from mixloop.spec import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
-from mixloop.storage import exists, join, local_copy, read_lines, remove
-from mixloop.tokenizer import load_tokenizer, tokenizer_fingerprint
-from mixloop.tracking import Trackers, polling, tokens_through
+from mixloop.versioning.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
+from mixloop.config import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
+from mixloop.storage.fs import exists, join, local_copy, read_lines, remove
+from mixloop.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mixloop.runs.tracking import Trackers, polling, tokens_through
 from mixloop.train.job import StageJob, stage_job
 from mixloop.train.schedule import final_lr
 
@@ -28,7 +28,7 @@ Log = Callable[[str], None]
 def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
     """The lineage of version `base`, the starting weights (a seeded new model, or a copy of
     model.path), published first if the workdir lacks it."""
-    from mixloop.model import check_vocabulary, load_config, load_model, model_config, new_model
+    from mixloop.train.model import check_vocabulary, load_config, load_model, model_config, new_model
 
     workdir, model_spec, seed = spec.workdir, spec.pipeline.model, spec.pipeline.seed
     source = {**model_spec.model_dump(exclude_none=True), "path": spec.model_source() if model_spec.path else None}

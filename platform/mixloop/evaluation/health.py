@@ -12,7 +12,7 @@ import json
 import torch
 
 from mixloop.data.records import BadRecord, checked
-from mixloop.storage import expand_files
+from mixloop.storage.fs import expand_files
 
 
 def repetition_rate(tokens: list[int], n: int = 4) -> float:
@@ -85,8 +85,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -
 
 def chat_health(model_dir: str, prompts: dict[str, list[list[dict]]], max_new_tokens: int) -> dict:
     """Per chat corpus: summary metrics and the first few decoded answers."""
-    from mixloop.model import load_model
-    from mixloop.tokenizer import load_tokenizer
+    from mixloop.data.tokenizer import load_tokenizer
+    from mixloop.train.model import load_model
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)

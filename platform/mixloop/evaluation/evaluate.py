@@ -19,12 +19,12 @@ import torch
 
 from mixloop.data.packing import model_inputs
 from mixloop.data.store import PackedCorpus, read_manifest
-from mixloop.health import chat_health
-from mixloop.model import load_model
-from mixloop.registry import ancestors, read_lineage, trained_corpora, version_dir
-from mixloop.storage import join, write_json
-from mixloop.tracking import counted
+from mixloop.evaluation.health import chat_health
+from mixloop.runs.tracking import counted
+from mixloop.storage.fs import join, write_json
 from mixloop.train.loss import token_ce
+from mixloop.train.model import load_model
+from mixloop.versioning.registry import ancestors, read_lineage, trained_corpora, version_dir
 
 BATCH_ROWS = 8
 

@@ -26,10 +26,10 @@ import fsspec
 import yaml
 
 from mixloop.errors import MixloopError
-from mixloop.lock import workdir_lock
-from mixloop.spec import STAGE_NAME_PATTERN, Spec, load_spec
-from mixloop.spec.edit import append_entries, replace_validated
-from mixloop.storage import join, read_json, write_json
+from mixloop.storage.lock import workdir_lock
+from mixloop.config import STAGE_NAME_PATTERN, Spec, load_spec
+from mixloop.config.edit import append_entries, replace_validated
+from mixloop.storage.fs import join, read_json, write_json
 
 Log = Callable[[str], None]
 READY = "_READY"
@@ -105,11 +105,11 @@ def _lr(lr) -> dict:
 def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
     """Tokens of a text corpus's documents under the workdir's tokenizer: every record counted, the
     first SAMPLE_RECORDS tokenized, the rest estimated at their mean."""
-    from mixloop.corpora import Corpora
+    from mixloop.data.corpora import Corpora
     from mixloop.data.files import iter_records, list_chunks
     from mixloop.data.records import BadRecord, checked
-    from mixloop.storage import expand_files
-    from mixloop.tokenizer import load_tokenizer
+    from mixloop.storage.fs import expand_files
+    from mixloop.data.tokenizer import load_tokenizer
 
     texts, count = [], 0
     for chunk in list_chunks(expand_files(pattern), None):
@@ -169,7 +169,7 @@ def add(
 def _start(spec: Spec) -> tuple[set[str], str | None]:
     """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
     after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
-    from mixloop.registry import current_version, list_versions, trained_corpora
+    from mixloop.versioning.registry import current_version, list_versions, trained_corpora
 
     current = current_version(spec.workdir)
     if current is None:
@@ -192,7 +192,7 @@ def _tuned(
 ) -> None:
     """Search the continued-pretraining stage's replay share and re-warm (`trials` trials, the template's
     stage among them), append the winner as the stage, then the rest of the iteration."""
-    from mixloop.spec import BUILTIN_DEFAULTS
+    from mixloop.config import BUILTIN_DEFAULTS
     from mixloop.tuning.runner import run_search
 
     replace_validated(path, append_entries(path, {"corpora": _yaml_entries(corpora)}), f"adding corpus {new.name}")
@@ -252,7 +252,7 @@ def _yaml_entries(entries: dict | list) -> str:
 
 
 def _run(spec_path: Path, address: str | None, log: Log, lock) -> dict:
-    from mixloop.pipeline import Pipeline
+    from mixloop.runs.pipeline import Pipeline
 
     return Pipeline(load_spec(spec_path), log, address, lock).run()
 

@@ -28,7 +28,7 @@ from datetime import datetime
 import fsspec
 
 from mixloop.errors import MixloopError, WorkdirLockedError
-from mixloop.storage import is_local, join, makedirs, write_text
+from mixloop.storage.fs import is_local, join, makedirs, write_text
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 5.0  # how often a holder rewrites its heartbeat

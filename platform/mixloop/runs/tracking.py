@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from mixloop.storage import LOCAL_CACHE, LogFollower, is_local, join, local_copy, upload
+from mixloop.storage.fs import LOCAL_CACHE, LogFollower, is_local, join, local_copy, upload
 
 Log = Callable[[str], None]
 FOLLOW_EVERY_S = 2.0
@@ -109,13 +109,13 @@ class MLflow:
             found = self.client.get_experiment_by_name(self.experiment)
             experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
             self.parent = self.client.create_run(
-                experiment, run_name=self.pipeline, tags={"mixloop.pipeline": self.pipeline}
+                experiment, run_name=self.pipeline, tags={"mixloop.runs.pipeline": self.pipeline}
             ).info
         if name not in self.runs:
             self.runs[name] = self.client.create_run(
                 self.parent.experiment_id,
                 run_name=name,
-                tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline},
+                tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.runs.pipeline": self.pipeline},
             ).info.run_id
         return self.runs[name]
 

@@ -14,7 +14,7 @@ GENERATED_TOPICS = ("general", "astronomy")
 STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 BASE_VERSION = "base"
 CURRENT_ALIAS = "current"  # names the version in use (registry.resolve), never a stage
-# max_position_embeddings of mixloop.model.PRESETS, and Qwen3Config's default for a preset or config without
+# max_position_embeddings of mixloop.train.model.PRESETS, and Qwen3Config's default for a preset or config without
 # one. Copied so that validating a spec does not import torch and transformers (seconds); a unit test keeps
 # them in step.
 PRESET_POSITIONS = {"minimind-3": 32768, "small": 4096, "tiny": 2048, "micro": 2048}

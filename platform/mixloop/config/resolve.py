@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixloop.spec.schema import BUILTIN_DEFAULTS, LRSpec, PipelineSpec, StageSettings, StageSpec
+from mixloop.config.schema import BUILTIN_DEFAULTS, LRSpec, PipelineSpec, StageSettings, StageSpec
 
 
 def path_keys(section: dict) -> list[str]:
@@ -41,26 +41,26 @@ class Spec:
 
     def chat_template(self, value: str | None) -> str | None:
         """The text of a chat_template setting: the built-in chatml, or a Jinja file's."""
-        from mixloop.storage import read_text
+        from mixloop.storage.fs import read_text
 
         if value is None:
             return None
         if value == "chatml":
-            from mixloop.tokenizer import CHATML_TEMPLATE
+            from mixloop.data.tokenizer import CHATML_TEMPLATE
 
             return CHATML_TEMPLATE
         return read_text(self.path(value))
 
     def model_folder(self) -> tuple[str, str | None]:
         """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
-        from mixloop.hub import local_model
+        from mixloop.storage.hub import local_model
 
         model = self.pipeline.model
         return local_model(model.path, self.path(model.path), model.revision)
 
     def model_source(self) -> str:
         """model.path as the workdir records it: a hub id as it is, a folder made absolute."""
-        from mixloop.hub import is_hub_id
+        from mixloop.storage.hub import is_hub_id
 
         path = self.pipeline.model.path
         return path if is_hub_id(path, self.path(path)) else self.path(path)

@@ -19,10 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from mixloop.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
-from mixloop.gate import gate_summary  # noqa: E402
-from mixloop.registry import current_version, mixture_shares  # noqa: E402
-from mixloop.storage import is_local, join, read_json, read_lines, upload  # noqa: E402
+from mixloop.evaluation.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
+from mixloop.storage.fs import is_local, join, read_json, read_lines, upload  # noqa: E402
+from mixloop.versioning.gate import gate_summary  # noqa: E402
+from mixloop.versioning.registry import current_version, mixture_shares  # noqa: E402
 
 BETTER, WORSE = "tab:green", "tab:red"
 

@@ -13,8 +13,9 @@ lineage of the version they make current.
 
 from __future__ import annotations
 
+from mixloop.config import GateSpec
 from mixloop.errors import MixloopError
-from mixloop.registry import (
+from mixloop.versioning.registry import (
     current_state,
     current_version,
     now,
@@ -23,7 +24,6 @@ from mixloop.registry import (
     trained_corpora,
     write_lineage,
 )
-from mixloop.spec import GateSpec
 
 
 def judge(

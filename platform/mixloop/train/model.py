@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3For
 from transformers.utils import logging as transformers_logging
 
 from mixloop.errors import MixloopError
-from mixloop.storage import local_copy
+from mixloop.storage.fs import local_copy
 
 # Models of this scale load and save in milliseconds; transformers' progress bars for that would only
 # interleave with the stages' progress lines, at every checkpoint of every worker and eval task.

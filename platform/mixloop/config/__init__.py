@@ -13,10 +13,10 @@ The package's modules: schema (the pydantic models), resolve (stages filled in, 
 messages (structural problems in words), checks (semantic problems), load (YAML to a Spec).
 """
 
-from mixloop.spec.checks import max_positions, stage_problems, workdir_problems
-from mixloop.spec.load import apply_overrides, check_spec_data, load_spec, read_yaml, spec_from_data, validate_yaml
-from mixloop.spec.messages import format_problems
-from mixloop.spec.resolve import (
+from mixloop.config.checks import max_positions, stage_problems, workdir_problems
+from mixloop.config.load import apply_overrides, check_spec_data, load_spec, read_yaml, spec_from_data, validate_yaml
+from mixloop.config.messages import format_problems
+from mixloop.config.resolve import (
     TRAJECTORY_FIELDS,
     ResolvedLR,
     ResolvedStage,
@@ -27,7 +27,7 @@ from mixloop.spec.resolve import (
     resolve_stage,
     stage_hash,
 )
-from mixloop.spec.schema import (
+from mixloop.config.schema import (
     BASE_VERSION,
     BUILTIN_DEFAULTS,
     MODEL_PRESETS,

@@ -24,9 +24,9 @@ from pathlib import Path
 import fsspec
 
 from mixloop import __version__
+from mixloop.config.schema import CURRENT_ALIAS
 from mixloop.errors import CorruptVersionError, MixloopError
-from mixloop.spec.schema import CURRENT_ALIAS
-from mixloop.storage import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
+from mixloop.storage.fs import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
 
 LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")

@@ -7,11 +7,11 @@ import datetime
 import json
 import time
 
-from mixloop.gate import gate_summary
-from mixloop.lock import describe, live_holder
-from mixloop.registry import current_version, list_versions
-from mixloop.spec import Spec
-from mixloop.storage import join, read_lines
+from mixloop.versioning.gate import gate_summary
+from mixloop.storage.lock import describe, live_holder
+from mixloop.versioning.registry import current_version, list_versions
+from mixloop.config import Spec
+from mixloop.storage.fs import join, read_lines
 
 
 def status_lines(spec: Spec) -> list[str]:
