@@ -39,26 +39,26 @@ def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: 
     from mixloop.storage.lock import workdir_lock
 
     with workdir_lock(spec.workdir, "mixloop run", log) as lock:
-        from mixloop.runs.pipeline import Pipeline
+        from mixloop.runs.pipeline import PipelineRunner
 
-        return Pipeline(spec, log, address, lock, progress_bar=progress_bar).run()
+        return PipelineRunner(spec, log, address, lock, progress_bar=progress_bar).run()
 
 
 def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> dict:
     """Evaluate what is missing and write the report: {"matrix", "deltas", "health", "report"}."""
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
 
-    return Pipeline(spec, log, address).report()
+    return PipelineRunner(spec, log, address).report()
 
 
 def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[dict]:
     """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
     from mixloop.errors import MixloopError
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
 
     if stage is not None and stage not in spec.stage_names():
         raise MixloopError(f"no stage {stage!r}; stages: {', '.join(spec.stage_names())}")
-    return Pipeline(spec, log, address).preview(stage)
+    return PipelineRunner(spec, log, address).preview(stage)
 
 
 def versions(spec_or_workdir: Spec | str) -> list[dict]:

@@ -44,7 +44,7 @@ def cmd_validate(args) -> int:
     edited = edited_stages(spec)  # against the versions its workdir already holds
     if edited:
         raise SpecError(format_problems(args.spec, edited))
-    print(f"{args.spec}: valid pipeline {spec.pipeline.name!r} with stages {', '.join(spec.stage_names())}")
+    print(f"{args.spec}: valid pipeline {spec.config.name!r} with stages {', '.join(spec.stage_names())}")
     return 0
 
 

@@ -31,7 +31,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import ray  # noqa: E402
 from mixloop.config import load_spec  # noqa: E402
-from mixloop.runs.pipeline import Pipeline  # noqa: E402
+from mixloop.runs.pipeline import PipelineRunner  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support
 from support import SlowSteps  # noqa: E402
@@ -106,7 +106,7 @@ def main(spec_path: str) -> None:
     def run() -> None:
         try:
             # Steps slowed down, so the cluster changes while the stage trains.
-            Pipeline(spec, log=lambda line: print(line, file=sys.stderr, flush=True), hooks=SlowSteps(0.3)).run()
+            PipelineRunner(spec, log=lambda line: print(line, file=sys.stderr, flush=True), hooks=SlowSteps(0.3)).run()
             outcome["finished"] = True
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(exc)

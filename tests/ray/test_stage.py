@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixloop.cli import main
 from mixloop.config import load_spec
-from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.pipeline import PipelineRunner
 from support import SlowSteps, generated_spec, write_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
@@ -33,9 +33,9 @@ SLOW_DRIVER = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from support import SlowSteps
-from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.pipeline import PipelineRunner
 from mixloop.config import load_spec
-Pipeline(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
+PipelineRunner(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
 """
 
 
@@ -93,7 +93,7 @@ def uninterrupted(ray_address, tmp_path_factory):
     """Two stages run start to finish by one group of two workers: (workdir, run result, log lines)."""
     folder, lines = tmp_path_factory.mktemp("uninterrupted"), []
     spec = load_spec(write_spec(folder, generated_spec(folder / "run", [MIXED, AFTER])))
-    return folder / "run", Pipeline(spec, log=lines.append).run(), lines
+    return folder / "run", PipelineRunner(spec, log=lines.append).run(), lines
 
 
 def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
@@ -161,7 +161,7 @@ def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninte
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir, ignore=lambda folder, names: {"after", "train", "metrics.jsonl"} & set(names))
     lines = []
-    Pipeline(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER]))), log=lines.append).train()
+    PipelineRunner(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER]))), log=lines.append).train()
     assert "stage mixed: done (version mixed), skipping" in lines and not any(
         "one worker group" in line for line in lines
     )
@@ -209,7 +209,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     assert not [line for line in output.splitlines() if " E " in line[:40] or "ERROR" in line or "WARNING" in line]
 
     lines = []
-    Pipeline(load_spec(spec_path), log=lines.append).run()
+    PipelineRunner(load_spec(spec_path), log=lines.append).run()
     assert any(
         f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line for line in lines
     ), lines
@@ -230,7 +230,7 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     workdir = tmp_path / "run"
     spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER])))
     outcome = {}
-    pipeline = Pipeline(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
+    pipeline = PipelineRunner(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
     runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
     runner.start()
     wait_for_checkpoint(workdir, "mixed", 15, runner.is_alive)

@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from mixloop.config import load_spec
-from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.pipeline import PipelineRunner
 from support import SlowSteps, generated_spec, port_block, write_spec
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     }
     spec = generated_spec(tmp_path / "run", [S1], workers=1, log_every=2, checkpoint_every=4) | {"tracking": tracking}
     lines: list[str] = []
-    result = Pipeline(load_spec(write_spec(tmp_path, spec)), log=lines.append).run()
+    result = PipelineRunner(load_spec(write_spec(tmp_path, spec)), log=lines.append).run()
     assert result["trained"] == ["s1"]
 
     client = MlflowClient(mlflow_server["uri"])
@@ -140,7 +140,7 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
 
     # The next stage: the MLflow server goes while it trains, and the stage publishes all the same.
     write_spec(tmp_path, spec | {"stages": [S1, S2]})
-    pipeline = Pipeline(load_spec(tmp_path / "pipeline.yaml"), log=lines.append, hooks=SlowSteps(0.3))
+    pipeline = PipelineRunner(load_spec(tmp_path / "pipeline.yaml"), log=lines.append, hooks=SlowSteps(0.3))
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
     runner.start()

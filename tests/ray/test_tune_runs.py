@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mixloop.config import load_spec
-from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.pipeline import PipelineRunner
 from support import generated_spec, write_spec
 
 STAGES = [{"name": "pretrain", "mixture": {"facts": 1.0}, "tokens": 5120}]
@@ -159,7 +159,7 @@ def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
         best["stage"]
     ]
 
-    result = Pipeline(spec, log=lambda line: None).run()
+    result = PipelineRunner(spec, log=lambda line: None).run()
     assert result["trained"] == []
     lineage = json.loads((search["workdir"] / "models" / "mixed-tuned" / "lineage.json").read_text())
     assert lineage["parent"] == "pretrain" and lineage["stage"]["mixture"] == best["mixture"]

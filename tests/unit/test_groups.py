@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mixloop.config import load_spec
-from mixloop.runs.pipeline import Pipeline, _blocks
+from mixloop.runs.pipeline import PipelineRunner, _blocks
 from mixloop.versioning.registry import write_lineage
 from support import generated_spec, write_spec
 
@@ -16,7 +16,7 @@ def groups(tmp_path, stages, done=(), until=None) -> list[list[list[str]]]:
     """The blocks of each group, by stage name, with the versions in `done` published."""
     spec = load_spec(write_spec(tmp_path, generated_spec(tmp_path / "run", stages)))
     write_lineage(spec.workdir, "base", {"stage_hash": "b", "parent": None})
-    pipeline = Pipeline(spec, log=lambda line: None)
+    pipeline = PipelineRunner(spec, log=lambda line: None)
     for name in done:
         member = next(m for group in pipeline._groups(None) for m in group if m.stage.name == name)
         write_lineage(spec.workdir, name, {"stage_hash": member.digest, "parent": member.parent})

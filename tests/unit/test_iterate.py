@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mixloop.cli import main
-from mixloop.config import GateSpec, load_spec, spec_from_data
+from mixloop.config import GateConfig, load_spec, spec_from_data
 from mixloop.errors import MixloopError, SpecError
 from mixloop.runs.iterate import NewCorpus, plan, ready_corpora
 from mixloop.versioning import gate
@@ -37,7 +37,7 @@ HEALTH = {"law-sft": {"chats": {"ended": 0.75, "repetition": 0.2}}}
 
 
 def verdict(**bounds) -> dict:
-    return gate.judge(GateSpec(**bounds), "law-sft", "sft", MATRIX, HEALTH, LINEAGES)
+    return gate.judge(GateConfig(**bounds), "law-sft", "sft", MATRIX, HEALTH, LINEAGES)
 
 
 def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_version():
@@ -60,9 +60,9 @@ def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_v
 
 def test_uptake_that_cannot_be_measured_fails_and_the_first_version_passes_without_comparison():
     no_eval = matrix(sft={"web": 3.0}, **{"law-sft": {"web": 3.0}})
-    judged = gate.judge(GateSpec(min_uptake=0.1), "law-sft", "sft", no_eval, {}, LINEAGES)
+    judged = gate.judge(GateConfig(min_uptake=0.1), "law-sft", "sft", no_eval, {}, LINEAGES)
     assert not judged["passed"] and judged["failed"] == ["uptake on law: not measured (it has no eval split)"]
-    first = gate.judge(GateSpec(min_uptake=0.1), "sft", None, no_eval, {}, LINEAGES)
+    first = gate.judge(GateConfig(min_uptake=0.1), "sft", None, no_eval, {}, LINEAGES)
     assert first["passed"] and first["checks"] == ["no current version to compare with"]
     assert gate.judge(None, "law-sft", "sft", no_eval, {}, LINEAGES)["checks"] == ["the pipeline has no gate"]
 
@@ -223,8 +223,8 @@ def test_add_appends_to_the_spec_keeping_its_comments(tmp_path):
     )
     replace_validated(spec_path, text, "adding law")
     spec = load_spec(spec_path)
-    assert list(spec.pipeline.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
-    assert spec_path.read_text().startswith("# my pipeline\n") and spec.pipeline.eval_rows == 8
+    assert list(spec.config.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
+    assert spec_path.read_text().startswith("# my pipeline\n") and spec.config.eval_rows == 8
     with pytest.raises(MixloopError, match="would make .* invalid"):
         replace_validated(
             spec_path, append_entries(spec_path, {"stages": "- {name: x, mixture: {nope: 1}, tokens: 9}"}), "adding x"

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixloop.config import PipelineSpec, check_spec_data
+from mixloop.config import PipelineConfig, check_spec_data
 from mixloop.tuning.search import load_search
 
 REPO = Path(__file__).parents[2]
 READMES = [REPO / "README.md", REPO / "tuning" / "README.md", REPO / "cluster" / "README.md"]
 FENCE = re.compile(r"^```yaml[ \t]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
-REQUIRED = [field.alias or name for name, field in PipelineSpec.model_fields.items() if field.is_required()]
+REQUIRED = [field.alias or name for name, field in PipelineConfig.model_fields.items() if field.is_required()]
 
 
 def yaml_blocks() -> list[tuple[str, str]]:
@@ -77,4 +77,4 @@ def test_the_main_example_writes_token_budgets_as_2e9_and_means_them():
     main = next(text for where, text in BLOCKS if where.startswith("README.md") and "stages:" in text)
     data = yaml.safe_load(main)
     assert data["stages"][0]["tokens"] == "2.0e9"
-    assert PipelineSpec.model_validate(data).stages[0].tokens == 2_000_000_000
+    assert PipelineConfig.model_validate(data).stages[0].tokens == 2_000_000_000

@@ -64,7 +64,7 @@ def test_wsd_holds_the_peak_then_decays_to_the_floor():
 
 
 def test_wsd_decays_over_the_last_share_of_the_stage_steps_with_warmup():
-    # LRSpec.wsd_decay: "the share of the stage's steps spent decaying" -- warmup does not shrink it.
+    # LRConfig.wsd_decay: "the share of the stage's steps spent decaying" -- warmup does not shrink it.
     total, wsd_decay = 200, 0.2
     values = _lr("wsd", total=total, warmup=0.1, wsd_decay=wsd_decay)
     warm = warmup_steps(total, 0.1)

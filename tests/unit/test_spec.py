@@ -164,7 +164,7 @@ def test_from_an_earlier_stage_or_base_is_fine(write_spec):
         data["stages"][0]["from"] = "base"
         data["stages"][1]["from"] = "pretrain"
 
-    assert [s.start_from for s in load_spec(write_spec(edit)).pipeline.stages] == ["base", "pretrain"]
+    assert [s.start_from for s in load_spec(write_spec(edit)).config.stages] == ["base", "pretrain"]
 
 
 def test_several_semantic_problems_are_reported_in_one_error(write_spec):
@@ -410,7 +410,7 @@ def test_portable_copy_validates_anywhere_with_the_same_paths(write_spec, tmp_pa
     (elsewhere / "pipeline.yaml").write_text(yaml.safe_dump(spec.portable()))
     copy = load_spec(elsewhere / "pipeline.yaml")
     assert copy.workdir == spec.workdir
-    assert copy.path(copy.pipeline.corpora["web"].path) == spec.path(spec.pipeline.corpora["web"].path)
+    assert copy.path(copy.config.corpora["web"].path) == spec.path(spec.config.corpora["web"].path)
     assert copy.resolved_stages() == spec.resolved_stages()
 
 

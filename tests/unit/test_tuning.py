@@ -92,7 +92,7 @@ def test_valid_search_starts_from_the_stages_parent_and_keeps_its_settings(write
 
 def test_shipped_quickstart_search_validates():
     search = load_search(REPO / "tuning" / "quickstart.yaml")
-    assert search.start_from == "sft" and search.spec.trials.count >= 6
+    assert search.start_from == "sft" and search.config.trials.count >= 6
 
 
 def test_unknown_keys_and_bad_ranges_are_all_named_with_their_paths(write_search):
@@ -361,7 +361,7 @@ def test_best_stage_appends_to_the_pipeline_keeping_comments_and_validates(write
     assert "# tuned by search.yaml: trial t1 (search), objective 1.5000" in pipeline_path.read_text()
     spec = load_spec(pipeline_path)
     assert spec.stage_names() == ["pretrain", "news", "news-tuned"]
-    assert spec.pipeline.stages[-1].start_from == "pretrain"
+    assert spec.config.stages[-1].start_from == "pretrain"
     with pytest.raises(MixloopError, match="already has a stage named 'news-tuned'"):
         append_stage(pipeline_path, stage, text)
 
@@ -375,7 +375,7 @@ def test_append_goes_to_the_end_of_the_stages_list_when_other_sections_follow(wr
         pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0, "stage": stage})
     )
     spec = load_spec(pipeline_path)
-    assert spec.stage_names()[-1] == "news-tuned" and spec.pipeline.eval_rows == 8
+    assert spec.stage_names()[-1] == "news-tuned" and spec.config.eval_rows == 8
     assert pipeline_path.read_text().endswith("\n# evaluation\neval_rows: 8\n")
 
 

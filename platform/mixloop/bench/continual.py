@@ -128,11 +128,11 @@ def _pretrain_until_flat(path: Path, spec: dict, address: str | None) -> dict:
     """Pretrain chunk by chunk at a constant learning rate until a chunk improves the general eval loss
     by less than FLAT (relative), or MAX_CHUNKS ran: how the base was decided to be trained enough."""
     from mixloop.config import load_spec
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
 
     losses = []
     while True:  # training and evaluation only: chat health and the report wait for the strategies
-        pipeline = Pipeline(load_spec(_write(path, spec)), log=lambda line: None, address=address)
+        pipeline = PipelineRunner(load_spec(_write(path, spec)), log=lambda line: None, address=address)
         with pipeline.locked("mixloop bench continual"):
             matrix = pipeline.evaluate(pipeline.train().prepared)
         losses.append(matrix[spec["stages"][-1]["name"]]["general"]["loss"])
@@ -169,9 +169,9 @@ def _write(path: Path, spec: dict) -> Path:
 
 def _run(path: Path, address: str | None) -> dict:
     from mixloop.config import load_spec
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
 
-    return Pipeline(load_spec(path), log=lambda line: None, address=address).run()
+    return PipelineRunner(load_spec(path), log=lambda line: None, address=address).run()
 
 
 def _summary(workdir: Path, result: dict, flattening: dict, last_chunk: str, walls: dict, total_s: float) -> dict:

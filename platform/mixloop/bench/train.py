@@ -84,7 +84,7 @@ def train_benchmark(
 
     from mixloop.config import BASE_VERSION, load_spec
     from mixloop.data.store import read_manifest
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
     from mixloop.runs.stages import StageRunner
     from mixloop.versioning.registry import read_lineage, version_dir
 
@@ -92,7 +92,7 @@ def train_benchmark(
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-train.yaml"
     path.write_text(yaml.safe_dump(train_spec(data, workdir, model, steps, seq_lens, use_gpu), sort_keys=False))
-    pipeline = Pipeline(load_spec(path), log=lambda line: None, address=address)
+    pipeline = PipelineRunner(load_spec(path), log=lambda line: None, address=address)
     prepared = pipeline.train(until=BASE_VERSION).prepared  # tokenizer, packed corpora and base: no stage
     base = read_lineage(str(workdir), BASE_VERSION)
     runner = StageRunner(pipeline.spec, prepared)

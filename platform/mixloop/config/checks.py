@@ -23,9 +23,9 @@ from mixloop.config.schema import (
     MODEL_PRESETS,
     PRESET_POSITIONS,
     QWEN3_DEFAULT_POSITIONS,
-    CorpusSpec,
+    CorpusConfig,
+    StageConfig,
     StageSettings,
-    StageSpec,
     _as_number,
     _is_whole,
 )
@@ -56,7 +56,7 @@ def _ok(part: Any) -> bool:
 
 def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
     """What is wrong in the meaning of the spec's parts; a Broken part's own checks are skipped."""
-    pipeline = spec.pipeline
+    pipeline = spec.config
     problems = []
     if _ok(pipeline.tokenizer):
         problems += _tokenizer_problems(spec, files)
@@ -85,7 +85,7 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
 SHARE = re.compile(r"\d+(\.\d*)?%")
 
 
-def _gate_problems(gate, corpora: dict[str, CorpusSpec]) -> list[str]:
+def _gate_problems(gate, corpora: dict[str, CorpusConfig]) -> list[str]:
     """Bounds that are numbers or shares ("5%"), per-corpus bounds that name corpora."""
     problems = []
     for key in ("max_forgetting", "min_uptake"):
@@ -102,7 +102,7 @@ def _gate_problems(gate, corpora: dict[str, CorpusSpec]) -> list[str]:
     return problems
 
 
-def _iterate_problems(iterate, corpora: dict[str, CorpusSpec]) -> list[str]:
+def _iterate_problems(iterate, corpora: dict[str, CorpusConfig]) -> list[str]:
     named = [
         ("iterate.replay_from", iterate.replay_from or [], "text"),
         ("iterate.finetune.chats", iterate.finetune.chats or [], "chat"),
@@ -117,7 +117,7 @@ def _iterate_problems(iterate, corpora: dict[str, CorpusSpec]) -> list[str]:
 
 
 def _tokenizer_problems(spec: Spec, files: bool) -> list[str]:
-    tok, model = spec.pipeline.tokenizer, spec.pipeline.model
+    tok, model = spec.config.tokenizer, spec.config.model
     if tok.path is not None and tok.train is not None:
         return ["tokenizer: give one of `path` (a tokenizer directory) or `train: {vocab_size: N}`, not both."]
     if tok.path is None and tok.train is None and (not _ok(model) or model.path is None):
@@ -133,7 +133,7 @@ def _tokenizer_problems(spec: Spec, files: bool) -> list[str]:
 
 
 def _model_problems(spec: Spec, files: bool) -> list[str]:
-    model = spec.pipeline.model
+    model = spec.config.model
     if model.path is not None and (model.preset or model.config):
         return ["model: `path` starts from an existing model; it cannot be combined with `preset` or `config`."]
     if model.path is None and model.preset is None and model.config is None:
@@ -157,7 +157,7 @@ def _model_problems(spec: Spec, files: bool) -> list[str]:
 
 
 def _defaults_problems(spec: Spec, files: bool) -> list[str]:
-    pipeline, problems = spec.pipeline, []
+    pipeline, problems = spec.config, []
     for corpus in pipeline.defaults.loss_weights or {}:
         if _ok(pipeline.corpora) and corpus not in pipeline.corpora:
             problems.append(
@@ -231,7 +231,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> list[str]:
+def _corpus_problems(spec: Spec, name: str, corpus: CorpusConfig, files: bool) -> list[str]:
     where = f"corpora.{name}"
     if [corpus.path, corpus.dataset, corpus.generate].count(None) != 2:
         return [
@@ -265,7 +265,7 @@ def _corpus_problems(spec: Spec, name: str, corpus: CorpusSpec, files: bool) -> 
     ]
 
 
-def _dataset_problems(where: str, corpus: CorpusSpec) -> list[str]:
+def _dataset_problems(where: str, corpus: CorpusConfig) -> list[str]:
     """A hub dataset's splits, resolved without downloading data (offline: in the cache)."""
     for key, split in (("split", corpus.train_split), ("eval", corpus.eval)):
         try:
@@ -299,7 +299,7 @@ def _template_problems(spec: Spec, where: str, value: str | None) -> list[str]:
     return []
 
 
-def _record_format_problems(where: str, corpus: CorpusSpec) -> list[str]:
+def _record_format_problems(where: str, corpus: CorpusConfig) -> list[str]:
     formats, fields = (TEXT_FORMATS, ("text",)) if corpus.kind == "text" else (CHAT_FORMATS, CHAT_FIELDS)
     problems = []
     if corpus.format not in formats:
@@ -343,11 +343,11 @@ def _corpus_file_problems(where: str, key: str, pattern: str, declared_format: s
 
 
 def stage_problems(
-    spec: Spec, where: str, stage: StageSpec, earlier: list[str | None], *, files: bool = True
+    spec: Spec, where: str, stage: StageConfig, earlier: list[str | None], *, files: bool = True
 ) -> list[str]:
     """What is wrong with `stage` (at YAML path `where`) as the next stage of the spec's pipeline.
     `spec` may be a partial pipeline: checks that need one of its Broken parts are left out."""
-    corpora = spec.pipeline.corpora
+    corpora = spec.config.corpora
     problems = []
     if stage.name in earlier:
         problems.append(
@@ -386,14 +386,14 @@ def stage_problems(
         )
     if stage.seq_len is not None:  # an inherited seq_len is checked once, at defaults.seq_len
         problems += _positions_problems(spec, f"{where}.seq_len", stage.seq_len, files)
-    pipeline = spec.pipeline
+    pipeline = spec.config
     if _ok(pipeline.defaults):  # resolving needs them; the seed only rides along, so a Broken one is replaced
         resolvable = pipeline if _ok(pipeline.seed) else pipeline.model_copy(update={"seed": 0})
         problems += _resolved_problems(where, stage, resolve_stage(resolvable, stage))
     return problems
 
 
-def _resolved_problems(where: str, stage: StageSpec, resolved: ResolvedStage) -> list[str]:
+def _resolved_problems(where: str, stage: StageConfig, resolved: ResolvedStage) -> list[str]:
     """The checks of a stage's settings once the defaults are filled in: loss weights, GPUs, batches."""
     problems, geometry = [], resolved.geometry
     if stage.mixture and not any(resolved.loss_weights[c] > 0 for c in stage.mixture):
@@ -451,7 +451,7 @@ def _positions_problems(spec: Spec, where: str, seq_len: int, files: bool) -> li
 def max_positions(spec: Spec, files: bool = True) -> tuple[int, str] | None:
     """The model's max_position_embeddings and where it comes from; None when unknown (files=False with
     model.path, an unreadable config.json, a Broken model section)."""
-    model = spec.pipeline.model
+    model = spec.config.model
     if not _ok(model):
         return None
     if model.path is not None:

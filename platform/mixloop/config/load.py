@@ -15,7 +15,7 @@ from pydantic_core import PydanticUndefined
 from mixloop.config.checks import Broken, _semantic_problems
 from mixloop.config.messages import _describe, format_problems
 from mixloop.config.resolve import Spec
-from mixloop.config.schema import CorpusSpec, PipelineSpec, StageSpec, _numbers_where_numeric
+from mixloop.config.schema import CorpusConfig, PipelineConfig, StageConfig, _numbers_where_numeric
 from mixloop.errors import SpecError
 from mixloop.storage.fs import exists, read_text
 
@@ -25,7 +25,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, files: bool = 
     apply_overrides) applied first; raise SpecError listing every problem.
 
     files=False checks the spec alone: nothing is read from (or written to) files, folders or fsspec."""
-    data = read_yaml(path, PipelineSpec, "pipeline", "jobs/")
+    data = read_yaml(path, PipelineConfig, "pipeline", "jobs/")
     # A remote spec is a workdir's own copy, whose paths are all absolute.
     base_dir = str(path).rsplit("/", 1)[0] if "://" in str(path) else str(Path(path).resolve().parent)
     return spec_from_data(data, base_dir, overrides, files=files, source=str(path))
@@ -94,9 +94,9 @@ def _checked_spec(data: dict, base_dir: str, files: bool) -> tuple[Spec, list[st
     """The spec and all its problems. After a structural error, the semantic checks run on a partial
     pipeline made of the parts that validate on their own (see _partial_pipeline)."""
     try:
-        pipeline, problems = PipelineSpec.model_validate(data), []
+        pipeline, problems = PipelineConfig.model_validate(data), []
     except ValidationError as exc:
-        problems = [_describe(error, PipelineSpec) for error in exc.errors()]
+        problems = [_describe(error, PipelineConfig) for error in exc.errors()]
         pipeline = _partial_pipeline(data)
     spec = Spec(pipeline, base_dir)
     return spec, problems + _semantic_problems(spec, files)
@@ -127,23 +127,23 @@ def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples:
         raise SpecError(format_problems(path, problems, what)) from None
 
 
-def _partial_pipeline(data: dict) -> PipelineSpec:
-    """A PipelineSpec built, unvalidated as a whole, from the parts of `data` that validate alone:
+def _partial_pipeline(data: dict) -> PipelineConfig:
+    """A PipelineConfig built, unvalidated as a whole, from the parts of `data` that validate alone:
     each top-level field, each corpus and each stage; any other part is Broken."""
     parts: dict[str, Any] = {}
-    for name, field in PipelineSpec.model_fields.items():
+    for name, field in PipelineConfig.model_fields.items():
         value = data.get(field.alias or name, PydanticUndefined)
         if name == "corpora" and isinstance(value, dict):
-            parts[name] = {str(key): _validated(CorpusSpec, item) for key, item in value.items()}
+            parts[name] = {str(key): _validated(CorpusConfig, item) for key, item in value.items()}
         elif name == "stages" and isinstance(value, list):
-            parts[name] = [_validated(StageSpec, item) for item in value]
+            parts[name] = [_validated(StageConfig, item) for item in value]
         elif value is PydanticUndefined:
             parts[name] = Broken() if field.is_required() else field.get_default(call_default_factory=True)
         else:
             parts[name] = _validated(
                 Annotated[field.annotation, field], _numbers_where_numeric(value, field.annotation)
             )
-    return PipelineSpec.model_construct(**parts)
+    return PipelineConfig.model_construct(**parts)
 
 
 def _validated(kind: Any, value: Any) -> Any:

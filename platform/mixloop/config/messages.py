@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
-from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRSpec, StageSettings, _unwrap
+from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRConfig, StageSettings, _unwrap
 
 
 def format_problems(path: str | Path, problems: list[str], what: str = "pipeline") -> str:
@@ -110,7 +110,7 @@ def _example(place: _Place, whole: bool) -> Any:
     """A valid number for the field at `place`: its example, default, or built-in default."""
     if place.field is None or place.annotation not in (int, float):
         return None
-    layer = {StageSettings: BUILTIN_DEFAULTS, LRSpec: BUILTIN_DEFAULTS.lr}
+    layer = {StageSettings: BUILTIN_DEFAULTS, LRConfig: BUILTIN_DEFAULTS.lr}
     builtin = next((v for k, v in layer.items() if place.owner and issubclass(place.owner, k)), None)
     candidates = [*(place.field.examples or []), place.field.default, getattr(builtin, place.name or "", None)]
     value = next((v for v in candidates if isinstance(v, (int, float)) and not isinstance(v, bool)), None)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixloop.config.schema import BUILTIN_DEFAULTS, LRSpec, PipelineSpec, StageSettings, StageSpec
+from mixloop.config.schema import BUILTIN_DEFAULTS, LRConfig, PipelineConfig, StageConfig, StageSettings
 
 
 def path_keys(section: dict) -> list[str]:
@@ -22,10 +22,11 @@ def path_keys(section: dict) -> list[str]:
 
 
 class Spec:
-    """A validated pipeline spec and the folder its relative paths start from."""
+    """A pipeline spec as loaded: its validated `config` (the YAML's models), the folder its relative
+    paths start from, and the KEY.PATH=VALUE overrides applied over the file."""
 
-    def __init__(self, pipeline: PipelineSpec, base_dir: str):
-        self.pipeline = pipeline
+    def __init__(self, config: PipelineConfig, base_dir: str):
+        self.config = config
         self.base_dir = base_dir
         self.overrides: list[str] = []  # KEY.PATH=VALUE applied over the file (kept in lineage)
 
@@ -37,7 +38,7 @@ class Spec:
 
     @property
     def workdir(self) -> str:
-        return self.path(self.pipeline.workdir)
+        return self.path(self.config.workdir)
 
     def chat_template(self, value: str | None) -> str | None:
         """The text of a chat_template setting: the built-in chatml, or a Jinja file's."""
@@ -55,19 +56,19 @@ class Spec:
         """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
         from mixloop.storage.hub import local_model
 
-        model = self.pipeline.model
+        model = self.config.model
         return local_model(model.path, self.path(model.path), model.revision)
 
     def model_source(self) -> str:
         """model.path as the workdir records it: a hub id as it is, a folder made absolute."""
         from mixloop.storage.hub import is_hub_id
 
-        path = self.pipeline.model.path
+        path = self.config.model.path
         return path if is_hub_id(path, self.path(path)) else self.path(path)
 
     def portable(self) -> dict:
         """The spec as data with every path absolute, valid wherever it is written (the workdir's copy)."""
-        data = self.pipeline.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data = self.config.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["workdir"] = self.workdir
         for section in (data["tokenizer"], *data["corpora"].values()):
             for key in path_keys(section):
@@ -80,10 +81,10 @@ class Spec:
         return data
 
     def stage_names(self) -> list[str]:
-        return [stage.name for stage in self.pipeline.stages]
+        return [stage.name for stage in self.config.stages]
 
     def resolved_stages(self) -> list[ResolvedStage]:
-        return [resolve_stage(self.pipeline, stage) for stage in self.pipeline.stages]
+        return [resolve_stage(self.config, stage) for stage in self.config.stages]
 
 
 class Frozen(BaseModel):
@@ -178,7 +179,7 @@ class ResolvedStage(Frozen):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> ResolvedStage:
+def resolve_stage(pipeline: PipelineConfig, stage: StageConfig) -> ResolvedStage:
     """The stage with every setting filled in."""
     layers = [BUILTIN_DEFAULTS, pipeline.defaults, stage]
     settings: dict[str, Any] = {}
@@ -191,7 +192,7 @@ def resolve_stage(pipeline: PipelineSpec, stage: StageSpec) -> ResolvedStage:
                 settings[field] = value
     settings["lr"] = {
         key: next(getattr(layer.lr, key) for layer in reversed(layers) if getattr(layer.lr, key) is not None)
-        for key in LRSpec.model_fields
+        for key in LRConfig.model_fields
     }
     workers = settings.pop("workers")
     settings.update(min_workers=workers.min, max_workers=workers.max, resize_every_s=workers.resize_every_s)

@@ -78,14 +78,14 @@ class TrainTokenizer(Strict):
     """At most this many bytes of the pipeline's corpora are read to train it."""
 
 
-class TokenizerSpec(Strict):
+class TokenizerConfig(Strict):
     path: str | None = None
     """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json)."""
     train: TrainTokenizer | None = None
     """Train a byte-level BPE with a ChatML chat template on the pipeline's corpora."""
 
 
-class ModelSpec(Strict):
+class ModelConfig(Strict):
     preset: Literal[MODEL_PRESETS] | None = None  # type: ignore[valid-type]
     """A named Qwen3 configuration: minimind-3, small, tiny or micro."""
     config: dict[str, Any] | None = None
@@ -114,7 +114,7 @@ RECORD_FORMATS = ("auto", "text", "conversations", "messages", "sharegpt", "alpa
 FILE_FORMATS = ("jsonl", "json", "parquet", "csv", "arrow")
 
 
-class CorpusSpec(Strict):
+class CorpusConfig(Strict):
     kind: Literal["text", "chat"]
     """text documents train on every token; chats train on the assistant's tokens only."""
     path: str | None = None
@@ -169,7 +169,7 @@ class CorpusSpec(Strict):
         return value
 
 
-class LRSpec(Strict):
+class LRConfig(Strict):
     peak: float | None = Field(default=None, gt=0)
     """Peak learning rate, reached at the end of warmup."""
     warmup: float | None = Field(default=None, ge=0, lt=1)
@@ -227,7 +227,7 @@ class StageSettings(Strict):
     """Tokens per optimizer step, whatever the number of workers (a multiple of seq_len)."""
     micro_batch_rows: int | None = Field(default=None, gt=0)
     """Rows per forward pass on one worker; gradient accumulation makes up the rest."""
-    lr: LRSpec = Field(default_factory=LRSpec)
+    lr: LRConfig = Field(default_factory=LRConfig)
     """Learning-rate schedule; unset fields come from defaults."""
     loss_weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
     """Corpus name to a factor on its share of the loss (default 1; balance: corpus only)."""
@@ -273,21 +273,21 @@ class StageTemplate(StageSettings):
     """Token budget of the stage (rounded up to whole optimizer steps)."""
 
 
-class StageSpec(StageTemplate):
+class StageConfig(StageTemplate):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Stage name, which is also the name of the version it produces."""
     start_from: str | None = Field(default=None, alias="from")
     """Version to start from; default: the previous stage's version (or base)."""
 
 
-class MLflowSpec(Strict):
+class MLflowConfig(Strict):
     tracking_uri: str
     """The MLflow tracking server (http://HOST:5000) or store (file:///..., sqlite:///...)."""
     experiment: str | None = None
     """The experiment the runs go in; default: the pipeline's name."""
 
 
-class WandbSpec(Strict):
+class WandbConfig(Strict):
     project: str
     """The W&B project."""
     entity: str | None = None
@@ -296,13 +296,13 @@ class WandbSpec(Strict):
     """offline: runs are written under <workdir>/wandb/ (`wandb sync` uploads them later)."""
 
 
-class TrackingSpec(Strict):
+class TrackingConfig(Strict):
     tensorboard: bool = True
     """TensorBoard event files under <workdir>/tensorboard/, one run per stage, cumulative tokens as
     the step (`tensorboard --logdir <workdir>/tensorboard`)."""
-    mlflow: MLflowSpec | None = None
+    mlflow: MLflowConfig | None = None
     """MLflow (install mixloop[mlflow]): a parent run per pipeline run, a nested run per stage."""
-    wandb: WandbSpec | None = None
+    wandb: WandbConfig | None = None
     """Weights & Biases (install mixloop[wandb]): a run per stage, grouped by the pipeline's name."""
 
 
@@ -315,7 +315,7 @@ def _over(template: dict, value: Any) -> Any:
     return {**template, **value} if isinstance(value, dict) else value
 
 
-class FinetuneSpec(Strict):
+class FinetuneConfig(Strict):
     tokens: float = Field(default=0.25, gt=0)
     """The fine-tune's token budget, as a share of the continued-pretraining stage's."""
     chats: list[str] | None = None
@@ -324,14 +324,14 @@ class FinetuneSpec(Strict):
     """The new chats' share of the fine-tune, when the new corpus brings chats."""
     text_share: float = Field(default=0.1, ge=0, lt=1)
     """Share of the fine-tune replaying the new text, so that the chat format does not wash it out."""
-    lr: LRSpec = Field(default_factory=lambda: LRSpec(**FINETUNE_LR))
+    lr: LRConfig = Field(default_factory=lambda: LRConfig(**FINETUNE_LR))
     """The fine-tune's learning-rate schedule: peak 3e-4, re-warmed from zero over 5%, cosine decay;
     fields set here replace those, the others come from defaults."""
 
     _keep_unset_lr = field_validator("lr", mode="before")(lambda value: _over(FINETUNE_LR, value))
 
 
-class IterateSpec(Strict):
+class IterateConfig(Strict):
     """How `mixloop add` (and `mixloop watch`) turn a new corpus into stages: a continued-pretraining
     stage on the new text with replay of old text, re-warmed and decayed again, then, when there are
     chats, a fine-tune."""
@@ -342,16 +342,16 @@ class IterateSpec(Strict):
     """Share of the continued-pretraining tokens that replays old text."""
     replay_from: list[str] | None = None
     """Old text corpora replayed, in equal shares; default: every text corpus an earlier stage trained on."""
-    lr: LRSpec = Field(default_factory=lambda: LRSpec(**REWARM_LR))
+    lr: LRConfig = Field(default_factory=lambda: LRConfig(**REWARM_LR))
     """The continued-pretraining schedule: re-warmed from zero over 5%, then a cosine decay; fields set
     here replace those, the others come from defaults."""
-    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """The fine-tune after it (left out when there are no chats to train on)."""
 
     _keep_unset_lr = field_validator("lr", mode="before")(lambda value: _over(REWARM_LR, value))
 
 
-class GateSpec(Strict):
+class GateConfig(Strict):
     """What a new version must show before it becomes `current`; against the current version, on the
     eval splits and chat health. A bound left out is not checked."""
 
@@ -375,7 +375,7 @@ class GateSpec(Strict):
         return value.strip() if isinstance(value, str) else value
 
 
-class PipelineSpec(Strict):
+class PipelineConfig(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Pipeline name; also names the Ray Train runs."""
     workdir: str
@@ -385,17 +385,17 @@ class PipelineSpec(Strict):
     chat_template: str | None = None
     """The chat template every version carries (and chats are rendered with): chatml, or a Jinja file
     (path relative to the spec); default: the tokenizer's own."""
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     """Where the tokenizer comes from; left out with a model.path, the model's own tokenizer."""
-    model: ModelSpec
+    model: ModelConfig
     """The architecture, or the model to start from."""
-    corpora: dict[str, CorpusSpec]
+    corpora: dict[str, CorpusConfig]
     """Named sources of documents."""
     defaults: StageSettings = Field(default_factory=StageSettings)
     """Settings every stage inherits unless it sets its own."""
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageConfig] = Field(min_length=1)
     """The ordered stages of the model's life."""
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Experiment trackers the metrics are forwarded to (metrics.jsonl stays the record)."""
     eval_rows: int = Field(default=64, gt=0)
     """Packed rows of each eval split used to evaluate a version (at the defaults' seq_len)."""
@@ -403,9 +403,9 @@ class PipelineSpec(Strict):
     """Prompts of each chat eval split answered greedily by every version to measure chat health."""
     chat_max_new_tokens: int = Field(default=64, gt=0)
     """Longest answer generated for chat health; an answer that has not ended by then did not end."""
-    iterate: IterateSpec = Field(default_factory=IterateSpec)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
     """How `mixloop add` turns a new corpus into stages."""
-    gate: GateSpec | None = None
+    gate: GateConfig | None = None
     """Checks a new version must pass to become `current`; without a gate, every run's last version does."""
 
 
@@ -414,7 +414,7 @@ BUILTIN_DEFAULTS = StageSettings(
     packing=True,
     global_batch_tokens=16384,
     micro_batch_rows=8,
-    lr=LRSpec(peak=1e-3, warmup=0.05, warmup_from="current", decay="cosine", floor=0.1, wsd_decay=0.2),
+    lr=LRConfig(peak=1e-3, warmup=0.05, warmup_from="current", decay="cosine", floor=0.1, wsd_decay=0.2),
     loss_weights={},
     balance="corpus",
     weight_decay=0.1,

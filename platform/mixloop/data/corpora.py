@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mixloop.config import BUILTIN_DEFAULTS, CorpusSpec, ResolvedStage, Spec
+from mixloop.config import BUILTIN_DEFAULTS, CorpusConfig, ResolvedStage, Spec
 from mixloop.data import records, synthetic
 from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.prepare import CorpusRequest, prepare_corpora
@@ -65,7 +65,7 @@ class Corpora:
     def files(self, name: str) -> dict[str, str | tuple[str, ...]]:
         """{'train': pattern, 'eval': pattern?} (a hub dataset's split: its files), generating the corpus
         first (once) if the spec asks for it."""
-        corpus = self.spec.pipeline.corpora[name]
+        corpus = self.spec.config.corpora[name]
         if corpus.generate is not None:
             g = corpus.generate
             return synthetic.write_corpus(
@@ -80,14 +80,14 @@ class Corpora:
         return files
 
     def without_eval(self) -> list[str]:
-        return [name for name in self.spec.pipeline.corpora if "eval" not in self.files(name)]
+        return [name for name in self.spec.config.corpora if "eval" not in self.files(name)]
 
     def chat_prompts(self) -> dict[str, list]:
         """The prompts of each chat corpus's eval split that chat health asks every version."""
-        count = self.spec.pipeline.chat_prompts
+        count = self.spec.config.chat_prompts
         return {
             name: eval_prompts(self.files(name)["eval"], count, corpus.file_format, corpus.format, corpus.columns)
-            for name, corpus in self.spec.pipeline.corpora.items()
+            for name, corpus in self.spec.config.corpora.items()
             if corpus.kind == "chat" and count and "eval" in self.files(name)
         }
 
@@ -111,10 +111,10 @@ class Corpora:
             for stage in stages
             for name in stage.mixture
         }
-        seq_len = self.spec.pipeline.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
+        seq_len = self.spec.config.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
         evals = {
             name: self._request(name, "eval", seq_len, True)
-            for name in self.spec.pipeline.corpora
+            for name in self.spec.config.corpora
             if "eval" in self.files(name)
         }
         folders = prepare_corpora([*train.values(), *evals.values()], tokenizer_dir, self.workdir, self.progress_bar)
@@ -125,7 +125,7 @@ class Corpora:
         )
 
     def _request(self, name: str, split: str, seq_len: int, packing: bool) -> CorpusRequest:
-        corpus = self.spec.pipeline.corpora[name]
+        corpus = self.spec.config.corpora[name]
         return CorpusRequest(
             name,
             split,
@@ -147,7 +147,7 @@ class Corpora:
         Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
         target = join(self.workdir, "tokenizer")
         makedirs(self.workdir)
-        spec = self.spec.pipeline.tokenizer
+        spec = self.spec.config.tokenizer
         # The folder it is copied from (None: trained here), and the name recorded for it: paths resolved,
         # so the workdir's own copy of the spec (absolute paths) matches the original; the model's own
         # tokenizer (neither path nor train) is named as the model is (a hub id, not its cache folder).
@@ -157,7 +157,7 @@ class Corpora:
             folder = named = None
         else:
             folder, named = self.spec.model_folder()[0], self.spec.model_source()
-        template = self.spec.chat_template(self.spec.pipeline.chat_template)
+        template = self.spec.chat_template(self.spec.config.chat_template)
         source = {
             "spec": {**spec.model_dump(), "path": named},
             "files": tokenizer_fingerprint(folder) if folder else None,
@@ -196,7 +196,7 @@ class Corpora:
 
     def _texts(self, budget: int):
         """Text of every corpus, an equal share of `budget` bytes from each."""
-        corpora = self.spec.pipeline.corpora
+        corpora = self.spec.config.corpora
         for name, corpus in corpora.items():
             share = budget // len(corpora)
             chunks = list_chunks(expand_files(self.files(name)["train"]), corpus.file_format)
@@ -207,14 +207,14 @@ class Corpora:
                 yield text
 
 
-def _hub_split(name: str, corpus: CorpusSpec, split: str) -> tuple[str, ...]:
+def _hub_split(name: str, corpus: CorpusConfig, split: str) -> tuple[str, ...]:
     try:
         return dataset_files(corpus.dataset, corpus.revision, corpus.subset, split)
     except MixloopError as exc:
         raise MixloopError(f"corpora.{name}: {exc}") from None
 
 
-def _record_text(record, corpus: CorpusSpec) -> str:
+def _record_text(record, corpus: CorpusConfig) -> str:
     """The text a record trains on, or "" for a record that preparation will reject."""
     try:
         content, _ = records.checked(record, corpus.kind, corpus.format, corpus.columns)

@@ -51,7 +51,7 @@ def plan(
 ) -> tuple[dict, list[dict]]:
     """(corpora, stages) to add for `new`, by the spec's iterate template. `trained`: the corpora the
     model the iteration starts from was trained on, which it replays."""
-    template, pipeline = spec.pipeline.iterate, spec.pipeline
+    template, pipeline = spec.config.iterate, spec.config
     text_corpora = [n for n, c in pipeline.corpora.items() if c.kind == "text" and n in trained]
     replay = template.replay_from if template.replay_from is not None else text_corpora
     corpora = {new.name: {"kind": "text", "path": new.text, **({"eval": new.eval} if new.eval else {})}}
@@ -173,7 +173,7 @@ def _start(spec: Spec) -> tuple[set[str], str | None]:
 
     current = current_version(spec.workdir)
     if current is None:
-        return {corpus for stage in spec.pipeline.stages for corpus in stage.mixture}, None
+        return {corpus for stage in spec.config.stages for corpus in stage.mixture}, None
     lineages = {v["version"]: v for v in list_versions(spec.workdir)}
     last = spec.stage_names()[-1]
     return trained_corpora(current, lineages), current if last in lineages and last != current else None
@@ -197,8 +197,8 @@ def _tuned(
 
     replace_validated(path, append_entries(path, {"corpora": _yaml_entries(corpora)}), f"adding corpus {new.name}")
     stage, rest = stages[0], stages[1:]
-    peak = stage.get("lr", {}).get("peak") or spec.pipeline.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
-    measured = [name for name in stage["mixture"] if name != new.name and spec.pipeline.corpora[name].eval]
+    peak = stage.get("lr", {}).get("peak") or spec.config.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
+    measured = [name for name in stage["mixture"] if name != new.name and spec.config.corpora[name].eval]
     search = {
         "name": new.name,
         "pipeline": str(path.resolve()),
@@ -228,7 +228,7 @@ def _check_new(spec: Spec, new: NewCorpus) -> None:
             f"{new.name!r} cannot name a corpus and its stages. Fix: use lower-case letters, digits, "
             "'-', '_' and '.', starting with a letter or digit."
         )
-    taken = [n for n in (new.name, f"{new.name}-chat") if n in spec.pipeline.corpora]
+    taken = [n for n in (new.name, f"{new.name}-chat") if n in spec.config.corpora]
     taken += [n for n in (new.name, f"{new.name}-sft") if n in spec.stage_names()]
     if taken:
         raise MixloopError(
@@ -252,9 +252,9 @@ def _yaml_entries(entries: dict | list) -> str:
 
 
 def _run(spec_path: Path, address: str | None, log: Log, lock) -> dict:
-    from mixloop.runs.pipeline import Pipeline
+    from mixloop.runs.pipeline import PipelineRunner
 
-    return Pipeline(load_spec(spec_path), log, address, lock).run()
+    return PipelineRunner(load_spec(spec_path), log, address, lock).run()
 
 
 # ---------------------------------------------------------------- watch

@@ -191,8 +191,8 @@ class JobClient:
         from mixloop.config import load_spec
 
         spec = load_spec(spec_path)
-        job = submission_id(spec.pipeline.name)
-        earlier = self._make_room(job, spec.pipeline.name, spec.workdir)
+        job = submission_id(spec.config.name)
+        earlier = self._make_room(job, spec.config.name, spec.workdir)
         data = (_with_added_iterations(spec) if inbox else None) or spec.portable()
         host = self.address.split("://", 1)[1].split(":")[0].split("/")[0]
         if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
@@ -205,7 +205,7 @@ class JobClient:
         with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
             Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             self._submit(
-                spec.pipeline.name,
+                spec.config.name,
                 dict(
                     entrypoint=(
                         f"mixloop watch pipeline.yaml --inbox {shlex.quote(inbox)} --address auto"
@@ -216,7 +216,7 @@ class JobClient:
                     runtime_env={"working_dir": folder},
                     metadata={
                         "mixloop": __version__,
-                        "pipeline": spec.pipeline.name,
+                        "pipeline": spec.config.name,
                         "spec": spec_source,
                         "workdir": data["workdir"],
                         "log_offset": str(len(earlier)),

@@ -6,7 +6,7 @@ trains alone, from the newest version. A stage that was edited after it
 produced its version is refused rather than silently retrained or skipped.
 
 The work itself lives in rooms of its own: corpora (files, tokenizer, packed
-splits), stages (base, training, publishing), evaluate and report. `Pipeline`
+splits), stages (base, training, publishing), evaluate and report. `PipelineRunner`
 holds the workdir's lock and calls them in order.
 """
 
@@ -51,7 +51,7 @@ class Trained(NamedTuple):
 
 
 class Member(NamedTuple):
-    """A stage of a group (see Pipeline._groups)."""
+    """A stage of a group (see PipelineRunner._groups)."""
 
     index: int
     """Its position in the spec."""
@@ -74,7 +74,7 @@ def _blocks(group: list[Member]) -> list[list[Member]]:
     return blocks
 
 
-class Pipeline:
+class PipelineRunner:
     """A spec's run directory. Ray starts (or is joined at `address`) on the first work that needs
     it, after the workdir's lock is taken and the spec checked against the versions, so a refused run
     costs seconds. `lock`: the workdir's lock when the caller already holds it; `hooks`: see
@@ -153,8 +153,8 @@ class Pipeline:
         groups: list[list[Member]] = []
         hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION)["stage_hash"]}
         previous, beyond = BASE_VERSION, until == BASE_VERSION
-        for index, stage in enumerate(self.spec.pipeline.stages):
-            resolved, parent = resolve_stage(self.spec.pipeline, stage), stage.start_from or previous
+        for index, stage in enumerate(self.spec.config.stages):
+            resolved, parent = resolve_stage(self.spec.config, stage), stage.start_from or previous
             existing = read_lineage(self.workdir, stage.name)
             hashes[stage.name] = existing["stage_hash"] if existing else stage_hash(resolved, hashes[parent])
             if existing is not None and not beyond:
@@ -201,7 +201,7 @@ class Pipeline:
                 self.workdir,
                 list(lineages),
                 self.corpora.chat_prompts(),
-                self.spec.pipeline.chat_max_new_tokens,
+                self.spec.config.chat_max_new_tokens,
                 self.progress_bar,
             )
             if judge:
@@ -225,11 +225,11 @@ class Pipeline:
 
     def _judge_last(self, matrix: dict, health: dict, lineages: dict[str, dict]) -> None:
         """The gate's verdict on the pipeline's last version, unless it has one (kept in `lineages` too)."""
-        last = self.spec.pipeline.stages[-1].name
+        last = self.spec.config.stages[-1].name
         if last not in lineages or "gate" in lineages[last]:
             return
         current = current_version(self.workdir)
-        verdict = gate.judge(self.spec.pipeline.gate, last, current, matrix, health, lineages)
+        verdict = gate.judge(self.spec.config.gate, last, current, matrix, health, lineages)
         lineages[last] = gate.record(self.workdir, last, verdict)
         if verdict["passed"]:
             self.log(f"gate: {last} is now the current version ({gate.gate_summary({'gate': verdict})})")
@@ -244,7 +244,7 @@ class Pipeline:
         versions = [v["version"] for v in list_versions(self.workdir)]
         for version in versions:  # cached results must not hide a version whose weights went bad
             verified_version(self.workdir, version)
-        return evaluate_versions(self.workdir, versions, prepared.eval, self.spec.pipeline.eval_rows, self.progress_bar)
+        return evaluate_versions(self.workdir, versions, prepared.eval, self.spec.config.eval_rows, self.progress_bar)
 
     def preview(self, stage_name: str | None = None) -> list[dict]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""

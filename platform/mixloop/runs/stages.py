@@ -30,7 +30,7 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
     model.path), published first if the workdir lacks it."""
     from mixloop.train.model import check_vocabulary, load_config, load_model, model_config, new_model
 
-    workdir, model_spec, seed = spec.workdir, spec.pipeline.model, spec.pipeline.seed
+    workdir, model_spec, seed = spec.workdir, spec.config.model, spec.config.seed
     source = {**model_spec.model_dump(exclude_none=True), "path": spec.model_source() if model_spec.path else None}
     digest = base_hash(seed, tokenizer_fingerprint(tokenizer_dir))
     existing = read_lineage(workdir, BASE_VERSION)
@@ -76,9 +76,9 @@ def edited_stages(spec: Spec) -> list[str]:
         return []
     hashes, problems = {BASE_VERSION: base["stage_hash"]}, []
     previous = BASE_VERSION
-    for index, stage in enumerate(spec.pipeline.stages):
+    for index, stage in enumerate(spec.config.stages):
         parent = stage.start_from or previous
-        digest = stage_hash(resolve_stage(spec.pipeline, stage), hashes.get(parent, ""))
+        digest = stage_hash(resolve_stage(spec.config, stage), hashes.get(parent, ""))
         existing = read_lineage(workdir, stage.name)
         if existing is not None and existing["stage_hash"] != digest:
             problems.append(
@@ -131,13 +131,13 @@ class StageRunner:
     def job(self, stage: ResolvedStage, parent: str, parent_final_lr: float, **extra) -> StageJob:
         """The job of `stage` trained from the version `parent`, whose stage ended at `parent_final_lr`."""
         return stage_job(
-            self.spec.pipeline.name,
+            self.spec.config.name,
             stage,
             parent_final_lr,
             version_dir(self.workdir, parent),
             self.prepared.for_stage(stage),
             join(self.workdir, "metrics.jsonl"),
-            self.spec.pipeline.model.trust_remote_code,
+            self.spec.config.model.trust_remote_code,
             **extra,
         )
 
@@ -145,7 +145,7 @@ class StageRunner:
         """The stage's own Ray Train run name (train.launch.run_name); a group runs as its first stage's."""
         from mixloop.train.launch import run_name
 
-        return run_name(self.spec.pipeline.name, stage.name, digest, self.prepared.for_stage(stage))
+        return run_name(self.spec.config.name, stage.name, digest, self.prepared.for_stage(stage))
 
     def train(self, stages: list[tuple[ResolvedStage, str]], parent: dict, run: str) -> list[dict]:
         """Train consecutive stages (with their hashes; each the next one's parent, all asking for the

@@ -21,7 +21,7 @@ def status_lines(spec: Spec) -> list[str]:
     last = _last_logged(workdir, left[0].name) if left else None
     holder = live_holder(workdir)
     lines = [
-        f"pipeline {spec.pipeline.name} (workdir {workdir})",
+        f"pipeline {spec.config.name} (workdir {workdir})",
         "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet"),
     ]
     if holder is not None:

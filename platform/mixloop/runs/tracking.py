@@ -109,13 +109,13 @@ class MLflow:
             found = self.client.get_experiment_by_name(self.experiment)
             experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
             self.parent = self.client.create_run(
-                experiment, run_name=self.pipeline, tags={"mixloop.runs.pipeline": self.pipeline}
+                experiment, run_name=self.pipeline, tags={"mixloop.pipeline": self.pipeline}
             ).info
         if name not in self.runs:
             self.runs[name] = self.client.create_run(
                 self.parent.experiment_id,
                 run_name=name,
-                tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.runs.pipeline": self.pipeline},
+                tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline},
             ).info.run_id
         return self.runs[name]
 
@@ -199,7 +199,7 @@ class Trackers:
     @classmethod
     def of(cls, spec, log: Log = print) -> Trackers:
         """The trackers a spec's `tracking:` names."""
-        tracking, workdir, name = spec.pipeline.tracking, spec.workdir, spec.pipeline.name
+        tracking, workdir, name = spec.config.tracking, spec.workdir, spec.config.name
         sinks = [TensorBoard(workdir)] if tracking.tensorboard else []
         if tracking.mlflow is not None:
             sinks.append(MLflow(tracking.mlflow.tracking_uri, tracking.mlflow.experiment or name, name))

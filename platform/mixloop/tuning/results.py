@@ -34,13 +34,13 @@ def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | 
 
     keys = objective_keys(len(search.objectives))
     ended = grid.num_terminated + grid.num_errors
-    interrupted = ended < search.spec.trials.count
+    interrupted = ended < search.config.trials.count
     rows = [trial_row(search, result, keys, interrupted) for result in grid]  # in start order
     best = pick(rows, keys, chosen)
     verdict = verdict_line(rows, keys, best)
     if interrupted:
         verdict = (
-            f"the search was interrupted with {ended} of {search.spec.trials.count} trials "
+            f"the search was interrupted with {ended} of {search.config.trials.count} trials "
             f"ended; run the same command again to resume it. So far: {verdict}"
         )
     write_json(
@@ -270,7 +270,7 @@ def stage_yaml(search: Search, row: dict) -> str:
 def append_stage(pipeline_path: Path, stage: dict, text: str) -> None:
     """Append the stage at the end of the pipeline file's `stages:` list, as text, so the file's
     comments and layout stay; the result must validate before it replaces the file."""
-    names = [s.name for s in load_spec(pipeline_path).pipeline.stages]
+    names = [s.name for s in load_spec(pipeline_path).config.stages]
     if stage["name"] in names:
         raise MixloopError(
             f"{pipeline_path} already has a stage named {stage['name']!r}. Fix: give the search a new "

@@ -38,7 +38,7 @@ from mixloop.data.corpora import PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluation.evaluate import evaluate_versions
-from mixloop.runs.pipeline import Pipeline
+from mixloop.runs.pipeline import PipelineRunner
 from mixloop.runs.ray_setup import TRIAL_RESOURCE, init_ray
 from mixloop.runs.stages import StageRunner, stage_plan
 from mixloop.runs.tracking import Trackers, tokens_through
@@ -73,7 +73,7 @@ def run_search(
     search = load_search(path)
     if apply:
         _check_apply(search, trial)
-    pipeline = Pipeline(search.pipeline, log, address, lock)
+    pipeline = PipelineRunner(search.spec, log, address, lock)
     with pipeline.locked(f"mixloop tune {path}"):  # trials train from, and write into, the pipeline's workdir
         init_ray(address)
         context = _prepare(search, pipeline)
@@ -90,7 +90,7 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
     run in MLflow, with the stages trained up to the start version): its stage's settings, its training
     metrics on the pipeline's token axis from the start version, and its objectives. Once per trial: a
     resumed search does not send them again."""
-    before = tokens_through(search.start_from, {v["version"]: v for v in list_versions(search.pipeline.workdir)})
+    before = tokens_through(search.start_from, {v["version"]: v for v in list_versions(search.spec.workdir)})
     for row in rows:
         folder = join(context.folder, "trials", row["trial"])
         if row["status"] == "unfinished" or exists(join(folder, TRACKED_FILE)):
@@ -98,7 +98,7 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
         final = {key: value for key, value in row.items() if key.startswith("objective") and value is not None}
         final.update({f"eval/{corpus}": loss for corpus, loss in row["loss"].items()})
         trackers.replay(
-            f"{search.spec.name}/{row['trial']}",
+            f"{search.config.name}/{row['trial']}",
             read_lines(join(folder, "metrics.jsonl")),
             before,
             search.resolve(row["stage"]).as_json(),
@@ -110,9 +110,9 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
 
 def _check_apply(search: Search, trial: str | None) -> None:
     """Before any work: what would make --apply fail at the end."""
-    if search.spec.name in search.pipeline.stage_names():
+    if search.config.name in search.spec.stage_names():
         raise MixloopError(
-            f"{search.pipeline_path} already has a stage named {search.spec.name!r}. "
+            f"{search.pipeline_path} already has a stage named {search.config.name!r}. "
             "Fix: give the search a new name, or leave out --apply."
         )
     if len(search.objectives) > 1 and trial is None:
@@ -141,7 +141,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
         )
     trial_lines = read_lines(join(trial_folder, "metrics.jsonl"))
     metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
-    runner = StageRunner(search.pipeline, context.prepared, log, lock=lock)
+    runner = StageRunner(search.spec, context.prepared, log, lock=lock)
     job = runner.job(stage, context.parent["version"], context.parent["metrics"]["final_lr"])
     runner.publish(
         job,
@@ -153,7 +153,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
         now(),
     )
     # One append: the report's training curves then show the stage like any other.
-    append_line(join(search.pipeline.workdir, "metrics.jsonl"), "\n".join(trial_lines))
+    append_line(join(search.spec.workdir, "metrics.jsonl"), "\n".join(trial_lines))
     append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
     log(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
@@ -185,7 +185,7 @@ class TrialContext:
         checkpoints (neither changes what the stage trains), its files in trials/<trial_id>/."""
         folder = join(self.folder, "trials", trial_id)
         resolved = self.search.resolve(stage)
-        evals_every = math.ceil(resolved.total_steps / self.search.spec.trials.evals)
+        evals_every = math.ceil(resolved.total_steps / self.search.config.trials.evals)
         trial = resolved.model_copy(
             update={
                 "min_workers": self.workers,
@@ -194,15 +194,15 @@ class TrialContext:
                 "checkpoint_every": evals_every,
             }
         )
-        pipeline = self.search.pipeline
+        spec = self.search.spec
         return stage_job(
-            pipeline.pipeline.name,
+            spec.config.name,
             trial,
             self.parent["metrics"]["final_lr"],
-            version_dir(pipeline.workdir, self.parent["version"]),
+            version_dir(spec.workdir, self.parent["version"]),
             self.corpus_dirs,
             join(folder, "metrics.jsonl"),
-            pipeline.pipeline.model.trust_remote_code,
+            spec.config.model.trust_remote_code,
             evals=self.eval_dirs,
             eval_rows=self.eval_rows,
             progress_lines=False,
@@ -211,19 +211,19 @@ class TrialContext:
         )
 
 
-def _prepare(search: Search, pipeline: Pipeline) -> TrialContext:
+def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
     """Train up to the start version, pack every corpus a trial may read, evaluate the start version."""
-    template, workdir = search.resolved_template, search.pipeline.workdir
+    template, workdir = search.resolved_template, search.spec.workdir
     everything = {c: Share(start=1.0, end=1.0) for c in {*template.mixture, *search.searched_corpora}}
     candidates = template.model_copy(update={"mixture": everything})  # every corpus a trial may mix
     prepared = pipeline.train(until=search.start_from, extra_stages=[candidates]).prepared
-    rows = search.pipeline.pipeline.eval_rows
+    rows = search.config.config.eval_rows
     verified_version(workdir, search.start_from)  # every trial starts from it
     start = evaluate_versions(workdir, [search.start_from], prepared.eval, rows)[search.start_from]
-    trials = search.spec.trials
+    trials = search.config.trials
     return TrialContext(
         search=search,
-        folder=join(workdir, "tune", search.spec.name),
+        folder=join(workdir, "tune", search.config.name),
         prepared=prepared,
         corpus_dirs=prepared.for_stage(candidates),
         parent=read_lineage(workdir, search.start_from),
@@ -243,10 +243,10 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     # the legacy one is silent there, and the progress lines say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), _trial_resources(context))
-    storage, filesystem = train_storage(join(search.pipeline.workdir, "tune"))
-    experiment = os.path.join(storage, search.spec.name)
+    storage, filesystem = train_storage(join(search.spec.workdir, "tune"))
+    experiment = os.path.join(storage, search.config.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
-        log(f"search {search.spec.name}: resuming from {context.folder}")
+        log(f"search {search.config.name}: resuming from {context.folder}")
         # A failed trial stays failed (Ray Train already retried its workers): it would fail again.
         return tune.Tuner.restore(
             experiment,
@@ -261,7 +261,7 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     baselines = search.baselines(manifests)
     searcher = BaselinesFirst(_optuna(search), baselines, [search.encode(search.trial_stage(b)) for b in baselines])
     log(
-        f"search {search.spec.name}: {search.spec.trials.count} trials from version {search.start_from}, "
+        f"search {search.config.name}: {search.config.trials.count} trials from version {search.start_from}, "
         f"{concurrency} at a time, {context.workers} worker(s) each"
     )
     return tune.Tuner(
@@ -272,11 +272,11 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=_scheduler(search),
-            num_samples=search.spec.trials.count,
+            num_samples=search.config.trials.count,
             max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
-            name=search.spec.name,
+            name=search.config.name,
             storage_path=storage,
             storage_filesystem=filesystem,
             verbose=0,
@@ -305,7 +305,7 @@ def _check_fingerprint(search: Search, folder: str) -> None:
     fingerprint = search.fingerprint()
     if exists(record) and read_json(record)["fingerprint"] != fingerprint:
         raise StageConflictError(
-            f"search {search.spec.name!r} in {folder} ran with other settings; its trials are not comparable with "
+            f"search {search.config.name!r} in {folder} ran with other settings; its trials are not comparable with "
             "these. Fix: give the changed search a new name, or delete that folder to start it again."
         )
     write_json(record, {"fingerprint": fingerprint, "spec": search.path})
@@ -325,22 +325,22 @@ def _check_trial_resource() -> None:
 def _concurrency(search: Search, context: TrialContext) -> int:
     import ray
 
-    if search.spec.trials.max_concurrent:
-        return search.spec.trials.max_concurrent
+    if search.config.trials.max_concurrent:
+        return search.config.trials.max_concurrent
     resources = ray.cluster_resources()
     template = search.resolved_template
     per_worker = {"CPU": context.cpus_per_worker, **template.resources_per_worker}
     if template.use_gpu:
         per_worker.setdefault("GPU", 1)
     fits = min(int(resources.get(name, 0) // (amount * context.workers)) for name, amount in per_worker.items())
-    return max(1, min(fits, search.spec.trials.count))
+    return max(1, min(fits, search.config.trials.count))
 
 
 def _optuna(search: Search) -> OptunaSearch:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines repeat what the progress lines say
-    searched = search.spec.trials.count - 2
+    searched = search.config.trials.count - 2
     # TPE handles one objective or several (multi-objective TPE); it samples at random for its first
     # trials, so few of them here, and a liar so that concurrent trials do not all pick the same point.
     sampler = optuna.samplers.TPESampler(
@@ -352,14 +352,14 @@ def _optuna(search: Search) -> OptunaSearch:
 
 
 def _scheduler(search: Search) -> TrialScheduler:
-    asha = search.spec.asha
+    asha = search.config.asha
     if asha is None or len(search.objectives) > 1:
         return FIFOScheduler()
     return SparingBaselines(
         metric="objective",
         mode="min",
         time_attr="eval",
-        max_t=search.spec.trials.evals,
+        max_t=search.config.trials.evals,
         grace_period=asha.grace_evals,
         reduction_factor=asha.reduction_factor,
     )

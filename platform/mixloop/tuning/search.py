@@ -21,7 +21,7 @@ from mixloop.config import (
     STAGE_NAME_PATTERN,
     ResolvedStage,
     Spec,
-    StageSpec,
+    StageConfig,
     StageTemplate,
     Strict,
     format_problems,
@@ -78,7 +78,7 @@ class Asha(Strict):
     """Keep the best 1/reduction_factor of the trials at each rung."""
 
 
-class SearchSpec(Strict):
+class SearchConfig(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Names the search (its folder is <workdir>/tune/<name>) and the stage it writes."""
     pipeline: str
@@ -107,26 +107,26 @@ class SearchSpec(Strict):
 class Search:
     """A validated search spec, its pipeline, and the stage template every trial starts from."""
 
-    def __init__(self, spec: SearchSpec, pipeline: Spec, path: str = "", pipeline_path: str = ""):
-        self.spec, self.pipeline, self.path, self.pipeline_path = spec, pipeline, path, pipeline_path
-        self.objectives = [spec.objective] if isinstance(spec.objective, str) else list(spec.objective)
-        self.start_from = spec.start_from or _default_start(spec, pipeline)
-        source = spec.new_stage or next(s for s in pipeline.pipeline.stages if s.name == spec.stage)
+    def __init__(self, config: SearchConfig, spec: Spec, path: str = "", pipeline_path: str = ""):
+        self.config, self.spec, self.path, self.pipeline_path = config, spec, path, pipeline_path
+        self.objectives = [config.objective] if isinstance(config.objective, str) else list(config.objective)
+        self.start_from = config.start_from or _default_start(config, spec)
+        source = config.new_stage or next(s for s in spec.config.stages if s.name == config.stage)
         template = source.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"name", "start_from"})
         ordered = {key: template.pop(key) for key in ("mixture", "tokens")}
-        self.template = {"name": spec.name, "from": self.start_from, **ordered, **template}
+        self.template = {"name": config.name, "from": self.start_from, **ordered, **template}
 
     @property
     def seed(self) -> int:
-        return self.pipeline.pipeline.seed if self.spec.seed is None else self.spec.seed
+        return self.spec.config.seed if self.config.seed is None else self.config.seed
 
     @property
     def searched_corpora(self) -> list[str]:
-        mixture = self.spec.space.mixture
+        mixture = self.config.space.mixture
         return mixture.corpora if mixture else list(self.template["mixture"])
 
     def resolve(self, stage: dict) -> ResolvedStage:
-        return resolve_stage(self.pipeline.pipeline, StageSpec.model_validate(stage))
+        return resolve_stage(self.spec.config, StageConfig.model_validate(stage))
 
     @functools.cached_property
     def resolved_template(self) -> ResolvedStage:
@@ -135,7 +135,9 @@ class Search:
 
     def fingerprint(self) -> str:
         """Changes when anything the trials' results depend on changes; not with where they run."""
-        search = self.spec.model_dump(mode="json", exclude={"trials": {"workers", "cpus_per_worker", "max_concurrent"}})
+        search = self.config.model_dump(
+            mode="json", exclude={"trials": {"workers", "cpus_per_worker", "max_concurrent"}}
+        )
         payload = {"search": search, "template": stage_hash(self.resolved_template, self.start_from)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -146,7 +148,7 @@ class Search:
         `decode` (exponential spacings, so the mix is uniform on the simplex)."""
         from ray import tune
 
-        space, params = self.spec.space, {}
+        space, params = self.config.space, {}
         for corpus in space.mixture.corpora if space.mixture else []:
             params[f"share.{corpus}"] = tune.uniform(0.0, 1.0)
         if space.lr_peak:
@@ -167,9 +169,10 @@ class Search:
         if "baseline" in config:  # Tune also fills the space's parameters in; a baseline ignores them
             return {"mixture": config["mixture"]} if "mixture" in config else {}
         changes: dict = {}
-        if self.spec.space.mixture:
+        if self.config.space.mixture:
             changes["mixture"] = simplex_weights(
-                {c: config[f"share.{c}"] for c in self.spec.space.mixture.corpora}, self.spec.space.mixture.min_share
+                {c: config[f"share.{c}"] for c in self.config.space.mixture.corpora},
+                self.config.space.mixture.min_share,
             )
         lr = {
             key: config[param]
@@ -208,8 +211,10 @@ class Search:
             "decay": lr.decay,
             "steps": resolved.geometry.whole_steps_within(resolved.tokens),
         }
-        if self.spec.space.mixture:  # a ramp's start weights: the round trip below turns the ramp away
-            draws = simplex_draws({c: w.start for c, w in resolved.mixture.items()}, self.spec.space.mixture.min_share)
+        if self.config.space.mixture:  # a ramp's start weights: the round trip below turns the ramp away
+            draws = simplex_draws(
+                {c: w.start for c, w in resolved.mixture.items()}, self.config.space.mixture.min_share
+            )
             values.update({f"share.{c}": u for c, u in (draws or {}).items()})
         for name, domain in self.param_space().items():
             if values.get(name) is None or not _in_domain(values[name], domain):
@@ -243,63 +248,61 @@ def _in_domain(value, domain) -> bool:
 
 def load_search(path: str | Path) -> Search:
     """Read and validate a search spec and its pipeline; raise SpecError listing every problem."""
-    spec = validate_yaml(path, SearchSpec, "search", "tuning/")
-    pipeline_path = Path(path).resolve().parent / spec.pipeline
+    config = validate_yaml(path, SearchConfig, "search", "tuning/")
+    pipeline_path = Path(path).resolve().parent / config.pipeline
     try:
-        pipeline = load_spec(pipeline_path)
+        spec = load_spec(pipeline_path)
     except SpecError as exc:
         raise SpecError(f"{path}: pipeline: {exc}") from None
-    problems = _search_problems(spec, pipeline)
+    problems = _search_problems(config, spec)
     if problems:
         raise SpecError(format_problems(path, problems, "search"))
-    return Search(spec, pipeline, str(Path(path).resolve()), str(pipeline_path))
+    return Search(config, spec, str(Path(path).resolve()), str(pipeline_path))
 
 
-def _default_start(spec: SearchSpec, pipeline: Spec) -> str:
-    names = pipeline.stage_names()
-    if spec.new_stage is not None:
+def _default_start(config: SearchConfig, spec: Spec) -> str:
+    names = spec.stage_names()
+    if config.new_stage is not None:
         return names[-1]
-    index = names.index(spec.stage)
-    return pipeline.pipeline.stages[index].start_from or (names[index - 1] if index else BASE_VERSION)
+    index = names.index(config.stage)
+    return spec.config.stages[index].start_from or (names[index - 1] if index else BASE_VERSION)
 
 
-def _search_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
-    names = pipeline.stage_names()
-    if (spec.stage is None) == (spec.new_stage is None):
+def _search_problems(config: SearchConfig, spec: Spec) -> list[str]:
+    names = spec.stage_names()
+    if (config.stage is None) == (config.new_stage is None):
         return [
             "stage: give exactly one of `stage` (a stage of the pipeline to tune again) or `new_stage` "
             "(a new stage: mixture, tokens, lr...)."
         ]
-    if spec.stage is not None and spec.stage not in names:
-        return [
-            f"stage: {spec.stage!r} is not a stage of {pipeline.pipeline.name}. Fix: use one of {', '.join(names)}."
-        ]
+    if config.stage is not None and config.stage not in names:
+        return [f"stage: {config.stage!r} is not a stage of {spec.config.name}. Fix: use one of {', '.join(names)}."]
     problems = []
-    if spec.start_from is not None and spec.start_from not in [BASE_VERSION, *names]:
+    if config.start_from is not None and config.start_from not in [BASE_VERSION, *names]:
         problems.append(
-            f"start_from: {spec.start_from!r} is no version of the pipeline. "
+            f"start_from: {config.start_from!r} is no version of the pipeline. "
             f"Fix: use base or one of {', '.join(names)}."
         )
         return problems
-    search = Search(spec, pipeline)
-    template = StageSpec.model_validate(search.template)
+    search = Search(config, spec)
+    template = StageConfig.model_validate(search.template)
     # The tuned stage is appended after the pipeline's stages, and starts from start_from.
-    where = "new_stage" if spec.new_stage else "stage"
+    where = "new_stage" if config.new_stage else "stage"
     problems += [
         p.replace(f"{where}.name:", "name:")
-        for p in stage_problems(pipeline, where, template, names)
+        for p in stage_problems(spec, where, template, names)
         if not p.startswith(f"{where}.name: stage name")
     ]  # the name may already be applied
     return (
         problems
-        + _space_problems(spec, pipeline, search)
-        + _trials_problems(spec, pipeline, search)
-        + _objective_problems(spec, pipeline)
+        + _space_problems(config, spec, search)
+        + _trials_problems(config, spec, search)
+        + _objective_problems(config, spec)
     )
 
 
-def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
-    space, corpora, problems = spec.space, pipeline.pipeline.corpora, []
+def _space_problems(config: SearchConfig, spec: Spec, search: Search) -> list[str]:
+    space, corpora, problems = config.space, spec.config.corpora, []
     if not any(getattr(space, field) for field in Space.model_fields):
         return ["space: nothing to search. Fix: give at least one of mixture, lr_peak, warmup, decay, tokens."]
     if space.mixture:
@@ -332,19 +335,19 @@ def _space_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[st
     return problems
 
 
-def _trials_problems(spec: SearchSpec, pipeline: Spec, search: Search) -> list[str]:
+def _trials_problems(config: SearchConfig, spec: Spec, search: Search) -> list[str]:
     """The stage as trials run it (trials.workers, cpus_per_worker) must still split into micro-batches."""
-    trials, problems = spec.trials, []
+    trials, problems = config.trials, []
     overrides = {k: v for k, v in (("workers", trials.workers), ("cpus_per_worker", trials.cpus_per_worker)) if v}
-    trial_stage = StageSpec.model_validate({**search.template, **overrides})
+    trial_stage = StageConfig.model_validate({**search.template, **overrides})
     problems += [
         p
-        for p in stage_problems(pipeline, "trials", trial_stage, pipeline.stage_names())
+        for p in stage_problems(spec, "trials", trial_stage, spec.stage_names())
         if p.startswith(("trials.workers", "trials.cpus_per_worker"))
     ]
-    if spec.asha and spec.asha.grace_evals > trials.evals:
+    if config.asha and config.asha.grace_evals > trials.evals:
         problems.append(
-            f"asha.grace_evals: {spec.asha.grace_evals} is more than trials.evals ({trials.evals}). "
+            f"asha.grace_evals: {config.asha.grace_evals} is more than trials.evals ({trials.evals}). "
             "Fix: lower it or raise trials.evals."
         )
     return problems
@@ -365,12 +368,12 @@ def _range_problems(
     return []
 
 
-def _objective_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
-    with_eval = [n for n, c in pipeline.pipeline.corpora.items() if c.eval or c.generate]
-    expressions = [spec.objective] if isinstance(spec.objective, str) else spec.objective
+def _objective_problems(config: SearchConfig, spec: Spec) -> list[str]:
+    with_eval = [n for n, c in spec.config.corpora.items() if c.eval or c.generate]
+    expressions = [config.objective] if isinstance(config.objective, str) else config.objective
     problems = []
     for index, expression in enumerate(expressions):
-        where = "objective" if isinstance(spec.objective, str) else f"objective[{index}]"
+        where = "objective" if isinstance(config.objective, str) else f"objective[{index}]"
         try:
             terms = objective_terms(expression)
         except ValueError as exc:
@@ -384,7 +387,7 @@ def _objective_problems(spec: SearchSpec, pipeline: Spec) -> list[str]:
                     f"{where}: corpus {corpus!r} has no eval split. Fix: use one of "
                     f"{', '.join(with_eval) or '(none: add eval splits to the corpora)'}."
                 )
-    if isinstance(spec.objective, list) and len(spec.objective) < 2:
+    if isinstance(config.objective, list) and len(config.objective) < 2:
         problems.append(
             "objective: a list is for several objectives (a Pareto front). Fix: give one string or two or more."
         )

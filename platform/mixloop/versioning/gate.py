@@ -13,7 +13,7 @@ lineage of the version they make current.
 
 from __future__ import annotations
 
-from mixloop.config import GateSpec
+from mixloop.config import GateConfig
 from mixloop.errors import MixloopError
 from mixloop.versioning.registry import (
     current_state,
@@ -27,7 +27,7 @@ from mixloop.versioning.registry import (
 
 
 def judge(
-    gate: GateSpec | None, candidate: str, against: str | None, matrix: dict, health: dict, lineages: dict[str, dict]
+    gate: GateConfig | None, candidate: str, against: str | None, matrix: dict, health: dict, lineages: dict[str, dict]
 ) -> dict:
     """The verdict on `candidate` against the current version `against`: {passed, against, checks,
     failed}; each check a sentence with the measured value and its bound."""
