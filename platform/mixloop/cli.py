@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from mixloop import __version__
 from mixloop import commands as handlers
 from mixloop.errors import MixloopError, StorageError
+from mixloop.version import __version__
 from mixloop.versioning.export import DTYPES
 
 DESCRIPTION = """mixloop keeps small decoder LLMs current as data arrives: pretrain, fine-tune, then keep going.

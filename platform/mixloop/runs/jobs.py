@@ -23,8 +23,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from mixloop import __version__
 from mixloop.errors import MixloopError, WorkdirLockedError
+from mixloop.version import __version__
 
 JOB_PREFIX = "mixloop-"
 AGENT_WAIT_S = 60
@@ -38,8 +38,8 @@ TOKEN_HELP = (
 def _with_added_iterations(spec) -> dict | None:
     """The workdir's copy of the spec when iterations were added to it (by a watch job) since the given
     spec was written: it holds every stage of the given spec, and more."""
-    from mixloop.errors import SpecError
     from mixloop.config import load_spec
+    from mixloop.errors import SpecError
     from mixloop.storage.fs import exists, join
 
     copy_path = join(spec.workdir, "pipeline.yaml")

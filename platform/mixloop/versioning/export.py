@@ -9,9 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-from mixloop import __version__
 from mixloop.errors import MixloopError
 from mixloop.storage.fs import local_copy, read_json
+from mixloop.version import __version__
 from mixloop.versioning.registry import (
     list_versions,
     loadable_everywhere,

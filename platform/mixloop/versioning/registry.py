@@ -23,10 +23,10 @@ from pathlib import Path
 
 import fsspec
 
-from mixloop import __version__
 from mixloop.config.schema import CURRENT_ALIAS
 from mixloop.errors import CorruptVersionError, MixloopError
 from mixloop.storage.fs import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
+from mixloop.version import __version__
 
 LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
