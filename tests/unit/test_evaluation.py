@@ -80,8 +80,8 @@ def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer
     from mixloop.data.packing import Packer
     from mixloop.data.store import MANIFEST, write_shard
     from mixloop.data.tokenizer import encode_chats, encode_texts
-    from mixloop.evaluation.evaluate import evaluate_model
     from mixloop.storage.fs import write_json
+    from mixloop.train.heldout import evaluate_model
     from mixloop.train.model import model_config, new_model
 
     docs = [

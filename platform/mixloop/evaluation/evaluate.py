@@ -11,38 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 import fsspec
-import numpy as np
 import torch
 
-from mixloop.data.packing import model_inputs
-from mixloop.data.store import PackedCorpus, read_manifest
+from mixloop.data.store import read_manifest
 from mixloop.evaluation.health import chat_health
 from mixloop.runs.tracking import counted
 from mixloop.storage.fs import join, write_json
-from mixloop.train.loss import token_ce
+from mixloop.train.heldout import evaluate_model
 from mixloop.train.model import load_model
 from mixloop.versioning.registry import ancestors, read_lineage, trained_corpora, version_dir
-
-BATCH_ROWS = 8
-
-
-@torch.no_grad()
-def evaluate_model(model, eval_dir: str, max_rows: int, device: str = "cpu") -> dict:
-    """Token-mean loss over the supervised tokens of the first `max_rows` packed rows."""
-    corpus = PackedCorpus(eval_dir)
-    rows = np.arange(min(max_rows, len(corpus)))
-    total, count = 0.0, 0
-    for start in range(0, len(rows), BATCH_ROWS):
-        inputs = model_inputs(*corpus.read(rows[start : start + BATCH_ROWS]))
-        labels = inputs.pop("labels").to(device)
-        ce = token_ce(model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels)
-        total += float(ce.sum())
-        count += int((labels != -100).sum())
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": count, "rows": len(rows)}
 
 
 def _evaluate_version(model_dir: str, eval_dirs: dict[str, str], max_rows: int) -> dict[str, dict]:

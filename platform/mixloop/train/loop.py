@@ -30,6 +30,7 @@ from mixloop.errors import MixloopError
 from mixloop.storage.fs import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
 from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
+from mixloop.train.heldout import evaluate_model
 from mixloop.train.job import StageJob
 from mixloop.train.schedule import learning_rate
 from mixloop.train.session import WorkerGroup
@@ -224,8 +225,6 @@ def _resume_line(job: StageJob, step: int) -> str:
 
 def _evaluate(model, eval_dirs: dict[str, str], rows: int, device) -> dict[str, float]:
     """Eval loss per split, measured as `mixloop eval` measures a published version."""
-    from mixloop.evaluation.evaluate import evaluate_model
-
     inner = unwrapped(model)
     training = inner.training
     inner.eval()
