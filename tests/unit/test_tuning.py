@@ -270,7 +270,8 @@ def test_a_baseline_inside_the_space_encodes_to_parameters_that_give_it_back(wri
 
 
 def test_optuna_learns_from_the_baselines_it_can_represent(write_search):
-    from mixloop.tuning.runner import BaselinesFirst, _optuna
+    from mixloop.tuning.plugins import BaselinesFirst
+    from mixloop.tuning.runner import _optuna
 
     search = load_search(write_search())
     baselines = search.baselines({"news": 1000, "web": 3000})

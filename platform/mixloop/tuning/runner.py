@@ -18,23 +18,16 @@ are not trained again, and unfinished ones resume from their last checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
-import pickle
-import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+import optuna
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+import ray
 from mixloop.config import Share, stage_hash
-from mixloop.data.corpora import PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
 from mixloop.evaluation.evaluate import evaluate_versions
@@ -51,17 +44,16 @@ from mixloop.storage.fs import (
     read_lines,
     train_storage,
     write_json,
-    write_text,
 )
-from mixloop.train.job import StageJob, stage_job
-from mixloop.tuning.objectives import objective_keys, objective_value
-from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
+from mixloop.tuning.objectives import objective_keys
+from mixloop.tuning.plugins import BaselinesFirst, ProgressLines, SparingBaselines
+from mixloop.tuning.results import append_stage, report, stage_yaml
 from mixloop.tuning.search import Search, load_search
-from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version, version_dir
+from mixloop.tuning.trials import TrialContext, run_trial
+from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version
 from ray import tune
 
 Log = Callable[[str], None]
-RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
 TRACKED_FILE = "tracked.json"  # written once a trial's run went to the trackers
 
 
@@ -158,57 +150,6 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     log(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
     )
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial needs, computed once by the search's driver."""
-
-    search: Search
-    folder: str  # <workdir>/tune/<name>
-    prepared: PreparedCorpora
-    corpus_dirs: dict[str, str]  # packed train splits of every corpus a trial may mix
-    parent: dict  # lineage of the start version
-    eval_dirs: dict[str, str]
-    eval_rows: int
-    start_losses: dict[str, float]
-    workers: int
-    cpus_per_worker: float
-
-    @property
-    def in_trial(self) -> bool:
-        """Trials of one worker train in their Tune trial's own process (train.session.TuneTrial)."""
-        return self.workers == 1
-
-    def job(self, stage: dict, trial_id: str) -> StageJob:
-        """The StageJob of a trial: the stage on the trials' workers, with intermediate evals at its
-        checkpoints (neither changes what the stage trains), its files in trials/<trial_id>/."""
-        folder = join(self.folder, "trials", trial_id)
-        resolved = self.search.resolve(stage)
-        evals_every = math.ceil(resolved.total_steps / self.search.config.trials.evals)
-        trial = resolved.model_copy(
-            update={
-                "min_workers": self.workers,
-                "max_workers": self.workers,
-                "cpus_per_worker": self.cpus_per_worker,
-                "checkpoint_every": evals_every,
-            }
-        )
-        spec = self.search.spec
-        return stage_job(
-            spec.config.name,
-            trial,
-            self.parent["metrics"]["final_lr"],
-            version_dir(spec.workdir, self.parent["version"]),
-            self.corpus_dirs,
-            join(folder, "metrics.jsonl"),
-            spec.config.model.trust_remote_code,
-            evals=self.eval_dirs,
-            eval_rows=self.eval_rows,
-            progress_lines=False,
-            run=trial_id,
-            final_dir=join(folder, "final"),
-        )
 
 
 def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
@@ -313,8 +254,6 @@ def _check_fingerprint(search: Search, folder: str) -> None:
 
 def _check_trial_resource() -> None:
     """A new search and a resumed one alike would wait forever for trial drivers without it."""
-    import ray
-
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
         raise MixloopError(
             f"the cluster offers no {TRIAL_RESOURCE!r} resource, which tuning trials' drivers use instead of CPUs. "
@@ -323,8 +262,6 @@ def _check_trial_resource() -> None:
 
 
 def _concurrency(search: Search, context: TrialContext) -> int:
-    import ray
-
     if search.config.trials.max_concurrent:
         return search.config.trials.max_concurrent
     resources = ray.cluster_resources()
@@ -337,8 +274,6 @@ def _concurrency(search: Search, context: TrialContext) -> int:
 
 
 def _optuna(search: Search) -> OptunaSearch:
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines repeat what the progress lines say
     searched = search.config.trials.count - 2
     # TPE handles one objective or several (multi-objective TPE); it samples at random for its first
@@ -363,169 +298,3 @@ def _scheduler(search: Search) -> TrialScheduler:
         grace_period=asha.grace_evals,
         reduction_factor=asha.reduction_factor,
     )
-
-
-# ---------------------------------------------------------------- inside a trial
-
-
-def run_trial(config: dict, context: TrialContext) -> None:
-    """Ray Tune's function trainable: train the trial's stage, reporting its intermediate evals, then
-    its final row. One worker trains here, in the trial's process; several, on a Ray Train group."""
-    trial_id = tune.get_context().get_trial_id()
-    folder = join(context.folder, "trials", trial_id)
-    append_line(join(folder, "starts.jsonl"), json.dumps({"time": time.time()}))
-    if exists(join(folder, RESULT_FILE)):  # it finished before the search was interrupted
-        tune.report(read_json(join(folder, RESULT_FILE)))
-        return
-    stage = context.search.trial_stage(config)
-    write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
-    job = context.job(stage, trial_id)
-    every = job.stage.checkpoint_every
-
-    def row(metrics: dict) -> dict:
-        return objective_row(metrics, context.search.objectives, context.start_losses, every)
-
-    clock = time.time()
-    final = _train_here(job, row) if context.in_trial else _train_on_group(job, context, trial_id, row)
-    # The final eval is reported here, also when a resumed run had nothing left to train.
-    final_row = {**row(final), "wall_s": round(time.time() - clock, 1)}
-    write_json(join(folder, RESULT_FILE), final_row)
-    tune.report(final_row)
-
-
-def _train_here(job: StageJob, row: Callable[[dict], dict]) -> dict:
-    """Train a one-worker trial in this process: its final metrics."""
-    from mixloop.train.loop import run_stages
-    from mixloop.train.session import TuneTrial
-    from mixloop.train.step import StepHooks
-
-    session = TuneTrial(row, job.stage.use_gpu)
-    run_stages([job], session, StepHooks())
-    return session.last
-
-
-def _train_on_group(job: StageJob, context: TrialContext, trial_id: str, row: Callable[[dict], dict]) -> dict:
-    """Train a trial on a Ray Train worker group of its own: its final metrics."""
-    from mixloop.train.launch import fit_stages
-
-    callback = ReportObjectives(row)
-    return fit_stages([job], join(context.folder, "train"), trial_id, callbacks=[callback]).metrics
-
-
-def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int) -> dict:
-    """What a trial reports to Tune at an eval: its objectives, eval losses, forgetting and progress
-    (`eval` counts evals by step, so a repeated or extra report does not advance ASHA's rungs)."""
-    losses = metrics["eval_loss"]
-    values = [objective_value(expression, losses, start_losses) for expression in objectives]
-    return {
-        **dict(zip(objective_keys(len(objectives)), values)),
-        "loss": losses,
-        "forgetting": {c: losses[c] - start_losses[c] for c in losses},
-        "step": metrics["step"],
-        "total_steps": metrics["total_steps"],
-        "eval": math.ceil(metrics["step"] / checkpoint_every),
-        "trained_tokens": sum(metrics["tokens"].values()),
-    }
-
-
-class ReportObjectives(TuneReportCallback):
-    """Forwards each intermediate eval of the Train run (rank 0's report) to Tune as `row(metrics)`;
-    reports without an eval are not forwarded, and the final one comes from the trial itself."""
-
-    def __init__(self, row: Callable[[dict], dict]):
-        super().__init__()
-        self.row = row
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if "eval_loss" in metrics[0] and metrics[0]["step"] < metrics[0]["total_steps"]:
-            super().after_report(run_context, [self.row(metrics[0])], None)
-
-
-# ---------------------------------------------------------------- Tune parts
-
-
-class BaselinesFirst(Searcher):
-    """Hands out the baseline trials first, then Optuna's proposals. Optuna learns from the baselines
-    it can represent (`points`: their parameters, or None for one outside the space, such as a
-    ramped mix), as if it had proposed them; a Pareto search's Optuna learns from its own trials only."""
-
-    def __init__(self, optuna: OptunaSearch, baselines: list[dict], points: list[dict | None]):
-        super().__init__(metric=optuna.metric, mode=optuna.mode)
-        self.optuna, self.waiting, self.baseline_points = optuna, list(zip(baselines, points)), {}
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return self.optuna.set_search_properties(metric, mode, config, **spec)
-
-    def suggest(self, trial_id: str) -> dict | None:
-        if self.waiting:
-            config, self.baseline_points[trial_id] = self.waiting.pop(0)
-            return config
-        return self.optuna.suggest(trial_id)
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.baseline_points:
-            self.optuna.on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.baseline_points:
-            self.optuna.on_trial_complete(trial_id, result, error)
-            return
-        point, metric = self.baseline_points[trial_id], self.optuna.metric
-        if point is not None and result and not error and isinstance(metric, str) and math.isfinite(result[metric]):
-            self.optuna.add_evaluated_point(point, result[metric])
-
-    def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:  # Tune keeps one file per searcher: Optuna's goes inside
-            self.optuna.save(os.path.join(folder, "optuna.pkl"))
-            optuna_state = open(os.path.join(folder, "optuna.pkl"), "rb").read()
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump(
-                {"waiting": self.waiting, "baseline_points": self.baseline_points, "optuna": optuna_state}, file
-            )
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            state = pickle.load(file)
-        # A search saved before Optuna learned from baselines kept their configs and ids only.
-        self.waiting = [item if isinstance(item, tuple) else (item, None) for item in state["waiting"]]
-        self.baseline_points = state.get("baseline_points", dict.fromkeys(state.get("baseline_ids", ())))
-        with tempfile.TemporaryDirectory() as folder:
-            with open(os.path.join(folder, "optuna.pkl"), "wb") as file:
-                file.write(state["optuna"])
-            self.optuna.restore(os.path.join(folder, "optuna.pkl"))
-
-
-class SparingBaselines(ASHAScheduler):
-    """ASHA that ranks baselines with the other trials but never stops them (the verdict compares
-    the best trial with the finished baselines), nor a trial at its last eval (ASHA stops trials at
-    max_t, which would kill it before it records its result)."""
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        spared = "baseline" in trial.config or result["step"] == result["total_steps"]
-        return TrialScheduler.CONTINUE if spared else decision
-
-
-class ProgressLines(tune.Callback):
-    """One line per trial start, eval and end, instead of Tune's status tables. (Tune pickles its
-    callbacks with the search, so this one prints instead of holding a log function.)"""
-
-    def __init__(self, search: Search):
-        self.search = search
-
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: started, {describe_changes(self.search.decode(trial.config), trial.config)}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        values = " ".join(f"{key} {result[key]:.4f}" for key in objective_keys(len(self.search.objectives)))
-        self.log(f"trial {trial.trial_id}: step {result['step']}/{result['total_steps']} {values}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: ended")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: failed; see {trial.path}/error.txt")
