@@ -112,9 +112,7 @@ def micro_versions(folder: Path, tokenizer, chain: list[tuple[str, str | None]])
     for index, (version, parent) in enumerate(chain):
         if index:
             time.sleep(1.1)  # versions are ordered by their finish time, in seconds
-        publish(
-            str(folder / "run"), version, str(model_dir), str(tokenizer_dir), {"parent": parent, "stage_hash": version}
-        )
+        publish(str(folder / "run"), str(model_dir), str(tokenizer_dir), lineage_of(version, parent))
     return folder / "run"
 
 
@@ -189,3 +187,55 @@ def open_in_browser(page: Path) -> tuple[list[tuple[str, bool]], list[str]]:
         )
         browser.close()
     return [tuple(image) for image in images], errors
+
+
+# A resolved stage's every setting, for lineages that tests write by hand (they name what matters).
+_STAGE_SETTINGS = {
+    "tokens": 1000, "start_from": None, "seed": 0, "seq_len": 64, "packing": True, "global_batch_tokens": 256,
+    "micro_batch_rows": 2, "balance": "corpus", "weight_decay": 0.0, "grad_clip": 1.0, "checkpoint_every": 10,
+    "log_every": 1, "min_workers": 1, "max_workers": 1, "resize_every_s": 60.0, "cpus_per_worker": 1.0,
+    "use_gpu": False, "resources_per_worker": {}, "max_failures": 0, "max_repeats": 4.0, "nonfinite": "stop",
+    "lr": {"peak": 1e-3, "warmup": 0.0, "warmup_from": "zero", "decay": "cosine", "floor": 0.1, "wsd_decay": 0.2},
+}  # fmt: skip
+
+
+def lineage_of(version: str, parent: str | None = None, mixture=None, tokens: dict | None = None, **fields):
+    """A Lineage as a published version would have it; `mixture`: corpus names (equal shares) or
+    {corpus: (from, to)}; a version without one is a base."""
+    from mixloop.config import ResolvedStage
+    from mixloop.versioning.lineage import Lineage
+
+    stage = None
+    if mixture is not None:
+        shares = mixture if isinstance(mixture, dict) else {c: (1 / len(mixture),) * 2 for c in mixture}
+        stage = ResolvedStage.model_validate(
+            {
+                **_STAGE_SETTINGS,
+                "name": version,
+                "mixture": {c: {"from": a, "to": b} for c, (a, b) in shares.items()},
+                "loss_weights": dict.fromkeys(shares, 1.0),
+            }
+        )
+    defaults = {"stage_hash": version, "started": "2026-01-01T00:00:00+00:00", "metrics": {"final_lr": 0.0}}
+    return Lineage.model_validate(
+        {"version": version, "parent": parent, "stage": stage, "tokens_per_corpus": tokens or {}, **defaults, **fields}
+    )
+
+
+def lineages_of(*lineages):
+    from mixloop.versioning.lineage import Lineages
+
+    return Lineages(list(lineages))
+
+
+def metrics_line(stage: str, step: int, tokens: dict, loss_per_corpus: dict, **fields) -> str:
+    """A metrics.jsonl line as a worker writes it, with what a test does not care about filled in."""
+    from mixloop.train.metrics import MetricsRecord
+
+    values = {
+        "stage": stage, "step": step, "total_steps": 10, "lr": 1e-3, "loss_per_corpus": loss_per_corpus,
+        "loss": sum(loss_per_corpus.values()) / max(len(loss_per_corpus), 1), "grad_norm": 1.0, "skipped_steps": 0,
+        "tokens_per_s": 100.0, "step_seconds": 1.0, "tokens": tokens, "time": 0.0, "peak_memory_mb": 1.0,
+        "row_hashes": {}, "workers": 1, **fields,
+    }  # fmt: skip
+    return MetricsRecord(**values).model_dump_json()

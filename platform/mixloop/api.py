@@ -3,9 +3,9 @@
     import mixloop
 
     spec = mixloop.load("jobs/quickstart.yaml", overrides=["defaults.lr.peak=0.002"])
-    result = mixloop.run(spec)           # train what is missing, evaluate, report
-    result["matrix"]["sft"]["general"]   # {"loss": ..., "perplexity": ...}
-    mixloop.versions(spec)               # lineage of every version, oldest first
+    result = mixloop.run(spec)           # train what is missing, evaluate, report: a RunResult
+    result.matrix["sft"]["general"]      # {"loss": ..., "perplexity": ...}
+    mixloop.versions(spec)               # the Lineage of every version, oldest first
 
 A spec can also come from a dict shaped like the YAML (`mixloop.from_dict`). Every function
 validates first and raises `mixloop.errors.MixloopError` subclasses for what a user can fix
@@ -16,8 +16,13 @@ Ray, or the cluster at `address`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mixloop.config import Spec, load_spec, spec_from_data
+from mixloop.versioning.lineage import Lineage
+
+if TYPE_CHECKING:  # the runner pulls in torch and Ray: imported when a call needs it
+    from mixloop.runs.pipeline import CorpusPreview, Evaluation, RunResult
 
 Log = Callable[[str], None]
 
@@ -32,9 +37,8 @@ def from_dict(data: dict, base_dir: str = ".", overrides: Sequence[str] = ()) ->
     return spec_from_data(data, base_dir, overrides)
 
 
-def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: bool = False) -> dict:
-    """Train every missing stage, then evaluate and report: {"trained", "matrix", "deltas", "health",
-    "report"}. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
+def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: bool = False) -> RunResult:
+    """Train every missing stage, then evaluate and report. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
     `progress_bar`: a live bar per stage instead of the workers' progress lines (for a terminal)."""
     from mixloop.storage.lock import workdir_lock
 
@@ -44,14 +48,14 @@ def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: 
         return PipelineRunner(spec, log, address, lock, progress_bar=progress_bar).run()
 
 
-def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> dict:
-    """Evaluate what is missing and write the report: {"matrix", "deltas", "health", "report"}."""
+def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> Evaluation:
+    """Evaluate what is missing and write the report."""
     from mixloop.runs.pipeline import PipelineRunner
 
     return PipelineRunner(spec, log, address).report()
 
 
-def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[dict]:
+def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[CorpusPreview]:
     """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
     from mixloop.errors import MixloopError
     from mixloop.runs.pipeline import PipelineRunner
@@ -61,8 +65,9 @@ def preview(spec: Spec, stage: str | None = None, address: str | None = None, lo
     return PipelineRunner(spec, log, address).preview(stage)
 
 
-def versions(spec_or_workdir: Spec | str) -> list[dict]:
+def versions(spec_or_workdir: Spec | str) -> list[Lineage]:
     """The lineage of every complete version of a spec's workdir (or of a workdir path or URI), oldest first."""
     from mixloop.versioning.registry import list_versions
 
-    return list_versions(spec_or_workdir.workdir if isinstance(spec_or_workdir, Spec) else spec_or_workdir)
+    workdir = spec_or_workdir.workdir if isinstance(spec_or_workdir, Spec) else spec_or_workdir
+    return list(list_versions(workdir).values())

@@ -11,6 +11,7 @@ from pathlib import Path
 from mixloop import api
 from mixloop.errors import MixloopError
 from mixloop.runs import jobs
+from mixloop.storage.layout import Workdir
 
 
 def _workdir(target: str) -> str:
@@ -29,10 +30,9 @@ def _workdir(target: str) -> str:
 def _spec(target: str, files: bool = True):
     """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
     from mixloop.config import load_spec
-    from mixloop.storage.fs import join
 
     is_spec = Path(target).is_file() or target.endswith((".yaml", ".yml"))
-    return load_spec(target if is_spec else join(_workdir(target), "pipeline.yaml"), files=files)
+    return load_spec(target if is_spec else Workdir(_workdir(target)).pipeline_copy, files=files)
 
 
 def cmd_validate(args) -> int:
@@ -73,13 +73,10 @@ def cmd_models_list(args) -> int:
     # Trained tokens are the documents' own; the budget counts every slot of its steps, padding included.
     print(f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}  gate")
     for lineage in versions:
-        trained = sum((lineage.get("tokens_per_corpus") or {}).values())
-        stage, steps = lineage.get("stage") or {}, (lineage.get("metrics") or {}).get("steps", 0)
-        budget = steps * stage.get("global_batch_tokens", 0)
-        gate = ("CURRENT, " if lineage["version"] == current else "") + gate_summary(lineage)
+        gate = ("CURRENT, " if lineage.version == current else "") + gate_summary(lineage)
         print(
-            f"{lineage['version']:<20} {lineage['parent'] or '-':<20} {trained:>15,.0f} {budget:>15,}  "
-            f"{lineage['finished']:<25}  {gate}"
+            f"{lineage.version:<20} {lineage.parent or '-':<20} {lineage.trained_tokens:>15,.0f} "
+            f"{lineage.budget_slots:>15,}  {lineage.finished:<25}  {gate}"
         )
     return 0
 
@@ -119,14 +116,14 @@ def cmd_models_show(args) -> int:
     lineage = read_lineage(_workdir(args.target), args.version)
     if lineage is None:
         raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
-    print(json.dumps(lineage, indent=2))
+    print(json.dumps(lineage.to_json(), indent=2))
     return 0
 
 
 def cmd_models_diff(args) -> int:
-    from mixloop.evaluation.evaluate import eval_file
     from mixloop.storage.fs import read_json
-    from mixloop.versioning.registry import diff_lineages, read_lineage
+    from mixloop.versioning.lineage import diff_lineages
+    from mixloop.versioning.registry import read_lineage
 
     workdir = _workdir(args.target)
     lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
@@ -134,7 +131,7 @@ def cmd_models_diff(args) -> int:
         if lineage is None:
             raise MixloopError(f"no version {version!r} in {args.target}. See `mixloop models list {args.target}`.")
     differences = diff_lineages(*lineages)
-    matrix = read_json(eval_file(workdir, "matrix.json")) or {}
+    matrix = read_json(Workdir(workdir).eval_matrix) or {}
     losses = [matrix.get(v) or {} for v in (args.a, args.b)]
     corpora = sorted(set(losses[0]) | set(losses[1]))
     width = max([len(key) for key, _, _ in differences] + [len(c) for c in corpora] + [16])
@@ -247,10 +244,10 @@ def cmd_data_preview(args) -> int:
     )
     for r in rows:
         print(
-            f"{r['stage']:<16}{r['corpus']:<18}{r['documents']:>10,}{r['tokens']:>12,}{r['rows']:>9,}"
-            f"{r['rejected']:>9,}{r['blank_lines']:>7,}{r['share']:>8.1%}{r['epochs']:>8.2f}  {_shapes(r['formats'])}"
+            f"{r.stage:<16}{r.corpus:<18}{r.documents:>10,}{r.tokens:>12,}{r.rows:>9,}"
+            f"{r.rejected:>9,}{r.blank_lines:>7,}{r.share:>8.1%}{r.epochs:>8.2f}  {_shapes(r.formats)}"
         )
-    for warning in (w for r in rows for w in r["warnings"]):
+    for warning in (w for r in rows for w in r.warnings):
         print(f"warning: {warning}")
     return 0
 

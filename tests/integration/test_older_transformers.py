@@ -15,6 +15,7 @@ import torch
 from mixloop.train.model import model_config, new_model
 from mixloop.versioning.export import export
 from mixloop.versioning.registry import publish
+from support import lineage_of
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +69,7 @@ def test_an_exported_version_gives_the_same_logits_under_transformers_4_57(
     config = model_config("micro", {"rope_theta": 5e5}, trained_tokenizer)  # not 4.x's default base (1e4)
     new_model(config, seed=0).save_pretrained(tmp_path / "weights")
     trained_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    publish(
-        str(tmp_path / "run"),
-        "v1",
-        str(tmp_path / "weights"),
-        str(tmp_path / "tokenizer"),
-        {"parent": None, "stage_hash": "h"},
-    )
+    publish(str(tmp_path / "run"), str(tmp_path / "weights"), str(tmp_path / "tokenizer"), lineage_of("v1"))
     export(str(tmp_path / "run"), "v1", str(tmp_path / "exported"))
 
     older, newer = (

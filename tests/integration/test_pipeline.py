@@ -89,21 +89,21 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     workdir = tmp_path / "run"
     spec_path = write_spec(tmp_path, spec_dict(workdir, STAGES))
     first = PipelineRunner(load_spec(spec_path), log=lambda line: None).run()
-    assert first["trained"] == ["pretrain", "sft", "medical"]
-    matrix = first["matrix"]
+    assert first.trained == ["pretrain", "sft", "medical"]
+    matrix = first.matrix
     for version in ("pretrain", "sft", "medical"):
         for corpus in ("shakespeare", "gsm8k", "medical"):
             assert matrix[version][corpus]["loss"] < matrix["base"][corpus]["loss"], (version, corpus)
     # Uptake: the medical stage lowers medical loss against its parent.
     assert matrix["medical"]["medical"]["loss"] < matrix["sft"]["medical"]["loss"]
     assert (workdir / "eval" / "table.txt").read_text().startswith("version")
-    deltas = first["deltas"]
+    deltas = first.deltas
     assert deltas["medical"]["uptake"]["medical"] > 0 and set(deltas["medical"]["forgetting"]) == {
         "shakespeare",
         "gsm8k",
     }
-    assert set(first["health"]["sft"]) == {"gsm8k", "medical_chat"}
-    gsm8k_health = first["health"]["sft"]["gsm8k"]
+    assert set(first.health["sft"]) == {"gsm8k", "medical_chat"}
+    gsm8k_health = first.health["sft"]["gsm8k"]
     assert gsm8k_health["samples"] == 3 and gsm8k_health["ended"] in (0, 1 / 3, 2 / 3, 1)  # chat_prompts: 3
     asked = eval_prompts(str(SHARED_DATA / "eval/sft_en.jsonl"), 1)[0][-1]["content"]  # the first eval prompt
     assert gsm8k_health["examples"][0]["prompt"] == json.dumps(asked, ensure_ascii=False)[1:-1][:300]
@@ -135,16 +135,16 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     trained_before = sorted(p.name for p in (workdir / "train").iterdir())
     prepared_before = (workdir / "cache" / "prepare.jsonl").read_text()
     again = PipelineRunner(load_spec(spec_path), log=lambda line: None).run()
-    assert again["trained"] == []
+    assert again.trained == []
     assert sorted(p.name for p in (workdir / "train").iterdir()) == trained_before
     assert (workdir / "cache" / "prepare.jsonl").read_text() == prepared_before, "a re-run tokenized again"
 
     appended = write_spec(tmp_path, spec_dict(workdir, STAGES + [MEDICAL_SFT]))
     third = PipelineRunner(load_spec(appended), log=lambda line: None).run()
-    assert third["trained"] == ["medical-sft"]
-    assert [v["version"] for v in list_versions(str(workdir))] == ["base", "pretrain", "sft", "medical", "medical-sft"]
+    assert third.trained == ["medical-sft"]
+    assert list(list_versions(str(workdir))) == ["base", "pretrain", "sft", "medical", "medical-sft"]
     assert json.loads((workdir / "models" / "medical-sft" / "lineage.json").read_text())["parent"] == "medical"
-    assert third["matrix"]["medical-sft"]["medical_chat"]["loss"] < third["matrix"]["medical"]["medical_chat"]["loss"]
+    assert third.matrix["medical-sft"]["medical_chat"]["loss"] < third.matrix["medical"]["medical_chat"]["loss"]
 
     # The run directory alone is enough to rebuild the report (its pipeline.yaml has absolute paths).
     (workdir / "report" / "index.html").unlink()

@@ -69,7 +69,7 @@ def test_no_eval_splits_edited_stage_and_corrupt_weights(ray_address, tmp_path, 
     assert json.loads((workdir / "models" / "s1" / "lineage.json").read_text())["overrides"] == [
         "stages.s1.log_every=1"
     ]
-    assert [v["version"] for v in mixloop.versions(mixloop.load(str(spec)))] == ["base", "s1"]
+    assert [v.version for v in mixloop.versions(mixloop.load(str(spec)))] == ["base", "s1"]
     page = (workdir / "report" / "index.html").read_text()
     assert "No eval split for web" in page
     code, out = run_cli(capsys, "report", str(spec))

@@ -25,7 +25,7 @@ def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path):
     result = run(tmp_path, "skip", [3, 7])
     lineage = json.loads((tmp_path / "run" / "models" / "s" / "lineage.json").read_text())
     assert lineage["metrics"]["skipped_steps"] == 2
-    assert all(math.isfinite(loss["loss"]) for loss in result["matrix"]["s"].values())
+    assert all(math.isfinite(loss["loss"]) for loss in result.matrix["s"].values())
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(m["loss"]) for m in logged)
 

@@ -98,7 +98,7 @@ def uninterrupted(ray_address, tmp_path_factory):
 
 def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
     workdir, result, lines = uninterrupted
-    assert result["trained"] == ["mixed", "after"]
+    assert result.trained == ["mixed", "after"]
     assert "stages mixed, after: one worker group trains them in turn" in lines
     assert len(list((workdir / "train").iterdir())) == 1, "one Ray Train run for the group"
     after = json.loads((workdir / "models" / "after" / "lineage.json").read_text())
@@ -120,8 +120,8 @@ def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
     logged = metrics(workdir, "mixed")
     assert [m["step"] for m in logged] == list(range(5, 41, 5))
     assert logged[-1]["loss"] < logged[0]["loss"]
-    assert set(result["matrix"]["mixed"]) == {"facts", "chats"}
-    assert all(result["matrix"]["mixed"][c]["loss"] < result["matrix"]["base"][c]["loss"] for c in ("facts", "chats"))
+    assert set(result.matrix["mixed"]) == {"facts", "chats"}
+    assert all(result.matrix["mixed"][c]["loss"] < result.matrix["base"][c]["loss"] for c in ("facts", "chats"))
 
     capsys.readouterr()  # Ray's log monitor may still print worker lines: read only our own below
     assert main(["models", "list", str(workdir)]) == 0
@@ -231,14 +231,14 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER])))
     outcome = {}
     pipeline = PipelineRunner(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
-    runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
+    runner = threading.Thread(target=lambda: outcome.update(result=pipeline.run()))
     runner.start()
     wait_for_checkpoint(workdir, "mixed", 15, runner.is_alive)
     workers = list_actors(address=ray_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(workers[-1]["pid"], signal.SIGKILL)
     runner.join(timeout=300)
-    assert outcome["trained"] == ["mixed", "after"]
+    assert outcome["result"].trained == ["mixed", "after"]
     lineage = json.loads((workdir / "models" / "mixed" / "lineage.json").read_text())
     assert lineage["metrics"]["resumed_from"] >= 10
     assert_same_training(workdir, uninterrupted[0])

@@ -112,7 +112,7 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     spec = generated_spec(tmp_path / "run", [S1], workers=1, log_every=2, checkpoint_every=4) | {"tracking": tracking}
     lines: list[str] = []
     result = PipelineRunner(load_spec(write_spec(tmp_path, spec)), log=lines.append).run()
-    assert result["trained"] == ["s1"]
+    assert result.trained == ["s1"]
 
     client = MlflowClient(mlflow_server["uri"])
     experiment = client.get_experiment_by_name("trackers")
@@ -129,7 +129,7 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     lineage = json.loads((tmp_path / "run/models/s1/lineage.json").read_text())
     assert runs["s1"].data.params["lineage.parent"] == "base"
     assert runs["s1"].data.params["lineage.stage_hash"] == lineage["stage_hash"]
-    assert runs["s1"].data.metrics["eval/facts"] == pytest.approx(result["matrix"]["s1"]["facts"]["loss"])
+    assert runs["s1"].data.metrics["eval/facts"] == pytest.approx(result.matrix["s1"]["facts"]["loss"])
     assert runs["s1"].data.metrics["uptake/facts"] > 0
     assert "report/index.html" in [a.path for a in client.list_artifacts(parent, "report")]
 
@@ -142,7 +142,7 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     write_spec(tmp_path, spec | {"stages": [S1, S2]})
     pipeline = PipelineRunner(load_spec(tmp_path / "pipeline.yaml"), log=lines.append, hooks=SlowSteps(0.3))
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(pipeline.run()))
+    runner = threading.Thread(target=lambda: outcome.update(result=pipeline.run()))
     runner.start()
     deadline = time.time() + 240
     while '"stage": "s2"' not in (tmp_path / "run" / "metrics.jsonl").read_text():
@@ -151,6 +151,6 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     os.killpg(mlflow_server["process"].pid, signal.SIGKILL)
     mlflow_server["process"].wait()
     runner.join(timeout=300)
-    assert outcome.get("trained") == ["s2"] and (tmp_path / "run/models/s2/lineage.json").exists()
+    assert outcome["result"].trained == ["s2"] and (tmp_path / "run/models/s2/lineage.json").exists()
     assert sum("warning: tracker MLflow failed" in line for line in lines) == 1  # warned once, not at every report
     assert yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())["tracking"]["wandb"]["mode"] == "offline"

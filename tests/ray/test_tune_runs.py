@@ -160,12 +160,12 @@ def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
     ]
 
     result = PipelineRunner(spec, log=lambda line: None).run()
-    assert result["trained"] == []
+    assert result.trained == []
     lineage = json.loads((search["workdir"] / "models" / "mixed-tuned" / "lineage.json").read_text())
     assert lineage["parent"] == "pretrain" and lineage["stage"]["mixture"] == best["mixture"]
     assert lineage["metrics"]["tuned_by"]["trial"] == best["trial"]
     for corpus, loss in best["loss"].items():
-        assert result["matrix"]["mixed-tuned"][corpus]["loss"] == pytest.approx(loss, abs=1e-5)
+        assert result.matrix["mixed-tuned"][corpus]["loss"] == pytest.approx(loss, abs=1e-5)
 
 
 @pytest.mark.tuning

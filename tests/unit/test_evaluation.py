@@ -9,19 +9,16 @@ import pytest
 from mixloop.evaluation.evaluate import iteration_deltas
 from mixloop.evaluation.health import repetition_rate, summarise
 from mixloop.evaluation.report import training_curves
-
-
-def lineage(parent, mixture):
-    return {"parent": parent, "stage": {"mixture": {c: {"from": 1, "to": 1} for c in mixture}} if mixture else None}
+from support import lineage_of, lineages_of, metrics_line
 
 
 def test_uptake_and_forgetting_against_parent_and_best_ancestor():
-    lineages = {
-        "base": lineage(None, None),
-        "pretrain": lineage("base", ["web"]),
-        "sft": lineage("pretrain", ["chat", "web"]),
-        "domain": lineage("sft", ["law", "web"]),
-    }
+    lineages = lineages_of(
+        lineage_of("base"),
+        lineage_of("pretrain", "base", ["web"]),
+        lineage_of("sft", "pretrain", ["chat", "web"]),
+        lineage_of("domain", "sft", ["law", "web"]),
+    )
     loss = {
         "base": {"web": 9.0, "chat": 9.0, "law": 9.0},
         "pretrain": {"web": 3.0, "chat": 5.0, "law": 7.0},
@@ -56,18 +53,18 @@ def test_chat_health_on_crafted_generations():
 
 def test_training_curves_keep_the_last_line_of_a_redone_step_and_count_tokens_across_stages(tmp_path):
     lines = [
-        {"stage": "a", "step": 5, "tokens": {"x": 100}, "loss": 3.0},
-        {"stage": "a", "step": 10, "tokens": {"x": 200}, "loss": 2.5},
-        {"stage": "a", "step": 10, "tokens": {"x": 200}, "loss": 2.4},  # redone after a restart
-        {"stage": "b", "step": 5, "tokens": {"x": 30, "y": 20}, "loss": 2.0},
+        metrics_line("a", 5, {"x": 100}, {"x": 3.0}),
+        metrics_line("a", 10, {"x": 200}, {"x": 2.5}),
+        metrics_line("a", 10, {"x": 200}, {"x": 2.4}),  # redone after a restart
+        metrics_line("b", 5, {"x": 30, "y": 20}, {"x": 2.0}),
     ]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    path.write_text("".join(line + "\n" for line in lines))
     curves = training_curves(str(path), ["a", "b"])
-    assert [c["stage"] for c in curves] == ["a", "b"]
-    assert [p["loss"] for p in curves[0]["points"]] == [3.0, 2.4]
-    assert curves[1]["start"] == 200
-    assert curves[1]["points"][0]["cumulative_tokens"] == 250
+    assert [c.stage for c in curves] == ["a", "b"]
+    assert [p.loss for p in curves[0].points] == [3.0, 2.4]
+    assert curves[1].start == 200
+    assert curves[1].tokens_at(curves[1].points[0]) == 250
 
 
 def test_eval_loss_of_a_known_case_is_log_vocabulary(tmp_path, trained_tokenizer):

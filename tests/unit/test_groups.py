@@ -5,7 +5,7 @@ from __future__ import annotations
 from mixloop.config import load_spec
 from mixloop.runs.pipeline import PipelineRunner, _blocks
 from mixloop.versioning.registry import write_lineage
-from support import generated_spec, write_spec
+from support import generated_spec, lineage_of, write_spec
 
 
 def stage(name: str, **settings) -> dict:
@@ -15,11 +15,11 @@ def stage(name: str, **settings) -> dict:
 def groups(tmp_path, stages, done=(), until=None) -> list[list[list[str]]]:
     """The blocks of each group, by stage name, with the versions in `done` published."""
     spec = load_spec(write_spec(tmp_path, generated_spec(tmp_path / "run", stages)))
-    write_lineage(spec.workdir, "base", {"stage_hash": "b", "parent": None})
+    write_lineage(spec.workdir, lineage_of("base", stage_hash="b"))
     pipeline = PipelineRunner(spec, log=lambda line: None)
     for name in done:
         member = next(m for group in pipeline._groups(None) for m in group if m.stage.name == name)
-        write_lineage(spec.workdir, name, {"stage_hash": member.digest, "parent": member.parent})
+        write_lineage(spec.workdir, lineage_of(name, member.parent, ["facts"], stage_hash=member.digest))
     return [[[m.stage.name for m in block] for block in _blocks(group)] for group in pipeline._groups(until)]
 
 

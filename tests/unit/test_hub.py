@@ -119,7 +119,7 @@ def test_the_base_version_copies_the_hub_model_with_its_tokenizer_and_commit(hub
     spec = load_spec(spec_file(tmp_path, {"path": "tiny-org/qwen2", "revision": "main"}))
     corpora = Corpora(spec, log=lambda line: None)
     lineage = ensure_base(spec, corpora.tokenizer(), log=lambda line: None)
-    assert lineage["model"]["path"] == "tiny-org/qwen2" and lineage["model_commit"] == COMMIT
+    assert lineage.model["path"] == "tiny-org/qwen2" and lineage.model_commit == COMMIT
     copy_path = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's own copy names the model by its id
     copy_path.parent.mkdir()
     copy_path.write_text(yaml.safe_dump(spec.portable()))

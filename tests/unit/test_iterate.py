@@ -16,16 +16,17 @@ from mixloop.config import GateConfig, load_spec, spec_from_data
 from mixloop.errors import MixloopError, SpecError
 from mixloop.runs.iterate import NewCorpus, plan, ready_corpora
 from mixloop.versioning import gate
+from mixloop.versioning.lineage import GateVerdict
 from mixloop.versioning.registry import current_state, current_version, list_versions, set_current
-from support import micro_versions
+from support import lineage_of, lineages_of, micro_versions
 
-LINEAGES = {  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
-    "base": {"parent": None, "stage": None},
-    "pre": {"parent": "base", "stage": {"mixture": {"web": 1}}},
-    "sft": {"parent": "pre", "stage": {"mixture": {"chats": 0.9, "web": 0.1}}},
-    "law": {"parent": "sft", "stage": {"mixture": {"law": 0.5, "web": 0.5}}},
-    "law-sft": {"parent": "law", "stage": {"mixture": {"chats": 0.5, "law": 0.5}}},
-}
+LINEAGES = lineages_of(  # base -> pre (web) -> sft (web, chats) -> law (law, web) -> law-sft
+    lineage_of("base"),
+    lineage_of("pre", "base", ["web"]),
+    lineage_of("sft", "pre", {"chats": (0.9, 0.9), "web": (0.1, 0.1)}),
+    lineage_of("law", "sft", ["law", "web"]),
+    lineage_of("law-sft", "law", ["chats", "law"]),
+)
 
 
 def matrix(**losses: dict) -> dict:
@@ -36,14 +37,14 @@ MATRIX = matrix(sft={"web": 3.0, "chats": 2.0, "law": 4.0}, **{"law-sft": {"web"
 HEALTH = {"law-sft": {"chats": {"ended": 0.75, "repetition": 0.2}}}
 
 
-def verdict(**bounds) -> dict:
+def verdict(**bounds) -> GateVerdict:
     return gate.judge(GateConfig(**bounds), "law-sft", "sft", MATRIX, HEALTH, LINEAGES)
 
 
 def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_version():
     passed = verdict(max_forgetting=0.25, min_uptake=0.5, min_ended=0.5, max_repetition=0.3)
-    assert passed["passed"] and passed["against"] == "sft" and not passed["failed"]
-    assert passed["checks"] == [
+    assert passed.passed and passed.against == "sft" and not passed.failed
+    assert passed.checks == [
         "forgetting on chats: +0.0500 (at most 0.2500)",
         "forgetting on web: +0.2000 (at most 0.2500)",
         "uptake on law: +1.0000 (at least 0.5000)",
@@ -52,19 +53,19 @@ def test_the_gate_checks_forgetting_uptake_and_chat_health_against_the_current_v
     ]
     # A share is of the current version's loss: 5% of web's 3.0 is 0.15 < 0.2; per corpus, others unchecked.
     relative = verdict(max_forgetting={"web": " 5% "})  # as written in YAML, spaces and all
-    assert not relative["passed"] and relative["failed"] == ["forgetting on web: +0.2000 (at most 0.1500)"]
-    assert verdict(min_uptake="30%")["failed"] == ["uptake on law: +1.0000 (at least 1.2000)"]
-    assert verdict(min_ended=0.8)["failed"] == ["answers ended on chats: 75% (at least 80%)"]
-    assert verdict()["passed"] and verdict()["checks"] == []  # bounds left out are not checked
+    assert not relative.passed and relative.failed == ["forgetting on web: +0.2000 (at most 0.1500)"]
+    assert verdict(min_uptake="30%").failed == ["uptake on law: +1.0000 (at least 1.2000)"]
+    assert verdict(min_ended=0.8).failed == ["answers ended on chats: 75% (at least 80%)"]
+    assert verdict().passed and verdict().checks == []  # bounds left out are not checked
 
 
 def test_uptake_that_cannot_be_measured_fails_and_the_first_version_passes_without_comparison():
     no_eval = matrix(sft={"web": 3.0}, **{"law-sft": {"web": 3.0}})
     judged = gate.judge(GateConfig(min_uptake=0.1), "law-sft", "sft", no_eval, {}, LINEAGES)
-    assert not judged["passed"] and judged["failed"] == ["uptake on law: not measured (it has no eval split)"]
+    assert not judged.passed and judged.failed == ["uptake on law: not measured (it has no eval split)"]
     first = gate.judge(GateConfig(min_uptake=0.1), "sft", None, no_eval, {}, LINEAGES)
-    assert first["passed"] and first["checks"] == ["no current version to compare with"]
-    assert gate.judge(None, "law-sft", "sft", no_eval, {}, LINEAGES)["checks"] == ["the pipeline has no gate"]
+    assert first.passed and first.checks == ["no current version to compare with"]
+    assert gate.judge(None, "law-sft", "sft", no_eval, {}, LINEAGES).checks == ["the pipeline has no gate"]
 
 
 @pytest.fixture
@@ -77,14 +78,14 @@ def test_current_follows_verdicts_promotions_and_rollbacks_and_loads_as_a_path(v
     from transformers import AutoModelForCausalLM
 
     workdir = str(versions)
-    assert gate.record(workdir, "v1", {"passed": True, "against": None, "checks": [], "failed": []})["gate"]["passed"]
-    rejected = {"passed": False, "against": "v1", "checks": ["x"], "failed": ["forgetting on web: +1 (at most 0.1)"]}
-    assert not gate.record(workdir, "v2", rejected)["gate"]["passed"]
+    assert gate.record(workdir, "v1", GateVerdict(passed=True, against=None)).gate.passed
+    rejected = GateVerdict(passed=False, against="v1", checks=["x"], failed=["forgetting on web: +1 (at most 0.1)"])
+    assert not gate.record(workdir, "v2", rejected).gate.passed
     assert current_version(workdir) == "v1"
-    assert json.loads((versions / "models/v2/lineage.json").read_text())["gate"]["failed"] == rejected["failed"]
+    assert json.loads((versions / "models/v2/lineage.json").read_text())["gate"]["failed"] == rejected.failed
     assert os.readlink(versions / "models/current") == "v1"
     assert AutoModelForCausalLM.from_pretrained(versions / "models/current") is not None
-    assert [v["version"] for v in list_versions(workdir)] == ["v1", "v2"]  # the link is not a version
+    assert list(list_versions(workdir)) == ["v1", "v2"]  # the link is not a version
 
     assert main(["models", "list", workdir]) == 0
     listing = capsys.readouterr().out

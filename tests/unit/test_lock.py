@@ -18,7 +18,9 @@ import pytest
 
 from mixloop.errors import WorkdirLockedError
 from mixloop.storage import lock as lockmod
-from mixloop.storage.lock import LOCK_NAME, read_lock, workdir_lock
+from mixloop.storage.lock import read_lock, workdir_lock
+
+LOCK_NAME = ".lock"  # where a user finds a workdir's lock
 
 
 @pytest.fixture(autouse=True)

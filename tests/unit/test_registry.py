@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from mixloop.versioning.registry import diff_lineages
+from mixloop.versioning.lineage import diff_lineages
+from support import lineage_of
 
 
 def test_diff_names_what_changed_in_mix_schedule_and_metrics():
-    a = {
-        "parent": "base",
-        "stage": {"lr": {"peak": 0.001, "decay": "cosine"}, "mixture": {"web": {"from": 1, "to": 1}}},
-        "tokens_per_corpus": {"web": 1000.0},
-        "metrics": {"loss": 2.0, "wall_seconds": 5},
-    }
-    b = {
-        "parent": "a",
-        "stage": {
-            "lr": {"peak": 0.002, "decay": "cosine"},
-            "mixture": {"web": {"from": 0.3, "to": 0.1}, "law": {"from": 0.7, "to": 0.9}},
-        },
-        "tokens_per_corpus": {"web": 300.0, "law": 700.0},
-        "metrics": {"loss": 1.5, "wall_seconds": 9},
-    }
+    a = lineage_of(
+        "x", "base", {"web": (1, 1)}, {"web": 1000.0}, metrics={"final_lr": 0, "loss": 2.0, "wall_seconds": 5}
+    )
+    b = lineage_of(
+        "x",
+        "a",
+        {"web": (0.3, 0.1), "law": (0.7, 0.9)},
+        {"web": 300.0, "law": 700.0},
+        metrics={"final_lr": 0, "loss": 1.5, "wall_seconds": 9},
+    )
+    b = b.model_copy(update={"stage": b.stage.model_copy(update={"lr": b.stage.lr.model_copy(update={"peak": 0.002})})})
     changed = {key: (left, right) for key, left, right in diff_lineages(a, b)}
     assert changed["parent"] == ("base", "a")
     assert changed["stage.lr.peak"] == (0.001, 0.002)

@@ -3,29 +3,21 @@ fails warns once and never stops training."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mixloop.runs.tracking import Trackers, scalars, tokens_through
+from mixloop.runs.tracking import Trackers, scalars
+from mixloop.train.metrics import MetricsRecord
+from support import lineage_of, lineages_of, metrics_line
 
 
-def record(stage: str, step: int, loss: float, tokens: float) -> dict:
-    return {
-        "stage": stage,
-        "step": step,
-        "total_steps": 4,
-        "lr": 1e-3,
-        "loss": loss,
-        "grad_norm": 0.5,
-        "loss_per_corpus": {"web": loss},
-        "tokens_per_s": 100.0,
-        "step_seconds": 0.5,
-        "data_s": 0.1,
-        "tokens": {"web": tokens},
-        "time": 0.0,
-    }
+def record(stage: str, step: int, loss: float, tokens: float) -> MetricsRecord:
+    line = metrics_line(stage, step, {"web": tokens}, {"web": loss}, step_seconds=0.5, data_s=0.1, total_steps=4)
+    return MetricsRecord.model_validate_json(line)
+
+
+def stages(*names: str) -> list:
+    return [lineage_of(name, mixture=["web"]).stage for name in names]
 
 
 def events(folder) -> EventAccumulator:
@@ -37,9 +29,9 @@ def events(folder) -> EventAccumulator:
 def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     trackers = Trackers(str(tmp_path), log=lambda line: None)
-    with trackers.follow({"sft": {}}, tokens_before=1000):
+    with trackers.follow(stages("sft"), tokens_before=1000):
         lines = [
-            json.dumps(r)
+            r.model_dump_json()
             for r in [record("pretrain", 2, 3.0, 1000), record("sft", 2, 2.0, 200), record("sft", 4, 1.5, 400)]
         ]
         metrics.write_text("\n".join(lines) + '\n{"stage": "sft", "st')  # the last line still being written
@@ -50,12 +42,12 @@ def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_pat
     )
     assert not (tmp_path / "tensorboard" / "pretrain").exists()
 
-    lineages = {
-        "base": {"parent": None},
-        "pretrain": {"parent": "base", "tokens_per_corpus": {"web": 1000}},
-        "sft": {"parent": "pretrain", "tokens_per_corpus": {"web": 400}},
-    }
-    assert tokens_through("sft", lineages) == 1400
+    lineages = lineages_of(
+        lineage_of("base"),
+        lineage_of("pretrain", "base", ["web"], {"web": 1000}),
+        lineage_of("sft", "pretrain", ["web"], {"web": 400}),
+    )
+    assert lineages.tokens_through("sft") == 1400
     trackers.log_versions(
         {"sft": {"web": {"loss": 1.25}}}, {"sft": {"uptake": {}, "forgetting": {"web": -0.1}}}, lineages
     )
@@ -80,9 +72,9 @@ def test_a_group_of_stages_is_followed_on_one_token_axis(tmp_path):
     """Each stage's points start where the stage before it ended (its latest line's tokens)."""
     metrics = tmp_path / "metrics.jsonl"
     trackers = Trackers(str(tmp_path), log=lambda line: None)
-    with trackers.follow({"pretrain": {}, "sft": {}}, tokens_before=500):
+    with trackers.follow(stages("pretrain", "sft"), tokens_before=500):
         lines = [record("pretrain", 2, 3.0, 1000), record("pretrain", 4, 2.5, 2000), record("sft", 2, 2.0, 200)]
-        metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        metrics.write_text("\n".join(r.model_dump_json() for r in lines) + "\n")
     pretrain = events(tmp_path / "tensorboard" / "pretrain").Scalars("train/loss")
     sft = events(tmp_path / "tensorboard" / "sft").Scalars("train/loss")
     assert [e.step for e in pretrain] == [1500, 2500] and [e.step for e in sft] == [2700]

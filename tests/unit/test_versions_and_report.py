@@ -20,7 +20,7 @@ from mixloop.errors import CorruptVersionError, SpecError, StorageError
 from mixloop.evaluation.report import write_report
 from mixloop.versioning.export import export
 from mixloop.versioning.registry import remove_partial_publishes, verified_version, version_dir
-from support import micro_versions
+from support import lineage_of, lineages_of, metrics_line, micro_versions
 
 
 @pytest.fixture
@@ -71,10 +71,7 @@ def test_versions_are_readable_under_the_umask_and_killed_publishes_are_cleaned_
 
 
 def test_report_without_eval_splits_renders_and_names_what_to_add(tmp_path):
-    lineages = {
-        "base": {"version": "base", "parent": None},
-        "s": {"version": "s", "parent": "base", "stage": {"mixture": {"web": {"from": 1, "to": 1}}}},
-    }
+    lineages = lineages_of(lineage_of("base"), lineage_of("s", "base", ["web"]))
     page = Path(write_report(str(tmp_path), lineages, {"base": {}, "s": {}}, {}, {}, ["web", "chats"]))
     text = page.read_text()
     assert "No eval split for web, chats" in text and "eval: &lt;held-out file&gt;" in text
@@ -83,7 +80,7 @@ def test_report_without_eval_splits_renders_and_names_what_to_add(tmp_path):
 
 
 def test_report_with_eval_splits_on_some_corpora_draws_them(tmp_path):
-    lineages = {"base": {"version": "base", "parent": None}}
+    lineages = lineages_of(lineage_of("base"))
     matrix = {"base": {"web": {"loss": 2.0}}}
     page = Path(write_report(str(tmp_path), lineages, matrix, {}, {}, ["chats"]))
     assert (tmp_path / "report" / "eval_matrix.png").stat().st_size > 0
@@ -156,14 +153,8 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
             }
         )
     )
-    write_lineage(
-        str(version),
-        "v1",
-        {
-            **read_lineage(str(version), "v1"),
-            "stage": {"mixture": {"gsm": {"from": 0.5, "to": 0.5}, "web": {"from": 0.5, "to": 0.5}}},
-        },
-    )
+    trained = lineage_of("v1", mixture=["gsm", "web"])
+    write_lineage(str(version), read_lineage(str(version), "v1").model_copy(update={"stage": trained.stage}))
     out = tmp_path / "exported"
     assert main(["models", "export", str(version), "v1", str(out), "--dtype", "bf16", "--max-shard-size", "40KB"]) == 0
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -197,7 +188,7 @@ def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_pat
     }
     line = format_deltas(deltas).splitlines()[1]
     assert line == "v2 (from v1): uptake new +0.500; forgetting old -0.200, older +0.300"
-    lineages = {"v1": {"version": "v1", "parent": None}, "v2": {"version": "v2", "parent": "v1"}}
+    lineages = lineages_of(lineage_of("v1"), lineage_of("v2", "v1"))
     page = Path(write_report(str(tmp_path), lineages, {"v1": {}, "v2": {}}, deltas, {})).read_text()
     assert "<td>new +0.500</td><td>old -0.200, older +0.300</td>" in page
     assert "uptake &gt; 0: loss fell on the new corpora; forgetting &gt; 0: loss rose on earlier ones" in page
@@ -239,7 +230,7 @@ def test_the_report_shows_answers_side_by_side_and_the_tuning_searches(tmp_path)
     import matplotlib.pyplot as plt
 
     plt.figure().savefig(search / "objective.png")
-    lineages = {"sft": {"version": "sft", "parent": None}, "sft2": {"version": "sft2", "parent": "sft"}}
+    lineages = lineages_of(lineage_of("sft"), lineage_of("sft2", "sft"))
     page = Path(write_report(str(tmp_path), lineages, {}, {}, health)).read_text()
     assert "<th>chat set</th><th>prompt</th><th>sft</th><th>sft2</th>" in page
     assert "<td>chats</td><td>bye?</td><td>sft says bye</td><td>sft2 says bye</td>" in page
@@ -254,29 +245,16 @@ def test_plots_keep_every_label_and_arc_inside_the_image(tmp_path):
     import matplotlib.image
 
     versions = ["base", "pretrain", "sft", "astronomy", "astronomy-sft", "redo-from-pretrain"]
-    lineages = {
-        v: {
-            "version": v,
-            "parent": p,
-            "stage": {"mixture": {"web": {"from": 1.0, "to": 1.0}}},
-            "tokens_per_corpus": {"web": 100.0},
-        }
-        for v, p in zip(versions, [None, "base", "pretrain", "sft", "astronomy", "pretrain"])
-    }
-    lineages["base"]["stage"] = None
+    lineages = lineages_of(
+        *(
+            lineage_of(v, p, ["web"] if p else None, {"web": 100.0})
+            for v, p in zip(versions, [None, "base", "pretrain", "sft", "astronomy", "pretrain"])
+        )
+    )
     metrics = [
-        {
-            "stage": s,
-            "step": step,
-            "tokens": {"web": 50.0 * step},
-            "loss_per_corpus": {"web": 3.0 / step},
-            "loss": 3.0 / step,
-            "lr": 1e-3,
-        }
-        for s in versions[1:]
-        for step in (1, 2)
+        metrics_line(s, step, {"web": 50.0 * step}, {"web": 3.0 / step}) for s in versions[1:] for step in (1, 2)
     ]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
     write_report(str(tmp_path), lineages, {}, {}, {})
     for name in ("lineage.png", "training.png"):
         image = matplotlib.image.imread(tmp_path / "report" / name)[:, :, :3]

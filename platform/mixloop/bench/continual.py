@@ -15,16 +15,21 @@ mean eval loss over every corpus, tokens and wall time.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+from mixloop.versioning.registry import list_versions
 
 CHUNK, SFT, DOMAIN = 131072, 98304, 196608  # tokens: 16, 12 and 24 steps of 8192
 FLAT, MAX_CHUNKS = 0.02, 6
 TRIALS = 4
 NEW = {"replay": "medical-replay", "tuned": "medical-tuned"}  # the corpus names `add` gives the medical text
+
+if TYPE_CHECKING:  # torch and Ray come with the runner: imported where it runs
+    from mixloop.runs.pipeline import RunResult
 
 
 def continual_spec(data: Path, workdir: Path) -> dict:
@@ -174,10 +179,10 @@ def _run(path: Path, address: str | None) -> dict:
     return PipelineRunner(load_spec(path), log=lambda line: None, address=address).run()
 
 
-def _summary(workdir: Path, result: dict, flattening: dict, last_chunk: str, walls: dict, total_s: float) -> dict:
+def _summary(workdir: Path, result: RunResult, flattening: dict, last_chunk: str, walls: dict, total_s: float) -> dict:
     """Per strategy: its final version against sft, its tokens and wall time."""
-    loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in result["matrix"].items()}
-    lineages = {v: json.loads((workdir / "models" / v / "lineage.json").read_text()) for v in loss}
+    loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in result.matrix.items()}
+    lineages = list_versions(str(workdir))
     final = {
         "scratch": ["scratch"],
         "new-only": ["new-only", "new-only-sft"],
@@ -200,11 +205,11 @@ def _summary(workdir: Path, result: dict, flattening: dict, last_chunk: str, wal
             "forgetting": {c: eval_loss[c] - loss["sft"][c] for c in ("general", "chat")},
             "eval_loss": eval_loss,
             "mean_eval_loss": sum(eval_loss.values()) / len(corpora),
-            "tokens_trained": sum(sum(lineages[v]["tokens_per_corpus"].values()) for v in versions),
-            "wall_s": walls.get(name, sum(lineages[v]["metrics"].get("wall_seconds", 0) for v in versions)),
+            "tokens_trained": sum(lineages[v].trained_tokens for v in versions),
+            "wall_s": walls.get(name, sum(lineages[v].metrics.wall_seconds for v in versions)),
             "chat_health": {
                 c: {k: h[k] for k in ("ended", "repetition", "length")}
-                for c, h in result["health"].get(version, {}).items()
+                for c, h in result.health.get(version, {}).items()
             },
         }
     scratch = strategies["scratch"]
@@ -228,7 +233,7 @@ def _summary(workdir: Path, result: dict, flattening: dict, last_chunk: str, wal
         "strategies": strategies,
         "goal": goal,
         "matrix": loss,
-        "report": result["report"],
+        "report": result.report,
         "wall_s": total_s,
     }
 

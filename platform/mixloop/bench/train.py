@@ -22,7 +22,6 @@ On GPU, model FLOPs utilisation = 6 x parameters x useful tokens/s / peak.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
@@ -30,6 +29,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
+
+from mixloop.train.metrics import read_metrics
 
 WORKLOADS = {"text": ("pretrain", "text", "pretraining text"), "sft": ("sft", "chat", "SFT chats")}
 VARIANTS = ("plain", "packed", "padded", "in-process")
@@ -97,7 +98,7 @@ def train_benchmark(
     base = read_lineage(str(workdir), BASE_VERSION)
     runner = StageRunner(pipeline.spec, prepared)
     stages = {stage.name: stage for stage in pipeline.spec.resolved_stages()}
-    parameters, threads = base["parameters"], pipeline.spec.resolved_stages()[0].cpus_per_worker
+    parameters, threads = base.parameters, pipeline.spec.resolved_stages()[0].cpus_per_worker
     machine = torch.cuda.get_device_name() if use_gpu else f"CPU ({threads:g} thread(s) per variant)"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in machine), None)
     base_dir, device = version_dir(str(workdir), BASE_VERSION), torch.device("cuda" if use_gpu else "cpu")
@@ -133,16 +134,17 @@ def train_benchmark(
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
     from mixloop.config import stage_hash
     from mixloop.storage.fs import join
+    from mixloop.storage.layout import Workdir
     from mixloop.train.launch import fit_stages
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
     Path(metrics_path).unlink(missing_ok=True)
     # Each run starts from scratch: a fresh name, so no checkpoint of an earlier run is resumed.
-    name = f"bench.{stage_hash(stage, base['stage_hash'])}-{variant}-{len(list(workdir.glob('train/*')))}"
-    job = runner.job(stage, base["version"], base["metrics"]["final_lr"], run=name).model_copy(
+    name = f"bench.{stage_hash(stage, base.stage_hash)}-{variant}-{len(list(workdir.glob('train/*')))}"
+    job = runner.job(stage, base.version, base.metrics.final_lr, run=name).model_copy(
         update={"metrics_path": metrics_path}
     )
-    fit_stages([job], join(str(workdir), "train"), name, in_process=in_process)
+    fit_stages([job], Workdir(str(workdir)).train, name, in_process=in_process)
     return summarise(metrics_path)
 
 
@@ -247,15 +249,15 @@ def summarise_plain(records: list[dict]) -> dict:
 
 def summarise(metrics_path: str) -> dict:
     """Means over the logged windows after the first: useful tokens/s, step time and its parts."""
-    windows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()][1:]
+    windows = read_metrics(metrics_path)[1:]
     if not windows:
         raise RuntimeError(f"{metrics_path}: fewer than two logged windows; run more steps")
     mean = {
-        key: statistics.fmean(w.get(key, 0.0) for w in windows)
+        key: statistics.fmean(getattr(w, key) for w in windows)
         for key in ("tokens_per_s", "step_seconds", "data_s", "compute_s", "sync_s", "report_s")
     }
     mean["useful_tokens_per_s"] = mean.pop("tokens_per_s")
-    mean["peak_memory_mb"] = max(w["peak_memory_mb"] for w in windows)
+    mean["peak_memory_mb"] = max(w.peak_memory_mb for w in windows)
     return mean
 
 

@@ -37,6 +37,7 @@ from mixloop.storage.fs import (
     write_json,
 )
 from mixloop.storage.hub import dataset_files
+from mixloop.storage.layout import Workdir
 
 Log = Callable[[str], None]
 
@@ -69,7 +70,7 @@ class Corpora:
         if corpus.generate is not None:
             g = corpus.generate
             return synthetic.write_corpus(
-                join(self.workdir, "generated", name), corpus.kind, g.topic, g.documents, g.eval_documents, g.seed
+                Workdir(self.workdir).generated(name), corpus.kind, g.topic, g.documents, g.eval_documents, g.seed
             )
         if corpus.dataset is not None:
             splits = {"train": corpus.train_split, "eval": corpus.eval}
@@ -94,14 +95,14 @@ class Corpora:
     def prepare(self, stages: Iterable[ResolvedStage]) -> PreparedCorpora:
         """The workdir's tokenizer and every split that `stages` and the evaluation use, packed and
         checked (in one Ray Data job for whatever the cache lacks)."""
-        fresh = not exists(join(self.workdir, "tokenizer", "tokenizer.json"))
+        fresh = not exists(join(Workdir(self.workdir).tokenizer, "tokenizer.json"))
         tokenizer_dir = self.tokenizer()
         try:
             return self._pack(tokenizer_dir, list(stages))
         except MixloopError:
             if fresh:
                 remove(tokenizer_dir)
-                remove(join(self.workdir, "tokenizer-source.json"))
+                remove(Workdir(self.workdir).tokenizer_source)
             raise
 
     def _pack(self, tokenizer_dir: str, stages: list[ResolvedStage]) -> PreparedCorpora:
@@ -145,7 +146,7 @@ class Corpora:
     def tokenizer(self) -> str:
         """<workdir>/tokenizer: a copy of the given tokenizer, or one trained once on the corpora.
         Every version of the workdir uses it, so a spec whose tokenizer changed is refused."""
-        target = join(self.workdir, "tokenizer")
+        target = Workdir(self.workdir).tokenizer
         makedirs(self.workdir)
         spec = self.spec.config.tokenizer
         # The folder it is copied from (None: trained here), and the name recorded for it: paths resolved,
@@ -164,7 +165,7 @@ class Corpora:
         }
         if template is not None:  # recorded only when set, so workdirs from before the setting stay valid
             source["chat_template"] = template
-        record = join(self.workdir, "tokenizer-source.json")
+        record = Workdir(self.workdir).tokenizer_source
         if exists(join(target, "tokenizer.json")):
             if read_json(record) != source:
                 raise StageConflictError(

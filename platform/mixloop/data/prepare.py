@@ -33,6 +33,7 @@ from mixloop.data.tokenizer import encode_chats, encode_texts, load_tokenizer, t
 from mixloop.errors import DataError
 from mixloop.runs.tracking import counted
 from mixloop.storage.fs import append_line, expand_files, join, write_json
+from mixloop.storage.layout import Workdir
 
 FORMAT_VERSION = 1
 TOKENIZE_BATCH = 512
@@ -250,7 +251,7 @@ def prepare_corpora(
         if not files:
             raise DataError(f"corpus {request.name!r} ({request.split}): no file matches {request.pattern!r}")
         key = corpus_key(files, request, tokenizer_fp)
-        folders[request] = join(workdir, "cache", f"{request.name}-{request.split}-{key}")
+        folders[request] = Workdir(workdir).packed(request.name, request.split, key)
         manifest = read_manifest(folders[request])
         if manifest is None:
             todo[request] = (key, files)
@@ -289,7 +290,7 @@ def request_chunks(request: CorpusRequest, index: int, files: list[str], out_dir
 
 
 def _rejects_dir(workdir: str, request: CorpusRequest, key: str) -> str:
-    return join(workdir, "rejects", f"{request.name}-{request.split}-{key}")
+    return Workdir(workdir).rejects(request.name, request.split, key)
 
 
 @functools.lru_cache(maxsize=4)
@@ -360,4 +361,4 @@ def _examples(manifest: dict) -> str:
 def _log_preparation(workdir: str, manifest: dict, seconds: float) -> None:
     entry = {k: manifest[k] for k in ("corpus", "split", "key", "documents", "tokens", "rows", "rejected")}
     entry.update(seconds=round(seconds, 2), finished=time.time())
-    append_line(join(workdir, "cache", "prepare.jsonl"), json.dumps(entry))
+    append_line(Workdir(workdir).prepare_log, json.dumps(entry))

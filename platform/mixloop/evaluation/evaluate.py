@@ -18,10 +18,12 @@ import torch
 from mixloop.data.store import read_manifest
 from mixloop.evaluation.health import chat_health
 from mixloop.runs.tracking import counted
-from mixloop.storage.fs import join, write_json
+from mixloop.storage.fs import write_json
+from mixloop.storage.layout import Workdir
 from mixloop.train.heldout import evaluate_model
 from mixloop.train.model import load_model
-from mixloop.versioning.registry import ancestors, read_lineage, trained_corpora, version_dir
+from mixloop.versioning.lineage import Lineages
+from mixloop.versioning.registry import read_lineage, version_dir
 
 
 def _evaluate_version(model_dir: str, eval_dirs: dict[str, str], max_rows: int) -> dict[str, dict]:
@@ -30,18 +32,8 @@ def _evaluate_version(model_dir: str, eval_dirs: dict[str, str], max_rows: int) 
     return {name: evaluate_model(model, folder, max_rows) for name, folder in eval_dirs.items()}
 
 
-def _result_path(workdir: str, version: str, corpus: str) -> str:
-    return join(workdir, "eval", version, f"{corpus}.json")
-
-
-def eval_file(workdir: str, name: str) -> str:
-    """<workdir>/eval/<name>: the report's table.txt, matrix.json (loss per version and eval set) and
-    deltas.json (uptake and forgetting per version)."""
-    return join(workdir, "eval", name)
-
-
 def _cached(workdir: str, version: str, corpus: str, key: str) -> dict | None:
-    fs, inner = fsspec.core.url_to_fs(_result_path(workdir, version, corpus))
+    fs, inner = fsspec.core.url_to_fs(Workdir(workdir).eval_result(version, corpus))
     if not fs.exists(inner):
         return None
     with fs.open(inner) as f:
@@ -74,7 +66,7 @@ def evaluate_versions(
         version = versions_of[ref]
         for corpus, result in ray.get(ref).items():
             result["key"] = f"{models[version]}/{keys[corpus]}"
-            write_json(_result_path(workdir, version, corpus), result)
+            write_json(Workdir(workdir).eval_result(version, corpus), result)
             matrix[version][corpus] = result
     return matrix
 
@@ -83,11 +75,11 @@ def _model_key(workdir: str, version: str) -> str:
     """What a stored result belongs to: the version's weights (their hashes), or, for versions
     published before hashes were recorded, its stage and publication time."""
     lineage = read_lineage(workdir, version)
-    weights = lineage.get("weights_sha256")
+    weights = lineage.weights_sha256
     return (
         ",".join(weights[name][:16] for name in sorted(weights))
         if weights
-        else "{stage_hash}@{finished}".format(**lineage)
+        else f"{lineage.stage_hash}@{lineage.finished}"
     )
 
 
@@ -102,7 +94,7 @@ def format_matrix(matrix: dict, metric: str = "loss") -> str:
     return "\n".join(lines)
 
 
-def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]:
+def iteration_deltas(matrix: dict, lineages: Lineages) -> dict[str, dict]:
     """What each version gained and forgot, in eval loss (positive numbers are good news for uptake,
     bad news for forgetting).
 
@@ -112,12 +104,12 @@ def iteration_deltas(matrix: dict, lineages: dict[str, dict]) -> dict[str, dict]
     """
     deltas = {}
     for version, lineage in lineages.items():
-        parent = lineage.get("parent")
+        parent = lineage.parent
         if parent is None or version not in matrix or parent not in matrix:
             continue
-        chain = ancestors(parent, lineages)
-        earlier = trained_corpora(parent, lineages)
-        new = set(lineage["stage"]["mixture"]) - earlier
+        chain = lineages.ancestors(parent)
+        earlier = lineages.trained_corpora(parent)
+        new = set(lineage.corpora) - earlier
         loss = {v: {c: r["loss"] for c, r in row.items() if r} for v, row in matrix.items()}
         deltas[version] = {
             "parent": parent,
@@ -188,6 +180,7 @@ def health_versions(
         version = versions_of[ref]
         results[version] = ray.get(ref)
         write_json(
-            _result_path(workdir, version, "chat_health"), {"key": pending[version][0], "corpora": results[version]}
+            Workdir(workdir).eval_result(version, "chat_health"),
+            {"key": pending[version][0], "corpora": results[version]},
         )
     return {v: results[v] for v in versions}

@@ -9,8 +9,8 @@ by side, and the workdir's tuning searches (verdict, trials, objective plot).
 from __future__ import annotations
 
 import html
-import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -19,56 +19,63 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from mixloop.config import Share  # noqa: E402
 from mixloop.evaluation.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
-from mixloop.storage.fs import is_local, join, read_json, read_lines, upload  # noqa: E402
+from mixloop.storage.fs import is_local, join, read_json, upload  # noqa: E402
+from mixloop.storage.layout import Workdir  # noqa: E402
+from mixloop.train.metrics import MetricsRecord, read_metrics  # noqa: E402
 from mixloop.versioning.gate import gate_summary  # noqa: E402
-from mixloop.versioning.registry import current_version, mixture_shares  # noqa: E402
+from mixloop.versioning.lineage import Lineages, mixture_shares  # noqa: E402
+from mixloop.versioning.registry import current_version  # noqa: E402
 
 BETTER, WORSE = "tab:green", "tab:red"
 
 
-def training_curves(metrics_path: str, stage_order: list[str]) -> list[dict]:
-    """Per stage, its logged points in step order (the last line of a repeated step wins),
-    with tokens counted from the start of the pipeline."""
-    by_stage: dict[str, dict[int, dict]] = {}
-    for line in read_lines(metrics_path):
-        record = json.loads(line)
-        by_stage.setdefault(record["stage"], {})[record["step"]] = record
+@dataclass(frozen=True)
+class TrainingCurve:
+    """A stage's logged points in step order, at the tokens trained since the start of the pipeline."""
+
+    stage: str
+    start: float
+    """Tokens trained before the stage began."""
+    points: list[MetricsRecord]
+
+    def tokens_at(self, point: MetricsRecord) -> float:
+        return self.start + sum(point.tokens.values())
+
+
+def training_curves(metrics_path: str, stage_order: list[str]) -> list[TrainingCurve]:
+    """Per stage, its logged points in step order (the last line of a repeated step wins)."""
+    by_stage: dict[str, dict[int, MetricsRecord]] = {}
+    for record in read_metrics(metrics_path):
+        by_stage.setdefault(record.stage, {})[record.step] = record
     curves, offset = [], 0.0
     for stage in stage_order:
-        points = [by_stage[stage][s] for s in sorted(by_stage.get(stage, {}))]
-        for p in points:
-            p["cumulative_tokens"] = offset + sum(p["tokens"].values())
+        points = [by_stage[stage][step] for step in sorted(by_stage.get(stage, {}))]
         if points:
-            curves.append({"stage": stage, "start": offset, "points": points})
-            offset = points[-1]["cumulative_tokens"]
+            curves.append(TrainingCurve(stage, offset, points))
+            offset = curves[-1].tokens_at(points[-1])
     return curves
 
 
-def _plot_training(curves: list[dict], path: Path) -> None:
+def _plot_training(curves: list[TrainingCurve], path: Path) -> None:
     fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1])
-    corpora = sorted({c for curve in curves for p in curve["points"] for c in p["loss_per_corpus"]})
+    corpora = sorted({c for curve in curves for p in curve.points for c in p.loss_per_corpus})
     colours = dict(zip(corpora, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for corpus in corpora:  # one line per stage, so a corpus that skips a stage is not bridged
-        for index, curve in enumerate(c for c in curves if any(corpus in p["loss_per_corpus"] for p in c["points"])):
+        for index, curve in enumerate(c for c in curves if any(corpus in p.loss_per_corpus for p in c.points)):
             xs, ys = zip(
-                *[
-                    (p["cumulative_tokens"], p["loss_per_corpus"][corpus])
-                    for p in curve["points"]
-                    if corpus in p["loss_per_corpus"]
-                ]
+                *[(curve.tokens_at(p), p.loss_per_corpus[corpus]) for p in curve.points if corpus in p.loss_per_corpus]
             )
             loss_ax.plot(xs, ys, marker=".", color=colours[corpus], label=corpus if index == 0 else None)
     lr_ax.plot(
-        [p["cumulative_tokens"] for c in curves for p in c["points"]],
-        [p["lr"] for c in curves for p in c["points"]],
-        color="black",
+        [c.tokens_at(p) for c in curves for p in c.points], [p.lr for c in curves for p in c.points], color="black"
     )
     for curve in curves:
         for ax in (loss_ax, lr_ax):
-            ax.axvline(curve["start"], color="grey", linestyle=":")
+            ax.axvline(curve.start, color="grey", linestyle=":")
         loss_ax.annotate(
-            curve["stage"], (curve["start"], 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8, rotation=90
+            curve.stage, (curve.start, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8, rotation=90
         )
     loss_ax.set_ylabel("training loss")
     loss_ax.legend(fontsize=8)
@@ -113,7 +120,7 @@ def _plot_deltas(deltas: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
+def _plot_lineage(lineages: Lineages, path: Path) -> None:
     """Versions left to right, an arrow from each parent; a branch from an earlier version is an arc
     over the versions between, drawn in data coordinates so the axes (and the image) hold it."""
     import numpy as np
@@ -123,7 +130,7 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     top = 0.5
     for x, version in enumerate(order):
         ax.text(x, 0, version, ha="center", va="center", bbox={"boxstyle": "round", "facecolor": "lightyellow"})
-        parent = lineages[version].get("parent")
+        parent = lineages[version].parent
         if parent not in order:
             continue
         px = order.index(parent)
@@ -142,11 +149,11 @@ def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
 
 
 def write_report(
-    workdir: str, lineages: dict[str, dict], matrix: dict, deltas: dict, health: dict, unmeasured: list[str] = ()
+    workdir: str, lineages: Lineages, matrix: dict, deltas: dict, health: dict, unmeasured: list[str] = ()
 ) -> str:
     """Write <workdir>/report/index.html and its plots; returns the page's path or URI. `unmeasured`:
     the corpora without an eval split, which the page names with how to add one."""
-    target = join(workdir, "report")
+    target = Workdir(workdir).report
     if is_local(target):
         folder = Path(target.removeprefix("file://"))
         return str(_write_pages(folder, workdir, lineages, matrix, deltas, health, unmeasured))
@@ -159,15 +166,15 @@ def write_report(
 def _write_pages(
     folder: Path,
     workdir: str,
-    lineages: dict[str, dict],
+    lineages: Lineages,
     matrix: dict,
     deltas: dict,
     health: dict,
     unmeasured: list[str],
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    stages = [v for v, lineage in lineages.items() if lineage.get("stage")]
-    curves = training_curves(join(workdir, "metrics.jsonl"), stages)
+    stages = [v for v, lineage in lineages.items() if lineage.stage is not None]
+    curves = training_curves(Workdir(workdir).metrics, stages)
     images = {"training.png": "Training loss per corpus and learning rate"}
     if curves:
         _plot_training(curves, folder / "training.png")
@@ -192,12 +199,13 @@ def _write_pages(
 
 def _searches(workdir: str, folder: Path) -> list[str]:
     """A section per tuning search of the workdir: its verdict, its trials and its objective plot."""
-    fs, root = fsspec.core.url_to_fs(join(workdir, "tune"))
+    fs, root = fsspec.core.url_to_fs(Workdir(workdir).tune)
     if not fs.isdir(root):
         return []
     sections = []
     for name in sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)):
-        results = read_json(join(workdir, "tune", name, "results.json"))
+        search = Workdir(workdir).search(name)
+        results = read_json(search.results)
         if results is None:
             continue
         keys = [k for k in (results["trials"][0] if results["trials"] else {}) if k.startswith("objective")]
@@ -207,7 +215,7 @@ def _searches(workdir: str, folder: Path) -> list[str]:
                 t["arm"],
                 t["status"],
                 *(_number(t.get(k)) for k in keys),
-                mixture_shares(t["mixture"]),
+                mixture_shares({c: Share.model_validate(w) for c, w in t["mixture"].items()}),
                 t["lr_peak"],
                 f"{t['tokens']:,}",
             ]
@@ -216,7 +224,7 @@ def _searches(workdir: str, folder: Path) -> list[str]:
         section = f"<h3>{html.escape(name)}</h3><p>{html.escape(results['verdict'])}</p>" + _table(
             ["trial", "arm", "status", *keys, "mixture", "peak LR", "tokens"], rows
         )
-        plot = f"{root}/{name}/objective.png"
+        plot = fsspec.core.url_to_fs(search.objective_plot)[1]
         if fs.exists(plot):
             fs.get_file(plot, str(folder / f"tune-{name}.png"))
             section += f"<img src='tune-{name}.png' alt='objective of the trials of {html.escape(name)}'>"
@@ -299,10 +307,10 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches, curren
             [
                 [
                     v + (" (current)" if v == current else ""),
-                    lin.get("parent") or "-",
-                    _mixture(lin),
-                    f"{sum((lin.get('tokens_per_corpus') or {}).values()):,.0f}",
-                    lin.get("finished", ""),
+                    lin.parent or "-",
+                    mixture_shares(lin.stage.mixture) if lin.stage else "-",
+                    f"{lin.trained_tokens:,.0f}",
+                    lin.finished,
                     gate_summary(lin),
                 ]
                 for v, lin in lineages.items()
@@ -318,10 +326,6 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches, curren
         f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
         f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n"
     )
-
-
-def _mixture(lineage: dict) -> str:
-    return mixture_shares((lineage.get("stage") or {}).get("mixture", {}))
 
 
 def _answers_side_by_side(health: dict) -> str:

@@ -15,6 +15,8 @@ cut short. It holds the workdir's lock while it works, so no other run or watch 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import re
 import time
@@ -25,17 +27,21 @@ from pathlib import Path
 import fsspec
 import yaml
 
-from mixloop.errors import MixloopError
-from mixloop.storage.lock import workdir_lock
 from mixloop.config import STAGE_NAME_PATTERN, Spec, load_spec
 from mixloop.config.edit import append_entries, replace_validated
+from mixloop.errors import MixloopError
 from mixloop.storage.fs import join, read_json, write_json
+from mixloop.storage.layout import Workdir
+from mixloop.storage.lock import workdir_lock
 
 Log = Callable[[str], None]
 READY = "_READY"
 MANIFEST = "manifest.json"  # {"text": FILE, "chat": FILE, "eval": FILE}, relative to the corpus's folder
 ROLES = ("text", "chat", "eval")
 SAMPLE_RECORDS = 2000  # records tokenized to estimate a corpus's tokens; the rest are only counted
+
+if TYPE_CHECKING:  # torch and Ray come with the runner: imported where it runs
+    from mixloop.runs.pipeline import RunResult
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,8 @@ def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
     from mixloop.data.corpora import Corpora
     from mixloop.data.files import iter_records, list_chunks
     from mixloop.data.records import BadRecord, checked
-    from mixloop.storage.fs import expand_files
     from mixloop.data.tokenizer import load_tokenizer
+    from mixloop.storage.fs import expand_files
 
     texts, count = [], 0
     for chunk in list_chunks(expand_files(pattern), None):
@@ -138,7 +144,7 @@ def add(
     address: str | None = None,
     log: Log = print,
     lock=None,
-) -> dict | None:
+) -> RunResult | None:
     """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
     `dry_run`, only show and validate the stages it would add; with `tune`, search the continued
     pretraining's replay share and re-warm in that many trials first, and keep the winner."""
@@ -169,14 +175,14 @@ def add(
 def _start(spec: Spec) -> tuple[set[str], str | None]:
     """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
     after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
-    from mixloop.versioning.registry import current_version, list_versions, trained_corpora
+    from mixloop.versioning.registry import current_version, list_versions
 
     current = current_version(spec.workdir)
     if current is None:
         return {corpus for stage in spec.config.stages for corpus in stage.mixture}, None
-    lineages = {v["version"]: v for v in list_versions(spec.workdir)}
+    lineages = list_versions(spec.workdir)
     last = spec.stage_names()[-1]
-    return trained_corpora(current, lineages), current if last in lineages and last != current else None
+    return lineages.trained_corpora(current), current if last in lineages and last != current else None
 
 
 def _tuned(
@@ -251,7 +257,7 @@ def _yaml_entries(entries: dict | list) -> str:
     return "\n".join(lines)
 
 
-def _run(spec_path: Path, address: str | None, log: Log, lock) -> dict:
+def _run(spec_path: Path, address: str | None, log: Log, lock) -> RunResult:
     from mixloop.runs.pipeline import PipelineRunner
 
     return PipelineRunner(load_spec(spec_path), log, address, lock).run()
@@ -312,7 +318,7 @@ def watch(
     while waiting; a corpus that fails is recorded with why and tried again at the next start."""
 
     workdir = load_spec(spec_path).workdir
-    state_path = join(workdir, "inbox.json")
+    state_path = Workdir(workdir).inbox_record
     added, failed, first = [], set(), True
     while True:
         pending = [

@@ -23,6 +23,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from mixloop.storage.layout import Workdir
 from mixloop.errors import MixloopError, WorkdirLockedError
 from mixloop.version import __version__
 
@@ -42,7 +43,7 @@ def _with_added_iterations(spec) -> dict | None:
     from mixloop.errors import SpecError
     from mixloop.storage.fs import exists, join
 
-    copy_path = join(spec.workdir, "pipeline.yaml")
+    copy_path = Workdir(spec.workdir).pipeline_copy
     try:
         copy = load_spec(copy_path) if exists(copy_path) else None
     except SpecError:

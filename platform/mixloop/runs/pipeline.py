@@ -12,33 +12,43 @@ holds the workdir's lock and calls them in order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import yaml
 
-from mixloop.versioning import gate
+from mixloop.config import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
 from mixloop.data.corpora import Corpora, PreparedCorpora
 from mixloop.data.store import read_manifest
 from mixloop.errors import StageConflictError
 from mixloop.evaluation.evaluate import (
-    eval_file,
     evaluate_versions,
     format_deltas,
     format_matrix,
     health_versions,
     iteration_deltas,
 )
-from mixloop.storage.lock import workdir_lock
-from mixloop.versioning.registry import current_version, list_versions, read_lineage, remove_partial_publishes, verified_version
 from mixloop.evaluation.report import write_report
-from mixloop.config import BASE_VERSION, ResolvedStage, Spec, resolve_stage, stage_hash
 from mixloop.runs.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
-from mixloop.storage.fs import join, write_json, write_text
 from mixloop.runs.tracking import Trackers
+from mixloop.storage.fs import write_json, write_text
+from mixloop.storage.layout import Workdir
+from mixloop.storage.lock import workdir_lock
 from mixloop.train.job import same_workers
+from mixloop.train.metrics import format_eta
 from mixloop.train.step import StepHooks
+from mixloop.versioning import gate
+from mixloop.versioning.lineage import Lineage, Lineages
+from mixloop.versioning.registry import (
+    current_version,
+    list_versions,
+    read_lineage,
+    remove_partial_publishes,
+    verified_version,
+)
 
 Log = Callable[[str], None]
 
@@ -72,6 +82,47 @@ def _blocks(group: list[Member]) -> list[list[Member]]:
             else:
                 blocks.append([member])
     return blocks
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluating a workdir's versions gives (`mixloop eval`, `mixloop report`)."""
+
+    matrix: dict[str, dict[str, dict]]
+    """Per version and eval set: {"loss", "perplexity", "tokens", "rows", "key"} (the same as eval/matrix.json)."""
+    deltas: dict[str, dict]
+    """Per version, against its parent: {"parent", "uptake", "forgetting", "forgetting_vs_best"} (eval loss)."""
+    health: dict[str, dict]
+    """Per version and chat set: {"samples", "ended", "repetition", "length", "examples"}."""
+    report: str
+    """The report page (report/index.html)."""
+
+
+@dataclass(frozen=True)
+class RunResult(Evaluation):
+    """What `mixloop run` gives: the evaluation, and the versions this run trained (in order)."""
+
+    trained: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CorpusPreview:
+    """What one stage draws from one corpus, before training (`mixloop data preview`)."""
+
+    stage: str
+    corpus: str
+    documents: int
+    tokens: int
+    rows: int
+    rejected: int
+    blank_lines: int
+    formats: dict[str, int]
+    """Records per shape they were read in (text, conversations, messages, ...)."""
+    share: float
+    """The corpus's realised share of the stage's rows."""
+    epochs: float
+    """Passes the stage makes over the corpus."""
+    warnings: list[str]
 
 
 class PipelineRunner:
@@ -108,13 +159,14 @@ class PipelineRunner:
             finally:
                 self.lock = outer
 
-    def run(self) -> dict:
+    def run(self) -> RunResult:
         """Train every missing stage, then evaluate, judge the last version by the gate, and report."""
         with self.locked("mixloop run"):
             trained, prepared = self.train()
             if not trained:
                 self.log("every stage is done; nothing to train")
-            return {"trained": trained, **self.report(prepared, judge=True)}
+            evaluation = self.report(prepared, judge=True)
+            return RunResult(trained=trained, **dataclasses.asdict(evaluation))
 
     def train(self, until: str | None = None, extra_stages: Iterable[ResolvedStage] = ()) -> Trained:
         """Train the missing stages in order, up to and including `until` (all by default).
@@ -131,19 +183,19 @@ class PipelineRunner:
                 self.log(f"removed {leftover}, left by a publish that was interrupted")
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
             ensure_base(self.spec, prepared.tokenizer_dir, self.log)
-            write_text(join(self.workdir, "pipeline.yaml"), yaml.safe_dump(self.spec.portable(), sort_keys=False))
+            write_text(Workdir(self.workdir).pipeline_copy, yaml.safe_dump(self.spec.portable(), sort_keys=False))
             runner = StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar)
             return Trained(self._train_stages(runner, until), prepared)
 
     def _train_stages(self, runner: StageRunner, until: str | None) -> list[str]:
-        trained: list[dict] = []
+        trained: list[Lineage] = []
         for group in self._groups(until):
             run = runner.run_name(group[0].stage, group[0].digest)
             for block in _blocks(group):
                 self.log(self._pipeline_line(block[0].index, trained))
                 parent = read_lineage(self.workdir, block[0].parent)
                 trained += runner.train([(member.stage, member.digest) for member in block], parent, run)
-        return [lineage["version"] for lineage in trained]
+        return [lineage.version for lineage in trained]
 
     def _groups(self, until: str | None) -> list[list[Member]]:
         """The spec's stages in groups that one worker group trains in turn: consecutive stages, each the
@@ -151,12 +203,12 @@ class PipelineRunner:
         so its Ray Train run (named after all its stages) resumes after an interruption. Stages after
         `until` are marked not to train."""
         groups: list[list[Member]] = []
-        hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION)["stage_hash"]}
+        hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION).stage_hash}
         previous, beyond = BASE_VERSION, until == BASE_VERSION
         for index, stage in enumerate(self.spec.config.stages):
             resolved, parent = resolve_stage(self.spec.config, stage), stage.start_from or previous
             existing = read_lineage(self.workdir, stage.name)
-            hashes[stage.name] = existing["stage_hash"] if existing else stage_hash(resolved, hashes[parent])
+            hashes[stage.name] = existing.stage_hash if existing else stage_hash(resolved, hashes[parent])
             if existing is not None and not beyond:
                 self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
             member = Member(index, resolved, hashes[stage.name], parent, train=existing is None and not beyond)
@@ -167,35 +219,28 @@ class PipelineRunner:
             previous, beyond = stage.name, beyond or stage.name == until
         return groups
 
-    def _pipeline_line(self, index: int, trained: list[dict]) -> str:
+    def _pipeline_line(self, index: int, trained: list[Lineage]) -> str:
         """Where the whole pipeline stands as stage `index` starts: budgets done and left, and an ETA at
         the speed of the stages this run trained."""
         stages = self.spec.resolved_stages()
         budgets = [stage.geometry.tokens_for(stage.total_steps) for stage in stages]
         done = sum(b for stage, b in zip(stages, budgets) if read_lineage(self.workdir, stage.name) is not None)
         left = sum(budgets) - done
-        seconds = sum(lineage["metrics"].get("wall_seconds", 0) for lineage in trained)
-        rate = (
-            sum(budgets[[s.name for s in stages].index(lineage["version"])] for lineage in trained) / seconds
-            if seconds
-            else 0
-        )
-        eta_s = int(left / rate) if rate else 0
-        eta = (
-            f"; ETA {eta_s // 60}:{eta_s % 60:02d} at {rate:,.0f} tokens/s (so far, start-up included)" if rate else ""
-        )
+        seconds = sum(lineage.metrics.wall_seconds for lineage in trained)
+        rate = sum(lineage.budget_slots for lineage in trained) / seconds if seconds else 0
+        eta = f"; ETA {format_eta(left / rate)} at {rate:,.0f} tokens/s (so far, start-up included)" if rate else ""
         return (
             f"pipeline: stage {index + 1} of {len(stages)} ({stages[index].name}); {done:,} of "
             f"{sum(budgets):,} budgeted tokens done, {left:,} left{eta}"
         )
 
-    def report(self, prepared: PreparedCorpora | None = None, judge: bool = False) -> dict:
+    def report(self, prepared: PreparedCorpora | None = None, judge: bool = False) -> Evaluation:
         """Evaluate what is missing, then write eval/ and report/index.html and print the tables.
         `judge`: first pass the gate's verdict on the pipeline's last version (once per version)."""
         with self.locked("mixloop report"):
             prepared = prepared or self.corpora.prepare(self.spec.resolved_stages())
             matrix = self.evaluate(prepared)  # only pairs not stored yet are computed
-            lineages = {v["version"]: v for v in list_versions(self.workdir)}
+            lineages = list_versions(self.workdir)
             deltas = iteration_deltas(matrix, lineages)
             health = health_versions(
                 self.workdir,
@@ -205,15 +250,15 @@ class PipelineRunner:
                 self.progress_bar,
             )
             if judge:
-                self._judge_last(matrix, health, lineages)
+                lineages = self._judge_last(matrix, health, lineages)
             table = format_matrix(matrix)
-            write_text(eval_file(self.workdir, "table.txt"), table + "\n")
-            write_json(eval_file(self.workdir, "matrix.json"), matrix)
-            write_json(eval_file(self.workdir, "deltas.json"), deltas)
+            write_text(Workdir(self.workdir).eval_table, table + "\n")
+            write_json(Workdir(self.workdir).eval_matrix, matrix)
+            write_json(Workdir(self.workdir).eval_deltas, deltas)
             unmeasured = self.corpora.without_eval()
             page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
             self.trackers.log_versions(matrix, deltas, lineages)
-            self.trackers.close(join(self.workdir, "report"))
+            self.trackers.close(Workdir(self.workdir).report)
         if any(matrix.values()):
             self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:
@@ -221,32 +266,33 @@ class PipelineRunner:
         if unmeasured:
             self.log(no_eval_note(unmeasured))
         self.log(f"report: {page}")
-        return {"matrix": matrix, "deltas": deltas, "health": health, "report": page}
+        return Evaluation(matrix=matrix, deltas=deltas, health=health, report=page)
 
-    def _judge_last(self, matrix: dict, health: dict, lineages: dict[str, dict]) -> None:
-        """The gate's verdict on the pipeline's last version, unless it has one (kept in `lineages` too)."""
+    def _judge_last(self, matrix: dict, health: dict, lineages: Lineages) -> Lineages:
+        """The gate's verdict on the pipeline's last version, unless it has one; the lineages with it."""
         last = self.spec.config.stages[-1].name
-        if last not in lineages or "gate" in lineages[last]:
-            return
+        if last not in lineages or lineages[last].gate is not None:
+            return lineages
         current = current_version(self.workdir)
         verdict = gate.judge(self.spec.config.gate, last, current, matrix, health, lineages)
-        lineages[last] = gate.record(self.workdir, last, verdict)
-        if verdict["passed"]:
-            self.log(f"gate: {last} is now the current version ({gate.gate_summary({'gate': verdict})})")
+        lineages = lineages.with_lineage(gate.record(self.workdir, last, verdict))
+        if verdict.passed:
+            self.log(f"gate: {last} is now the current version ({verdict.summary()})")
         else:
             self.log(
-                f"gate: {last} {gate.gate_summary({'gate': verdict})}; {current} stays the current version. "
+                f"gate: {last} {verdict.summary()}; {current} stays the current version. "
                 f"Override with `mixloop models promote {self.workdir} {last}`."
             )
+        return lineages
 
     def evaluate(self, prepared: PreparedCorpora) -> dict:
         """Every version on every eval split, packed at the pipeline's default sequence length."""
-        versions = [v["version"] for v in list_versions(self.workdir)]
+        versions = list(list_versions(self.workdir))
         for version in versions:  # cached results must not hide a version whose weights went bad
             verified_version(self.workdir, version)
         return evaluate_versions(self.workdir, versions, prepared.eval, self.spec.config.eval_rows, self.progress_bar)
 
-    def preview(self, stage_name: str | None = None) -> list[dict]:
+    def preview(self, stage_name: str | None = None) -> list[CorpusPreview]:
         """Per stage and corpus: documents, tokens, packed rows, rejects, realised share, passes over it."""
         with self.locked("mixloop data preview"):
             prepared = self.corpora.prepare(self.spec.resolved_stages())
@@ -260,19 +306,19 @@ class PipelineRunner:
             for name, folder in folders.items():
                 manifest = read_manifest(folder)
                 report.append(
-                    {
-                        "stage": stage.name,
-                        "corpus": name,
-                        "documents": manifest["documents"],
-                        "tokens": manifest["tokens"],
-                        "rows": manifest["rows"],
-                        "rejected": manifest["rejected"],
-                        "blank_lines": manifest.get("blank_lines", 0),  # manifests before the count lack it
-                        "formats": manifest.get("formats", {}),
-                        "share": realised[name] / plan.total_rows,
-                        "epochs": epochs[name],
-                        "warnings": repeat_warnings(stage, {name: epochs[name]}),
-                    }
+                    CorpusPreview(
+                        stage=stage.name,
+                        corpus=name,
+                        documents=manifest["documents"],
+                        tokens=manifest["tokens"],
+                        rows=manifest["rows"],
+                        rejected=manifest["rejected"],
+                        blank_lines=manifest.get("blank_lines", 0),  # manifests before the count lack it
+                        formats=manifest.get("formats", {}),
+                        share=realised[name] / plan.total_rows,
+                        epochs=epochs[name],
+                        warnings=repeat_warnings(stage, {name: epochs[name]}),
+                    )
                 )
         return report
 

@@ -3,29 +3,31 @@ as its version, and the check that no finished stage was edited (versions are im
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from mixloop.config import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
 from mixloop.data.corpora import PreparedCorpora
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import read_manifest
-from mixloop.errors import MixloopError, StageConflictError
-from mixloop.versioning.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
-from mixloop.config import BASE_VERSION, ResolvedStage, Spec, base_hash, resolve_stage, stage_hash
-from mixloop.storage.fs import exists, join, local_copy, read_lines, remove
 from mixloop.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from mixloop.runs.tracking import Trackers, polling, tokens_through
+from mixloop.errors import MixloopError, StageConflictError
+from mixloop.runs.tracking import Trackers, polling
+from mixloop.storage.fs import exists, join, local_copy, remove
+from mixloop.storage.layout import Workdir
 from mixloop.train.job import StageJob, stage_job
+from mixloop.train.metrics import last_metrics
 from mixloop.train.schedule import final_lr
+from mixloop.versioning.lineage import Lineage, VersionMetrics
+from mixloop.versioning.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
 
 Log = Callable[[str], None]
 
 
-def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
+def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> Lineage:
     """The lineage of version `base`, the starting weights (a seeded new model, or a copy of
     model.path), published first if the workdir lacks it."""
     from mixloop.train.model import check_vocabulary, load_config, load_model, model_config, new_model
@@ -36,7 +38,7 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
     existing = read_lineage(workdir, BASE_VERSION)
     if existing:
         # Versions published before the record was kept compare their hash only.
-        if existing["stage_hash"] != digest or existing.get("model", source) != source:
+        if existing.stage_hash != digest or (existing.model or source) != source:
             raise StageConflictError(
                 f"{version_dir(workdir, BASE_VERSION)} was made from another model, tokenizer or seed. "
                 "Fix: use a new workdir for a new model, or restore the spec's model/tokenizer/seed."
@@ -51,19 +53,17 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> dict:
         model = new_model(model_config(model_spec.preset, model_spec.config, tokenizer), seed)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        lineage = {
-            "parent": None,
-            "stage": None,
-            "stage_hash": digest,
-            "model": source,
-            "started": now(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "metrics": {"final_lr": 0.0},
-        }
-        if commit:
-            lineage["model_commit"] = commit  # the hub snapshot it was copied from
-        publish(workdir, BASE_VERSION, folder, tokenizer_dir, lineage)
-    log(f"published version {BASE_VERSION} ({lineage['parameters']:,} parameters)")
+        lineage = Lineage(
+            version=BASE_VERSION,
+            stage_hash=digest,
+            model=source,
+            model_commit=commit,  # the hub snapshot it was copied from, if any
+            started=now(),
+            parameters=sum(p.numel() for p in model.parameters()),
+            metrics=VersionMetrics(final_lr=0.0),
+        )
+        publish(workdir, folder, tokenizer_dir, lineage)
+    log(f"published version {BASE_VERSION} ({lineage.parameters:,} parameters)")
     return read_lineage(workdir, BASE_VERSION)
 
 
@@ -74,20 +74,20 @@ def edited_stages(spec: Spec) -> list[str]:
     base = read_lineage(workdir, BASE_VERSION)
     if base is None:
         return []
-    hashes, problems = {BASE_VERSION: base["stage_hash"]}, []
+    hashes, problems = {BASE_VERSION: base.stage_hash}, []
     previous = BASE_VERSION
     for index, stage in enumerate(spec.config.stages):
         parent = stage.start_from or previous
         digest = stage_hash(resolve_stage(spec.config, stage), hashes.get(parent, ""))
         existing = read_lineage(workdir, stage.name)
-        if existing is not None and existing["stage_hash"] != digest:
+        if existing is not None and existing.stage_hash != digest:
             problems.append(
                 f"stages[{index}] ({stage.name}): changed after it produced version {stage.name} "
-                f"(hash {existing['stage_hash']} -> {digest}). Versions are immutable. Fix: restore the stage's "
+                f"(hash {existing.stage_hash} -> {digest}). Versions are immutable. Fix: restore the stage's "
                 f"settings, give the changed stage a new name, or delete {version_dir(workdir, stage.name)} to "
                 "retrain it."
             )
-        hashes[stage.name] = existing["stage_hash"] if existing is not None else digest
+        hashes[stage.name] = existing.stage_hash if existing is not None else digest
         previous = stage.name
     return problems
 
@@ -136,7 +136,7 @@ class StageRunner:
             parent_final_lr,
             version_dir(self.workdir, parent),
             self.prepared.for_stage(stage),
-            join(self.workdir, "metrics.jsonl"),
+            Workdir(self.workdir).metrics,
             self.spec.config.model.trust_remote_code,
             **extra,
         )
@@ -147,14 +147,14 @@ class StageRunner:
 
         return run_name(self.spec.config.name, stage.name, digest, self.prepared.for_stage(stage))
 
-    def train(self, stages: list[tuple[ResolvedStage, str]], parent: dict, run: str) -> list[dict]:
+    def train(self, stages: list[tuple[ResolvedStage, str]], parent: Lineage, run: str) -> list[Lineage]:
         """Train consecutive stages (with their hashes; each the next one's parent, all asking for the
         same workers) in turn on one worker group, as the Ray Train run `run`, from the version whose
         lineage is `parent`; each is published as its version as soon as it ends. Their lineages."""
         from mixloop.train.launch import fit_stages
 
-        verified_version(self.workdir, parent["version"])  # a clear error now, not three failed restarts
-        jobs, version, lr = [], parent["version"], parent["metrics"]["final_lr"]
+        verified_version(self.workdir, parent.version)  # a clear error now, not three failed restarts
+        jobs, version, lr = [], parent.version, parent.metrics.final_lr
         for stage, digest in stages:
             own = self.run_name(stage, digest)  # in the paths: a stage edited since leaves other names behind
             jobs.append(
@@ -164,18 +164,18 @@ class StageRunner:
                     lr,
                     progress_lines=not self.progress_bar,
                     run=own,
-                    final_dir=join(self.workdir, "train", run, "final", own),
+                    final_dir=Workdir(self.workdir).final_weights(run, own),
                 )
             )
             self._announce(stage, version, stage_plan(stage, jobs[-1].corpus_dirs))
             version, lr = stage.name, final_lr(stage.total_steps, stage.lr, jobs[-1].start_lr)
         if len(jobs) > 1:
             self.log(f"stages {', '.join(job.stage.name for job in jobs)}: one worker group trains them in turn")
-        before = tokens_through(parent["version"], {v["version"]: v for v in list_versions(self.workdir)})
+        before = list_versions(self.workdir).tokens_through(parent.version)
         publisher = Publisher(self, jobs, [digest for _, digest in stages], parent)
-        with self.trackers.follow({job.stage.name: job.stage.as_json() for job in jobs}, before, bar=self.progress_bar):
+        with self.trackers.follow([job.stage for job in jobs], before, bar=self.progress_bar):
             with publisher.while_training():
-                fit_stages(jobs, join(self.workdir, "train"), run, hooks=self.hooks)
+                fit_stages(jobs, Workdir(self.workdir).train, run, hooks=self.hooks)
         return publisher.lineages
 
     def _announce(self, stage: ResolvedStage, parent: str, plan: MixPlan) -> None:
@@ -187,35 +187,41 @@ class StageRunner:
             self.log(f"warning: {warning}")
 
     def publish(
-        self, job: StageJob, plan: MixPlan, parent: dict, digest: str, checkpoint_dir: str, metrics: dict, started: str
-    ) -> dict:
+        self,
+        job: StageJob,
+        plan: MixPlan,
+        parent: Lineage,
+        digest: str,
+        checkpoint_dir: str,
+        metrics: VersionMetrics,
+        started: str,
+    ) -> Lineage:
         """Publish a stage's final checkpoint as its version, with its lineage."""
         from mixloop.train.checkpoint import read_state
 
         stage = job.stage
         state = read_state(checkpoint_dir)
-        metrics = {**metrics, "resumed_from": state.resumed_from}
         if state.step != stage.total_steps:
             raise MixloopError(
                 f"stage {stage.name}: the last checkpoint is at step {state.step}, "
                 f"not {stage.total_steps}; run again to finish it"
             )
-        lineage = {
-            "parent": parent["version"],
-            "stage": stage.as_json(),
-            "stage_hash": digest,
-            "started": started,
-            "tokens_per_corpus": dict(zip(stage.mixture, state.tokens)),
-            "rows_per_corpus": plan.rows_per_corpus(),
-            "epochs_per_corpus": plan.epochs(),
-            "data_fingerprints": {n: Path(d).name for n, d in job.corpus_dirs.items()},
-            "metrics": {**metrics, "final_lr": state.lr, "steps": state.step},
-        }
-        if self.spec.overrides:  # set on the command line, not in the spec file
-            lineage["overrides"] = self.spec.overrides
+        lineage = Lineage(
+            version=stage.name,
+            parent=parent.version,
+            stage=stage,
+            stage_hash=digest,
+            started=started,
+            tokens_per_corpus=dict(zip(stage.mixture, state.tokens)),
+            rows_per_corpus=plan.rows_per_corpus(),
+            epochs_per_corpus=plan.epochs(),
+            data_fingerprints={n: Path(d).name for n, d in job.corpus_dirs.items()},
+            metrics=metrics.model_copy(update={"final_lr": state.lr, "steps": state.step, "resumed_from": state.resumed_from}),
+            overrides=self.spec.overrides,  # set on the command line, not in the spec file
+        )
         if self.lock is not None:
             self.lock.ensure_held()
-        publish(self.workdir, stage.name, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
+        publish(self.workdir, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
         self.log(f"stage {stage.name}: published version {stage.name}")
         return read_lineage(self.workdir, stage.name)
 
@@ -228,9 +234,9 @@ class Publisher:
 
     POLL_S = 1.0
 
-    def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: dict):
+    def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: Lineage):
         self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
-        self.lineages: list[dict] = []
+        self.lineages: list[Lineage] = []
         self.started, self.warned = time.time(), set()
 
     @contextmanager
@@ -256,14 +262,14 @@ class Publisher:
 
         while self.pending and exists(join(self.pending[0][0].final_dir, STATE_FILE)):
             job, digest = self.pending[0]
-            lines = [json.loads(line) for line in read_lines(job.metrics_path)]
-            last = [m for m in lines if m.get("stage") == job.stage.name][-1]
-            metrics = {**last, "wall_seconds": round(max(last["time"] - self.started, 0.0), 1)}
+            last = last_metrics(job.metrics_path, job.stage.name)
+            wall_seconds = round(max(last.time - self.started, 0.0), 1)
+            metrics = VersionMetrics(**last.model_dump(), final_lr=last.lr, wall_seconds=wall_seconds)
             plan = stage_plan(job.stage, job.corpus_dirs)
             lineage = self.runner.publish(
                 job, plan, self.parent, digest, local_copy(job.final_dir), metrics, now(self.started)
             )
             remove(job.final_dir)  # the version holds the same files
             self.lineages.append(lineage)
-            self.parent, self.started = lineage, last["time"]
+            self.parent, self.started = lineage, last.time
             self.pending.pop(0)

@@ -4,25 +4,25 @@ versions done, what runs now (who holds the lock, the stage's last logged step),
 from __future__ import annotations
 
 import datetime
-import json
 import time
 
-from mixloop.versioning.gate import gate_summary
-from mixloop.storage.lock import describe, live_holder
-from mixloop.versioning.registry import current_version, list_versions
 from mixloop.config import Spec
-from mixloop.storage.fs import join, read_lines
+from mixloop.storage.layout import Workdir
+from mixloop.storage.lock import describe, live_holder
+from mixloop.train.metrics import MetricsRecord, last_metrics
+from mixloop.versioning.gate import gate_summary
+from mixloop.versioning.registry import current_version, list_versions
 
 
 def status_lines(spec: Spec) -> list[str]:
     workdir = spec.workdir
-    done = {v["version"]: v for v in list_versions(workdir)}
+    done = list_versions(workdir)
     left = [stage for stage in spec.resolved_stages() if stage.name not in done]
-    last = _last_logged(workdir, left[0].name) if left else None
+    last = last_metrics(Workdir(workdir).metrics, left[0].name) if left else None
     holder = live_holder(workdir)
     lines = [
         f"pipeline {spec.config.name} (workdir {workdir})",
-        "done:    " + (", ".join(f"{name} ({_ago(v['finished'])})" for name, v in done.items()) or "nothing yet"),
+        "done:    " + (", ".join(f"{name} ({_ago(v.finished)})" for name, v in done.items()) or "nothing yet"),
     ]
     if holder is not None:
         lines.append(f"running: {describe(holder)}")
@@ -46,19 +46,10 @@ def status_lines(spec: Spec) -> list[str]:
     return lines
 
 
-def _last_logged(workdir: str, stage: str) -> dict | None:
-    """The last metrics line of a stage (its steps so far), or None when it has not logged one."""
-    records = [json.loads(line) for line in read_lines(join(workdir, "metrics.jsonl"))]
-    mine = [r for r in records if r.get("stage") == stage]
-    return mine[-1] if mine else None
-
-
-def _progress(record: dict) -> str:
-    eta = int(record["step_seconds"] * (record["total_steps"] - record["step"]))
+def _progress(record: MetricsRecord) -> str:
     return (
-        f"stage {record['stage']} at step {record['step']}/{record['total_steps']}, loss {record['loss']:.3f}, "
-        f"{record['tokens_per_s']:,.0f} tok/s, logged {time.time() - record['time']:.0f} s ago, "
-        f"ETA {eta // 60}:{eta % 60:02d}"
+        f"stage {record.stage} at step {record.step}/{record.total_steps}, loss {record.loss:.3f}, "
+        f"{record.tokens_per_s:,.0f} tok/s, logged {time.time() - record.time:.0f} s ago, ETA {record.eta}"
     )
 
 

@@ -28,9 +28,9 @@ from datetime import datetime
 import fsspec
 
 from mixloop.errors import MixloopError, WorkdirLockedError
-from mixloop.storage.fs import is_local, join, makedirs, write_text
+from mixloop.storage.fs import is_local, makedirs, write_text
+from mixloop.storage.layout import Workdir
 
-LOCK_NAME = ".lock"
 HEARTBEAT_S = 5.0  # how often a holder rewrites its heartbeat
 STALE_AFTER_S = 30.0  # a heartbeat older than this: the holder is dead and its lock is taken over
 TIMEOUT_ENV = "MIXLOOP_LOCK_TIMEOUT_S"  # overrides STALE_AFTER_S, read when a lock is taken
@@ -38,7 +38,7 @@ SETTLE_S = 0.5  # pause before reading back a lock written without an atomic cre
 
 
 def lock_path(workdir: str) -> str:
-    return join(str(workdir), LOCK_NAME)
+    return Workdir(str(workdir)).lock
 
 
 def read_lock(workdir: str) -> dict | None:

@@ -17,6 +17,7 @@ from mixloop.config import ResolvedStage
 from mixloop.storage.fs import upload
 from mixloop.train.job import StageJob
 from mixloop.train.model import load_model
+from mixloop.train.session import TrainingSession
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -91,7 +92,7 @@ class Start:
     rng: dict | None = None
 
 
-def latest_start(session, trust_remote_code: bool) -> Start | None:
+def latest_start(session: TrainingSession, trust_remote_code: bool) -> Start | None:
     """The latest checkpoint Ray hands this run (after a restart or a resumed driver), loaded on the
     session's device; or None."""
     checkpoint, device = session.latest_checkpoint(), session.device
@@ -111,8 +112,7 @@ def latest_start(session, trust_remote_code: bool) -> Start | None:
 class Checkpointer:
     """Sets a worker's model, optimizer and state up at the start of a stage, and saves checkpoints."""
 
-    def __init__(self, job: StageJob, session):
-        """`session`: where the loop runs (train.session)."""
+    def __init__(self, job: StageJob, session: TrainingSession):
         self.job, self.session, self.device, self.rank = job, session, session.device, session.rank
 
     def start(self, start: Start | None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import logging
 import math
 import resource
@@ -27,13 +26,13 @@ import torch
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import PackedCorpus
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import append_line, read_lines
 from mixloop.train.batches import StepLoader, micro_batches_of
 from mixloop.train.checkpoint import Checkpointer, Start, latest_start, unwrapped
 from mixloop.train.heldout import evaluate_model
 from mixloop.train.job import StageJob
+from mixloop.train.metrics import MetricsRecord, append_metrics, read_metrics
 from mixloop.train.schedule import learning_rate
-from mixloop.train.session import WorkerGroup
+from mixloop.train.session import TrainingSession, WorkerGroup
 from mixloop.train.step import Progress, StepHooks, StepTimer, StepTrainer
 
 
@@ -50,7 +49,7 @@ def train_stages(config: dict) -> None:
     run_stages(jobs, WorkerGroup(), config.get("hooks") or StepHooks())
 
 
-def run_stages(jobs: list[StageJob], session, hooks: StepHooks) -> None:
+def run_stages(jobs: list[StageJob], session: TrainingSession, hooks: StepHooks) -> None:
     """The stages of `jobs`, in order, where `session` (train.session) says; see train_stages."""
     first, start = _resume_point(jobs, latest_start(session, jobs[0].trust_remote_code), session.run)
     for index in range(first, len(jobs)):
@@ -77,7 +76,7 @@ class StageWorker:
     device, reports) and where it starts (a checkpoint, or the model the group's previous stage ended
     with, or the parent version), then the steps."""
 
-    def __init__(self, job: StageJob, session, hooks: StepHooks, start: Start | None):
+    def __init__(self, job: StageJob, session: TrainingSession, hooks: StepHooks, start: Start | None):
         self.job, self.stage, self.hooks = job, job.stage, hooks
         self.rank, self.world, self.device = session.rank, session.world, session.device
         torch.set_num_threads(max(1, int(self.stage.cpus_per_worker)))
@@ -136,45 +135,46 @@ class StageWorker:
 
     def report(self, grad_norm: float) -> None:
         """Log the window's metrics (rank 0), and checkpoint when one is due or a node is going."""
-        metrics = self.metrics(grad_norm)
+        record = self.metrics(grad_norm)
         step, last = self.state.step, self.state.step == self.stage.total_steps
         with self.timer("report"):  # counted in the next window
             if self.rank == 0:
-                append_line(self.job.metrics_path, json.dumps(metrics))
+                append_metrics(self.job.metrics_path, record)
                 if self.job.progress_lines:
-                    print(_progress_line(metrics, self.stage.total_steps), flush=True)
+                    print(_progress_line(record), flush=True)
             noticed = self.preemption.noticed(step)  # a collective: every rank, every report
             if step % self.stage.checkpoint_every == 0 or last or noticed:
+                metrics = record.model_dump()  # what Ray Train (and a tuning trial's Tune) receives
                 if self.job.evals and self.rank == 0:  # the other ranks wait at the report's barrier
                     metrics["eval_loss"] = _evaluate(self.model, self.job.evals, self.job.eval_rows, self.device)
                 self.checkpointer.save(self.model, self.optimizer, self.state, metrics)
 
-    def metrics(self, grad_norm: float) -> dict:
+    def metrics(self, grad_norm: float) -> MetricsRecord:
         """The metrics of the steps since the last report (all-reduced), and the state's token tally."""
         loss, supervised, tokens = self.progress.reduced()
         self.state.add_tokens(tokens)
         elapsed, steps = time.time() - self.window_start, max(self.state.step - self.window_step, 1)
         per_corpus = {n: float(total / s) for n, total, s in zip(self.names, loss, supervised) if s > 0}
-        metrics = {
-            "stage": self.stage.name,
-            "step": self.state.step,
-            "total_steps": self.stage.total_steps,
-            "lr": self.state.lr,
-            "loss": float(loss.sum() / supervised.sum().clamp(min=1)),
-            "loss_per_corpus": per_corpus,
-            "grad_norm": grad_norm,
-            "skipped_steps": self.state.skipped_steps,
-            "tokens_per_s": float(tokens.sum()) / max(elapsed, 1e-9),
-            "step_seconds": elapsed / steps,
-            "tokens": dict(zip(self.names, self.state.tokens)),
-            "time": time.time(),
-            "peak_memory_mb": _peak_memory_mb(),
-            "row_hashes": self.row_hashes,
-            "workers": self.world,
+        record = MetricsRecord(
+            stage=self.stage.name,
+            step=self.state.step,
+            total_steps=self.stage.total_steps,
+            lr=self.state.lr,
+            loss=float(loss.sum() / supervised.sum().clamp(min=1)),
+            loss_per_corpus=per_corpus,
+            grad_norm=grad_norm,
+            skipped_steps=self.state.skipped_steps,
+            tokens_per_s=float(tokens.sum()) / max(elapsed, 1e-9),
+            step_seconds=elapsed / steps,
+            tokens=dict(zip(self.names, self.state.tokens)),
+            time=time.time(),
+            peak_memory_mb=_peak_memory_mb(),
+            row_hashes=self.row_hashes,
+            workers=self.world,
             **self.timer.per_step(self.state.step - self.window_step),
-        }
+        )
         self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
-        return metrics
+        return record
 
 
 def _quiet_report_lines() -> None:
@@ -190,7 +190,7 @@ class PreemptionCheck:
     preemption notice). On a new notice the stage checkpoints at once and trains on; Ray restarts
     the group when the node goes, and the restart loses no step."""
 
-    def __init__(self, stage: str, session):
+    def __init__(self, stage: str, session: TrainingSession):
         self.stage, self.session, self.rank, self.seen = stage, session, session.rank, set()
 
     def noticed(self, step: int) -> bool:
@@ -212,10 +212,9 @@ class PreemptionCheck:
 
 def _resume_line(job: StageJob, step: int) -> str:
     """What a restart cost: steps trained since the checkpoint (to redo) and time since the last report."""
-    logged = [json.loads(line) for line in read_lines(job.metrics_path)]
-    logged = [m for m in logged if m["stage"] == job.stage.name]
-    redo = max([m["step"] for m in logged] + [step]) - step
-    since = time.time() - logged[-1]["time"] if logged else 0.0
+    logged = read_metrics(job.metrics_path, job.stage.name)
+    redo = max([m.step for m in logged] + [step]) - step
+    since = time.time() - logged[-1].time if logged else 0.0
     lost = f"{redo} logged step(s) to redo" if redo else "no logged step lost"
     return (
         f"[{job.stage.name}] resumed from checkpoint at step {step}/{job.stage.total_steps}: "
@@ -240,10 +239,9 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _progress_line(m: dict, total: int) -> str:
-    eta = int(m["step_seconds"] * (total - m["step"]))
-    corpora = " ".join(f"{n} {v:.3f}" for n, v in m["loss_per_corpus"].items())
+def _progress_line(m: MetricsRecord) -> str:
+    corpora = " ".join(f"{n} {v:.3f}" for n, v in m.loss_per_corpus.items())
     return (
-        f"[{m['stage']}] step {m['step']}/{total} loss {m['loss']:.3f} ({corpora}) lr {m['lr']:.2e} "
-        f"{m['tokens_per_s']:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}"
+        f"[{m.stage}] step {m.step}/{m.total_steps} loss {m.loss:.3f} ({corpora}) lr {m.lr:.2e} "
+        f"{m.tokens_per_s:,.0f} tok/s ETA {m.eta}"
     )

@@ -6,10 +6,33 @@ process (`TuneTrial`), so it pays no Ray Train start-up (controller, worker acto
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from mixloop.errors import MixloopError
+
+
+class TrainingSession(Protocol):
+    """What the training loop asks of the place it runs in (train.loop.run_stages)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    run: str | None
+    """The Ray Train run name that checkpoints restored here belong to (None: every one is this run's)."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this rank's device (wrapped for data parallelism where there are several ranks)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        """Report a window's metrics, with a checkpoint folder to keep (under `name`), if any."""
+
+    def latest_checkpoint(self) -> Any:
+        """The checkpoint to resume from (a Ray Train or Tune Checkpoint), or None."""
+
+    def preemption(self) -> Any:
+        """Ray's notice that a node is about to be reclaimed, or None."""
 
 
 class WorkerGroup:
@@ -54,8 +77,7 @@ class TuneTrial:
     latest metrics reported."""
 
     rank, world = 0, 1
-
-    run = None  # every checkpoint Tune restores names its trial's run
+    run: str | None = None  # every checkpoint Tune restores names its trial's run
 
     def __init__(self, row: Callable[[dict], dict], use_gpu: bool):
         if use_gpu and not torch.cuda.is_available():

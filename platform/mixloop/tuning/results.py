@@ -21,14 +21,17 @@ import yaml  # noqa: E402
 from mixloop.config import load_spec  # noqa: E402
 from mixloop.config.edit import append_entries, replace_validated  # noqa: E402
 from mixloop.errors import MixloopError  # noqa: E402
-from mixloop.storage.fs import join, upload, write_json, write_text  # noqa: E402
+from mixloop.storage.fs import upload, write_json, write_text  # noqa: E402
+from mixloop.storage.layout import OBJECTIVE_PLOT, SearchFolder
 from mixloop.tuning.objectives import objective_keys  # noqa: E402
 from mixloop.tuning.search import Search  # noqa: E402
 
 Log = Callable[[str], None]
 
 
-def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | None = None, log: Log = print) -> dict:
+def report(
+    search: Search, folder: SearchFolder, grid, start_losses: dict, chosen: str | None = None, log: Log = print
+) -> dict:
     """Write results.csv, results.json, objective.png and the best (or `chosen`) trial's stage as
     best-stage.yaml under `folder`; print the table and the verdict."""
 
@@ -44,7 +47,7 @@ def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | 
             f"ended; run the same command again to resume it. So far: {verdict}"
         )
     write_json(
-        join(folder, "results.json"),
+        folder.results,
         {
             "objectives": search.objectives,
             "start_from": search.start_from,
@@ -53,13 +56,13 @@ def report(search: Search, folder: str, grid, start_losses: dict, chosen: str | 
             "trials": rows,
         },
     )
-    write_text(join(folder, "results.csv"), to_csv(rows, keys))
+    write_text(folder.results_csv, to_csv(rows, keys))
     _plot(rows, keys, search.objectives, folder)
     log(format_table(rows, keys, search.objectives))
     log(verdict)
     if best is not None:
-        write_text(join(folder, "best-stage.yaml"), stage_yaml(search, best))
-        log(f"best stage: {join(folder, 'best-stage.yaml')}")
+        write_text(folder.best_stage, stage_yaml(search, best))
+        log(f"best stage: {folder.best_stage}")
     return {"rows": rows, "best": best, "verdict": verdict, "interrupted": interrupted}
 
 
@@ -218,7 +221,7 @@ def to_csv(rows: list[dict], keys: list[str]) -> str:
     return out.getvalue()
 
 
-def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: str) -> None:
+def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: SearchFolder) -> None:
     """objective.png: each trial's objective in start order (hollow: stopped early), or the Pareto front."""
     colors = {"current": "tab:orange", "stratified": "tab:green", "search": "tab:blue"}
     figure, axes = plt.subplots(figsize=(7, 4.2))
@@ -251,8 +254,8 @@ def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: str)
     axes.legend(unique.values(), unique.keys())
     figure.tight_layout()
     with tempfile.TemporaryDirectory() as staging:
-        figure.savefig(Path(staging, "objective.png"), dpi=110)
-        upload(staging, folder)
+        figure.savefig(Path(staging, OBJECTIVE_PLOT), dpi=110)
+        upload(staging, folder.root)
     plt.close(figure)
 
 

@@ -17,7 +17,6 @@ are not trained again, and unfinished ones resume from their last checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -34,27 +33,27 @@ from mixloop.evaluation.evaluate import evaluate_versions
 from mixloop.runs.pipeline import PipelineRunner
 from mixloop.runs.ray_setup import TRIAL_RESOURCE, init_ray
 from mixloop.runs.stages import StageRunner, stage_plan
-from mixloop.runs.tracking import Trackers, tokens_through
+from mixloop.runs.tracking import Trackers
 from mixloop.storage.fs import (
     append_line,
     exists,
-    join,
     local_copy,
     read_json,
-    read_lines,
     train_storage,
     write_json,
 )
+from mixloop.storage.layout import SearchFolder, Workdir
+from mixloop.train.metrics import as_lines, read_metrics
 from mixloop.tuning.objectives import objective_keys
 from mixloop.tuning.plugins import BaselinesFirst, ProgressLines, SparingBaselines
 from mixloop.tuning.results import append_stage, report, stage_yaml
 from mixloop.tuning.search import Search, load_search
 from mixloop.tuning.trials import TrialContext, run_trial
+from mixloop.versioning.lineage import VersionMetrics
 from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version
 from ray import tune
 
 Log = Callable[[str], None]
-TRACKED_FILE = "tracked.json"  # written once a trial's run went to the trackers
 
 
 def run_search(
@@ -82,21 +81,21 @@ def _track_trials(search: Search, context: TrialContext, rows: list[dict], track
     run in MLflow, with the stages trained up to the start version): its stage's settings, its training
     metrics on the pipeline's token axis from the start version, and its objectives. Once per trial: a
     resumed search does not send them again."""
-    before = tokens_through(search.start_from, {v["version"]: v for v in list_versions(search.spec.workdir)})
+    before = list_versions(search.spec.workdir).tokens_through(search.start_from)
     for row in rows:
-        folder = join(context.folder, "trials", row["trial"])
-        if row["status"] == "unfinished" or exists(join(folder, TRACKED_FILE)):
+        folder = context.folder.trial(row["trial"])
+        if row["status"] == "unfinished" or exists(folder.tracked):
             continue
         final = {key: value for key, value in row.items() if key.startswith("objective") and value is not None}
         final.update({f"eval/{corpus}": loss for corpus, loss in row["loss"].items()})
         trackers.replay(
             f"{search.config.name}/{row['trial']}",
-            read_lines(join(folder, "metrics.jsonl")),
+            read_metrics(folder.metrics),
             before,
             search.resolve(row["stage"]).as_json(),
             final,
         )
-        write_json(join(folder, TRACKED_FILE), {"trackers": [type(sink).__name__ for sink in trackers.sinks]})
+        write_json(folder.tracked, {"trackers": [type(sink).__name__ for sink in trackers.sinks]})
     trackers.close()
 
 
@@ -125,27 +124,28 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
             "Fix: run it again (it resumes), then add --apply."
         )
     stage = search.resolve(best["stage"])
-    trial_folder = join(context.folder, "trials", best["trial"])
-    if not exists(join(trial_folder, "final")):
+    trial = context.folder.trial(best["trial"])
+    if not exists(trial.final):
         raise MixloopError(
-            f"trial {best['trial']} left no final weights in {trial_folder}/final: it ran before "
+            f"trial {best['trial']} left no final weights in {trial.final}: it ran before "
             "mixloop kept them. Fix: run the search again under a new name, then --apply."
         )
-    trial_lines = read_lines(join(trial_folder, "metrics.jsonl"))
-    metrics = {**json.loads(trial_lines[-1]), "tuned_by": {"search": search.path, "trial": best["trial"]}}
+    records = read_metrics(trial.metrics)
+    tuned_by = {"search": search.path, "trial": best["trial"]}
+    metrics = VersionMetrics(**records[-1].model_dump(), final_lr=records[-1].lr, tuned_by=tuned_by)
     runner = StageRunner(search.spec, context.prepared, log, lock=lock)
-    job = runner.job(stage, context.parent["version"], context.parent["metrics"]["final_lr"])
+    job = runner.job(stage, context.parent.version, context.parent.metrics.final_lr)
     runner.publish(
         job,
         stage_plan(stage, job.corpus_dirs),
         context.parent,
-        stage_hash(stage, context.parent["stage_hash"]),
-        local_copy(join(trial_folder, "final")),
+        stage_hash(stage, context.parent.stage_hash),
+        local_copy(trial.final),
         metrics,
         now(),
     )
     # One append: the report's training curves then show the stage like any other.
-    append_line(join(search.spec.workdir, "metrics.jsonl"), "\n".join(trial_lines))
+    append_line(Workdir(search.spec.workdir).metrics, as_lines(records))
     append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
     log(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
@@ -158,13 +158,13 @@ def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
     everything = {c: Share(start=1.0, end=1.0) for c in {*template.mixture, *search.searched_corpora}}
     candidates = template.model_copy(update={"mixture": everything})  # every corpus a trial may mix
     prepared = pipeline.train(until=search.start_from, extra_stages=[candidates]).prepared
-    rows = search.config.config.eval_rows
+    rows = search.spec.config.eval_rows
     verified_version(workdir, search.start_from)  # every trial starts from it
     start = evaluate_versions(workdir, [search.start_from], prepared.eval, rows)[search.start_from]
     trials = search.config.trials
     return TrialContext(
         search=search,
-        folder=join(workdir, "tune", search.config.name),
+        folder=Workdir(workdir).search(search.config.name),
         prepared=prepared,
         corpus_dirs=prepared.for_stage(candidates),
         parent=read_lineage(workdir, search.start_from),
@@ -184,10 +184,10 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     # the legacy one is silent there, and the progress lines say what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), _trial_resources(context))
-    storage, filesystem = train_storage(join(search.spec.workdir, "tune"))
+    storage, filesystem = train_storage(Workdir(search.spec.workdir).tune)
     experiment = os.path.join(storage, search.config.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
-        log(f"search {search.config.name}: resuming from {context.folder}")
+        log(f"search {search.config.name}: resuming from {context.folder.root}")
         # A failed trial stays failed (Ray Train already retried its workers): it would fail again.
         return tune.Tuner.restore(
             experiment,
@@ -241,12 +241,12 @@ def _trial_resources(context: TrialContext) -> dict[str, float]:
     return {TRIAL_RESOURCE: 1, "CPU": context.cpus_per_worker, **gpu, **template.resources_per_worker}
 
 
-def _check_fingerprint(search: Search, folder: str) -> None:
-    record = join(folder, "search.json")
+def _check_fingerprint(search: Search, folder: SearchFolder) -> None:
+    record = folder.record
     fingerprint = search.fingerprint()
     if exists(record) and read_json(record)["fingerprint"] != fingerprint:
         raise StageConflictError(
-            f"search {search.config.name!r} in {folder} ran with other settings; its trials are not comparable with "
+            f"search {search.config.name!r} in {folder.root} ran with other settings; its trials are not comparable with "
             "these. Fix: give the changed search a new name, or delete that folder to start it again."
         )
     write_json(record, {"fingerprint": fingerprint, "spec": search.path})

@@ -15,7 +15,8 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mixloop.data.corpora import PreparedCorpora
-from mixloop.storage.fs import append_line, exists, join, read_json, write_json, write_text
+from mixloop.storage.fs import append_line, exists, read_json, write_json, write_text
+from mixloop.storage.layout import SearchFolder
 from mixloop.train.job import StageJob, stage_job
 from mixloop.train.launch import fit_stages
 from mixloop.train.loop import run_stages
@@ -23,10 +24,9 @@ from mixloop.train.session import TuneTrial
 from mixloop.train.step import StepHooks
 from mixloop.tuning.objectives import objective_keys, objective_value
 from mixloop.tuning.search import Search
+from mixloop.versioning.lineage import Lineage
 from mixloop.versioning.registry import version_dir
 from ray import tune
-
-RESULT_FILE = "result.json"  # a trial's final objective row: written when it trained to the end
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ class TrialContext:
     """What every trial needs, computed once by the search's driver."""
 
     search: Search
-    folder: str  # <workdir>/tune/<name>
+    folder: SearchFolder
     prepared: PreparedCorpora
     corpus_dirs: dict[str, str]  # packed train splits of every corpus a trial may mix
-    parent: dict  # lineage of the start version
+    parent: Lineage  # of the start version
     eval_dirs: dict[str, str]
     eval_rows: int
     start_losses: dict[str, float]
@@ -52,7 +52,7 @@ class TrialContext:
     def job(self, stage: dict, trial_id: str) -> StageJob:
         """The StageJob of a trial: the stage on the trials' workers, with intermediate evals at its
         checkpoints (neither changes what the stage trains), its files in trials/<trial_id>/."""
-        folder = join(self.folder, "trials", trial_id)
+        folder = self.folder.trial(trial_id)
         resolved = self.search.resolve(stage)
         evals_every = math.ceil(resolved.total_steps / self.search.config.trials.evals)
         trial = resolved.model_copy(
@@ -67,16 +67,16 @@ class TrialContext:
         return stage_job(
             spec.config.name,
             trial,
-            self.parent["metrics"]["final_lr"],
-            version_dir(spec.workdir, self.parent["version"]),
+            self.parent.metrics.final_lr,
+            version_dir(spec.workdir, self.parent.version),
             self.corpus_dirs,
-            join(folder, "metrics.jsonl"),
+            folder.metrics,
             spec.config.model.trust_remote_code,
             evals=self.eval_dirs,
             eval_rows=self.eval_rows,
             progress_lines=False,
             run=trial_id,
-            final_dir=join(folder, "final"),
+            final_dir=folder.final,
         )
 
 
@@ -84,13 +84,13 @@ def run_trial(config: dict, context: TrialContext) -> None:
     """Ray Tune's function trainable: train the trial's stage, reporting its intermediate evals, then
     its final row. One worker trains here, in the trial's process; several, on a Ray Train group."""
     trial_id = tune.get_context().get_trial_id()
-    folder = join(context.folder, "trials", trial_id)
-    append_line(join(folder, "starts.jsonl"), json.dumps({"time": time.time()}))
-    if exists(join(folder, RESULT_FILE)):  # it finished before the search was interrupted
-        tune.report(read_json(join(folder, RESULT_FILE)))
+    folder = context.folder.trial(trial_id)
+    append_line(folder.starts, json.dumps({"time": time.time()}))
+    if exists(folder.result):  # it finished before the search was interrupted (written when it trained to the end)
+        tune.report(read_json(folder.result))
         return
     stage = context.search.trial_stage(config)
-    write_text(join(folder, "stage.yaml"), yaml.safe_dump(stage, sort_keys=False))
+    write_text(folder.stage, yaml.safe_dump(stage, sort_keys=False))
     job = context.job(stage, trial_id)
     every = job.stage.checkpoint_every
 
@@ -101,7 +101,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     final = _train_here(job, row) if context.in_trial else _train_on_group(job, context, trial_id, row)
     # The final eval is reported here, also when a resumed run had nothing left to train.
     final_row = {**row(final), "wall_s": round(time.time() - clock, 1)}
-    write_json(join(folder, RESULT_FILE), final_row)
+    write_json(folder.result, final_row)
     tune.report(final_row)
 
 
@@ -115,7 +115,7 @@ def _train_here(job: StageJob, row: Callable[[dict], dict]) -> dict:
 def _train_on_group(job: StageJob, context: TrialContext, trial_id: str, row: Callable[[dict], dict]) -> dict:
     """Train a trial on a Ray Train worker group of its own: its final metrics."""
     callback = ReportObjectives(row)
-    return fit_stages([job], join(context.folder, "train"), trial_id, callbacks=[callback]).metrics
+    return fit_stages([job], context.folder.train, trial_id, callbacks=[callback]).metrics
 
 
 def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int) -> dict:

@@ -9,16 +9,13 @@ import json
 import shutil
 from pathlib import Path
 
+from mixloop.config import BASE_VERSION
 from mixloop.errors import MixloopError
 from mixloop.storage.fs import local_copy, read_json
+from mixloop.storage.layout import Workdir
 from mixloop.version import __version__
-from mixloop.versioning.registry import (
-    list_versions,
-    loadable_everywhere,
-    mixture_shares,
-    read_lineage,
-    verified_version,
-)
+from mixloop.versioning.lineage import Lineage, mixture_shares
+from mixloop.versioning.registry import list_versions, loadable_everywhere, read_lineage, verified_version
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
@@ -47,11 +44,11 @@ def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_sha
     return out
 
 
-def model_card(workdir: str, lineage: dict, dtype: str) -> str:
+def model_card(workdir: str, lineage: Lineage, dtype: str) -> str:
     """A Hub model card: metadata, the stage chain from base to this version, eval losses, deltas."""
-    versions = {v["version"]: v for v in list_versions(workdir)}
-    chain = _chain(lineage["version"], versions)
-    start = (versions.get("base", {}).get("model") or {}).get("path")
+    versions = list_versions(workdir)
+    chain = [versions[v] for v in reversed(versions.ancestors(lineage.version))]
+    start = ((versions[BASE_VERSION].model or {}) if BASE_VERSION in versions else {}).get("path")
     hub_start = start if start and not start.startswith(("/", ".")) and "://" not in start else None
     datasets = _hub_datasets(workdir, chain)
     metadata = {
@@ -66,23 +63,20 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
         *(f"{key}: {json.dumps(value)}" for key, value in metadata.items()),
         "---",
         "",
-        f"# {lineage['version']}",
+        f"# {lineage.version}",
         "",
-        f"Version `{lineage['version']}` of a model kept current with mixloop "
-        f"{lineage.get('mixloop_version', __version__)}, exported in {dtype}. It started from "
+        f"Version `{lineage.version}` of a model kept current with mixloop "
+        f"{lineage.mixloop_version or __version__}, exported in {dtype}. It started from "
         f"{f'`{start}`' if start else 'a new model'} and went through these stages:",
         "",
         "| version | parent | mixture (share of trained tokens) | tokens trained | peak LR |",
         "|---|---|---|---|---|",
     ]
     for step in chain:
-        stage = step.get("stage") or {}
-        tokens = sum((step.get("tokens_per_corpus") or {}).values())
-        lines.append(
-            f"| {step['version']} | {step.get('parent') or '-'} | {mixture_shares(stage.get('mixture', {}))} | "
-            f"{tokens:,.0f} | {stage.get('lr', {}).get('peak', '-')} |"
-        )
-    lines += _evaluation(workdir, lineage["version"])
+        mixture = mixture_shares(step.stage.mixture) if step.stage else "-"
+        peak = step.stage.lr.peak if step.stage else "-"
+        lines.append(f"| {step.version} | {step.parent or '-'} | {mixture} | {step.trained_tokens:,.0f} | {peak} |")
+    lines += _evaluation(workdir, lineage.version)
     lines += [
         "",
         "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
@@ -92,30 +86,22 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def _hub_datasets(workdir: str, chain: list[dict]) -> list[str]:
+def _hub_datasets(workdir: str, chain: list[Lineage]) -> list[str]:
     """The Hub datasets (ids) of the corpora the chain trained on, from the workdir's copy of the spec."""
     import yaml
 
-    from mixloop.storage.fs import exists, join, read_text
+    from mixloop.storage.fs import exists, read_text
 
-    copy = join(workdir, "pipeline.yaml")
+    copy = Workdir(workdir).pipeline_copy
     corpora = (yaml.safe_load(read_text(copy)) or {}).get("corpora", {}) if exists(copy) else {}
-    used = {name for step in chain for name in (step.get("stage") or {}).get("mixture", {})}
+    used = {name for step in chain for name in step.corpora}
     return sorted({corpora[name]["dataset"] for name in used if "dataset" in corpora.get(name, {})})
 
 
-def _chain(version: str, versions: dict[str, dict]) -> list[dict]:
-    chain = []
-    while version in versions:
-        chain.append(versions[version])
-        version = versions[version].get("parent")
-    return chain[::-1]
-
-
 def _evaluation(workdir: str, version: str) -> list[str]:
-    from mixloop.evaluation.evaluate import eval_file
+    from mixloop.storage.layout import Workdir
 
-    matrix, deltas = read_json(eval_file(workdir, "matrix.json")), read_json(eval_file(workdir, "deltas.json"))
+    matrix, deltas = read_json(Workdir(workdir).eval_matrix), read_json(Workdir(workdir).eval_deltas)
     row = (matrix or {}).get(version) or {}
     if not row:
         return ["", "No evaluation yet (run `mixloop report` on its pipeline)."]

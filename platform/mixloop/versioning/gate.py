@@ -15,72 +15,57 @@ from __future__ import annotations
 
 from mixloop.config import GateConfig
 from mixloop.errors import MixloopError
+from mixloop.versioning.lineage import GateVerdict, Lineage, Lineages
 from mixloop.versioning.registry import (
     current_state,
     current_version,
     now,
     read_lineage,
     set_current,
-    trained_corpora,
     write_lineage,
 )
 
 
 def judge(
-    gate: GateConfig | None, candidate: str, against: str | None, matrix: dict, health: dict, lineages: dict[str, dict]
-) -> dict:
-    """The verdict on `candidate` against the current version `against`: {passed, against, checks,
-    failed}; each check a sentence with the measured value and its bound."""
-    verdict = {"passed": True, "against": against, "checks": [], "failed": [], "judged": now()}
+    gate: GateConfig | None, candidate: str, against: str | None, matrix: dict, health: dict, lineages: Lineages
+) -> GateVerdict:
+    """The verdict on `candidate` against the current version `against`; each check a sentence with the
+    measured value and its bound."""
+    verdict = GateVerdict(passed=True, against=against, judged=now())
     if against is None or gate is None:
-        verdict["checks"] = ["no current version to compare with" if against is None else "the pipeline has no gate"]
+        verdict.checks = ["no current version to compare with" if against is None else "the pipeline has no gate"]
         return verdict
     loss = {v: {c: r["loss"] for c, r in (matrix.get(v) or {}).items() if r} for v in (candidate, against)}
-    known = trained_corpora(against, lineages)
+    known = lineages.trained_corpora(against)
     for corpus in sorted(known & loss[candidate].keys() & loss[against].keys()):
         limit = _bound(gate.max_forgetting, corpus, loss[against][corpus])
         if limit is not None:
             rise = loss[candidate][corpus] - loss[against][corpus]
-            _check(verdict, rise <= limit, f"forgetting on {corpus}: {rise:+.4f} (at most {limit:.4f})")
-    for corpus in sorted(trained_corpora(candidate, lineages) - known) if gate.min_uptake is not None else []:
+            verdict.check(rise <= limit, f"forgetting on {corpus}: {rise:+.4f} (at most {limit:.4f})")
+    for corpus in sorted(lineages.trained_corpora(candidate) - known) if gate.min_uptake is not None else []:
         if corpus not in loss[candidate] or corpus not in loss[against]:
-            _check(verdict, False, f"uptake on {corpus}: not measured (it has no eval split)")
+            verdict.check(False, f"uptake on {corpus}: not measured (it has no eval split)")
             continue
         floor = _bound(gate.min_uptake, corpus, loss[against][corpus])
         fall = loss[against][corpus] - loss[candidate][corpus]
-        _check(verdict, fall >= floor, f"uptake on {corpus}: {fall:+.4f} (at least {floor:.4f})")
+        verdict.check(fall >= floor, f"uptake on {corpus}: {fall:+.4f} (at least {floor:.4f})")
     for corpus, summary in sorted((health.get(candidate) or {}).items()):
         if gate.min_ended is not None:
-            _check(
-                verdict,
+            verdict.check(
                 summary["ended"] >= gate.min_ended,
                 f"answers ended on {corpus}: {summary['ended']:.0%} (at least {gate.min_ended:.0%})",
             )
         if gate.max_repetition is not None:
-            _check(
-                verdict,
+            verdict.check(
                 summary["repetition"] <= gate.max_repetition,
                 f"repetition on {corpus}: {summary['repetition']:.3f} (at most {gate.max_repetition:.3f})",
             )
     return verdict
 
 
-def gate_summary(lineage: dict) -> str:
+def gate_summary(lineage: Lineage) -> str:
     """A version's verdict in a few words: "passed against X", "failed against X: reasons", or "-"."""
-    verdict = lineage.get("gate")
-    if verdict is None:
-        return "-"
-    against = f" against {verdict['against']}" if verdict.get("against") else ""
-    if verdict["passed"]:
-        return f"passed{against}"
-    return f"failed{against}: " + "; ".join(verdict["failed"])
-
-
-def _check(verdict: dict, ok: bool, sentence: str) -> None:
-    verdict["checks"].append(sentence)
-    if not ok:
-        verdict["failed"].append(sentence)
-        verdict["passed"] = False
+    return "-" if lineage.gate is None else lineage.gate.summary()
 
 
 def _bound(setting, corpus: str, reference: float) -> float | None:
@@ -91,12 +76,12 @@ def _bound(setting, corpus: str, reference: float) -> float | None:
     return float(value[:-1]) / 100 * reference if isinstance(value, str) else float(value)
 
 
-def record(workdir: str, version: str, verdict: dict) -> dict:
+def record(workdir: str, version: str, verdict: GateVerdict) -> Lineage:
     """Keep the verdict in the version's lineage and make the version current if it passed; its lineage."""
-    lineage = {**read_lineage(workdir, version), "gate": verdict}
-    write_lineage(workdir, version, lineage)
-    if verdict["passed"]:
-        against = verdict["against"]
+    lineage = read_lineage(workdir, version).model_copy(update={"gate": verdict})
+    write_lineage(workdir, lineage)
+    if verdict.passed:
+        against = verdict.against
         set_current(workdir, version, f"passed its gate against {against}" if against else "the first version")
     return lineage
 
@@ -107,8 +92,8 @@ def promote(workdir: str, version: str, reason: str, **details) -> None:
     if lineage is None:
         raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list`.")
     event = {"promoted": now(), "from": current_version(workdir), "reason": reason}
-    write_lineage(workdir, lineage["version"], {**lineage, "promotions": [*lineage.get("promotions", []), event]})
-    set_current(workdir, lineage["version"], f"promoted by hand: {reason}", **details)
+    write_lineage(workdir, lineage.model_copy(update={"promotions": [*lineage.promotions, event]}))
+    set_current(workdir, lineage.version, f"promoted by hand: {reason}", **details)
 
 
 def rollback(workdir: str, reason: str) -> str:

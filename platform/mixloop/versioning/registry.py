@@ -26,45 +26,36 @@ import fsspec
 from mixloop.config.schema import CURRENT_ALIAS
 from mixloop.errors import CorruptVersionError, MixloopError
 from mixloop.storage.fs import is_local, join, local_copy, read_json, share_with_umask, upload, write_json
+from mixloop.storage.layout import LINEAGE_FILE, Workdir
 from mixloop.version import __version__
+from mixloop.versioning.lineage import Lineage, Lineages, load_lineage, save_lineage
 
-LINEAGE = "lineage.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 WEIGHT_FILES = ("model.safetensors",)
 PARTIAL = ".partial-"
-CURRENT_FILE = "current.json"
 
 
 def version_dir(workdir: str, version: str) -> str:
-    return join(workdir, "models", version)
+    return Workdir(workdir).version(version)
 
 
-def read_lineage(workdir: str, version: str) -> dict | None:
-    return read_json(join(version_dir(workdir, resolve(workdir, version)), LINEAGE))
+def read_lineage(workdir: str, version: str) -> Lineage | None:
+    return load_lineage(Workdir(workdir).lineage(resolve(workdir, version)))
 
 
-def write_lineage(workdir: str, version: str, lineage: dict) -> None:
+def write_lineage(workdir: str, lineage: Lineage) -> None:
     """Rewrite a version's lineage (a gate's verdict, a promotion); its weights never change."""
-    write_json(join(version_dir(workdir, version), LINEAGE), lineage)
+    save_lineage(Workdir(workdir).lineage(lineage.version), lineage)
 
 
-def list_versions(workdir: str) -> list[dict]:
-    """Lineage of every complete version, oldest first (the `current` link is not one)."""
-    fs, inner = fsspec.core.url_to_fs(join(workdir, "models"))
+def list_versions(workdir: str) -> Lineages:
+    """The lineage of every complete version, oldest first (the `current` link is not one)."""
+    fs, inner = fsspec.core.url_to_fs(Workdir(workdir).models)
     if not fs.exists(inner):
-        return []
+        return Lineages([])
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
     found = [read_lineage(workdir, n) for n in names if not n.startswith(".") and n != CURRENT_ALIAS]
-    return sorted((f for f in found if f), key=lambda lineage: lineage["finished"])
-
-
-def ancestors(version: str | None, lineages: dict[str, dict]) -> list[str]:
-    """A version and its ancestors, newest first (those in `lineages`)."""
-    chain = []
-    while version is not None and version in lineages:
-        chain.append(version)
-        version = lineages[version].get("parent")
-    return chain
+    return Lineages(sorted((f for f in found if f), key=lambda lineage: lineage.finished))
 
 
 # ---------------------------------------------------------------- the current version
@@ -72,13 +63,8 @@ def ancestors(version: str | None, lineages: dict[str, dict]) -> list[str]:
 # local workdir also has models/current, a link to that version's folder, for tools that take a path.
 
 
-def trained_corpora(version: str | None, lineages: dict[str, dict]) -> set[str]:
-    """Every corpus a version or one of its ancestors trained on."""
-    return {c for v in ancestors(version, lineages) for c in (lineages[v].get("stage") or {}).get("mixture", {})}
-
-
 def current_state(workdir: str) -> dict:
-    return read_json(join(workdir, CURRENT_FILE)) or {"version": None, "history": []}
+    return read_json(Workdir(workdir).current_record) or {"version": None, "history": []}
 
 
 def current_version(workdir: str) -> str | None:
@@ -102,9 +88,9 @@ def set_current(workdir: str, version: str, why: str, **details) -> None:
     """Make `version` current, adding to the history why (and `details`, such as which entry it restores)."""
     state = current_state(workdir)
     history = [*state["history"], {"version": version, "at": now(), "why": why, **details}]
-    write_json(join(workdir, CURRENT_FILE), {"version": version, "history": history})
+    write_json(Workdir(workdir).current_record, {"version": version, "history": history})
     if is_local(workdir):  # models/current -> <version>, replaced in one rename
-        models = Path(workdir.removeprefix("file://"), "models")
+        models = Path(Workdir(workdir).models.removeprefix("file://"))
         staging = models / f".{CURRENT_ALIAS}-{os.getpid()}"
         staging.unlink(missing_ok=True)
         staging.symlink_to(version)
@@ -117,26 +103,25 @@ def now(at: float | None = None) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def publish(workdir: str, version: str, model_dir: str, tokenizer_dir: str, lineage: dict) -> str:
-    """Assemble model weights, tokenizer and lineage into models/<version>, atomically."""
-    lineage = {**lineage, "version": version, "mixloop_version": __version__, "finished": now()}
+def publish(workdir: str, model_dir: str, tokenizer_dir: str, lineage: Lineage) -> str:
+    """Assemble model weights, tokenizer and lineage into models/<lineage.version>, atomically; the
+    lineage gets the time, mixloop's version and the weights' hashes."""
     with tempfile.TemporaryDirectory() as staging:
         for name in MODEL_FILES:
             if Path(model_dir, name).exists():
                 shutil.copy2(Path(model_dir, name), Path(staging, name))
-        lineage["weights_sha256"] = {
-            name: file_sha256(str(Path(staging, name))) for name in WEIGHT_FILES if Path(staging, name).exists()
-        }
+        hashes = {name: file_sha256(str(Path(staging, name))) for name in WEIGHT_FILES if Path(staging, name).exists()}
         for file in Path(local_copy(tokenizer_dir)).iterdir():
             if not file.name.startswith("."):
                 shutil.copy2(file, Path(staging, file.name))
         loadable_everywhere(staging)
-        write_json(str(Path(staging, LINEAGE)), lineage)
-        target = version_dir(workdir, version)
+        update = {"mixloop_version": __version__, "finished": now(), "weights_sha256": hashes}
+        save_lineage(str(Path(staging, LINEAGE_FILE)), lineage.model_copy(update=update))
+        target = version_dir(workdir, lineage.version)
         if is_local(target):
             _move_into_place(staging, target.removeprefix("file://"))
         else:
-            upload(staging, target, last=LINEAGE)
+            upload(staging, target, last=LINEAGE_FILE)
     return target
 
 
@@ -145,7 +130,7 @@ def _move_into_place(staging: str, target: str) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
     shutil.copytree(staging, hidden)
     share_with_umask(hidden)  # the staging folder was private (0700); a version is for everyone
-    if Path(target, LINEAGE).exists():
+    if Path(target, LINEAGE_FILE).exists():
         shutil.rmtree(hidden)
         raise FileExistsError(f"version {Path(target).name} was published meanwhile by another run")
     if Path(target).exists():  # an incomplete leftover (no lineage): readers already ignore it
@@ -156,7 +141,7 @@ def _move_into_place(staging: str, target: str) -> None:
 def remove_partial_publishes(workdir: str) -> list[str]:
     """Delete the hidden staging folders of publishes that were killed midway. Only safe while this
     process holds the workdir's lock, so no other publish is under way."""
-    models = Path(join(workdir, "models").removeprefix("file://"))
+    models = Path(Workdir(workdir).models.removeprefix("file://"))
     if not is_local(workdir) or not models.is_dir():
         return []  # on object stores nothing is staged in the workdir
     leftovers = [p for p in models.iterdir() if p.name.startswith(".") and PARTIAL in p.name]
@@ -184,7 +169,7 @@ def verified_version(workdir: str, version: str) -> str:
     folder = version_dir(workdir, version)
     if lineage is None:
         raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list {workdir}`.")
-    for name, expected in (lineage.get("weights_sha256") or {}).items():
+    for name, expected in lineage.weights_sha256.items():
         path = join(folder, name)
         try:
             actual = file_sha256(path)
@@ -222,36 +207,3 @@ def loadable_everywhere(folder: str) -> None:
         if settings.get("tokenizer_class") == "TokenizersBackend":
             settings["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
             tokenizer_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-
-
-def flatten(data, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}, for comparing nested records key by key."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def diff_lineages(a: dict, b: dict) -> list[tuple[str, object, object]]:
-    """(key, value in a, value in b) for every difference in stage, data and metrics."""
-    keys = ("parent", "stage", "tokens_per_corpus", "rows_per_corpus", "epochs_per_corpus", "metrics")
-    left = flatten({k: a.get(k) for k in keys})
-    right = flatten({k: b.get(k) for k in keys})
-    volatile = ("metrics.time", "metrics.wall_seconds", "metrics.tokens_per_s", "metrics.step_seconds")
-    return [
-        (key, left.get(key), right.get(key))
-        for key in sorted(set(left) | set(right))
-        if left.get(key) != right.get(key) and not key.startswith(volatile) and ".row_hashes" not in key
-    ]
-
-
-def mixture_shares(mixture: dict) -> str:
-    """A stage's mixture as lineage records it, in words: `web 70%, chat 30%→50%`, or `-`."""
-    return (
-        ", ".join(
-            f"{c} {w['from']:.0%}" + (f"→{w['to']:.0%}" if w["to"] != w["from"] else "") for c, w in mixture.items()
-        )
-        or "-"
-    )
