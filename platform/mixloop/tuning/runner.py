@@ -55,7 +55,7 @@ from mixloop.storage.fs import (
 )
 from mixloop.train.job import StageJob, stage_job
 from mixloop.tuning.objectives import objective_keys, objective_value
-from mixloop.tuning.results import append_stage, describe_changes, report, stage_yaml
+from mixloop.tuning.results import append_stage, describe_changes, report, stage_note
 from mixloop.tuning.search import Search, load_search
 from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version, version_dir
 from ray import tune
@@ -154,7 +154,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     )
     # One append: the report's training curves then show the stage like any other.
     append_line(join(search.spec.workdir, "metrics.jsonl"), "\n".join(trial_lines))
-    append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
+    append_stage(Path(search.pipeline_path), best["stage"], stage_note(search, best))
     log(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
     )
