@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,20 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
     assert 'datasets: ["openai/gsm8k"]\n' in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_exported_file_has_the_mode_the_umask_gives(version, tmp_path, umask):
+    # The umask is read once per process, so each export runs in a process started with its own.
+    out = tmp_path / "exported"
+    script = "import sys; from mixloop.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", script, "models", "export", str(version), "v1", str(out), "--max-shard-size", "40KB"]
+    result = subprocess.run(argv, capture_output=True, text=True, umask=umask, timeout=300)
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in out.iterdir()}
+    assert {"model.safetensors.index.json", "tokenizer.json", "README.md", "lineage.json"} <= modes.keys()
+    assert any(name.startswith("model-0") for name in modes)  # the shards too
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mixloop import __version__
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import local_copy, read_json
+from mixloop.storage.fs import local_copy, read_json, share_with_umask
 from mixloop.versioning.registry import (
     list_versions,
     loadable_everywhere,
@@ -44,6 +44,9 @@ def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_sha
     model.save_pretrained(out, max_shard_size=max_shard_size or "50GB")
     loadable_everywhere(str(out))
     (out / "README.md").write_text(model_card(workdir, lineage, dtype))
+    # save_pretrained writes the weights private (0600) and copy2 keeps the version's modes: give every
+    # file the modes the umask gives, as any other file the user writes.
+    share_with_umask(out, contents_only=True)
     return out
 
 
