@@ -4,6 +4,7 @@ with a documented exit code."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -196,6 +197,38 @@ def test_every_exported_file_has_the_mode_the_umask_gives(version, tmp_path, uma
     assert {"model.safetensors.index.json", "tokenizer.json", "README.md", "lineage.json"} <= modes.keys()
     assert any(name.startswith("model-0") for name in modes)  # the shards too
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_an_exported_tokenizer_with_extra_special_tokens_is_written_as_transformers_4_57_reads_it(
+    tmp_path, trained_tokenizer
+):
+    """transformers 5 lists extra special tokens in tokenizer_config.json's `extra_special_tokens`; 4.57
+    reads that key as a mapping of named tokens (`_set_model_specific_special_tokens` calls `.keys()`:
+    AttributeError on a list) and takes the list from `additional_special_tokens`. This checks the
+    written JSON against what 4.57's tokenization_utils_base requires, and that 5.x reads the same tokens
+    back; the load under a real 4.57 is tests/integration/test_older_transformers.py."""
+    from transformers import AutoTokenizer
+
+    tokenizer = copy.deepcopy(trained_tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.save_pretrained(tmp_path / "as-saved")
+    assert json.loads((tmp_path / "as-saved/tokenizer_config.json").read_text())["extra_special_tokens"] == [
+        "<tool_call>",
+        "</tool_call>",
+    ]  # what 4.57 cannot read
+
+    export(str(micro_versions(tmp_path, tokenizer, [("v1", None)])), "v1", str(tmp_path / "out"))
+    settings = json.loads((tmp_path / "out/tokenizer_config.json").read_text())
+    named = settings.get("extra_special_tokens", {})
+    assert isinstance(named, dict) and all(isinstance(token, str) for token in named.values())
+    assert settings["additional_special_tokens"] == ["<tool_call>", "</tool_call>"]
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class 4.57 has
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "<tool_call>the sun</tool_call>"
+    assert exported.extra_special_tokens == ["<tool_call>", "</tool_call>"]
+    assert exported(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert exported.tokenize(text)[0] == "<tool_call>" and exported.tokenize(text)[-1] == "</tool_call>"
 
 
 def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_path):
