@@ -321,6 +321,12 @@ def _add_model_commands(commands) -> None:
     )
     export.add_argument("--max-shard-size", help="split the weights into files of at most this size, e.g. 2GB")
     export.add_argument(
+        "--license",
+        metavar="ID",
+        help="the model card's license, a Hub license id such as mit or cc-by-4.0 (default: the one the base "
+        "model's card declares; apache-2.0 for a model mixloop created from scratch)",
+    )
+    export.add_argument(
         "--push-to-hub",
         metavar="REPO",
         help="then upload the folder to this Hugging Face Hub repo "

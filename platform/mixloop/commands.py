@@ -161,7 +161,7 @@ def cmd_models_export(args) -> int:
         raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)  # before the export: offline, a bad repo id, no token
-    out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size)
+    out = export(_workdir(args.target), args.version, args.dir, args.dtype, args.max_shard_size, args.license)
     print(
         f"exported {args.version} to {out} in {args.dtype}, with lineage.json and a model card README.md "
         "(load it with AutoModelForCausalLM.from_pretrained)"

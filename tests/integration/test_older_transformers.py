@@ -1,8 +1,10 @@
 """A version loads the same under transformers 4.57 (what many serving stacks still pin) as under 5.x:
-the RoPE base and the tokenizer class, checked by logits in a throwaway virtualenv."""
+the RoPE base, the tokenizer class and its extra special tokens, checked by logits and token ids in a
+throwaway virtualenv."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -29,7 +31,8 @@ ids = tokenizer.apply_chat_template([{"role": "user", "content": "the sun is far
 with torch.no_grad():
     logits = model(ids).logits[0]
 print(json.dumps({"version": transformers.__version__, "rope_theta": model.config.rope_theta if hasattr(model.config, "rope_theta") else None,
-                  "ids": ids[0].tolist(), "logits": logits.tolist()}))
+                  "ids": ids[0].tolist(), "logits": logits.tolist(), "special": sorted(tokenizer.all_special_tokens),
+                  "tool_ids": tokenizer("<tool_call>the sun</tool_call>")["input_ids"]}))
 """
 
 
@@ -68,7 +71,9 @@ def test_an_exported_version_gives_the_same_logits_under_transformers_4_57(
 ):
     config = model_config("micro", {"rope_theta": 5e5}, trained_tokenizer)  # not 4.x's default base (1e4)
     new_model(config, seed=0).save_pretrained(tmp_path / "weights")
-    trained_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    tokenizer = copy.deepcopy(trained_tokenizer)  # 5.x saves these as a list 4.57 cannot read, as MiniMind's
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
     publish(str(tmp_path / "run"), str(tmp_path / "weights"), str(tmp_path / "tokenizer"), lineage_of("v1"))
     export(str(tmp_path / "run"), "v1", str(tmp_path / "exported"))
 
@@ -79,6 +84,10 @@ def test_an_exported_version_gives_the_same_logits_under_transformers_4_57(
     assert older["version"].startswith("4.57.") and newer["version"].startswith("5.")
     assert older["rope_theta"] == 5e5
     assert older["ids"] == newer["ids"]  # the same tokens, through the same chat template
+    assert older["special"] == newer["special"] and "<tool_call>" in older["special"]
+    assert (
+        older["tool_ids"] == newer["tool_ids"] and tokenizer.convert_tokens_to_ids("<tool_call>") in older["tool_ids"]
+    )
     torch.testing.assert_close(torch.tensor(older["logits"]), torch.tensor(newer["logits"]), atol=1e-4, rtol=0)
     config_json = json.loads((tmp_path / "run/models/v1/config.json").read_text())
     assert config_json["rope_theta"] == config_json["rope_parameters"]["rope_theta"] == 5e5  # GGUF converters read it

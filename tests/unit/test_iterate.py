@@ -13,6 +13,7 @@ import yaml
 
 from mixloop.cli import main
 from mixloop.config import GateConfig, load_spec, spec_from_data
+from mixloop.config.edit import append_entries, replace_validated
 from mixloop.errors import MixloopError, SpecError
 from mixloop.runs.iterate import NewCorpus, plan, ready_corpora
 from mixloop.versioning import gate
@@ -207,30 +208,104 @@ def test_add_dry_run_prints_and_validates_the_stages_and_writes_nothing(tmp_path
     assert spec_path.read_text() == before
 
 
-def test_add_appends_to_the_spec_keeping_its_comments(tmp_path):
-    from mixloop.config.edit import append_entries, replace_validated
+SPEC_TEXT = """\
+# my pipeline
+name: grow
+workdir: run
+tokenizer: {train: {vocab_size: 300}}
+model: {preset: micro}
+defaults: {seq_len: 32, global_batch_tokens: 128, micro_batch_rows: 4}
+corpora:
+    web: {kind: text, path: web.jsonl}  # crawled
+    chats: {kind: chat, path: chats.jsonl}
 
+stages:
+    -   name: pre
+        mixture:
+            web: 1
+        tokens: 512
+    -   name: sft
+        mixture: {chats: 0.9, web: 0.1}  # mostly chats
+        tokens: 256
+
+# evaluation
+eval_rows: 8
+"""
+
+
+def add_law(spec_path: Path, tmp_path: Path) -> dict:
+    """Append the iteration `mixloop add SPEC law` plans, as `add` does; the stage it added."""
+    write_lines(tmp_path / "law.jsonl", ["the court rules."])
+    corpora, stages = plan(load_spec(spec_path), NewCorpus("law", "law.jsonl"), 100, {"web"}, None)
+    replace_validated(spec_path, append_entries(spec_path, {"corpora": corpora, "stages": stages}), "adding law")
+    return stages[-1]
+
+
+def test_add_appends_to_the_spec_keeping_its_comments_and_layout(tmp_path):
+    pipeline_data(tmp_path)  # the data files
     spec_path = tmp_path / "pipeline.yaml"
-    spec_path.write_text(
-        "# my pipeline\n" + yaml.safe_dump(pipeline_data(tmp_path), sort_keys=False) + "# evaluation\neval_rows: 8\n"
+    spec_path.write_text(SPEC_TEXT)
+    stage = add_law(spec_path, tmp_path)
+    # Comments, key order, indentation (4 spaces, dashes at 4) and flow entries stay; the new entries are
+    # written as the last one of their section is, and what followed the stages still follows them.
+    # (Not kept: spaces that align values, as in `web:   {...}`; ruamel writes one.)
+    law_corpus = "    law: {kind: text, path: law.jsonl}\n"
+    law_stage = (
+        "    -   name: law\n"
+        "        mixture: {law: 0.5, web: 0.5}\n"  # as sft's mixture is written
+        "        tokens: 200\n"
+        "        lr:\n"  # sft has no lr to follow: block style
+        "            warmup: 0.05\n"
+        "            warmup_from: zero\n"
+        "            decay: cosine\n"
     )
-    write_lines(tmp_path / "law.jsonl", ["x"])
-    text = append_entries(
-        spec_path,
-        {
-            "corpora": "law: {kind: text, path: law.jsonl}",
-            "stages": "- {name: law, mixture: {law: 0.5, web: 0.5}, tokens: 256}",
-        },
+    assert spec_path.read_text() == SPEC_TEXT.replace("\n\nstages", "\n" + law_corpus + "\nstages").replace(
+        "\n# evaluation", law_stage + "\n# evaluation"
     )
-    replace_validated(spec_path, text, "adding law")
     spec = load_spec(spec_path)
     assert list(spec.config.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
-    assert spec_path.read_text().startswith("# my pipeline\n") and spec.config.eval_rows == 8
+    assert yaml.safe_load(spec_path.read_text())["stages"][-1] == stage and spec.config.eval_rows == 8
+
+    before = spec_path.read_text()  # an edit that does not validate leaves the file as it was
     with pytest.raises(MixloopError, match="would make .* invalid"):
-        replace_validated(
-            spec_path, append_entries(spec_path, {"stages": "- {name: x, mixture: {nope: 1}, tokens: 9}"}), "adding x"
-        )
-    assert load_spec(spec_path).stage_names() == ["pre", "sft", "law"]
+        replace_validated(spec_path, append_entries(spec_path, {"stages": [{"name": "x", "tokens": 9}]}), "adding x")
+    assert spec_path.read_text() == before and not list(tmp_path.glob(".pipeline.yaml.*"))
+
+
+def test_add_edits_a_flow_style_spec(tmp_path):
+    data = pipeline_data(tmp_path)
+    spec_path = tmp_path / "pipeline.yaml"
+    head = "\n".join(f"{key}: {json.dumps(value)}" for key, value in data.items() if key not in ("corpora", "stages"))
+    spec_path.write_text(
+        f"{head}\n"
+        "corpora: {web: {kind: text, path: web.jsonl}, chats: {kind: chat, path: chats.jsonl}}  # all of them\n"
+        "stages: [{name: pre, mixture: {web: 1}, tokens: 512}, {name: sft, mixture: {chats: 1}, tokens: 256}]\n"
+        "# the end\n"
+    )
+    stage = add_law(spec_path, tmp_path)
+    text = spec_path.read_text()
+    assert "law: {kind: text, path: law.jsonl}} # all of them\n" in text and text.endswith("\n# the end\n")
+    spec = load_spec(spec_path)
+    assert list(spec.config.corpora) == ["web", "chats", "law"] and spec.stage_names() == ["pre", "sft", "law"]
+    assert yaml.safe_load(text)["stages"][-1] == stage
+    # It edits again; new values read back as written (PyYAML reads a plain `no` as false, 1e-05 as a string).
+    more = {"corpora": {"no": {"kind": "text", "path": "law.jsonl"}}}
+    more["stages"] = [{"name": "no", "mixture": {"no": 1e-05, "chats": 1}, "tokens": 256}]
+    replace_validated(spec_path, append_entries(spec_path, more), "adding no")
+    spec = load_spec(spec_path)
+    assert spec.stage_names()[-1] == "no" and list(spec.config.corpora)[-1] == "no"
+    assert yaml.safe_load(spec_path.read_text())["stages"][-1]["mixture"] == {"no": 1e-05, "chats": 1}
+
+
+def test_an_edit_that_would_drop_a_comment_is_refused(tmp_path):
+    pipeline_data(tmp_path)
+    spec_path = tmp_path / "pipeline.yaml"
+    spec_path.write_text(SPEC_TEXT.replace("web: {kind: text, path", "web: {\n      kind: text,  # plain\n      path"))
+    assert load_spec(spec_path).config.corpora["web"].path == "web.jsonl"
+    before = spec_path.read_text()
+    with pytest.raises(MixloopError, match="would drop the comment '# plain'.*Fix: move the comment out"):
+        add_law(spec_path, tmp_path)
+    assert spec_path.read_text() == before
 
 
 def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_path):

@@ -13,7 +13,7 @@ from mixloop.cli import main
 from mixloop.config import load_spec
 from mixloop.errors import MixloopError, SpecError
 from mixloop.tuning.objectives import objective_terms, objective_value
-from mixloop.tuning.results import append_stage, pareto_front, pick, stage_yaml, verdict_line
+from mixloop.tuning.results import append_stage, pareto_front, pick, stage_note, verdict_line
 from mixloop.tuning.search import load_search
 from mixloop.tuning.simplex import simplex_weights
 
@@ -356,15 +356,18 @@ def test_best_stage_appends_to_the_pipeline_keeping_comments_and_validates(write
     pipeline_path = tmp_path / "pipeline.yaml"
     pipeline_path.write_text("# my pipeline\n" + pipeline_path.read_text())
     stage = search.trial_stage({"share.news": 0.8, "share.web": 0.2, "lr_peak": 0.001, "warmup": 0.1, "decay": "wsd"})
-    text = stage_yaml(search, {"trial": "t1", "arm": "search", "objective": 1.5, "stage": stage})
-    append_stage(pipeline_path, stage, text)
+    note = stage_note(search, {"trial": "t1", "arm": "search", "objective": 1.5, "stage": stage})
+    append_stage(pipeline_path, stage, note)
     assert pipeline_path.read_text().startswith("# my pipeline\n")
-    assert "# tuned by search.yaml: trial t1 (search), objective 1.5000" in pipeline_path.read_text()
+    assert (
+        "\n# tuned by search.yaml: trial t1 (search), objective 1.5000\n- name: news-tuned\n"
+        in pipeline_path.read_text()
+    )
     spec = load_spec(pipeline_path)
     assert spec.stage_names() == ["pretrain", "news", "news-tuned"]
     assert spec.config.stages[-1].start_from == "pretrain"
     with pytest.raises(MixloopError, match="already has a stage named 'news-tuned'"):
-        append_stage(pipeline_path, stage, text)
+        append_stage(pipeline_path, stage, note)
 
 
 def test_append_goes_to_the_end_of_the_stages_list_when_other_sections_follow(write_search, tmp_path):
@@ -372,22 +375,24 @@ def test_append_goes_to_the_end_of_the_stages_list_when_other_sections_follow(wr
     pipeline_path = tmp_path / "pipeline.yaml"
     pipeline_path.write_text(pipeline_path.read_text() + "\n# evaluation\neval_rows: 8\n")
     stage = search.trial_stage({"baseline": "current"})
-    append_stage(
-        pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0, "stage": stage})
-    )
+    append_stage(pipeline_path, stage, "tuned")
     spec = load_spec(pipeline_path)
     assert spec.stage_names()[-1] == "news-tuned" and spec.config.eval_rows == 8
     assert pipeline_path.read_text().endswith("\n# evaluation\neval_rows: 8\n")
 
 
-def test_append_refuses_a_flow_style_stages_list_and_leaves_the_file(write_search, tmp_path):
+def test_append_to_a_flow_style_pipeline(write_search, tmp_path):
     search = load_search(write_search())
     pipeline_path = tmp_path / "pipeline.yaml"
-    pipeline_path.write_text(yaml.safe_dump(PIPELINE, sort_keys=False, default_flow_style=True))
-    before = pipeline_path.read_text()
+    pipeline_path.write_text("# all in brackets\n" + yaml.safe_dump(PIPELINE, sort_keys=False, default_flow_style=True))
     stage = search.trial_stage({"baseline": "current"})
-    with pytest.raises(MixloopError, match="no block-style `stages:` section"):
-        append_stage(
-            pipeline_path, stage, stage_yaml(search, {"trial": "t", "arm": "current", "objective": 1.0, "stage": stage})
-        )
-    assert pipeline_path.read_text() == before
+    append_stage(pipeline_path, stage, "tuned")  # inside brackets the note is left out: a later edit could not keep it
+    assert pipeline_path.read_text().startswith("# all in brackets\n{name: unit,")
+    spec = load_spec(pipeline_path)
+    assert spec.stage_names() == ["pretrain", "news", "news-tuned"] and list(spec.config.corpora) == list(
+        PIPELINE["corpora"]
+    )
+    assert (
+        yaml.safe_load(pipeline_path.read_text())["stages"][-1] == stage
+        and spec.config.stages[-1].start_from == "pretrain"
+    )

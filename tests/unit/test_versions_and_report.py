@@ -4,10 +4,13 @@ with a documented exit code."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +174,100 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
     assert 'datasets: ["openai/gsm8k"]\n' in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_every_exported_file_has_the_mode_the_umask_gives(version, tmp_path, umask):
+    # The umask is read once per process, so each export runs in a process started with its own.
+    out = tmp_path / "exported"
+    script = "import sys; from mixloop.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", script, "models", "export", str(version), "v1", str(out), "--max-shard-size", "40KB"]
+    result = subprocess.run(argv, capture_output=True, text=True, umask=umask, timeout=300)
+    assert result.returncode == 0, result.stderr
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in out.iterdir()}
+    assert {"model.safetensors.index.json", "tokenizer.json", "README.md", "lineage.json"} <= modes.keys()
+    assert any(name.startswith("model-0") for name in modes)  # the shards too
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_an_exported_tokenizer_with_extra_special_tokens_is_written_as_transformers_4_57_reads_it(
+    tmp_path, trained_tokenizer
+):
+    """transformers 5 lists extra special tokens in tokenizer_config.json's `extra_special_tokens`; 4.57
+    reads that key as a mapping of named tokens (`_set_model_specific_special_tokens` calls `.keys()`:
+    AttributeError on a list) and takes the list from `additional_special_tokens`. This checks the
+    written JSON against what 4.57's tokenization_utils_base requires, and that 5.x reads the same tokens
+    back; the load under a real 4.57 is tests/integration/test_older_transformers.py."""
+    from transformers import AutoTokenizer
+
+    tokenizer = copy.deepcopy(trained_tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.save_pretrained(tmp_path / "as-saved")
+    assert json.loads((tmp_path / "as-saved/tokenizer_config.json").read_text())["extra_special_tokens"] == [
+        "<tool_call>",
+        "</tool_call>",
+    ]  # what 4.57 cannot read
+
+    export(str(micro_versions(tmp_path, tokenizer, [("v1", None)])), "v1", str(tmp_path / "out"))
+    settings = json.loads((tmp_path / "out/tokenizer_config.json").read_text())
+    named = settings.get("extra_special_tokens", {})
+    assert isinstance(named, dict) and all(isinstance(token, str) for token in named.values())
+    assert settings["additional_special_tokens"] == ["<tool_call>", "</tool_call>"]
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class 4.57 has
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "<tool_call>the sun</tool_call>"
+    assert exported.extra_special_tokens == ["<tool_call>", "</tool_call>"]
+    assert exported(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert exported.tokenize(text)[0] == "<tool_call>" and exported.tokenize(text)[-1] == "</tool_call>"
+
+
+def card_metadata(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+
+
+def test_the_card_license_is_the_base_models_and_apache_only_for_a_model_made_from_scratch(
+    tmp_path, trained_tokenizer, monkeypatch, capsys
+):
+    from mixloop.versioning.registry import read_lineage, write_lineage
+
+    run = micro_versions(tmp_path, trained_tokenizer, [("base", None)])
+    lineage = read_lineage(str(run), "base")
+
+    def export_base(model: dict, *options: str, **more) -> dict:
+        write_lineage(str(run), lineage.model_copy(update={"model": model, **more}))
+        out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+        assert main(["models", "export", str(run), "base", str(out), *options]) == 0
+        return card_metadata(out)
+
+    assert export_base({"preset": "micro"})["license"] == "apache-2.0"
+    assert "license: apache-2.0 (mixloop's own, for a model it created from scratch)" in capsys.readouterr().out
+
+    folder = tmp_path / "their-model"  # a model.path folder whose card declares its license
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# Their model\n")
+    assert export_base({"path": str(folder)})["license"] == "mit"
+    assert f"license: mit (from the model card of {folder}, the base model)" in capsys.readouterr().out
+
+    (folder / "README.md").write_text("# Their model, no metadata\n")
+    assert "license" not in export_base({"path": str(folder)})
+    assert "the model card names no license: the base model" in capsys.readouterr().out
+    assert export_base({"path": str(folder)}, "--license", "cc-by-4.0")["license"] == "cc-by-4.0"
+
+    # A hub model's card, read from the Hugging Face cache offline at the commit the base was copied from.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hf-cache/models--their-org--model/snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: their-terms\nlicense_link: LICENSE\n---\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metadata = export_base({"path": "their-org/model"}, model_commit=commit)
+    assert (metadata["license"], metadata["license_name"], metadata["license_link"]) == (
+        "other",
+        "their-terms",
+        "LICENSE",
+    )
+    assert metadata["base_model"] == "their-org/model"
 
 
 def test_gains_and_losses_read_the_same_in_the_cli_the_page_and_the_plot(tmp_path):

@@ -3,8 +3,8 @@
 `add` turns a new corpus into an iteration by the spec's `iterate:` template: the corpus (and its
 chats) under `corpora:`, a continued-pretraining stage on the new text with replay of old text,
 re-warmed and decayed again, and a fine-tune when there are chats. Its budget follows from the new
-text's tokens, counted with the workdir's tokenizer. The stages are appended to the spec file as text
-(comments kept), the spec is validated, and the pipeline runs: the gate then decides whether the
+text's tokens, counted with the workdir's tokenizer. The stages are appended to the spec file (its
+comments and layout kept), the spec is validated, and the pipeline runs: the gate then decides whether the
 iteration's last version becomes current. An iteration after a rejected one starts from `current`.
 
 `watch` waits for corpora to land in an inbox (a local folder or an object-store prefix) and adds
@@ -158,7 +158,7 @@ def add(
         )
     with workdir_lock(spec.workdir, f"mixloop add {new.name}", log, held=lock) as lock:  # reads current, edits, trains
         corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text), log), *_start(spec))
-        text = append_entries(path, {"corpora": _yaml_entries(corpora), "stages": _yaml_entries(stages)})
+        text = append_entries(path, {"corpora": corpora, "stages": stages})
         log(
             f"iteration {new.name}: adds to {path}\n"
             + yaml.safe_dump({"corpora": corpora, "stages": stages}, sort_keys=False).rstrip()
@@ -201,7 +201,7 @@ def _tuned(
     from mixloop.config import BUILTIN_DEFAULTS
     from mixloop.tuning.runner import run_search
 
-    replace_validated(path, append_entries(path, {"corpora": _yaml_entries(corpora)}), f"adding corpus {new.name}")
+    replace_validated(path, append_entries(path, {"corpora": corpora}), f"adding corpus {new.name}")
     stage, rest = stages[0], stages[1:]
     peak = stage.get("lr", {}).get("peak") or spec.config.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
     measured = [name for name in stage["mixture"] if name != new.name and spec.config.corpora[name].eval]
@@ -225,7 +225,7 @@ def _tuned(
     finally:
         search_path.unlink()
     if rest:
-        replace_validated(path, append_entries(path, {"stages": _yaml_entries(rest)}), f"adding {rest[0]['name']}")
+        replace_validated(path, append_entries(path, {"stages": rest}), f"adding {rest[0]['name']}")
 
 
 def _check_new(spec: Spec, new: NewCorpus) -> None:
@@ -245,16 +245,6 @@ def _check_new(spec: Spec, new: NewCorpus) -> None:
 
 def _resolved(spec_path: Path, value: str) -> str:
     return value if "://" in value or os.path.isabs(value) else str((spec_path.parent / value).resolve())
-
-
-def _yaml_entries(entries: dict | list) -> str:
-    """YAML of a section's new entries, each on one line (flow style), as a person would add them."""
-    items = entries.items() if isinstance(entries, dict) else [(None, entry) for entry in entries]
-    lines = []
-    for key, value in items:
-        flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
-        lines.append(f"{key}: {flow}" if key is not None else f"- {flow}")
-    return "\n".join(lines)
 
 
 def _run(spec_path: Path, address: str | None, log: Log, lock) -> RunResult:

@@ -101,10 +101,11 @@ def makedirs(path: str) -> None:
     fs.makedirs(inner, exist_ok=True)
 
 
-def share_with_umask(folder: str | Path) -> None:
+def share_with_umask(folder: str | Path, contents_only: bool = False) -> None:
     """Give a local folder staged with tempfile (private: 0700 folders, 0600 files) the modes any new
-    file would get, so other users of a shared run directory can read what it becomes."""
-    for path in [Path(folder), *Path(folder).rglob("*")]:
+    file would get, so other users of a shared run directory can read what it becomes. `contents_only`:
+    what is in the folder, which is the user's own (its mode theirs to choose)."""
+    for path in [*([] if contents_only else [Path(folder)]), *Path(folder).rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from mixloop.errors import MixloopError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# What a causal LM needs from a repository: config, weights, tokenizer and chat template.
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# What a causal LM needs from a repository: config, weights, tokenizer and chat template; and its card,
+# whose license an export's card carries on.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
 # Weights a repo may hold from an earlier push (other shards): removed by a push, as transformers
 # would load a stale model.safetensors before new shards.
 WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
@@ -83,6 +84,19 @@ def download(repo: str, revision: str | None) -> tuple[str, str]:
             "network, or download it where there is one and set HF_HUB_OFFLINE=1 here."
         ) from None
     return folder, Path(folder).name  # a snapshot folder is named by its commit
+
+
+def model_card_text(repo: str, revision: str | None) -> str | None:
+    """The model card (README.md) of a hub model, from the cache or the Hub; None when it has none or
+    it cannot be read (offline and not cached, no network, no access)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo, "README.md", revision=revision, cache_dir=_cache_dir(), local_files_only=offline())
+    except (EntryNotFoundError, OSError, ValueError):
+        return None
+    return Path(path).read_text(encoding="utf-8")
 
 
 def not_cached_message(repo: str, revision: str | None, repo_type: str = "model") -> str:

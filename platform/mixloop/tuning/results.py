@@ -262,21 +262,25 @@ def _plot(rows: list[dict], keys: list[str], objectives: list[str], folder: Sear
 # ---------------------------------------------------------------- the best stage
 
 
-def stage_yaml(search: Search, row: dict) -> str:
-    """The trial's stage as a YAML list item, ready to go under the pipeline's `stages:`."""
+def stage_note(search: Search, row: dict) -> str:
+    """Which search and trial made the stage, with its scores: a comment above it."""
     keys = [k for k in row if re.fullmatch(r"objective(_\d+)?", k) and row[k] is not None]
     scores = ", ".join(f"{k} {row[k]:.4f}" for k in keys)
-    header = f"# tuned by {Path(search.path).name}: trial {row['trial']} ({row['arm']}), {scores}\n"
-    return header + yaml.safe_dump([row["stage"]], sort_keys=False)
+    return f"tuned by {Path(search.path).name}: trial {row['trial']} ({row['arm']}), {scores}"
 
 
-def append_stage(pipeline_path: Path, stage: dict, text: str) -> None:
-    """Append the stage at the end of the pipeline file's `stages:` list, as text, so the file's
-    comments and layout stay; the result must validate before it replaces the file."""
+def stage_yaml(search: Search, row: dict) -> str:
+    """The trial's stage as a YAML list item, ready to go under the pipeline's `stages:`."""
+    return f"# {stage_note(search, row)}\n" + yaml.safe_dump([row["stage"]], sort_keys=False)
+
+
+def append_stage(pipeline_path: Path, stage: dict, note: str) -> None:
+    """Append the stage at the end of the pipeline file's `stages:` list, `note` a comment above it, so
+    that the file's comments and layout stay; the result must validate before it replaces the file."""
     names = [s.name for s in load_spec(pipeline_path).config.stages]
     if stage["name"] in names:
         raise MixloopError(
             f"{pipeline_path} already has a stage named {stage['name']!r}. Fix: give the search a new "
             "name, or remove that stage first."
         )
-    replace_validated(pipeline_path, append_entries(pipeline_path, {"stages": text}), "appending the stage")
+    replace_validated(pipeline_path, append_entries(pipeline_path, {"stages": [stage]}, note), "appending the stage")

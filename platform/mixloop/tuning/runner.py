@@ -46,7 +46,7 @@ from mixloop.storage.layout import SearchFolder, Workdir
 from mixloop.train.metrics import as_lines, read_metrics
 from mixloop.tuning.objectives import objective_keys
 from mixloop.tuning.plugins import BaselinesFirst, ProgressLines, SparingBaselines
-from mixloop.tuning.results import append_stage, report, stage_yaml
+from mixloop.tuning.results import append_stage, report, stage_note
 from mixloop.tuning.search import Search, load_search
 from mixloop.tuning.trials import TrialContext, run_trial
 from mixloop.versioning.lineage import VersionMetrics
@@ -146,7 +146,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     )
     # One append: the report's training curves then show the stage like any other.
     append_line(Workdir(search.spec.workdir).metrics, as_lines(records))
-    append_stage(Path(search.pipeline_path), best["stage"], stage_yaml(search, best))
+    append_stage(Path(search.pipeline_path), best["stage"], stage_note(search, best))
     log(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
     )

@@ -1,29 +1,45 @@
 """`mixloop models export`: a version as a Hugging Face folder to share: its weights in the chosen
 dtype (sharded if asked) through save_pretrained, its tokenizer and chat template, its lineage, and a
-model card (README.md with Hub metadata: where it started, the stage chain with mixtures and tokens,
-its eval losses, and what it gained and forgot against its parent)."""
+model card (README.md with Hub metadata: where it started, its license, the stage chain with mixtures
+and tokens, its eval losses, and what it gained and forgot against its parent).
+
+The weights' license is not mixloop's code license: a version trained from a published model is under
+that model's terms, so the card takes the license its base model's card declares. Only a model mixloop
+created from scratch gets mixloop's own, apache-2.0; `--license` says it outright."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mixloop.config import BASE_VERSION
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import local_copy, read_json
+from mixloop.storage.fs import local_copy, read_json, share_with_umask
 from mixloop.storage.layout import Workdir
 from mixloop.version import __version__
 from mixloop.versioning.lineage import Lineage, mixture_shares
 from mixloop.versioning.registry import list_versions, loadable_everywhere, read_lineage, verified_version
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
+SCRATCH_LICENSE = "apache-2.0"  # of weights mixloop itself initialised: its own license
+LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub's card metadata ("other" + name, link)
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
 REWRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_shard_size: str | None = None) -> Path:
-    """Write the version `version` of `workdir` into the new or empty folder `target`."""
+def export(
+    workdir: str,
+    version: str,
+    target: str,
+    dtype: str = "fp32",
+    max_shard_size: str | None = None,
+    license: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the version `version` of `workdir` into the new or empty folder `target`; its card's license
+    is `license`, else the base model's (see card_license)."""
     import torch
 
     from mixloop.train.model import load_model
@@ -40,21 +56,73 @@ def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_sha
     model = load_model(str(source)).to(getattr(torch, DTYPES[dtype]))
     model.save_pretrained(out, max_shard_size=max_shard_size or "50GB")
     loadable_everywhere(str(out))
-    (out / "README.md").write_text(model_card(workdir, lineage, dtype))
+    licensed, origin = card_license(workdir, license)
+    if licensed:
+        log(f"license: {licensed['license']} ({origin})")
+    else:
+        log(f"warning: the model card names no license: {origin}. Fix: export again with --license ID.")
+    (out / "README.md").write_text(model_card(workdir, lineage, dtype, licensed))
+    # save_pretrained writes the weights private (0600) and copy2 keeps the version's modes: give every
+    # file the modes the umask gives, as any other file the user writes.
+    share_with_umask(out, contents_only=True)
     return out
 
 
-def model_card(workdir: str, lineage: Lineage, dtype: str) -> str:
+def card_license(workdir: str, given: str | None) -> tuple[dict, str]:
+    """(the card's license metadata, where it comes from, in words): `given`; apache-2.0 for a model
+    mixloop created from scratch; else what the base model's card declares, if it can be read; else {}."""
+    if given:
+        return {"license": given}, "as given"
+    base = read_lineage(workdir, BASE_VERSION)
+    if base is None:
+        return {}, f"{workdir} has no version {BASE_VERSION} to tell where the model started"
+    start = (base.model or {}).get("path")
+    if not start:
+        return {"license": SCRATCH_LICENSE}, "mixloop's own, for a model it created from scratch"
+    if _hub_id(start):
+        from mixloop.storage.hub import model_card_text
+
+        text = model_card_text(start, base.model_commit or base.model.get("revision"))
+    else:
+        from mixloop.storage.fs import exists, join, read_text
+
+        text = read_text(join(start, "README.md")) if exists(join(start, "README.md")) else None
+    declared = _card_metadata(text or "")
+    licensed = {key: declared[key] for key in LICENSE_KEYS if isinstance(declared.get(key), str)}
+    if "license" in licensed:
+        return licensed, f"from the model card of {start}, the base model"
+    return {}, f"the base model {start} has {'no model card' if text is None else 'no license in its card'}"
+
+
+def _card_metadata(text: str) -> dict:
+    """The YAML metadata block at the top of a model card, {} if there is none or it is not a mapping."""
+    import yaml
+
+    head, marker, _ = text.removeprefix("---\n").partition("\n---")
+    try:
+        data = yaml.safe_load(head) if text.startswith("---\n") and marker else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_id(start: str) -> bool:
+    """Whether a base model's recorded path is a hub id (a folder is recorded absolute)."""
+    return not start.startswith(("/", ".")) and "://" not in start
+
+
+def model_card(workdir: str, lineage: Lineage, dtype: str, licensed: dict | None = None) -> str:
     """A Hub model card: metadata, the stage chain from base to this version, eval losses, deltas."""
     versions = list_versions(workdir)
     chain = [versions[v] for v in reversed(versions.ancestors(lineage.version))]
     start = ((versions[BASE_VERSION].model or {}) if BASE_VERSION in versions else {}).get("path")
-    hub_start = start if start and not start.startswith(("/", ".")) and "://" not in start else None
+    hub_start = start if start and _hub_id(start) else None
     datasets = _hub_datasets(workdir, chain)
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["mixloop", "continual-pretraining"],
+        **(licensed or {}),
         **({"base_model": hub_start} if hub_start else {}),
         **({"datasets": datasets} if datasets else {}),
     }

@@ -204,6 +204,22 @@ def loadable_everywhere(folder: str) -> None:
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_path.exists():
         settings = json.loads(tokenizer_path.read_text())
-        if settings.get("tokenizer_class") == "TokenizersBackend":
-            settings["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-            tokenizer_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+        portable = portable_tokenizer_settings(settings)
+        if portable != settings:
+            tokenizer_path.write_text(json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
+
+
+def portable_tokenizer_settings(settings: dict) -> dict:
+    """tokenizer_config.json as 4.x reads it too: a tokenizer class it can import, and the extra special
+    tokens that 5.x lists in `extra_special_tokens` under 4.x's key for them, `additional_special_tokens`
+    (4.57 takes `extra_special_tokens` for a mapping of named tokens and fails on a list; 5.x reads
+    `additional_special_tokens` as its extra special tokens when `extra_special_tokens` is absent)."""
+    settings = dict(settings)
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = settings.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del settings["extra_special_tokens"]
+        older = settings.get("additional_special_tokens") or []
+        settings["additional_special_tokens"] = [*older, *(token for token in extra if token not in older)]
+    return settings
