@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mixloop.config import Spec, load_spec, spec_from_data
+from mixloop.errors import MixloopError
+from mixloop.storage.lock import workdir_lock
+from mixloop.versioning.registry import list_versions
 
 Log = Callable[[str], None]
 
@@ -36,25 +39,22 @@ def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: 
     """Train every missing stage, then evaluate and report: {"trained", "matrix", "deltas", "health",
     "report"}. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
     `progress_bar`: a live bar per stage instead of the workers' progress lines (for a terminal)."""
-    from mixloop.storage.lock import workdir_lock
-
     with workdir_lock(spec.workdir, "mixloop run", log) as lock:
-        from mixloop.runs.pipeline import PipelineRunner
+        from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers; once the lock is held
 
         return PipelineRunner(spec, log, address, lock, progress_bar=progress_bar).run()
 
 
 def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> dict:
     """Evaluate what is missing and write the report: {"matrix", "deltas", "health", "report"}."""
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     return PipelineRunner(spec, log, address).report()
 
 
 def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[dict]:
     """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
-    from mixloop.errors import MixloopError
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     if stage is not None and stage not in spec.stage_names():
         raise MixloopError(f"no stage {stage!r}; stages: {', '.join(spec.stage_names())}")
@@ -63,6 +63,4 @@ def preview(spec: Spec, stage: str | None = None, address: str | None = None, lo
 
 def versions(spec_or_workdir: Spec | str) -> list[dict]:
     """The lineage of every complete version of a spec's workdir (or of a workdir path or URI), oldest first."""
-    from mixloop.versioning.registry import list_versions
-
     return list_versions(spec_or_workdir.workdir if isinstance(spec_or_workdir, Spec) else spec_or_workdir)
