@@ -314,7 +314,7 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str, progress_bar: bool) -> 
     """Ray Data tasks, at most one per CPU. Tasks rather than an actor pool: a failed task is retried
     alone, and Ray logs an error-level line for every restartable actor whose constructor arguments
     sit in the object store, which an actor pool's do."""
-    import ray
+    import ray  # lazy: ray
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(

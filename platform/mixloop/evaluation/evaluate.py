@@ -54,6 +54,7 @@ def evaluate_versions(
 ) -> dict:
     """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet; with
     `progress_bar` (a terminal), the versions are counted on a bar as they finish."""
+    # lazy: ray
     from ray.util import as_completed  # one at a time: each version is saved and counted as it finishes
 
     import ray
@@ -166,6 +167,7 @@ def health_versions(
     workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int, progress_bar: bool = False
 ) -> dict:
     """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
+    # lazy: ray
     from ray.util import as_completed
 
     import ray

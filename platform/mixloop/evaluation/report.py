@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fsspec
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -116,8 +117,6 @@ def _plot_deltas(deltas: dict, path: Path) -> None:
 def _plot_lineage(lineages: dict[str, dict], path: Path) -> None:
     """Versions left to right, an arrow from each parent; a branch from an earlier version is an arc
     over the versions between, drawn in data coordinates so the axes (and the image) hold it."""
-    import numpy as np
-
     order = list(lineages)
     fig, ax = plt.subplots(figsize=(2.2 * len(order) + 1, 2.5))
     top = 0.5
