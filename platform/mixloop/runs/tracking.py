@@ -23,6 +23,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mixloop.storage.fs import LOCAL_CACHE, LogFollower, is_local, join, local_copy, upload
 
 Log = Callable[[str], None]
@@ -73,7 +75,7 @@ class TensorBoard:
         pass
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: torch
 
         if run not in self.writers:
             self.writers[run] = SummaryWriter(log_dir=str(self.root / run), flush_secs=5)
@@ -101,7 +103,7 @@ class MLflow:
         self.client, self.parent, self.runs = None, None, {}
 
     def _run(self, name: str) -> str:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: optional dependency, mixloop[mlflow]
 
         if self.client is None:
             self.client = MlflowClient(self.tracking_uri)
@@ -120,13 +122,13 @@ class MLflow:
         return self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: optional dependency, mixloop[mlflow]
 
         run_id = self._run(run)
         self.client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in flat(params).items()])
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional dependency, mixloop[mlflow]
 
         run_id, now = self._run(run), int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
@@ -152,7 +154,7 @@ class WandB:
         self.dir, self.runs = _local_folder(workdir, "wandb"), {}
 
     def _run(self, name: str, params: dict | None = None):
-        import wandb
+        import wandb  # lazy: optional dependency, mixloop[wandb]
 
         if name not in self.runs:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -337,8 +339,6 @@ def polling(poll: Callable[[], None], every_s: float, name: str, warn: Callable[
 def bar(**options):
     """A tqdm bar for a terminal. shutil, not tqdm, measures it: one that reports no size (0 x 0) gets
     the fallback, where tqdm would hide the bar (no rows to show it in)."""
-    from tqdm import tqdm
-
     size = shutil.get_terminal_size((100, 20))
     return tqdm(ncols=size.columns, nrows=size.lines, leave=True, **options)
 
