@@ -9,8 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import local_copy, read_json
+from mixloop.storage.fs import exists, join, local_copy, read_json, read_text
 from mixloop.version import __version__
 from mixloop.versioning.registry import (
     list_versions,
@@ -27,6 +29,7 @@ REWRITTEN = ("config.json", "generation_config.json", "model.safetensors", "mode
 
 def export(workdir: str, version: str, target: str, dtype: str = "fp32", max_shard_size: str | None = None) -> Path:
     """Write the version `version` of `workdir` into the new or empty folder `target`."""
+    # lazy: torch, transformers; the CLI imports this module for --help
     import torch
 
     from mixloop.train.model import load_model
@@ -94,10 +97,6 @@ def model_card(workdir: str, lineage: dict, dtype: str) -> str:
 
 def _hub_datasets(workdir: str, chain: list[dict]) -> list[str]:
     """The Hub datasets (ids) of the corpora the chain trained on, from the workdir's copy of the spec."""
-    import yaml
-
-    from mixloop.storage.fs import exists, join, read_text
-
     copy = join(workdir, "pipeline.yaml")
     corpora = (yaml.safe_load(read_text(copy)) or {}).get("corpora", {}) if exists(copy) else {}
     used = {name for step in chain for name in (step.get("stage") or {}).get("mixture", {})}
@@ -113,7 +112,7 @@ def _chain(version: str, versions: dict[str, dict]) -> list[dict]:
 
 
 def _evaluation(workdir: str, version: str) -> list[str]:
-    from mixloop.evaluation.evaluate import eval_file
+    from mixloop.evaluation.evaluate import eval_file  # lazy: torch
 
     matrix, deltas = read_json(eval_file(workdir, "matrix.json")), read_json(eval_file(workdir, "deltas.json"))
     row = (matrix or {}).get(version) or {}
