@@ -49,6 +49,7 @@ def _where(package: Path, path: Path, line: int | None = None) -> str:
 
 
 def oversized_modules(package: Path, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """`file: N lines` for every module of more than `limit` lines."""
     return [
         f"{_where(package, path)}: {count} lines"
         for _, path in _modules(package)
@@ -69,6 +70,7 @@ def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.AST]]
 
 
 def long_functions(package: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`file:line: name has N lines` for every function longer than `limit`, `def` to last line."""
     found = []
     for _, path in _modules(package):
         for name, node in _functions(ast.parse(path.read_text())):
@@ -154,6 +156,9 @@ def _shortest_cycle(graph: dict[str, dict], start: str, members: set[str]) -> li
 
 
 def import_cycles(package: Path) -> list[str]:
+    """One report per group of modules that import one another (a strongly connected component):
+    its shortest cycle through its first module, each edge with the file:line of its imports, and how
+    many more edges the group has."""
     graph = import_graph(package)
     found = []
     for component in _strongly_connected(graph):
@@ -204,6 +209,7 @@ def _function_imports(node: ast.AST, in_function: bool = False) -> Iterator[tupl
 
 
 def unexplained_lazy_imports(package: Path) -> list[str]:
+    """`file:line: the import` for every import inside a function without its `# lazy: <reason>`."""
     found = []
     for _, path in _modules(package):
         source = path.read_text()
