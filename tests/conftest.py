@@ -13,6 +13,7 @@ from mixloop.data.tokenizer import load_tokenizer, train_tokenizer
 def ray_address():
     """A real local Ray cluster (4 logical CPUs on a 2-core machine is fine); its GCS address."""
     import ray
+
     from mixloop.runs.ray_setup import init_ray
 
     init_ray(num_cpus=4)

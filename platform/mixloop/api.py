@@ -19,7 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mixloop.config import Spec, load_spec, spec_from_data
+from mixloop.errors import MixloopError
+from mixloop.storage.lock import workdir_lock
 from mixloop.versioning.lineage import Lineage
+from mixloop.versioning.registry import list_versions
 
 if TYPE_CHECKING:  # the runner pulls in torch and Ray: imported when a call needs it
     from mixloop.runs.pipeline import CorpusPreview, Evaluation, RunResult
@@ -40,25 +43,22 @@ def from_dict(data: dict, base_dir: str = ".", overrides: Sequence[str] = ()) ->
 def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: bool = False) -> RunResult:
     """Train every missing stage, then evaluate and report. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
     `progress_bar`: a live bar per stage instead of the workers' progress lines (for a terminal)."""
-    from mixloop.storage.lock import workdir_lock
-
     with workdir_lock(spec.workdir, "mixloop run", log) as lock:
-        from mixloop.runs.pipeline import PipelineRunner
+        from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers; once the lock is held
 
         return PipelineRunner(spec, log, address, lock, progress_bar=progress_bar).run()
 
 
 def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> Evaluation:
     """Evaluate what is missing and write the report."""
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     return PipelineRunner(spec, log, address).report()
 
 
 def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[CorpusPreview]:
     """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
-    from mixloop.errors import MixloopError
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     if stage is not None and stage not in spec.stage_names():
         raise MixloopError(f"no stage {stage!r}; stages: {', '.join(spec.stage_names())}")
@@ -67,7 +67,5 @@ def preview(spec: Spec, stage: str | None = None, address: str | None = None, lo
 
 def versions(spec_or_workdir: Spec | str) -> list[Lineage]:
     """The lineage of every complete version of a spec's workdir (or of a workdir path or URI), oldest first."""
-    from mixloop.versioning.registry import list_versions
-
     workdir = spec_or_workdir.workdir if isinstance(spec_or_workdir, Spec) else spec_or_workdir
     return list(list_versions(workdir).values())

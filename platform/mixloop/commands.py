@@ -9,15 +9,23 @@ import sys
 from pathlib import Path
 
 from mixloop import api
-from mixloop.errors import MixloopError
+from mixloop.config import format_problems, load_spec
+from mixloop.errors import MixloopError, SpecError
 from mixloop.runs import jobs
+from mixloop.runs.status import status_lines
+from mixloop.storage import hub
+from mixloop.storage.fs import read_json
 from mixloop.storage.layout import Workdir
+from mixloop.storage.lock import workdir_lock
+from mixloop.version import __version__
+from mixloop.versioning.export import export
+from mixloop.versioning.gate import gate_summary, promote, rollback
+from mixloop.versioning.lineage import diff_lineages
+from mixloop.versioning.registry import current_version, read_lineage, verified_version
 
 
 def _workdir(target: str) -> str:
     """A workdir given directly (a path or URI), or the one a spec file names."""
-    from mixloop.config import load_spec
-
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         return load_spec(target, files=False).workdir  # only its workdir is needed: no file checks
     if "://" in target:
@@ -29,16 +37,12 @@ def _workdir(target: str) -> str:
 
 def _spec(target: str, files: bool = True):
     """A pipeline spec file, or the copy a run directory keeps of the spec it last ran."""
-    from mixloop.config import load_spec
-
     is_spec = Path(target).is_file() or target.endswith((".yaml", ".yml"))
     return load_spec(target if is_spec else Workdir(_workdir(target)).pipeline_copy, files=files)
 
 
 def cmd_validate(args) -> int:
-    from mixloop.config import format_problems, load_spec
-    from mixloop.errors import SpecError
-    from mixloop.runs.stages import edited_stages
+    from mixloop.runs.stages import edited_stages  # lazy: torch, transformers (through data.corpora)
 
     spec = load_spec(args.spec, args.overrides)
     edited = edited_stages(spec)  # against the versions its workdir already holds
@@ -55,16 +59,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from mixloop.runs.status import status_lines
-
     print("\n".join(status_lines(_spec(args.target, files=False))))
     return 0
 
 
 def cmd_models_list(args) -> int:
-    from mixloop.versioning.gate import gate_summary
-    from mixloop.versioning.registry import current_version
-
     workdir = _workdir(args.target)
     versions, current = api.versions(workdir), current_version(workdir)
     if not versions:
@@ -82,16 +81,11 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_path(args) -> int:
-    from mixloop.versioning.registry import verified_version
-
     print(verified_version(_workdir(args.target), args.version))
     return 0
 
 
 def cmd_models_promote(args) -> int:
-    from mixloop.storage.lock import workdir_lock
-    from mixloop.versioning.gate import promote
-
     workdir = _workdir(args.target)
     with workdir_lock(workdir, "mixloop models promote"):
         promote(workdir, args.version, args.reason)
@@ -100,9 +94,6 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_models_rollback(args) -> int:
-    from mixloop.storage.lock import workdir_lock
-    from mixloop.versioning.gate import rollback
-
     workdir = _workdir(args.target)
     with workdir_lock(workdir, "mixloop models rollback"):
         version = rollback(workdir, args.reason)
@@ -111,8 +102,6 @@ def cmd_models_rollback(args) -> int:
 
 
 def cmd_models_show(args) -> int:
-    from mixloop.versioning.registry import read_lineage
-
     lineage = read_lineage(_workdir(args.target), args.version)
     if lineage is None:
         raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
@@ -121,9 +110,6 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_diff(args) -> int:
-    from mixloop.storage.fs import read_json
-    from mixloop.versioning.lineage import diff_lineages
-    from mixloop.versioning.registry import read_lineage
 
     workdir = _workdir(args.target)
     lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
@@ -153,10 +139,6 @@ def _cell(value) -> str:
 
 
 def cmd_models_export(args) -> int:
-    from mixloop import __version__
-    from mixloop.storage import hub
-    from mixloop.versioning.export import export
-
     if (args.private or args.revision) and not args.push_to_hub:
         raise MixloopError("--private and --revision go with --push-to-hub. Fix: add --push-to-hub REPO, or drop them.")
     if args.push_to_hub:
@@ -179,8 +161,7 @@ def cmd_models_export(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from mixloop.evaluation.chat import chat
-    from mixloop.versioning.registry import verified_version
+    from mixloop.evaluation.chat import chat  # lazy: torch, transformers
 
     chat(verified_version(_workdir(args.target), args.version), max_new_tokens=args.max_new_tokens)
     return 0
@@ -203,14 +184,14 @@ def _print_bench(result: dict, formatted) -> int:
 
 
 def cmd_bench_continual(args) -> int:
-    from mixloop.bench.continual import continual, format_continual
+    from mixloop.bench.continual import continual, format_continual  # lazy: keeps `mixloop --help` fast
 
     result = continual(_shared_data(args.data), Path(args.workdir).resolve(), args.address, args.trials)
     return _print_bench(result, format_continual)
 
 
 def cmd_bench_train(args) -> int:
-    from mixloop.bench.train import format_train, train_benchmark
+    from mixloop.bench.train import format_train, train_benchmark  # lazy: keeps `mixloop --help` fast
 
     model = {"preset": args.preset, **({"config": args.config} if args.config else {})}
     result = train_benchmark(
@@ -225,7 +206,7 @@ def cmd_bench_train(args) -> int:
 
 
 def cmd_bench_data(args) -> int:
-    from mixloop.bench.data import data_benchmark, format_data
+    from mixloop.bench.data import data_benchmark, format_data  # lazy: keeps `mixloop --help` fast
 
     result = data_benchmark(_shared_data(args.data), Path(args.workdir).resolve(), args.replicas)
     return _print_bench(result, format_data)
@@ -261,7 +242,7 @@ def _shapes(formats: dict[str, int]) -> str:
 
 
 def cmd_add(args) -> int:
-    from mixloop.runs.iterate import NewCorpus, add
+    from mixloop.runs.iterate import NewCorpus, add  # lazy: keeps `mixloop --help` fast
 
     files = {role: _from_here(args.spec, getattr(args, role)) for role in ("text", "chat", "eval")}
     add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, tune=args.tune, address=args.address)
@@ -276,7 +257,7 @@ def _from_here(spec_path: str, value: str | None) -> str | None:
 
 
 def cmd_watch(args) -> int:
-    from mixloop.runs.iterate import watch
+    from mixloop.runs.iterate import watch  # lazy: keeps `mixloop --help` fast
 
     try:
         watch(args.spec, args.inbox, args.address, args.poll_s, args.once)
@@ -290,7 +271,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from mixloop.tuning.runner import run_search
+    from mixloop.tuning.runner import run_search  # lazy: ray, torch, optuna
 
     run_search(args.search, args.address, apply=args.apply, trial=args.trial)
     return 0

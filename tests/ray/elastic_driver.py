@@ -27,9 +27,9 @@ os.environ.update(
     }
 )
 
+import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-import ray  # noqa: E402
 from mixloop.config import load_spec  # noqa: E402
 from mixloop.runs.pipeline import PipelineRunner  # noqa: E402
 

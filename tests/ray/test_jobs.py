@@ -276,9 +276,8 @@ def test_the_embedded_rays_own_processes_find_its_state_api_beside_another_ray(r
     """Ray Train's placement-group cleaner asks the state API without an address. With a second Ray on
     the machine (this head), auto-detection finds two and fails, and a stopped trial's CPUs stay
     reserved; mixloop's embedded Ray names its own API server in its processes' environment."""
-    from ray.util.state import list_nodes
-
     import ray
+    from ray.util.state import list_nodes
 
     @ray.remote(num_cpus=0)
     def nodes_seen_from_a_worker() -> list[str]:

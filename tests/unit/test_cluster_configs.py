@@ -10,10 +10,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-import ray
 
 REPO = Path(__file__).parents[2]
 CLUSTER = REPO / "cluster"

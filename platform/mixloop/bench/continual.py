@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from mixloop.versioning.registry import list_versions
+from mixloop.config import load_spec
+from mixloop.runs.iterate import NewCorpus, add, count_tokens
+from mixloop.runs.ray_setup import init_ray
+from mixloop.versioning.registry import list_versions, set_current
 
 CHUNK, SFT, DOMAIN = 131072, 98304, 196608  # tokens: 16, 12 and 24 steps of 8192
 FLAT, MAX_CHUNKS = 0.02, 6
@@ -70,11 +73,6 @@ def continual_spec(data: Path, workdir: Path) -> dict:
 
 
 def continual(data: Path, workdir: Path, address: str | None = None, trials: int = TRIALS) -> dict:
-    from mixloop.config import load_spec
-    from mixloop.runs.iterate import NewCorpus, add, count_tokens
-    from mixloop.runs.ray_setup import init_ray
-    from mixloop.versioning.registry import set_current
-
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-continual.yaml"
     spec = continual_spec(data, workdir)
@@ -132,8 +130,7 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
 def _pretrain_until_flat(path: Path, spec: dict, address: str | None) -> dict:
     """Pretrain chunk by chunk at a constant learning rate until a chunk improves the general eval loss
     by less than FLAT (relative), or MAX_CHUNKS ran: how the base was decided to be trained enough."""
-    from mixloop.config import load_spec
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     losses = []
     while True:  # training and evaluation only: chat health and the report wait for the strategies
@@ -173,8 +170,7 @@ def _write(path: Path, spec: dict) -> Path:
 
 
 def _run(path: Path, address: str | None) -> dict:
-    from mixloop.config import load_spec
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     return PipelineRunner(load_spec(path), log=lambda line: None, address=address).run()
 

@@ -22,6 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from mixloop.data.files import iter_records, list_chunks
+from mixloop.data.mixplan import MixPlan
+from mixloop.data.records import BadRecord, checked
+from mixloop.data.store import PackedCorpus, read_manifest
+from mixloop.runs.ray_setup import init_ray
+from mixloop.storage.fs import expand_files
+
 SEQ_LEN = 128
 MEMORY_FILES = "pretrain/en_*.jsonl"
 LOADER_CORPORA = {"pretrain": 0.6, "sft": 0.3, "domain": 0.1}
@@ -116,10 +123,7 @@ def raw_encode_in_child(corpora: dict[str, str], tokenizer: str) -> dict:
 
 
 def _raw_encode(corpora: dict[str, str], tokenizer_dir: str) -> dict:
-    from mixloop.data.files import iter_records, list_chunks
-    from mixloop.data.records import BadRecord, checked
-    from mixloop.data.tokenizer import load_tokenizer
-    from mixloop.storage.fs import expand_files
+    from mixloop.data.tokenizer import load_tokenizer  # lazy: transformers
 
     tokenizer = load_tokenizer(tokenizer_dir)
     texts = []
@@ -163,11 +167,10 @@ def tree_rss(root: int) -> int:
 
 def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
     """Rows/s the mixed loader hands one worker, and rows/s that worker trains (quickstart settings)."""
+    # lazy: torch, transformers
     import torch
     from transformers import Qwen3Config
 
-    from mixloop.data.mixplan import MixPlan
-    from mixloop.data.store import PackedCorpus
     from mixloop.train.batches import MicroBatch, micro_batches_of
     from mixloop.train.loss import token_ce
     from mixloop.train.model import PRESETS, new_model
@@ -247,10 +250,10 @@ def _child(argv: list[str]) -> None:
     if args.raw:
         print(json.dumps(_raw_encode(json.loads(args.corpora), args.tokenizer)))
         return
+    # lazy: ray, torch (only the preparation child starts Ray)
     import ray
+
     from mixloop.data.prepare import CorpusRequest, prepare_corpora
-    from mixloop.data.store import read_manifest
-    from mixloop.runs.ray_setup import init_ray
 
     init_ray()
     corpora = json.loads(args.corpora)

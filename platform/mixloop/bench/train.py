@@ -30,7 +30,13 @@ from pathlib import Path
 
 import yaml
 
+from mixloop.config import BASE_VERSION, load_spec, stage_hash
+from mixloop.data.mixplan import MixPlan
+from mixloop.data.store import PackedCorpus, read_manifest
+from mixloop.storage.fs import join
+from mixloop.storage.layout import Workdir
 from mixloop.train.metrics import read_metrics
+from mixloop.versioning.registry import read_lineage, version_dir
 
 WORKLOADS = {"text": ("pretrain", "text", "pretraining text"), "sft": ("sft", "chat", "SFT chats")}
 VARIANTS = ("plain", "packed", "padded", "in-process")
@@ -81,13 +87,11 @@ def train_spec(data: Path, workdir: Path, model: dict, steps: int, seq_lens: dic
 def train_benchmark(
     data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int], address: str | None = None
 ) -> dict:
+    # lazy: torch, and the mixloop modules that import it
     import torch
 
-    from mixloop.config import BASE_VERSION, load_spec
-    from mixloop.data.store import read_manifest
     from mixloop.runs.pipeline import PipelineRunner
     from mixloop.runs.stages import StageRunner
-    from mixloop.versioning.registry import read_lineage, version_dir
 
     use_gpu = torch.cuda.is_available()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -132,10 +136,7 @@ def train_benchmark(
 
 
 def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
-    from mixloop.config import stage_hash
-    from mixloop.storage.fs import join
-    from mixloop.storage.layout import Workdir
-    from mixloop.train.launch import fit_stages
+    from mixloop.train.launch import fit_stages  # lazy: ray, torch
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")
     Path(metrics_path).unlink(missing_ok=True)
@@ -150,10 +151,9 @@ def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_proces
 
 def plain_variant(stage, corpus_dir: str, base_dir: str, device) -> dict:
     """The plain loop over the rows the stage `stage` (packing: false) trains, from the base weights."""
+    # lazy: torch, and the mixloop modules that import it
     import torch
 
-    from mixloop.data.mixplan import MixPlan
-    from mixloop.data.store import PackedCorpus
     from mixloop.train.model import load_model
 
     corpus = PackedCorpus(corpus_dir)
@@ -180,6 +180,7 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
     """A minimal trainer: each step reads its padded rows, runs the model on the input ids alone (causal
     attention, no mask) micro-batch by micro-batch, averages the cross-entropy over the targets, clips the
     gradient and steps AdamW. One record per step: seconds, data seconds, useful tokens, loss."""
+    # lazy: torch, and the mixloop modules that import it
     import torch
     import torch.nn.functional as F
 
@@ -227,7 +228,7 @@ def plain_loop(model, corpus, rows_of_step, steps: int, micro_batch_rows: int, l
 
 def summarise_plain(records: list[dict]) -> dict:
     """As `summarise`, the steps of the first window left out."""
-    import torch
+    import torch  # lazy: torch
 
     kept = records[WINDOW:] or records
     seconds = sum(r["step_seconds"] for r in kept)

@@ -9,11 +9,13 @@ Stages inherit unset settings from ``defaults``, which inherit from
 ``BUILTIN_DEFAULTS``; ``resolve_stage`` produces the complete, typed and frozen
 ``ResolvedStage`` that the driver plans with and workers receive (as JSON, inside their job).
 
-The package's modules: schema (the pydantic models), resolve (stages filled in, and their hash),
-messages (structural problems in words), checks (semantic problems), load (YAML to a Spec).
+The package's modules: schema (the pydantic models; strict, their base; sources, the tokenizer, model
+and corpora sections), resolve (stages filled in, and their hash),
+messages (structural problems in words), checks and data_checks (semantic problems), load (YAML to a Spec).
 """
 
-from mixloop.config.checks import max_positions, stage_problems, workdir_problems
+from mixloop.config.checks import max_positions, stage_problems
+from mixloop.config.data_checks import workdir_problems
 from mixloop.config.load import apply_overrides, check_spec_data, load_spec, read_yaml, spec_from_data, validate_yaml
 from mixloop.config.messages import format_problems
 from mixloop.config.resolve import (
@@ -30,23 +32,25 @@ from mixloop.config.resolve import (
 from mixloop.config.schema import (
     BASE_VERSION,
     BUILTIN_DEFAULTS,
-    MODEL_PRESETS,
-    PRESET_POSITIONS,
-    QWEN3_DEFAULT_POSITIONS,
     STAGE_NAME_PATTERN,
-    CorpusConfig,
     GateConfig,
     IterateConfig,
     LRConfig,
-    ModelConfig,
     PipelineConfig,
     Ramp,
     StageConfig,
     StageSettings,
     StageTemplate,
-    Strict,
     Workers,
 )
+from mixloop.config.sources import (
+    MODEL_PRESETS,
+    PRESET_POSITIONS,
+    QWEN3_DEFAULT_POSITIONS,
+    CorpusConfig,
+    ModelConfig,
+)
+from mixloop.config.strict import Strict
 
 __all__ = [
     "BASE_VERSION",

@@ -1,41 +1,22 @@
-"""Semantic problems of a spec: what its parts mean together (corpora named by mixtures, files that
-exist and are not empty, a writable workdir, batch arithmetic, the model's positions). A partial
-pipeline's Broken parts (see load.py) skip the checks that need them."""
+"""Semantic problems of a spec: what its parts mean together (corpora named by mixtures, batch
+arithmetic, the model's positions; corpora, their files and the workdir are checked in data_checks).
+A partial pipeline's Broken parts (see load.py) skip the checks that need them."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
-import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import fsspec
-
+from mixloop.config.data_checks import corpus_problems, template_problems, workdir_problems
 from mixloop.config.resolve import ResolvedStage, Spec, resolve_stage
-from mixloop.config.schema import (
-    BASE_VERSION,
-    BUILTIN_DEFAULTS,
-    CURRENT_ALIAS,
-    FILE_FORMATS,
-    MODEL_PRESETS,
-    PRESET_POSITIONS,
-    QWEN3_DEFAULT_POSITIONS,
-    CorpusConfig,
-    StageConfig,
-    StageSettings,
-    _as_number,
-    _is_whole,
-)
-from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
-from mixloop.errors import MixloopError
-from mixloop.storage.fs import exists, expand_files, file_format, read_text, size
-from mixloop.storage.hub import HUB_ID, cached_config, is_hub_id, not_cached_message, offline, split_paths
-
-# The fields of each kind of record that `columns` may rename.
-CHAT_FIELDS = ("conversations", "messages", "role", "content", "instruction", "input", "output", "system")
+from mixloop.config.schema import BASE_VERSION, BUILTIN_DEFAULTS, CURRENT_ALIAS, StageConfig, StageSettings
+from mixloop.config.sources import MODEL_PRESETS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, CorpusConfig
+from mixloop.config.strict import as_number, is_whole
+from mixloop.storage.fs import exists, read_text
+from mixloop.storage.hub import cached_config, is_hub_id, not_cached_message, offline
 
 
 class Broken:
@@ -63,13 +44,13 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
     if _ok(pipeline.model):
         problems += _model_problems(spec, files)
     if _ok(pipeline.chat_template) and files:
-        problems += _template_problems(spec, "chat_template", pipeline.chat_template)
+        problems += template_problems(spec, "chat_template", pipeline.chat_template)
     if _ok(pipeline.tracking):
         problems += _tracker_problems(pipeline.tracking)
     if _ok(pipeline.workdir) and files:
         problems += workdir_problems(spec.workdir)
     for name, corpus in pipeline.corpora.items() if _ok(pipeline.corpora) else []:
-        problems += _corpus_problems(spec, name, corpus, files) if _ok(corpus) else []
+        problems += corpus_problems(spec, name, corpus, files) if _ok(corpus) else []
     if _ok(pipeline.defaults):
         problems += _defaults_problems(spec, files)
     seen: list[str | None] = []
@@ -169,177 +150,13 @@ def _defaults_problems(spec: Spec, files: bool) -> list[str]:
     return problems + _positions_problems(spec, "defaults.seq_len", seq_len, files)
 
 
-def _filesystem_problems(where: str, uri: str) -> list[str]:
-    protocol = uri.split("://", 1)[0]
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except (ImportError, ValueError) as exc:
-        extra = {"s3": "mixloop[s3]", "gs": "mixloop[gcs]", "gcs": "mixloop[gcs]"}.get(protocol)
-        fix = f"pip install '{extra}'" if extra else "install the fsspec implementation for it"
-        return [f"{where}: cannot use {protocol}:// here ({str(exc).splitlines()[0]}). Fix: {fix}."]
-    return []
-
-
-def workdir_problems(workdir: str) -> list[str]:
-    """Whether a run could create `workdir` (a local path or an fsspec URI) and write in it."""
-    if "://" in workdir:
-        return _filesystem_problems("workdir", workdir) or _remote_write_problems(workdir)
-    return _local_write_problems(Path(workdir))
-
-
-def _local_write_problems(workdir: Path) -> list[str]:
-    # The nearest existing folder on the way: the run creates the rest of the path from there.
-    ancestor = workdir
-    try:  # exists() raises when a folder on the way may not be searched
-        if workdir.exists() and not workdir.is_dir():
-            return [f"workdir: {workdir} is a file. Fix: point workdir at a folder, or move the file away."]
-        ancestor = next(p for p in (workdir, *workdir.parents) if p.exists())
-        if not ancestor.is_dir():
-            return [
-                f"workdir: cannot create {workdir}, because {ancestor} is a file. "
-                "Fix: choose a workdir whose path runs through folders only."
-            ]
-        # A real attempt: as root, permission bits say nothing, and /proc or read-only mounts refuse anyway.
-        os.rmdir(tempfile.mkdtemp(prefix=".mixloop-write-probe-", dir=ancestor))
-    except OSError as exc:
-        return [
-            f"workdir: cannot create {workdir}: {ancestor} is not writable ({exc.strerror or exc}). "
-            "Fix: choose a workdir you may write to, or change the permissions of that folder."
-        ]
-    return []
-
-
-def _remote_write_problems(workdir: str) -> list[str]:
-    """Write and delete a probe object as the run will write (mixloop.storage.fs makes the folders first)."""
-    probe = workdir.rstrip("/") + "/.mixloop-write-probe"
-    try:
-        fs, inner = fsspec.core.url_to_fs(probe)
-        fs.makedirs(inner.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(inner, b"mixloop checks that it may write here\n")
-        fs.rm_file(inner)
-    except Exception as exc:  # noqa: BLE001 - permissions, credentials (botocore), network: all stop a run
-        return [
-            f"workdir: cannot write to {workdir} ({_first_line(exc)}). Fix: check the bucket and path, and "
-            "that this machine's credentials may write there (for s3: AWS_PROFILE or AWS_ACCESS_KEY_ID; "
-            "for gs: GOOGLE_APPLICATION_CREDENTIALS)."
-        ]
-    return []
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _corpus_problems(spec: Spec, name: str, corpus: CorpusConfig, files: bool) -> list[str]:
-    where = f"corpora.{name}"
-    if [corpus.path, corpus.dataset, corpus.generate].count(None) != 2:
-        return [
-            f"{where}: give exactly one of `path` (files), `dataset` (a Hugging Face Hub dataset id) or "
-            "`generate` (mixloop writes them)."
-        ]
-    if corpus.dataset is None and (
-        hub_only := [key for key in ("subset", "split", "revision") if getattr(corpus, key)]
-    ):
-        return [f"{where}.{hub_only[0]}: only a hub dataset (`dataset: org/name`) has one. Fix: remove it."]
-    if corpus.generate is not None:
-        return [f"{where}.eval: a generated corpus writes its own eval split; remove `eval`."] if corpus.eval else []
-    problems = _record_format_problems(where, corpus)
-    if corpus.chat_template is not None and corpus.kind != "chat":
-        problems.append(f"{where}.chat_template: a text corpus has no chats to render. Fix: remove it.")
-    if corpus.dataset is not None and not HUB_ID.match(corpus.dataset):
-        problems.append(
-            f"{where}.dataset: {corpus.dataset!r} is not a hub id. Fix: write it as org/name, or give "
-            "local files in `path`."
-        )
-    if not files:
-        return problems
-    problems += _template_problems(spec, f"{where}.chat_template", corpus.chat_template)
-    if corpus.dataset is not None:
-        return problems + _dataset_problems(where, corpus)
-    return problems + [
-        problem
-        for key in ("path", "eval")
-        if getattr(corpus, key) is not None
-        for problem in _corpus_file_problems(where, key, spec.path(getattr(corpus, key)), corpus.file_format)
-    ]
-
-
-def _dataset_problems(where: str, corpus: CorpusConfig) -> list[str]:
-    """A hub dataset's splits, resolved without downloading data (offline: in the cache)."""
-    for key, split in (("split", corpus.train_split), ("eval", corpus.eval)):
-        try:
-            paths = split_paths(corpus.dataset, corpus.revision, corpus.subset, split) if split else ()
-        except MixloopError as exc:
-            return [f"{where}.{key}: {exc}"]
-        if corpus.file_format is None and (unread := next((p for p in paths if file_format(p) is None), None)):
-            return [
-                f"{where}.file_format: cannot tell the format of {unread!r} from its extension. Fix: "
-                f"set file_format: one of {', '.join(FILE_FORMATS)}, if the files are one."
-            ]
-    return []
-
-
 def _tracker_problems(tracking) -> list[str]:
     """A tracker the spec names whose client is not installed."""
-    import importlib.util
-
     return [
         f"tracking.{name}: the {name} client is not installed. Fix: pip install 'mixloop[{name}]'."
         for name, module in (("mlflow", "mlflow"), ("wandb", "wandb"))
         if getattr(tracking, name) is not None and importlib.util.find_spec(module) is None
     ]
-
-
-def _template_problems(spec: Spec, where: str, value: str | None) -> list[str]:
-    if value is None or value == "chatml":
-        return []
-    if not exists(spec.path(value)) or not read_text(spec.path(value)).strip():
-        return [f"{where}: no template in {spec.path(value)}. Fix: name a Jinja file of a chat template, or chatml."]
-    return []
-
-
-def _record_format_problems(where: str, corpus: CorpusConfig) -> list[str]:
-    formats, fields = (TEXT_FORMATS, ("text",)) if corpus.kind == "text" else (CHAT_FORMATS, CHAT_FIELDS)
-    problems = []
-    if corpus.format not in formats:
-        problems.append(
-            f"{where}.format: {corpus.format} records are not {corpus.kind} records. Fix: use one of "
-            f"{', '.join(formats)}, or kind: {'chat' if corpus.kind == 'text' else 'text'}."
-        )
-    for key in corpus.columns:
-        if key not in fields:
-            problems.append(
-                f"{where}.columns.{key}: not a field of {corpus.kind} records. Fix: use "
-                f"{' or '.join(fields)} (the name mixloop expects), mapped to your records' name."
-            )
-    return problems
-
-
-def _corpus_file_problems(where: str, key: str, pattern: str, declared_format: str | None) -> list[str]:
-    if "://" in pattern and (problems := _filesystem_problems(f"{where}.{key}", pattern)):
-        return problems
-    try:
-        files = expand_files(pattern)
-        empty = bool(files) and all(size(f) == 0 for f in files)
-    except Exception as exc:  # noqa: BLE001 - credentials or network on object stores: report, not crash
-        return [
-            f"{where}.{key}: cannot list {pattern!r} ({_first_line(exc)}). Fix: check the path and that "
-            "this machine's credentials may read it."
-        ]
-    if not files:
-        return [f"{where}.{key}: no file matches {pattern!r}. Fix: check the path or glob."]
-    if empty:
-        return [
-            f"{where}.{key}: every file matching {pattern!r} is empty ({len(files)} file(s) of 0 bytes). "
-            "Fix: point it at the corpus's data, or wait until its files are written."
-        ]
-    if declared_format is None and any(file_format(f) is None for f in files):
-        return [
-            f"{where}.file_format: cannot tell the format of {files[0]!r} from its extension. "
-            f"Fix: set file_format: one of {', '.join(FILE_FORMATS)}."
-        ]
-    return []
 
 
 def stage_problems(
@@ -462,8 +279,8 @@ def max_positions(spec: Spec, files: bool = True) -> tuple[int, str] | None:
         )
         value = _config_positions(config) if files and config else None
         return (value, "model.path's config.json") if value else None
-    value = _as_number((model.config or {}).get("max_position_embeddings"))
-    if _is_whole(value):
+    value = as_number((model.config or {}).get("max_position_embeddings"))
+    if is_whole(value):
         return int(value), "model.config.max_position_embeddings"
     if model.preset in PRESET_POSITIONS:
         return PRESET_POSITIONS[model.preset], f"max_position_embeddings of preset {model.preset}"
@@ -478,8 +295,8 @@ def _config_positions(config_path: str) -> int | None:
         config = json.loads(read_text(config_path))
     except Exception:  # noqa: BLE001 - a missing or unreadable config is the model checks' business
         return None
-    value = _as_number(next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None))
-    return int(value) if _is_whole(value) else None
+    value = as_number(next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None))
+    return int(value) if is_whole(value) else None
 
 
 def _resources_problems(where: str, settings: StageSettings) -> list[str]:

@@ -18,6 +18,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 
+from mixloop.config.load import load_spec
 from mixloop.errors import MixloopError, SpecError
 
 Collection = CommentedMap | CommentedSeq
@@ -185,8 +186,6 @@ def replace_validated(pipeline_path: Path, text: str, what: str, write: bool = T
     """Write `text` over the pipeline file if it is a valid spec (checked next to the real file, so that
     its relative paths resolve the same way; `write=False` only checks); MixloopError naming `what`
     otherwise."""
-    from mixloop.config import load_spec
-
     candidate = pipeline_path.with_name(f".{pipeline_path.name}.candidate")
     candidate.write_text(text)
     try:

@@ -15,7 +15,9 @@ from pydantic_core import PydanticUndefined
 from mixloop.config.checks import Broken, _semantic_problems
 from mixloop.config.messages import _describe, format_problems
 from mixloop.config.resolve import Spec
-from mixloop.config.schema import CorpusConfig, PipelineConfig, StageConfig, _numbers_where_numeric
+from mixloop.config.schema import PipelineConfig, StageConfig
+from mixloop.config.sources import CorpusConfig
+from mixloop.config.strict import numbers_where_numeric
 from mixloop.errors import SpecError
 from mixloop.storage.fs import exists, read_text
 
@@ -140,9 +142,7 @@ def _partial_pipeline(data: dict) -> PipelineConfig:
         elif value is PydanticUndefined:
             parts[name] = Broken() if field.is_required() else field.get_default(call_default_factory=True)
         else:
-            parts[name] = _validated(
-                Annotated[field.annotation, field], _numbers_where_numeric(value, field.annotation)
-            )
+            parts[name] = _validated(Annotated[field.annotation, field], numbers_where_numeric(value, field.annotation))
     return PipelineConfig.model_construct(**parts)
 
 

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
-from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRConfig, StageSettings, _unwrap
+from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRConfig, StageSettings
+from mixloop.config.strict import unwrap_optional
 
 
 def format_problems(path: str | Path, problems: list[str], what: str = "pipeline") -> str:
@@ -164,7 +165,7 @@ def _walk(loc: tuple, root: type[BaseModel]) -> _Place:
     current: Any = root
     place = _Place()
     for part in loc:
-        current = _unwrap(current)
+        current = unwrap_optional(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
             name, field = next(((n, f) for n, f in current.model_fields.items() if part in (n, f.alias)), (None, None))
             if field is None:
@@ -175,11 +176,11 @@ def _walk(loc: tuple, root: type[BaseModel]) -> _Place:
             current, place = typing.get_args(current)[-1], place._replace(bounds=())
         else:
             return place._replace(annotation=None)
-    current = _unwrap(current)
+    current = unwrap_optional(current)
     if typing.get_origin(current) is Annotated:  # constraints on dict values: dict[str, Annotated[float, Field(ge=0)]]
         current, *extra = typing.get_args(current)
         place = place._replace(bounds=place.bounds + tuple(m for info in extra for m in getattr(info, "metadata", [])))
-    return place._replace(annotation=_unwrap(current))
+    return place._replace(annotation=unwrap_optional(current))
 
 
 def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:

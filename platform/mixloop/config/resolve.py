@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixloop.config.schema import BUILTIN_DEFAULTS, LRConfig, PipelineConfig, StageConfig, StageSettings
+from mixloop.storage.fs import read_text
+from mixloop.storage.hub import is_hub_id, local_model
 
 
 def path_keys(section: dict) -> list[str]:
@@ -42,11 +44,10 @@ class Spec:
 
     def chat_template(self, value: str | None) -> str | None:
         """The text of a chat_template setting: the built-in chatml, or a Jinja file's."""
-        from mixloop.storage.fs import read_text
-
         if value is None:
             return None
         if value == "chatml":
+            # lazy: transformers, which validating a spec does without
             from mixloop.data.tokenizer import CHATML_TEMPLATE
 
             return CHATML_TEMPLATE
@@ -54,15 +55,11 @@ class Spec:
 
     def model_folder(self) -> tuple[str, str | None]:
         """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
-        from mixloop.storage.hub import local_model
-
         model = self.config.model
         return local_model(model.path, self.path(model.path), model.revision)
 
     def model_source(self) -> str:
         """model.path as the workdir records it: a hub id as it is, a folder made absolute."""
-        from mixloop.storage.hub import is_hub_id
-
         path = self.config.model.path
         return path if is_hub_id(path, self.path(path)) else self.path(path)
 

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 
 import fsspec
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from mixloop.data import records
@@ -100,8 +101,6 @@ def iter_records(chunk: dict) -> Iterator[tuple[str, object]]:
 def _whole_file_records(path: str, kind: str, fs, inner: str) -> Iterator[tuple[str, object]]:
     """The rows of a CSV file (its first line names the columns), an Arrow file of a `save_to_disk` folder, or
     the items of a JSON array; a file that cannot be read at all is one bad record."""
-    import pyarrow.ipc
-
     with fs.open(inner, "rb") as f:
         try:
             if kind == "json":

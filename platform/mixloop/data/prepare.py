@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import fsspec
@@ -89,7 +90,6 @@ class ChunkPacker:
         )
         shards = ShardWriter(chunk["out_dir"], chunk["shard"])
         rejects = RejectWriter(join(chunk["rejects_dir"], f"{chunk['shard']}.jsonl"))
-        record_format, columns = chunk["record_format"], json.loads(chunk["columns"] or "{}")
         self.tokenizer.chat_template = chunk["chat_template"] or self.template  # the corpus's, else the tokenizer's
         shapes: Counter[str] = Counter()
         encode = encode_texts if kind == "text" else encode_chats
@@ -113,23 +113,7 @@ class ChunkPacker:
                         piece = slice(start, start + limit) if limit else slice(None)
                         shards.add(packer.add(ids[piece], supervised[piece]))
 
-        pending = []
-        for where, record in iter_records(chunk):
-            if record is BLANK_LINE:
-                stats["blank_lines"] += 1
-                continue
-            try:
-                if isinstance(record, records.BadRecord):
-                    raise record
-                content, shape = records.checked(record, kind, record_format, columns)
-                pending.append((where, record, content))
-                shapes[shape] += 1
-            except records.BadRecord as exc:
-                rejects.add(where, record, str(exc))
-            if len(pending) >= TOKENIZE_BATCH:
-                tokenize(pending)
-                pending = []
-        if pending:  # the tokenizer refuses an empty batch
+        for pending in checked_batches(chunk, rejects, shapes, stats):
             tokenize(pending)
         shards.add(packer.flush())
         shards.close()
@@ -144,6 +128,30 @@ class ChunkPacker:
             "formats": json.dumps(shapes),
             **stats,
         }
+
+
+def checked_batches(chunk: dict, rejects: RejectWriter, shapes: Counter, stats: dict) -> Iterator[list]:
+    """The chunk's records that pass the checks, TOKENIZE_BATCH at a time, as (where, raw record, checked
+    record); the rest go to `rejects`, blank lines are counted in `stats` and record shapes in `shapes`."""
+    kind, record_format, columns = chunk["kind"], chunk["record_format"], json.loads(chunk["columns"] or "{}")
+    pending = []
+    for where, record in iter_records(chunk):
+        if record is BLANK_LINE:
+            stats["blank_lines"] += 1
+            continue
+        try:
+            if isinstance(record, records.BadRecord):
+                raise record
+            content, shape = records.checked(record, kind, record_format, columns)
+            pending.append((where, record, content))
+            shapes[shape] += 1
+        except records.BadRecord as exc:
+            rejects.add(where, record, str(exc))
+        if len(pending) >= TOKENIZE_BATCH:
+            yield pending
+            pending = []
+    if pending:  # the tokenizer refuses an empty batch
+        yield pending
 
 
 def encode_each(tokenizer, encode, pending: list[tuple[str, object, object]], rejects: RejectWriter) -> list:
@@ -307,7 +315,7 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str, progress_bar: bool) -> 
     """Ray Data tasks, at most one per CPU. Tasks rather than an actor pool: a failed task is retried
     alone, and Ray logs an error-level line for every restartable actor whose constructor arguments
     sit in the object store, which an actor pool's do."""
-    import ray
+    import ray  # lazy: ray
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(

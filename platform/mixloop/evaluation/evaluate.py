@@ -46,9 +46,9 @@ def evaluate_versions(
 ) -> dict:
     """loss[version][corpus], computing (in parallel Ray tasks) only the pairs not stored yet; with
     `progress_bar` (a terminal), the versions are counted on a bar as they finish."""
-    from ray.util import as_completed  # one at a time: each version is saved and counted as it finishes
-
+    # lazy: ray
     import ray
+    from ray.util import as_completed  # one at a time: each version is saved and counted as it finishes
 
     # A result belongs to one model (its hash and publication time) and one eval set (its packed key).
     models = {v: _model_key(workdir, v) for v in versions}
@@ -158,9 +158,9 @@ def health_versions(
     workdir: str, versions: list[str], prompts: dict[str, list], max_new_tokens: int, progress_bar: bool = False
 ) -> dict:
     """Chat health of every version (see health.py), in parallel Ray tasks, stored per version."""
-    from ray.util import as_completed
-
+    # lazy: ray
     import ray
+    from ray.util import as_completed
 
     if not prompts:
         return {}

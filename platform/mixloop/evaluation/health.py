@@ -11,7 +11,9 @@ import json
 
 import torch
 
+from mixloop.data.files import iter_records, list_chunks
 from mixloop.data.records import BadRecord, checked
+from mixloop.data.tokenizer import load_tokenizer
 from mixloop.storage.fs import expand_files
 
 
@@ -46,8 +48,6 @@ def eval_prompts(
 ) -> list[list[dict]]:
     """The first `count` valid conversations of a chat eval split (files and records read as
     preparation reads them), each cut before its last assistant turn."""
-    from mixloop.data.files import iter_records, list_chunks
-
     prompts = []
     for chunk in list_chunks(expand_files(pattern), file_format):
         for _, record in iter_records(chunk):
@@ -85,7 +85,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -
 
 def chat_health(model_dir: str, prompts: dict[str, list[list[dict]]], max_new_tokens: int) -> dict:
     """Per chat corpus: summary metrics and the first few decoded answers."""
-    from mixloop.data.tokenizer import load_tokenizer
+    # lazy: the model code of transformers; data.corpora imports this module for eval_prompts
     from mixloop.train.model import load_model
 
     torch.set_num_threads(1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fsspec
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -123,8 +124,6 @@ def _plot_deltas(deltas: dict, path: Path) -> None:
 def _plot_lineage(lineages: Lineages, path: Path) -> None:
     """Versions left to right, an arrow from each parent; a branch from an earlier version is an arc
     over the versions between, drawn in data coordinates so the axes (and the image) hold it."""
-    import numpy as np
-
     order = list(lineages)
     fig, ax = plt.subplots(figsize=(2.2 * len(order) + 1, 2.5))
     top = 0.5
@@ -243,7 +242,6 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _html(lineages, matrix, deltas, health, images, unmeasured, searches, current) -> str:
-    sets = sorted({c for row in matrix.values() for c in row})
     sections = (
         [
             f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
@@ -256,67 +254,12 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches, curren
     sections += [
         f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for name, title in images.items()
     ]
-    sections.append(
-        "<h2>Eval loss</h2>"
-        + _table(
-            ["version"] + sets,
-            [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()],
-        )
-    )
-    sections.append(
-        f"<h2>What each version gained and forgot</h2><p>{html.escape(SIGNS)}.</p>"
-        + _table(
-            [
-                "version",
-                "parent",
-                "uptake (new corpora)",
-                "forgetting (earlier corpora)",
-                "forgetting vs best ancestor",
-            ],
-            [
-                [
-                    v,
-                    d["parent"],
-                    format_pairs(d["uptake"]),
-                    format_pairs(d["forgetting"]),
-                    format_pairs(d["forgetting_vs_best"]),
-                ]
-                for v, d in deltas.items()
-            ],
-        )
-    )
+    sections += _loss_sections(matrix, deltas)
     if health:
-        sections.append(
-            "<h2>Chat health (greedy answers to eval prompts)</h2>"
-            + _table(
-                ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
-                [
-                    [v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
-                    for v, corpora in health.items()
-                    for c, h in corpora.items()
-                ],
-            )
-        )
-        sections.append("<h2>Sample answers, version by version</h2>" + _answers_side_by_side(health))
+        sections += _health_sections(health)
     if searches:
         sections.append("<h2>Tuning searches</h2>" + "".join(searches))
-    sections.append(
-        "<h2>Versions</h2>"
-        + _table(
-            ["version", "parent", "mixture", "tokens", "finished", "gate"],
-            [
-                [
-                    v + (" (current)" if v == current else ""),
-                    lin.parent or "-",
-                    mixture_shares(lin.stage.mixture) if lin.stage else "-",
-                    f"{lin.trained_tokens:,.0f}",
-                    lin.finished,
-                    gate_summary(lin),
-                ]
-                for v, lin in lineages.items()
-            ],
-        )
-    )
+    sections.append(_versions_section(lineages, current))
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
@@ -325,6 +268,59 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches, curren
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>mixloop report</title>"
         f"<style>{style}</style></head><body><h1>mixloop report</h1>{''.join(sections)}</body></html>\n"
+    )
+
+
+def _loss_sections(matrix: dict, deltas: dict) -> list[str]:
+    """The eval loss of every version on every split, and what each gained and forgot."""
+    sets = sorted({c for row in matrix.values() for c in row})
+    losses = "<h2>Eval loss</h2>" + _table(
+        ["version"] + sets,
+        [[v] + [f"{(row.get(s) or {}).get('loss', float('nan')):.4f}" for s in sets] for v, row in matrix.items()],
+    )
+    changes = f"<h2>What each version gained and forgot</h2><p>{html.escape(SIGNS)}.</p>" + _table(
+        ["version", "parent", "uptake (new corpora)", "forgetting (earlier corpora)", "forgetting vs best ancestor"],
+        [
+            [
+                v,
+                d["parent"],
+                format_pairs(d["uptake"]),
+                format_pairs(d["forgetting"]),
+                format_pairs(d["forgetting_vs_best"]),
+            ]
+            for v, d in deltas.items()
+        ],
+    )
+    return [losses, changes]
+
+
+def _health_sections(health: dict) -> list[str]:
+    """Chat health per version and chat set, and the versions' answers to the same prompts."""
+    scores = "<h2>Chat health (greedy answers to eval prompts)</h2>" + _table(
+        ["version", "chat set", "ended the turn", "repeated 4-grams", "mean length"],
+        [
+            [v, c, f"{h['ended']:.0%}", f"{h['repetition']:.1%}", f"{h['length']:.1f}"]
+            for v, corpora in health.items()
+            for c, h in corpora.items()
+        ],
+    )
+    return [scores, "<h2>Sample answers, version by version</h2>" + _answers_side_by_side(health)]
+
+
+def _versions_section(lineages: Lineages, current: str | None) -> str:
+    return "<h2>Versions</h2>" + _table(
+        ["version", "parent", "mixture", "tokens", "finished", "gate"],
+        [
+            [
+                v + (" (current)" if v == current else ""),
+                lin.parent or "-",
+                mixture_shares(lin.stage.mixture) if lin.stage else "-",
+                f"{lin.trained_tokens:,.0f}",
+                lin.finished,
+                gate_summary(lin),
+            ]
+            for v, lin in lineages.items()
+        ],
     )
 
 

@@ -15,24 +15,26 @@ cut short. It holds the workdir's lock while it works, so no other run or watch 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import yaml
 
-from mixloop.config import STAGE_NAME_PATTERN, Spec, load_spec
+from mixloop.config import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, Spec, load_spec
 from mixloop.config.edit import append_entries, replace_validated
+from mixloop.data.files import iter_records, list_chunks
+from mixloop.data.records import BadRecord, checked
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import join, read_json, write_json
+from mixloop.storage.fs import expand_files, join, read_json, write_json
 from mixloop.storage.layout import Workdir
 from mixloop.storage.lock import workdir_lock
+from mixloop.versioning.registry import current_version, list_versions
 
 Log = Callable[[str], None]
 READY = "_READY"
@@ -111,11 +113,9 @@ def _lr(lr) -> dict:
 def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
     """Tokens of a text corpus's documents under the workdir's tokenizer: every record counted, the
     first SAMPLE_RECORDS tokenized, the rest estimated at their mean."""
+    # lazy: transformers
     from mixloop.data.corpora import Corpora
-    from mixloop.data.files import iter_records, list_chunks
-    from mixloop.data.records import BadRecord, checked
     from mixloop.data.tokenizer import load_tokenizer
-    from mixloop.storage.fs import expand_files
 
     texts, count = [], 0
     for chunk in list_chunks(expand_files(pattern), None):
@@ -175,8 +175,6 @@ def add(
 def _start(spec: Spec) -> tuple[set[str], str | None]:
     """(corpora to replay, version to start from) of the next iteration. It builds on the current version:
     after the last stage's version was rejected (or rolled back), explicitly `from:` it."""
-    from mixloop.versioning.registry import current_version, list_versions
-
     current = current_version(spec.workdir)
     if current is None:
         return {corpus for stage in spec.config.stages for corpus in stage.mixture}, None
@@ -198,8 +196,7 @@ def _tuned(
 ) -> None:
     """Search the continued-pretraining stage's replay share and re-warm (`trials` trials, the template's
     stage among them), append the winner as the stage, then the rest of the iteration."""
-    from mixloop.config import BUILTIN_DEFAULTS
-    from mixloop.tuning.runner import run_search
+    from mixloop.tuning.runner import run_search  # lazy: ray, torch
 
     replace_validated(path, append_entries(path, {"corpora": corpora}), f"adding corpus {new.name}")
     stage, rest = stages[0], stages[1:]
@@ -248,7 +245,7 @@ def _resolved(spec_path: Path, value: str) -> str:
 
 
 def _run(spec_path: Path, address: str | None, log: Log, lock) -> RunResult:
-    from mixloop.runs.pipeline import PipelineRunner
+    from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     return PipelineRunner(load_spec(spec_path), log, address, lock).run()
 

@@ -13,6 +13,7 @@ sends it itself, as `ray.init` does for a cluster address.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -23,8 +24,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
+from mixloop.config import load_spec
+from mixloop.config.resolve import path_keys
+from mixloop.errors import MixloopError, SpecError, WorkdirLockedError
+from mixloop.storage.fs import exists
 from mixloop.storage.layout import Workdir
-from mixloop.errors import MixloopError, WorkdirLockedError
+from mixloop.storage.lock import describe, live_holder
 from mixloop.version import __version__
 
 JOB_PREFIX = "mixloop-"
@@ -39,10 +46,6 @@ TOKEN_HELP = (
 def _with_added_iterations(spec) -> dict | None:
     """The workdir's copy of the spec when iterations were added to it (by a watch job) since the given
     spec was written: it holds every stage of the given spec, and more."""
-    from mixloop.config import load_spec
-    from mixloop.errors import SpecError
-    from mixloop.storage.fs import exists, join
-
     copy_path = Workdir(spec.workdir).pipeline_copy
     try:
         copy = load_spec(copy_path) if exists(copy_path) else None
@@ -111,6 +114,7 @@ def _first_line(path: Path) -> str:
 @contextlib.contextmanager
 def _ray_errors(address: str, job: str | None = None):
     """Ray's SDK errors for what a user can fix, as one clear MixloopError."""
+    # lazy: Ray's job SDK and its HTTP clients, kept out of `mixloop --help`
     import aiohttp
     import requests
     from ray.exceptions import AuthenticationError
@@ -151,7 +155,7 @@ class JobClient:
     errors turned into messages a user can act on. `sdk` is Ray's client itself."""
 
     def __init__(self, address: str | None):
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # lazy: Ray's job SDK, kept out of `mixloop --help`
 
         self.address = job_address(address)
         token = auth_token()
@@ -187,10 +191,6 @@ class JobClient:
         """Validate the spec and submit it as a Ray job; its submission id. With `inbox`, the job is
         `mixloop watch` on it; the iterations it adds go into the workdir's copy of the spec, which a
         later submit takes up when it holds every stage of the given spec and more."""
-        import yaml
-
-        from mixloop.config import load_spec
-
         spec = load_spec(spec_path)
         job = submission_id(spec.config.name)
         earlier = self._make_room(job, spec.config.name, spec.workdir)
@@ -290,8 +290,6 @@ class JobClient:
 
     def follow(self, job: str) -> None:
         """Stream the job's log (this run's part) until it ends."""
-        import asyncio
-
         info = self.require(job)
         offset = int((info.metadata or {}).get("log_offset", 0))
 
@@ -342,8 +340,6 @@ def _this_run(logs: str, info) -> str:
 
 
 def _local_paths(data: dict) -> list[str]:
-    from mixloop.config.resolve import path_keys
-
     sections = (data["tokenizer"], data["model"], *data["corpora"].values())
     paths = [data["workdir"]] + [section[key] for section in sections for key in path_keys(section)]
     return [p for p in paths if "://" not in p]
@@ -352,8 +348,6 @@ def _local_paths(data: dict) -> list[str]:
 def _refuse_held_workdir(workdir: str) -> None:
     """A workdir that a live run holds (here or on the cluster, when it is shared storage) would only
     make the job fail once it started: refuse the submission instead."""
-    from mixloop.storage.lock import describe, live_holder
-
     holder = live_holder(workdir)
     if holder is not None:
         raise WorkdirLockedError(

@@ -26,9 +26,9 @@ NOISE = (
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster, or start a private local one bound to 127.0.0.1."""
-    import ray.data
-
+    # lazy: ray, imported when Ray starts
     import ray
+    import ray.data
 
     # Ray Train's reports wait for the controller's poll; the default 2 s interval makes them slow.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
@@ -63,7 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def _drop_noise_from_worker_lines() -> None:
     """Wrap the handler that prints the lines Ray forwards from workers, dropping the known noise.
     Ray has no public filter for them; without the handler (log_to_driver off) nothing is wrapped."""
-    from ray._private import worker
+    from ray._private import worker  # lazy: ray
 
     dispatcher = worker.global_worker_stdstream_dispatcher
     handler = dict(getattr(dispatcher, "handlers", [])).get("ray_print_logs")

@@ -69,7 +69,7 @@ class TensorBoard:
         pass
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: torch
 
         if run not in self.writers:
             self.writers[run] = SummaryWriter(log_dir=str(self.root / run), flush_secs=5)
@@ -97,7 +97,7 @@ class MLflow:
         self.client, self.parent, self.runs = None, None, {}
 
     def _run(self, name: str) -> str:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: optional dependency, mixloop[mlflow]
 
         if self.client is None:
             self.client = MlflowClient(self.tracking_uri)
@@ -116,13 +116,13 @@ class MLflow:
         return self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: optional dependency, mixloop[mlflow]
 
         run_id = self._run(run)
         self.client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in flat(params).items()])
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional dependency, mixloop[mlflow]
 
         run_id, now = self._run(run), int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
@@ -148,7 +148,7 @@ class WandB:
         self.dir, self.runs = _local_folder(Workdir(workdir).wandb), {}
 
     def _run(self, name: str, params: dict | None = None):
-        import wandb
+        import wandb  # lazy: optional dependency, mixloop[wandb]
 
         if name not in self.runs:
             self.dir.mkdir(parents=True, exist_ok=True)

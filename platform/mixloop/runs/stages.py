@@ -30,6 +30,7 @@ Log = Callable[[str], None]
 def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> Lineage:
     """The lineage of version `base`, the starting weights (a seeded new model, or a copy of
     model.path), published first if the workdir lacks it."""
+    # lazy: transformers' model code, which `mixloop validate` (it imports this module) does without
     from mixloop.train.model import check_vocabulary, load_config, load_model, model_config, new_model
 
     workdir, model_spec, seed = spec.workdir, spec.config.model, spec.config.seed
@@ -143,7 +144,7 @@ class StageRunner:
 
     def run_name(self, stage: ResolvedStage, digest: str) -> str:
         """The stage's own Ray Train run name (train.launch.run_name); a group runs as its first stage's."""
-        from mixloop.train.launch import run_name
+        from mixloop.train.launch import run_name  # lazy: ray
 
         return run_name(self.spec.config.name, stage.name, digest, self.prepared.for_stage(stage))
 
@@ -151,7 +152,7 @@ class StageRunner:
         """Train consecutive stages (with their hashes; each the next one's parent, all asking for the
         same workers) in turn on one worker group, as the Ray Train run `run`, from the version whose
         lineage is `parent`; each is published as its version as soon as it ends. Their lineages."""
-        from mixloop.train.launch import fit_stages
+        from mixloop.train.launch import fit_stages  # lazy: ray
 
         verified_version(self.workdir, parent.version)  # a clear error now, not three failed restarts
         jobs, version, lr = [], parent.version, parent.metrics.final_lr
@@ -197,6 +198,7 @@ class StageRunner:
         started: str,
     ) -> Lineage:
         """Publish a stage's final checkpoint as its version, with its lineage."""
+        # lazy: transformers' model code (through train.model), which `mixloop validate` does without
         from mixloop.train.checkpoint import read_state
 
         stage = job.stage
@@ -216,7 +218,9 @@ class StageRunner:
             rows_per_corpus=plan.rows_per_corpus(),
             epochs_per_corpus=plan.epochs(),
             data_fingerprints={n: Path(d).name for n, d in job.corpus_dirs.items()},
-            metrics=metrics.model_copy(update={"final_lr": state.lr, "steps": state.step, "resumed_from": state.resumed_from}),
+            metrics=metrics.model_copy(
+                update={"final_lr": state.lr, "steps": state.step, "resumed_from": state.resumed_from}
+            ),
             overrides=self.spec.overrides,  # set on the command line, not in the spec file
         )
         if self.lock is not None:
@@ -258,6 +262,7 @@ class Publisher:
 
     def publish_ready(self) -> None:
         """Publish the pending stages, in order, whose final weights are there."""
+        # lazy: transformers' model code (through train.model), which `mixloop validate` does without
         from mixloop.train.checkpoint import STATE_FILE
 
         while self.pending and exists(join(self.pending[0][0].final_dir, STATE_FILE)):

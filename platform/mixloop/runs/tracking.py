@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from tqdm import tqdm
+
 from mixloop.config import ResolvedStage
 from mixloop.runs.sinks import MLflow, TensorBoard, TrackerSink, WandB
 from mixloop.storage.layout import Workdir
@@ -188,8 +190,6 @@ def polling(poll: Callable[[], None], every_s: float, name: str, warn: Callable[
 def bar(**options):
     """A tqdm bar for a terminal. shutil, not tqdm, measures it: one that reports no size (0 x 0) gets
     the fallback, where tqdm would hide the bar (no rows to show it in)."""
-    from tqdm import tqdm
-
     size = shutil.get_terminal_size((100, 20))
     return tqdm(ncols=size.columns, nrows=size.lines, leave=True, **options)
 

@@ -222,7 +222,7 @@ def train_storage(path: str):
     """(storage_path, storage_filesystem) for Ray Train and Tune: any fsspec filesystem goes in through pyarrow."""
     if is_local(path):
         return path.removeprefix("file://"), None
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: pyarrow, only for Ray; storage.fs is on the path of mixloop --help
 
     fs, inner = fsspec.core.url_to_fs(path)
     return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

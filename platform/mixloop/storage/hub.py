@@ -43,6 +43,7 @@ def local_model(path: str, local: str, revision: str | None) -> tuple[str, str |
 
 def cached_config(repo: str, revision: str | None) -> str | None:
     """The cached config.json of a hub model, or None (no network)."""
+    # lazy: huggingface_hub, kept out of `mixloop --help`
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo, "config.json", revision=revision, cache_dir=_cache_dir())
@@ -56,6 +57,7 @@ def offline() -> bool:
 @functools.lru_cache(maxsize=8)
 def download(repo: str, revision: str | None) -> tuple[str, str]:
     """(local folder, commit) of a hub model, from the cache or downloaded into it."""
+    # lazy: huggingface_hub, kept out of `mixloop --help`
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -89,6 +91,7 @@ def download(repo: str, revision: str | None) -> tuple[str, str]:
 def model_card_text(repo: str, revision: str | None) -> str | None:
     """The model card (README.md) of a hub model, from the cache or the Hub; None when it has none or
     it cannot be read (offline and not cached, no network, no access)."""
+    # lazy: huggingface_hub (its HTTP stack) only where a hub model is read
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -167,7 +170,7 @@ def _subset_files(
     source: str, repo: str, subset: str | None, revision: str | None = None
 ) -> dict[str, tuple[str, ...]]:
     """split -> files of a subset of the dataset in `source` (a local snapshot folder, or the hub id)."""
-    import datasets
+    import datasets  # lazy: datasets
 
     try:
         builder = datasets.load_dataset_builder(source, name=subset, revision=revision)
@@ -204,6 +207,7 @@ def _short(exc: Exception) -> str:
 
 def _dataset_snapshot(repo: str, revision: str | None, allow_patterns: list[str] | None = None) -> str:
     """The cached (and, online, completed) snapshot folder of a hub dataset."""
+    # lazy: huggingface_hub, kept out of `mixloop --help`
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -227,6 +231,7 @@ def _dataset_snapshot(repo: str, revision: str | None, allow_patterns: list[str]
 
 def check_push(repo: str) -> None:
     """Refuse `--push-to-hub REPO` before any export work: offline, not a repo id, or no token."""
+    # lazy: huggingface_hub, kept out of `mixloop --help`
     from huggingface_hub import get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -254,7 +259,7 @@ def push(folder: Path, repo: str, private: bool, revision: str | None, message: 
     """Upload an exported folder to the hub repo `repo` (created if missing, private if asked), on the
     branch `revision` (created from main if missing) or main, in place of the weights there; the URL
     of the new commit."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazy: huggingface_hub, kept out of `mixloop --help`
 
     api = HfApi(endpoint=_endpoint())
     try:
@@ -289,6 +294,7 @@ def _push_failure(exc: Exception, repo: str, folder: Path, private: bool, revisi
 
 
 def _cause_and_fix(exc: Exception) -> tuple[str, str]:
+    # lazy: huggingface_hub, kept out of `mixloop --help`
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None

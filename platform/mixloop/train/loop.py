@@ -180,7 +180,7 @@ class StageWorker:
 def _quiet_report_lines() -> None:
     """Ray Train 2.60 logs every report, metrics and all, at INFO through a logger named after its
     file, which LoggingConfig does not reach; the progress lines say the same in one line."""
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context  # lazy: ray
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 

@@ -39,6 +39,7 @@ class WorkerGroup:
     """A rank of a Ray Train worker group. Reports are a barrier across the group."""
 
     def __init__(self):
+        # lazy: ray
         import ray.train
         import ray.train.torch
 
@@ -48,24 +49,24 @@ class WorkerGroup:
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on this rank's device, wrapped for DDP when there are several ranks."""
-        import ray.train.torch
+        import ray.train.torch  # lazy: ray
 
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
-        import ray.train
+        import ray.train  # lazy: ray
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def latest_checkpoint(self):
-        import ray.train
+        import ray.train  # lazy: ray
 
         return ray.train.get_checkpoint()
 
     def preemption(self):
         """Ray's notice that a node of the group is about to be reclaimed (a broadcast: every rank asks)."""
-        import ray.train
+        import ray.train  # lazy: ray
 
         return ray.train.get_preemption_info()
 
@@ -92,7 +93,7 @@ class TuneTrial:
         return model.to(self.device)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
-        from ray import tune
+        from ray import tune  # lazy: ray
 
         self.last = metrics
         if "eval_loss" in metrics and metrics["step"] < metrics["total_steps"]:
@@ -100,7 +101,7 @@ class TuneTrial:
             tune.report(self.row(metrics), checkpoint=checkpoint)
 
     def latest_checkpoint(self):
-        from ray import tune
+        from ray import tune  # lazy: ray
 
         return tune.get_checkpoint()
 

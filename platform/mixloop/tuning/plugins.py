@@ -9,6 +9,7 @@ import os
 import pickle
 import tempfile
 
+from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -16,7 +17,6 @@ from ray.tune.search.optuna import OptunaSearch
 from mixloop.tuning.objectives import objective_keys
 from mixloop.tuning.results import describe_changes
 from mixloop.tuning.search import Search
-from ray import tune
 
 
 class BaselinesFirst(Searcher):

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import ray
+from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-import ray
 from mixloop.config import Share, stage_hash
 from mixloop.data.store import read_manifest
 from mixloop.errors import MixloopError, StageConflictError
@@ -51,7 +52,6 @@ from mixloop.tuning.search import Search, load_search
 from mixloop.tuning.trials import TrialContext, run_trial
 from mixloop.versioning.lineage import VersionMetrics
 from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version
-from ray import tune
 
 Log = Callable[[str], None]
 

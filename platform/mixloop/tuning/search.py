@@ -146,7 +146,7 @@ class Search:
     def param_space(self) -> dict:
         """Ray Tune's search space. Weights are drawn as uniforms and mapped onto the simplex in
         `decode` (exponential spacings, so the mix is uniform on the simplex)."""
-        from ray import tune
+        from ray import tune  # lazy: ray
 
         space, params = self.config.space, {}
         for corpus in space.mixture.corpora if space.mixture else []:
@@ -236,7 +236,7 @@ class Search:
 
 def _in_domain(value, domain) -> bool:
     """Whether a Ray Tune domain can draw `value` (a randint's upper bound is exclusive)."""
-    from ray.tune.search.sample import Categorical, Integer
+    from ray.tune.search.sample import Categorical, Integer  # lazy: ray
 
     if isinstance(domain, Categorical):
         return value in domain.categories

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import yaml
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mixloop.data.corpora import PreparedCorpora
@@ -26,7 +27,6 @@ from mixloop.tuning.objectives import objective_keys, objective_value
 from mixloop.tuning.search import Search
 from mixloop.versioning.lineage import Lineage
 from mixloop.versioning.registry import version_dir
-from ray import tune
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from mixloop.config import BASE_VERSION
 from mixloop.errors import MixloopError
-from mixloop.storage.fs import local_copy, read_json, share_with_umask
+from mixloop.storage.fs import exists, join, local_copy, read_json, read_text, share_with_umask
+from mixloop.storage.hub import model_card_text
 from mixloop.storage.layout import Workdir
 from mixloop.version import __version__
 from mixloop.versioning.lineage import Lineage, mixture_shares
@@ -40,6 +43,7 @@ def export(
 ) -> Path:
     """Write the version `version` of `workdir` into the new or empty folder `target`; its card's license
     is `license`, else the base model's (see card_license)."""
+    # lazy: torch, transformers; the CLI imports this module for --help
     import torch
 
     from mixloop.train.model import load_model
@@ -80,12 +84,8 @@ def card_license(workdir: str, given: str | None) -> tuple[dict, str]:
     if not start:
         return {"license": SCRATCH_LICENSE}, "mixloop's own, for a model it created from scratch"
     if _hub_id(start):
-        from mixloop.storage.hub import model_card_text
-
         text = model_card_text(start, base.model_commit or base.model.get("revision"))
     else:
-        from mixloop.storage.fs import exists, join, read_text
-
         text = read_text(join(start, "README.md")) if exists(join(start, "README.md")) else None
     declared = _card_metadata(text or "")
     licensed = {key: declared[key] for key in LICENSE_KEYS if isinstance(declared.get(key), str)}
@@ -96,8 +96,6 @@ def card_license(workdir: str, given: str | None) -> tuple[dict, str]:
 
 def _card_metadata(text: str) -> dict:
     """The YAML metadata block at the top of a model card, {} if there is none or it is not a mapping."""
-    import yaml
-
     head, marker, _ = text.removeprefix("---\n").partition("\n---")
     try:
         data = yaml.safe_load(head) if text.startswith("---\n") and marker else None
@@ -156,10 +154,6 @@ def model_card(workdir: str, lineage: Lineage, dtype: str, licensed: dict | None
 
 def _hub_datasets(workdir: str, chain: list[Lineage]) -> list[str]:
     """The Hub datasets (ids) of the corpora the chain trained on, from the workdir's copy of the spec."""
-    import yaml
-
-    from mixloop.storage.fs import exists, read_text
-
     copy = Workdir(workdir).pipeline_copy
     corpora = (yaml.safe_load(read_text(copy)) or {}).get("corpora", {}) if exists(copy) else {}
     used = {name for step in chain for name in step.corpora}
@@ -167,8 +161,6 @@ def _hub_datasets(workdir: str, chain: list[Lineage]) -> list[str]:
 
 
 def _evaluation(workdir: str, version: str) -> list[str]:
-    from mixloop.storage.layout import Workdir
-
     matrix, deltas = read_json(Workdir(workdir).eval_matrix), read_json(Workdir(workdir).eval_deltas)
     row = (matrix or {}).get(version) or {}
     if not row:
