@@ -17,8 +17,11 @@ from mixloop.config.schema import BUILTIN_DEFAULTS, LRConfig, PipelineConfig, St
 
 def path_keys(section: dict) -> list[str]:
     """The keys of a tokenizer or corpus section (as data) that hold file paths; a hub dataset's `eval`
-    names one of its splits."""
-    return [key for key in ("path", "eval") if key in section and not (key == "eval" and "dataset" in section)]
+    names one of its splits, and `probes: eval` or `generated` no file."""
+    from mixloop.config.benchmarks import PROBE_KEYWORDS  # not at the top: schema must be imported before it
+
+    named = ("dataset" in section) * ["eval"] + (section.get("probes") in PROBE_KEYWORDS) * ["probes"]  # no files
+    return [key for key in ("path", "eval", "probes") if key in section and key not in named]
 
 
 class Spec:
@@ -73,6 +76,10 @@ class Spec:
         for section in (data["tokenizer"], *data["corpora"].values()):
             for key in path_keys(section):
                 section[key] = self.path(section[key])
+        if "benchmarks" in data:
+            from mixloop.config.benchmarks import portable_benchmarks
+
+            data["benchmarks"] = portable_benchmarks(data["benchmarks"], self.path)
         if "path" in data["model"]:
             data["model"]["path"] = self.model_source()  # a hub id stays one
         for holder in (data, *data["corpora"].values()):  # template files, as for corpora

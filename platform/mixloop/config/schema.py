@@ -151,6 +151,12 @@ class CorpusConfig(Strict):
     or for a hub dataset the name of its split (test, validation)."""
     generate: Generate | None = None
     """Let mixloop generate this corpus (used by the quickstart; nothing to download)."""
+    probes: str | None = None
+    """Questions on what this corpus teaches, scored on every version under the corpus's name (records as
+    in benchmarks.probes): a file (relative to the spec), `eval` for a chat corpus's eval split (the first
+    user turn asked, its answer the reference), or `generated` for a generated corpus: the generator
+    writes them beside the corpus from the same facts (a text corpus: multiple choice completing its
+    statements; a chat corpus: its questions and answers)."""
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     """Stop when more than this share of records is malformed (they go to rejects/)."""
     max_document_tokens: int | None = Field(default=None, gt=0)
@@ -375,6 +381,11 @@ class GateConfig(Strict):
         return value.strip() if isinstance(value, str) else value
 
 
+# Here, not at the top: config/benchmarks.py subclasses Strict, so it must find it defined. Any import of the
+# package imports this module first (config/__init__ -> checks -> resolve -> schema).
+from mixloop.config.benchmarks import BenchmarksConfig  # noqa: E402
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN)
     """Pipeline name; also names the Ray Train runs."""
@@ -407,6 +418,8 @@ class PipelineConfig(Strict):
     """How `mixloop add` turns a new corpus into stages."""
     gate: GateConfig | None = None
     """Checks a new version must pass to become `current`; without a gate, every run's last version does."""
+    benchmarks: BenchmarksConfig | None = None
+    """What every version is scored on besides eval loss: lm-evaluation-harness tasks and probes."""
 
 
 BUILTIN_DEFAULTS = StageSettings(
