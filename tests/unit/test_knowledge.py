@@ -4,6 +4,9 @@ one taught a few facts and chats, one untrained; the cache; and what validation 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,10 @@ import torch
 import yaml
 
 from mixloop.config import spec_from_data
+from mixloop.config.benchmarks import BenchmarksConfig
+from mixloop.errors import SpecError
 from mixloop.evaluation.knowledge import Benchmarks, benchmarks_of, score_version
+from mixloop.evaluation.knowledge_checks import benchmark_problems
 from mixloop.evaluation.probes import ProbeError, ProbeSource, contains, exact_match, normalize_answer, read_probe
 from mixloop.train.model import model_config, new_model
 from mixloop.versioning.registry import publish
@@ -231,6 +237,84 @@ def test_a_spec_asks_its_corpora_probes_and_its_own(tmp_path, versions):
     for corpus in plain["corpora"].values():
         corpus.pop("probes", None)
     assert benchmarks_of(spec_from_data(plain, str(tmp_path))) is None
+
+
+def test_validation_names_every_benchmark_problem_with_its_fix(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(CHOICES[0]) + "\n" + '{"prompt": "x", "choices": ["a"]}\n')
+    data = spec_data(tmp_path, benchmarks={"tasks": ["arc_esay"], "probes": {"web": "bad.jsonl", "gone": "no.jsonl"}})
+    data["corpora"]["web"]["probes"] = "generated"
+    data["corpora"]["facts"]["probes"] = "eval"
+    with pytest.raises(SpecError) as error:
+        spec_from_data(data, str(tmp_path))
+    message = str(error.value)
+    for expected in (
+        "corpora.web.probes: 'web' names another task or probe too",
+        "corpora.web.probes: only a generated corpus has generated probes",
+        "corpora.facts.probes: `eval` asks a chat corpus's eval split; facts is a text corpus",
+        f'benchmarks.probes.web: {tmp_path / "bad.jsonl"}:2: "choices" must be a list of two or more',
+        "benchmarks.probes.gone: probe gone: no file matches",
+        "benchmarks.tasks: no lm-evaluation-harness task, group or tag named 'arc_esay'. Fix: did you mean arc_easy",
+    ):
+        assert expected in message, message
+
+
+def hub_task(folder: Path) -> Path:
+    """A local lm-eval task over a hub dataset, as task YAMLs name them."""
+    folder.mkdir(exist_ok=True)
+    (folder / "hub.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "hub_facts",
+                "dataset_path": "tiny-org/facts",
+                "dataset_name": "ARC",
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "prompt",
+                "doc_to_choice": "choices",
+                "doc_to_target": "answer",
+            }
+        )
+    )
+    return folder
+
+
+def cache_as_load_dataset_does(cache: Path, records: Path) -> None:
+    """tiny-org/facts (subset ARC) prepared in the datasets cache where load_dataset leaves a hub dataset:
+    <org>___<name>/<subset>/<version>/<hash>/."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    builder = Json(
+        cache_dir=str(cache),
+        dataset_name="facts",
+        config_name="ARC",
+        data_files=DataFilesDict.from_patterns({"test": [str(records)]}),
+    )
+    builder.repo_id, builder.hash, builder.config_id = "tiny-org/facts", "0123abcd", "ARC"
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+
+
+def test_offline_a_task_whose_hub_dataset_is_not_cached_is_a_problem_until_it_is(
+    tmp_path, monkeypatch, versions, probe_files
+):
+    tasks, cache = hub_task(tmp_path / "tasks"), tmp_path / "datasets"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    config = BenchmarksConfig(tasks=["hub_facts"], include_path="tasks")
+    (problem,) = benchmark_problems(config, str(tmp_path))
+    assert problem.startswith("benchmarks.tasks: hub_facts needs the hub dataset tiny-org/facts (ARC), not in")
+    assert "`python -c \"import datasets; datasets.load_dataset('tiny-org/facts', 'ARC')\"`" in problem
+    cache_as_load_dataset_does(cache, probe_files["choice"])
+    assert benchmark_problems(config, str(tmp_path)) == []
+    # ... and lm-eval then scores it offline (a fresh process: datasets reads HF_HUB_OFFLINE when imported).
+    script = (
+        "import sys; from mixloop.evaluation.knowledge import Benchmarks, score_version\n"
+        f"b = Benchmarks(tasks=('hub_facts',), include_path={str(tasks)!r})\n"
+        f"print(score_version({versions['taught']!r}, b, {str(tmp_path / 'scores')!r}).score('hub_facts', 'acc').value)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert done.stdout.strip().splitlines()[-1:] == ["1.0"], done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("topic", ["general", "astronomy"])

@@ -31,6 +31,7 @@ from mixloop.config.schema import (
 )
 from mixloop.data.records import CHAT_FORMATS, TEXT_FORMATS
 from mixloop.errors import MixloopError
+from mixloop.evaluation.knowledge_checks import benchmark_problems
 from mixloop.storage.fs import exists, expand_files, file_format, read_text, size
 from mixloop.storage.hub import HUB_ID, cached_config, is_hub_id, not_cached_message, offline, split_paths
 
@@ -79,6 +80,10 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
     if _ok(pipeline.corpora):
         problems += _gate_problems(pipeline.gate, pipeline.corpora) if _ok(pipeline.gate) and pipeline.gate else []
         problems += _iterate_problems(pipeline.iterate, pipeline.corpora) if _ok(pipeline.iterate) else []
+    if _ok(pipeline.benchmarks):  # a Broken corpus has no probes to check
+        problems += benchmark_problems(
+            pipeline.benchmarks, spec.base_dir, _ok(pipeline.corpora) and pipeline.corpora, files=files
+        )
     return problems
 
 
