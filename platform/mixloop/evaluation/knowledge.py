@@ -47,7 +47,9 @@ class Benchmarks:
     max_new_tokens: int = 64
 
     @classmethod
-    def from_config(cls, config: BenchmarksConfig, base_dir: str, corpus_probes: tuple[ProbeSource, ...] = ()):
+    def from_config(
+        cls, config: BenchmarksConfig, base_dir: str, corpus_probes: tuple[ProbeSource, ...] = ()
+    ) -> Benchmarks:
         """The section's settings with its paths taken from `base_dir` (the spec's folder)."""
         probes = tuple(ProbeSource(name, resolve_path(base_dir, path)) for name, path in config.probes.items())
         return cls(
@@ -121,8 +123,8 @@ def score_version(folder: str, benchmarks: Benchmarks, work_dir: str, *, device:
     holds them, else measured with lm-eval and cached there."""
     key = score_key(folder, benchmarks)
     path = join(work_dir, f"{key}.json")
-    if exists(path):
-        return VersionScores.model_validate_json(read_text(path))
+    if exists(path):  # the same weights may be scored under another folder (an alias, an export)
+        return VersionScores.model_validate_json(read_text(path)).model_copy(update={"folder": folder})
     start = time.monotonic()
     scores, examples = _measure(local_copy(folder), benchmarks, device)
     result = VersionScores(
