@@ -15,6 +15,7 @@ from mixloop.config.resolve import ResolvedStage, Spec, resolve_stage
 from mixloop.config.schema import BASE_VERSION, BUILTIN_DEFAULTS, CURRENT_ALIAS, StageConfig, StageSettings
 from mixloop.config.sources import MODEL_PRESETS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, CorpusConfig
 from mixloop.config.strict import as_number, is_whole
+from mixloop.evaluation.knowledge_checks import benchmark_problems
 from mixloop.storage.fs import exists, read_text
 from mixloop.storage.hub import cached_config, is_hub_id, not_cached_message, offline
 
@@ -60,6 +61,10 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
     if _ok(pipeline.corpora):
         problems += _gate_problems(pipeline.gate, pipeline.corpora) if _ok(pipeline.gate) and pipeline.gate else []
         problems += _iterate_problems(pipeline.iterate, pipeline.corpora) if _ok(pipeline.iterate) else []
+    if _ok(pipeline.benchmarks):  # a Broken corpus has no probes to check
+        problems += benchmark_problems(
+            pipeline.benchmarks, spec.base_dir, _ok(pipeline.corpora) and pipeline.corpora, files=files
+        )
     return problems
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mixloop.config.benchmarks import PROBE_KEYWORDS, portable_benchmarks
 from mixloop.config.schema import BUILTIN_DEFAULTS, LRConfig, PipelineConfig, StageConfig, StageSettings
 from mixloop.storage.fs import read_text
 from mixloop.storage.hub import is_hub_id, local_model
@@ -19,8 +20,9 @@ from mixloop.storage.hub import is_hub_id, local_model
 
 def path_keys(section: dict) -> list[str]:
     """The keys of a tokenizer or corpus section (as data) that hold file paths; a hub dataset's `eval`
-    names one of its splits."""
-    return [key for key in ("path", "eval") if key in section and not (key == "eval" and "dataset" in section)]
+    names one of its splits, and `probes: eval` or `generated` no file."""
+    named = ("dataset" in section) * ["eval"] + (section.get("probes") in PROBE_KEYWORDS) * ["probes"]  # no files
+    return [key for key in ("path", "eval", "probes") if key in section and key not in named]
 
 
 class Spec:
@@ -70,6 +72,8 @@ class Spec:
         for section in (data["tokenizer"], *data["corpora"].values()):
             for key in path_keys(section):
                 section[key] = self.path(section[key])
+        if "benchmarks" in data:
+            data["benchmarks"] = portable_benchmarks(data["benchmarks"], self.path)
         if "path" in data["model"]:
             data["model"]["path"] = self.model_source()  # a hub id stays one
         for holder in (data, *data["corpora"].values()):  # template files, as for corpora

@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mixloop.config.benchmarks import BenchmarksConfig
 from mixloop.config.sources import CorpusConfig, ModelConfig, TokenizerConfig
 from mixloop.config.strict import Strict, as_number, is_whole
 
@@ -254,6 +255,8 @@ class PipelineConfig(Strict):
     """How `mixloop add` turns a new corpus into stages."""
     gate: GateConfig | None = None
     """Checks a new version must pass to become `current`; without a gate, every run's last version does."""
+    benchmarks: BenchmarksConfig | None = None
+    """What every version is scored on besides eval loss: lm-evaluation-harness tasks and probes."""
 
 
 BUILTIN_DEFAULTS = StageSettings(

@@ -98,6 +98,12 @@ class CorpusConfig(Strict):
     or for a hub dataset the name of its split (test, validation)."""
     generate: Generate | None = None
     """Let mixloop generate this corpus (used by the quickstart; nothing to download)."""
+    probes: str | None = None
+    """Questions on what this corpus teaches, scored on every version under the corpus's name (records as
+    in benchmarks.probes): a file (relative to the spec), `eval` for a chat corpus's eval split (the first
+    user turn asked, its answer the reference), or `generated` for a generated corpus: the generator
+    writes them beside the corpus from the same facts (a text corpus: multiple choice completing its
+    statements; a chat corpus: its questions and answers)."""
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     """Stop when more than this share of records is malformed (they go to rejects/)."""
     max_document_tokens: int | None = Field(default=None, gt=0)

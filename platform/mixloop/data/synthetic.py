@@ -90,3 +90,57 @@ def write_corpus(out_dir: str, kind: str, topic: str, documents: int, eval_docum
             write_text(path, content)
         paths[split] = path
     return paths
+
+
+MOON_COUNTS = [str(count) for count in range(10)]
+
+
+def _world_blanks(topic: str) -> list[tuple[str, str, list[str]]]:
+    """(statement's start, the word that completes it, every word it could be) for each fact of the world.
+    The draws replay `_world_facts`'s, in its order, so both tell the same world (a test checks that)."""
+    rng = random.Random(f"world/{topic}")
+    blanks = []
+    if topic == "general":
+        for name in NAMES:
+            job, city = rng.choice(JOBS), rng.choice(CITIES)
+            blanks += [(f"{name} is a", job, JOBS), (f"{name} lives in", city, CITIES)]
+        for animal in ANIMALS:
+            food, home = rng.choice(FOODS), rng.choice(HOMES)
+            blanks += [(f"The {animal} eats", food, FOODS), (f"The {animal} lives near the", home, HOMES)]
+    else:
+        for planet in PLANETS:
+            moons, colour, star = rng.randint(0, 9), rng.choice(COLOURS), rng.choice(STARS)
+            blanks += [
+                (f"The planet {planet} has", str(moons), MOON_COUNTS),
+                (f"{planet} looks", colour, COLOURS),
+                (f"{planet} orbits the star", star, STARS),
+            ]
+    return blanks
+
+
+def choice_questions(topic: str, choices: int = 4) -> list[dict]:
+    """Multiple-choice probes of a world's facts: a statement's start, and the word that completes it
+    among others of the same kind (so chance is 1 / choices), as mixloop's probe files hold them."""
+    rng = random.Random(f"probes/{topic}")
+    questions = []
+    for prompt, right, pool in _world_blanks(topic):
+        options = [right, *rng.sample([word for word in pool if word != right], choices - 1)]
+        rng.shuffle(options)
+        questions.append({"prompt": prompt, "choices": options, "answer": options.index(right)})
+    return questions
+
+
+def answer_questions(topic: str) -> list[dict]:
+    """Every question of a world's chats once, with the answer its chats give."""
+    return [{"question": question, "answer": answer} for _, question, answer in _world_facts(topic)]
+
+
+def write_probes(out_dir: str, kind: str, topic: str) -> str:
+    """Write probes.jsonl beside a generated corpus: multiple choice for a text corpus (its statements
+    completed), questions and answers for a chat corpus; returns its path."""
+    records = choice_questions(topic) if kind == "text" else answer_questions(topic)
+    path = join(out_dir, "probes.jsonl")
+    content = "".join(json.dumps(record) + "\n" for record in records)
+    if not exists(path) or read_text(path) != content:  # an unchanged file keeps its mtime
+        write_text(path, content)
+    return path
