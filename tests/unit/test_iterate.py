@@ -15,6 +15,7 @@ from mixloop.cli import main
 from mixloop.config import GateConfig, load_spec, spec_from_data
 from mixloop.config.edit import append_entries, replace_validated
 from mixloop.errors import MixloopError, SpecError
+from mixloop.evaluation.scores import Score
 from mixloop.runs.iterate import NewCorpus, plan, ready_corpora
 from mixloop.versioning import gate
 from mixloop.versioning.lineage import GateVerdict
@@ -67,6 +68,49 @@ def test_uptake_that_cannot_be_measured_fails_and_the_first_version_passes_witho
     first = gate.judge(GateConfig(min_uptake=0.1), "sft", None, no_eval, {}, LINEAGES)
     assert first.passed and first.checks == ["no current version to compare with"]
     assert gate.judge(None, "law-sft", "sft", no_eval, {}, LINEAGES).checks == ["the pipeline has no gate"]
+
+
+def test_score_bounds_fail_beyond_the_noise_and_pass_within_it_saying_so():
+    """A fall of 0.10 in accuracy: with standard errors of 0.02 (the difference's is 0.028, z = 1.96
+    gives 0.055) it is beyond the noise of a 0.02 bound; with 0.09 each (0.127 x 1.96 = 0.25) it is
+    within it. The verdict names the numbers either way."""
+    scores = {
+        "sft": {"facts": Score("acc", 0.90, 0.02, 400)},
+        "law-sft": {"facts": Score("acc", 0.80, 0.02, 400)},
+    }
+    failed = gate.judge(GateConfig(max_score_drop=0.02), "law-sft", "sft", MATRIX, {}, LINEAGES, scores)
+    assert not failed.passed
+    assert failed.failed == ["score drop on facts (acc): +0.1000 ± 0.0283 (at most 0.0200)"]
+    noisy = {v: {"facts": Score("acc", s["facts"].value, 0.09, 24)} for v, s in scores.items()}
+    within = gate.judge(GateConfig(max_score_drop={"facts": 0.02}), "law-sft", "sft", MATRIX, {}, LINEAGES, noisy)
+    assert within.passed and within.checks == [
+        "score drop on facts (acc): +0.1000 ± 0.1273 (at most 0.0200; crossed by 0.0800, within the noise "
+        "(1.96 × 0.1273))"
+    ]
+    floor = gate.judge(
+        GateConfig(min_score={"facts": 0.95, "other": 0.5}), "law-sft", "sft", MATRIX, {}, LINEAGES, scores
+    )
+    assert floor.failed == [
+        "score on facts (acc): 0.8000 ± 0.0200 (at least 0.9500)",
+        "score on other: not measured (no such benchmark task or probe)",
+    ]
+    # A lower confidence forgives less noise: at 0.3, z = 0.39 and the 0.08 crossing is beyond 0.39 x 0.127.
+    assert not gate.judge(
+        GateConfig(max_score_drop=0.02, confidence=0.3), "law-sft", "sft", MATRIX, {}, LINEAGES, noisy
+    ).passed
+
+
+def test_loss_bounds_weigh_the_standard_errors_of_both_losses():
+    """Forgetting of +0.2 on web against a bound of 0.15: beyond the noise when the losses are measured to
+    0.01, within it when to 0.05 (0.071 x 1.96 = 0.139 > 0.05)."""
+
+    def with_stderr(stderr: float) -> dict:
+        return {v: {c: {"loss": r["loss"], "stderr": stderr} for c, r in row.items()} for v, row in MATRIX.items()}
+
+    sure = gate.judge(GateConfig(max_forgetting={"web": 0.15}), "law-sft", "sft", with_stderr(0.01), {}, LINEAGES)
+    assert sure.failed == ["forgetting on web: +0.2000 ± 0.0141 (at most 0.1500)"]
+    noisy = gate.judge(GateConfig(max_forgetting={"web": 0.15}), "law-sft", "sft", with_stderr(0.05), {}, LINEAGES)
+    assert noisy.passed and "within the noise" in noisy.checks[0]
 
 
 @pytest.fixture

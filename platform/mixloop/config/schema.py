@@ -213,6 +213,15 @@ class GateConfig(Strict):
     """Chat health floor: the share of answers that end within chat_max_new_tokens, per chat corpus."""
     max_repetition: float | None = Field(default=None, ge=0, le=1)
     """Chat health ceiling: the mean share of repeated 4-grams in answers, per chat corpus."""
+    min_score: dict[str, float] | None = None
+    """Floors on benchmark scores, per task or probe ({astronomy: 0.8}): its headline metric (accuracy,
+    exact match), which must not be below the floor by more than its noise (see `confidence`)."""
+    max_score_drop: float | dict[str, float] | None = None
+    """Largest fall of each benchmark score against the current version (0.02), or per task
+    ({general: 0.02}); a fall beyond it but within the noise of the difference is not a failure."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """How sure a failure must be: a bound fails only when it is crossed by more than the measured noise,
+    z standard errors of the compared values (z = 1.96 at 0.95). Applies to loss and score bounds."""
 
     @field_validator("max_forgetting", "min_uptake", mode="before")
     @classmethod

@@ -31,7 +31,10 @@ from mixloop.evaluation.evaluate import (
     health_versions,
     iteration_deltas,
 )
+from mixloop.evaluation.knowledge import benchmarks_of
 from mixloop.evaluation.report import write_report
+from mixloop.evaluation.scores import ScoreMatrix, format_scores, headlines, score_deltas, score_versions
+from mixloop.evaluation.scores import as_json as scores_json
 from mixloop.runs.stages import StageRunner, edited_stages, ensure_base, repeat_warnings, stage_plan
 from mixloop.runs.tracking import Trackers
 from mixloop.storage.fs import write_json, write_text
@@ -89,12 +92,16 @@ class Evaluation:
     """What evaluating a workdir's versions gives (`mixloop eval`, `mixloop report`)."""
 
     matrix: dict[str, dict[str, dict]]
-    """Per version and eval set: {"loss", "perplexity", "tokens", "rows", "key"} (the same as eval/matrix.json)."""
+    """Per version and eval set: {"loss", "stderr", "perplexity", "tokens", "rows", "key"} (eval/matrix.json)."""
     deltas: dict[str, dict]
     """Per version, against its parent: {"parent", "uptake", "forgetting", "forgetting_vs_best"} (eval loss)."""
     health: dict[str, dict]
     """Per version and chat set: {"samples", "ended", "repetition", "length", "examples"}."""
-    report: str
+    scores: ScoreMatrix = field(default_factory=dict)
+    """Per version and benchmark task or probe: its headline Score (value, stderr) (eval/scores.json)."""
+    score_deltas: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """Per version and task, against its parent: {"change", "stderr", "significant"}."""
+    report: str = ""
     """The report page (report/index.html)."""
 
 
@@ -239,42 +246,72 @@ class PipelineRunner:
         `judge`: first pass the gate's verdict on the pipeline's last version (once per version)."""
         with self.locked("mixloop report"):
             prepared = prepared or self.corpora.prepare(self.spec.resolved_stages())
-            matrix = self.evaluate(prepared)  # only pairs not stored yet are computed
             lineages = list_versions(self.workdir)
-            deltas = iteration_deltas(matrix, lineages)
-            health = health_versions(
-                self.workdir,
-                list(lineages),
-                self.corpora.chat_prompts(),
-                self.spec.config.chat_max_new_tokens,
-                self.progress_bar,
-            )
+            evaluation = self._measure(prepared, lineages)
             if judge:
-                lineages = self._judge_last(matrix, health, lineages)
-            table = format_matrix(matrix)
-            write_text(Workdir(self.workdir).eval_table, table + "\n")
-            write_json(Workdir(self.workdir).eval_matrix, matrix)
-            write_json(Workdir(self.workdir).eval_deltas, deltas)
-            unmeasured = self.corpora.without_eval()
-            page = write_report(self.workdir, lineages, matrix, deltas, health, unmeasured)
-            self.trackers.log_versions(matrix, deltas, lineages)
-            self.trackers.close(Workdir(self.workdir).report)
-        if any(matrix.values()):
-            self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
-        if deltas:
-            self.log(format_deltas(deltas))
+                lineages = self._judge_last(evaluation, lineages)
+            evaluation = self._write(evaluation, lineages)
+        self._print(evaluation)
+        return evaluation
+
+    def _measure(self, prepared: PreparedCorpora, lineages: Lineages) -> Evaluation:
+        """Loss on every eval split, chat health and benchmark scores of every version (only what is not
+        stored yet is computed), and what each gained and lost against its parent."""
+        matrix = self.evaluate(prepared)
+        chat = self.corpora.chat_prompts(), self.spec.config.chat_max_new_tokens
+        health = health_versions(self.workdir, list(lineages), *chat, self.progress_bar)
+        benchmarks = benchmarks_of(self.spec, self.corpora)
+        scored = score_versions(self.workdir, list(lineages), benchmarks, self.progress_bar) if benchmarks else {}
+        scores = headlines(scored)
+        return Evaluation(
+            matrix=matrix,
+            deltas=iteration_deltas(matrix, lineages),
+            health=health,
+            scores=scores,
+            score_deltas=score_deltas(scores, lineages),
+        )
+
+    def _write(self, evaluation: Evaluation, lineages: Lineages) -> Evaluation:
+        """eval/'s tables, the report page and the trackers; the evaluation with its page."""
+        workdir = Workdir(self.workdir)
+        write_text(workdir.eval_table, format_matrix(evaluation.matrix) + "\n")
+        write_json(workdir.eval_matrix, evaluation.matrix)
+        write_json(workdir.eval_deltas, evaluation.deltas)
+        write_json(workdir.eval_scores, scores_json(evaluation.scores))
+        page = write_report(
+            self.workdir,
+            lineages,
+            evaluation.matrix,
+            evaluation.deltas,
+            evaluation.health,
+            self.corpora.without_eval(),
+            scores=evaluation.scores,
+            score_deltas=evaluation.score_deltas,
+        )
+        self.trackers.log_versions(evaluation.matrix, evaluation.deltas, lineages, evaluation.scores)
+        self.trackers.close(workdir.report)
+        return dataclasses.replace(evaluation, report=page)
+
+    def _print(self, evaluation: Evaluation) -> None:
+        if any(evaluation.matrix.values()):
+            self.log("eval loss (token mean; chat sets on assistant tokens):\n" + format_matrix(evaluation.matrix))
+        if evaluation.deltas:
+            self.log(format_deltas(evaluation.deltas))
+        if evaluation.scores:
+            self.log("knowledge (headline metric per task, ± its standard error):\n" + format_scores(evaluation.scores))
+        unmeasured = self.corpora.without_eval()
         if unmeasured:
             self.log(no_eval_note(unmeasured))
-        self.log(f"report: {page}")
-        return Evaluation(matrix=matrix, deltas=deltas, health=health, report=page)
+        self.log(f"report: {evaluation.report}")
 
-    def _judge_last(self, matrix: dict, health: dict, lineages: Lineages) -> Lineages:
+    def _judge_last(self, evaluation: Evaluation, lineages: Lineages) -> Lineages:
         """The gate's verdict on the pipeline's last version, unless it has one; the lineages with it."""
         last = self.spec.config.stages[-1].name
         if last not in lineages or lineages[last].gate is not None:
             return lineages
         current = current_version(self.workdir)
-        verdict = gate.judge(self.spec.config.gate, last, current, matrix, health, lineages)
+        e = evaluation
+        verdict = gate.judge(self.spec.config.gate, last, current, e.matrix, e.health, lineages, e.scores)
         lineages = lineages.with_lineage(gate.record(self.workdir, last, verdict))
         if verdict.passed:
             self.log(f"gate: {last} is now the current version ({verdict.summary()})")

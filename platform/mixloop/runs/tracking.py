@@ -137,9 +137,9 @@ class Trackers:
             points.append((final, points[-1][1] if points else int(tokens_before)))
         self.forward(run, points)
 
-    def log_versions(self, matrix: dict, deltas: dict, lineages: Lineages) -> None:
-        """Each version's eval losses (and uptake and forgetting against its parent) at the cumulative
-        tokens it was trained to."""
+    def log_versions(self, matrix: dict, deltas: dict, lineages: Lineages, scores: dict | None = None) -> None:
+        """Each version's eval losses (and uptake and forgetting against its parent) and benchmark scores
+        (with their standard errors) at the cumulative tokens it was trained to."""
         for version, row in matrix.items():
             lineage = lineages.get(version)
             kept = {"parent", "stage_hash", "finished", "tokens_per_corpus"}
@@ -149,6 +149,11 @@ class Trackers:
             delta = deltas.get(version) or {}
             values.update({f"uptake/{c}": v for c, v in delta.get("uptake", {}).items()})
             values.update({f"forgetting/{c}": v for c, v in delta.get("forgetting", {}).items()})
+            for task, score in (scores or {}).get(version, {}).items():  # knowledge/<task>/<metric>, its stderr
+                values[f"knowledge/{task}/{score.metric}"] = score.value
+                values.update(
+                    {f"knowledge/{task}/{score.metric}_stderr": score.stderr} if score.stderr is not None else {}
+                )
             if values:
                 self.forward(version, [(values, int(lineages.tokens_through(version)))])
 

@@ -12,6 +12,7 @@
       rejects/<corpus>-<split>-<key>/ the records preparation refused, with reasons
       models/<version>/        published versions (versioning.registry); models/current links one
       eval/<version>/<corpus>.json    eval results; eval/{table.txt,matrix.json,deltas.json} the summary
+      eval/scores.json, eval/knowledge/<key>.json     benchmark scores: headlines, and each version's all
       train/<run>/             Ray Train's storage for a run (checkpoints, final/<stage run>/)
       tune/<search>/           a search: results, trials/<id>/ (SearchFolder)
       report/                  the HTML report
@@ -100,6 +101,16 @@ class Workdir:
     def eval_matrix(self) -> str:
         """matrix.json: every version's results per eval set."""
         return join(self.root, "eval", "matrix.json")
+
+    @property
+    def eval_scores(self) -> str:
+        """scores.json: every version's headline score per benchmark task and probe."""
+        return join(self.root, "eval", "scores.json")
+
+    @property
+    def knowledge_cache(self) -> str:
+        """Each version's full scores, one JSON file per (weights, benchmarks) key."""
+        return join(self.root, "eval", "knowledge")
 
     @property
     def eval_deltas(self) -> str:
