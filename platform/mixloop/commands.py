@@ -11,6 +11,7 @@ from pathlib import Path
 from mixloop import api
 from mixloop.config import format_problems, load_spec
 from mixloop.errors import MixloopError, SpecError
+from mixloop.evaluation.scores import read_score_matrix, score_summary
 from mixloop.runs import jobs
 from mixloop.runs.status import status_lines
 from mixloop.storage import hub
@@ -69,13 +70,16 @@ def cmd_models_list(args) -> int:
     if not versions:
         print("no versions yet")
         return 0
+    scores = read_score_matrix(workdir)  # as the last report measured them
     # Trained tokens are the documents' own; the budget counts every slot of its steps, padding included.
-    print(f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}  gate")
+    header = f"{'version':<20} {'parent':<20} {'trained tokens':>15} {'budget (slots)':>15}  {'finished':<25}"
+    print(header + ("  knowledge (± stderr)" if scores else "") + "  gate")
     for lineage in versions:
         gate = ("CURRENT, " if lineage.version == current else "") + gate_summary(lineage)
+        known = f"  {score_summary(scores.get(lineage.version, {})) or '-'}" if scores else ""
         print(
             f"{lineage.version:<20} {lineage.parent or '-':<20} {lineage.trained_tokens:>15,.0f} "
-            f"{lineage.budget_slots:>15,}  {lineage.finished:<25}  {gate}"
+            f"{lineage.budget_slots:>15,}  {lineage.finished:<25}{known}  {gate}"
         )
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,36 @@ def test_chat_health_prompts_come_from_every_file_of_a_glob_and_from_parquet(tmp
 
     pq.write_table(pa.Table.from_pylist([chat("from parquet?")]), tmp_path / "eval.parquet")
     assert eval_prompts(str(tmp_path / "eval.parquet"), 3) == [[{"role": "user", "content": "from parquet?"}]]
+
+
+def test_scores_take_each_tasks_headline_and_call_a_change_only_beyond_its_noise(tmp_path):
+    from mixloop.evaluation.harness import TaskScore
+    from mixloop.evaluation.knowledge import VersionScores
+    from mixloop.evaluation.report import write_report
+    from mixloop.evaluation.scores import format_scores, headlines, score_deltas
+
+    def scored(facts: float, chat: float, stderr: float) -> VersionScores:
+        metrics = [("facts", "acc_norm", facts - 0.1), ("facts", "acc", facts), ("chat", "contains", 1.0)]
+        metrics += [("chat", "exact_match", chat)]
+        scores = tuple(
+            TaskScore(task=t, metric=m, value=v, stderr=stderr, samples=40, kind="probe") for t, m, v in metrics
+        )
+        return VersionScores(key="k", folder="f", scores=scores, seconds=1.0, lm_eval_version="0.4.13")
+
+    matrix = headlines(
+        {"base": scored(0.30, 0.0, 0.07), "sft": scored(0.90, 0.5, 0.05), "next": scored(0.95, 0.5, 0.05)}
+    )
+    assert {t: s.metric for t, s in matrix["sft"].items()} == {"chat": "exact_match", "facts": "acc"}
+    lineages = lineages_of(
+        lineage_of("base"), lineage_of("sft", "base", ["facts"]), lineage_of("next", "sft", ["facts"])
+    )
+    deltas = score_deltas(matrix, lineages)
+    assert deltas["sft"]["facts"]["change"] == pytest.approx(0.6) and deltas["sft"]["facts"]["significant"]
+    assert not deltas["next"]["facts"]["significant"]  # +0.05 against a difference stderr of 0.071
+    table = format_scores(matrix).splitlines()
+    assert table[0].split() == ["version", "chat", "(exact_match)", "facts", "(acc)"]
+    assert table[2].split() == ["sft", "0.500±0.050", "0.900±0.050"]
+    page = Path(write_report(str(tmp_path), lineages, {}, {}, {}, scores=matrix, score_deltas=deltas)).read_text()
+    assert "<td>sft</td><td>0.500±0.050</td><td>0.900±0.050</td>" in page
+    assert "<td>next</td><td>facts</td><td>+0.050</td><td>0.071</td><td>no (noise)</td>" in page
+    assert (tmp_path / "report" / "scores.png").stat().st_size and (tmp_path / "report" / "score_changes.png").exists()

@@ -145,6 +145,8 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
 
     (version / "eval").mkdir()
     (version / "eval" / "matrix.json").write_text(json.dumps({"v1": {"web": {"loss": 2.5}}}))
+    scores = {"v1": {"astronomy": {"metric": "acc", "value": 0.75, "stderr": 0.09, "samples": 24}}}
+    (version / "eval" / "scores.json").write_text(json.dumps(scores))
     # v1 trained on a Hub dataset and a local file: the card's metadata names the dataset.
     (version / "pipeline.yaml").write_text(
         yaml.safe_dump(
@@ -170,8 +172,14 @@ def test_export_in_bf16_sharded_with_lineage_and_a_model_card(version, tmp_path,
         torch.testing.assert_close(model(ids).logits.float(), original(ids).logits, atol=0.05, rtol=0.05)
     assert json.loads((out / "lineage.json").read_text())["version"] == "v1"
     card = (out / "README.md").read_text()
-    assert card.startswith('---\nlibrary_name: "transformers"') and "# v1" in card and "| web | 2.5000 |" in card
-    assert 'datasets: ["openai/gsm8k"]\n' in card
+    assert "# v1" in card and "| web | 2.5000 |" in card
+    metadata = card_metadata(out)
+    assert metadata["library_name"] == "transformers" and metadata["datasets"] == ["openai/gsm8k"]
+    # The benchmark scores are the card's model-index (the Hub shows them), with their standard errors.
+    result = metadata["model-index"][0]["results"][0]
+    assert metadata["model-index"][0]["name"] == "v1" and result["dataset"]["name"] == "astronomy"
+    assert result["metrics"][0] == {"type": "acc", "value": 0.75, "name": "acc (0.750±0.090, 24 questions)"}
+    assert "| astronomy | acc | 0.750±0.090 | - |" in card
     assert main(["models", "export", str(version), "v1", str(out)]) == 1  # never over an export
     assert "exists and is not empty" in capsys.readouterr().err
 

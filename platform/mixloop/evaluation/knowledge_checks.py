@@ -13,7 +13,6 @@ from typing import Any
 
 from mixloop.config.benchmarks import EVAL_PROBES, GENERATED_PROBES, BenchmarksConfig, resolve_path
 from mixloop.evaluation.harness import manager_for
-from mixloop.evaluation.probes import ProbeError, ProbeSource, read_probe
 from mixloop.storage.hub import HUB_ID, offline
 
 
@@ -30,7 +29,7 @@ def benchmark_problems(
     if not files:
         return problems
     for name, path in config.probes.items():
-        problems += _file_problems(f"benchmarks.probes.{name}", ProbeSource(name, resolve_path(base_dir, path)))
+        problems += _file_problems(f"benchmarks.probes.{name}", name, resolve_path(base_dir, path))
     include = resolve_path(base_dir, config.include_path) if config.include_path else None
     if include is not None and not Path(include).is_dir():
         return problems + [
@@ -67,12 +66,15 @@ def _corpus_probe_problems(name: str, corpus: Any, base_dir: str, files: bool) -
         if corpus.eval is None and corpus.generate is None:
             return [f"{where}: {name} has no eval split to ask. Fix: add `eval`, or name a probe file."]
         return []
-    return _file_problems(where, ProbeSource(name, resolve_path(base_dir, value))) if files else []
+    return _file_problems(where, name, resolve_path(base_dir, value)) if files else []
 
 
-def _file_problems(where: str, source: ProbeSource) -> list[str]:
+def _file_problems(where: str, name: str, path: str) -> list[str]:
+    # lazy: the probe reader brings pyarrow (a tenth of a second), only for a spec with probe files
+    from mixloop.evaluation.probes import ProbeError, ProbeSource, read_probe
+
     try:
-        read_probe(source)
+        read_probe(ProbeSource(name, path))
     except ProbeError as exc:
         return [f"{where}: {exc}"]
     return []

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from mixloop.config import Share  # noqa: E402
 from mixloop.evaluation.evaluate import SIGNS, delta_bars, format_pairs  # noqa: E402
+from mixloop.evaluation.score_plots import plot_score_changes, plot_scores  # noqa: E402
+from mixloop.evaluation.scores import ScoreMatrix  # noqa: E402
 from mixloop.storage.fs import is_local, join, read_json, upload  # noqa: E402
 from mixloop.storage.layout import Workdir  # noqa: E402
 from mixloop.train.metrics import MetricsRecord, read_metrics  # noqa: E402
@@ -148,16 +150,25 @@ def _plot_lineage(lineages: Lineages, path: Path) -> None:
 
 
 def write_report(
-    workdir: str, lineages: Lineages, matrix: dict, deltas: dict, health: dict, unmeasured: list[str] = ()
+    workdir: str,
+    lineages: Lineages,
+    matrix: dict,
+    deltas: dict,
+    health: dict,
+    unmeasured: list[str] = (),
+    scores: ScoreMatrix | None = None,
+    score_deltas: dict | None = None,
 ) -> str:
     """Write <workdir>/report/index.html and its plots; returns the page's path or URI. `unmeasured`:
-    the corpora without an eval split, which the page names with how to add one."""
+    the corpora without an eval split, which the page names with how to add one; `scores`: the versions'
+    benchmark scores and `score_deltas` their changes against their parents (evaluation.scores)."""
     target = Workdir(workdir).report
+    knowledge = (scores or {}, score_deltas or {})
     if is_local(target):
         folder = Path(target.removeprefix("file://"))
-        return str(_write_pages(folder, workdir, lineages, matrix, deltas, health, unmeasured))
+        return str(_write_pages(folder, workdir, lineages, matrix, deltas, health, unmeasured, knowledge))
     with tempfile.TemporaryDirectory() as staging:
-        _write_pages(Path(staging), workdir, lineages, matrix, deltas, health, unmeasured)
+        _write_pages(Path(staging), workdir, lineages, matrix, deltas, health, unmeasured, knowledge)
         upload(staging, target, last="index.html")
     return join(target, "index.html")
 
@@ -170,6 +181,7 @@ def _write_pages(
     deltas: dict,
     health: dict,
     unmeasured: list[str],
+    knowledge: tuple[ScoreMatrix, dict],
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stages = [v for v, lineage in lineages.items() if lineage.stage is not None]
@@ -188,16 +200,49 @@ def _write_pages(
     _plot_lineage(lineages, folder / "lineage.png")
     images["lineage.png"] = "Lineage"
     page = folder / "index.html"
-    page.write_text(
-        _html(
-            lineages, matrix, deltas, health, images, unmeasured, _searches(workdir, folder), current_version(workdir)
-        )
-    )
+    sections = _knowledge_sections(folder, *knowledge) + _searches(workdir, folder)
+    page.write_text(_html(lineages, matrix, deltas, health, images, unmeasured, sections, current_version(workdir)))
     return page
 
 
+def _knowledge_sections(folder: Path, scores: ScoreMatrix, score_deltas: dict) -> list[str]:
+    """What each version knows: its benchmark scores (± standard error) and their changes against its
+    parent, as tables and plots with error bars."""
+    if not scores:
+        return []
+    plot_scores(scores, folder / "scores.png")
+    tasks = sorted({t for row in scores.values() for t in row})
+    table = _table(
+        ["version", *tasks], [[v, *(row[t].text() if t in row else "-" for t in tasks)] for v, row in scores.items()]
+    )
+    sections = [
+        "<h2>What each version knows: benchmark scores (± standard error)</h2>"
+        + table
+        + "<img src='scores.png' alt='benchmark scores per version'>"
+    ]
+    if score_deltas:
+        plot_score_changes(score_deltas, folder / "score_changes.png")
+        rows = [
+            [
+                v,
+                t,
+                f"{d['change']:+.3f}",
+                "-" if d["stderr"] is None else f"{d['stderr']:.3f}",
+                "yes" if d["significant"] else "no (noise)",
+            ]
+            for v, row in score_deltas.items()
+            for t, d in sorted(row.items())
+        ]
+        sections.append(
+            "<h2>Knowledge gained and lost against the parent</h2>"
+            + _table(["version", "task", "change", "stderr of the change", "beyond 2 stderr"], rows)
+            + "<img src='score_changes.png' alt='score changes against the parent'>"
+        )
+    return sections
+
+
 def _searches(workdir: str, folder: Path) -> list[str]:
-    """A section per tuning search of the workdir: its verdict, its trials and its objective plot."""
+    """The workdir's tuning searches, one part each: its verdict, its trials and its objective plot."""
     fs, root = fsspec.core.url_to_fs(Workdir(workdir).tune)
     if not fs.isdir(root):
         return []
@@ -228,7 +273,7 @@ def _searches(workdir: str, folder: Path) -> list[str]:
             fs.get_file(plot, str(folder / f"tune-{name}.png"))
             section += f"<img src='tune-{name}.png' alt='objective of the trials of {html.escape(name)}'>"
         sections.append(section)
-    return sections
+    return ["<h2>Tuning searches</h2>" + "".join(sections)] if sections else []
 
 
 def _number(value) -> str:
@@ -241,7 +286,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(lineages, matrix, deltas, health, images, unmeasured, searches, current) -> str:
+def _html(lineages, matrix, deltas, health, images, unmeasured, sections_after, current) -> str:
     sections = (
         [
             f"<p class='note'>No eval split for {html.escape(', '.join(unmeasured))}: uptake and forgetting "
@@ -257,8 +302,7 @@ def _html(lineages, matrix, deltas, health, images, unmeasured, searches, curren
     sections += _loss_sections(matrix, deltas)
     if health:
         sections += _health_sections(health)
-    if searches:
-        sections.append("<h2>Tuning searches</h2>" + "".join(searches))
+    sections += sections_after
     sections.append(_versions_section(lineages, current))
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}"

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from mixloop.evaluation.knowledge import Benchmarks, VersionScores, score_key, score_version
 from mixloop.runs.tracking import counted
 from mixloop.storage.fs import exists, join, read_text
 from mixloop.storage.layout import Workdir
 from mixloop.versioning.lineage import Lineages
 from mixloop.versioning.registry import version_dir
+
+if TYPE_CHECKING:  # the scoring engine reads probes with pyarrow: not for the commands that only show scores
+    from mixloop.evaluation.knowledge import Benchmarks, VersionScores
 
 # The metric that stands for a task, in order of preference (lm-eval's names).
 HEADLINE_METRICS = ("acc", "exact_match", "acc_norm", "contains", "f1", "mcc", "bleu")
@@ -45,8 +48,10 @@ def score_versions(
 ) -> dict[str, VersionScores]:
     """Every version's scores: from the cache where the same weights were scored on the same benchmarks,
     else measured in one Ray task (lm-eval's imports and the harness paid once for all versions)."""
-    # lazy: ray
+    # lazy: ray; the scoring engine (pyarrow through its probe reader)
     import ray
+
+    from mixloop.evaluation.knowledge import score_key, score_version
 
     cache = Workdir(workdir).knowledge_cache
     folders = {v: version_dir(workdir, v) for v in versions}
@@ -59,8 +64,10 @@ def score_versions(
 
 
 def _score_all(folders: list[str], benchmarks: Benchmarks, cache: str) -> None:
-    # lazy: torch, only inside the scoring task
+    # lazy: torch, only inside the scoring task; the scoring engine
     import torch
+
+    from mixloop.evaluation.knowledge import score_version
 
     torch.set_num_threads(1)  # as the loss matrix's tasks: one core each
     for folder in folders:
@@ -118,6 +125,11 @@ def format_scores(matrix: ScoreMatrix) -> str:
             f"{version:<{width}}  " + "  ".join(f"{row[t].text() if t in row else '-':>{cell}}" for t in tasks)
         )
     return "\n".join(lines)
+
+
+def score_summary(row: dict[str, Score]) -> str:
+    """A version's headline scores in a few words: `astronomy 0.250±0.090, general 0.900±0.050`."""
+    return ", ".join(f"{task} {score.text()}" for task, score in sorted(row.items()))
 
 
 def as_json(matrix: ScoreMatrix) -> dict:

@@ -7,6 +7,7 @@ import datetime
 import time
 
 from mixloop.config import Spec
+from mixloop.evaluation.scores import read_score_matrix, score_summary
 from mixloop.storage.layout import Workdir
 from mixloop.storage.lock import describe, live_holder
 from mixloop.train.metrics import MetricsRecord, last_metrics
@@ -42,7 +43,9 @@ def status_lines(spec: Spec) -> list[str]:
         )
     )
     current = current_version(workdir)
-    lines.append("current: " + (f"{current} ({gate_summary(done[current])})" if current in done else "none yet"))
+    known = score_summary(read_score_matrix(workdir).get(current or "", {}))
+    known = f"; knows {known}" if known else ""
+    lines.append("current: " + (f"{current} ({gate_summary(done[current])}{known})" if current in done else "none yet"))
     return lines
 
 

@@ -9,7 +9,6 @@ created from scratch gets mixloop's own, apache-2.0; `--license` says it outrigh
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from mixloop.config import BASE_VERSION
 from mixloop.errors import MixloopError
+from mixloop.evaluation.scores import Score, change, read_score_matrix
 from mixloop.storage.fs import exists, join, local_copy, read_json, read_text, share_with_umask
 from mixloop.storage.hub import model_card_text
 from mixloop.storage.layout import Workdir
@@ -110,25 +110,26 @@ def _hub_id(start: str) -> bool:
 
 
 def model_card(workdir: str, lineage: Lineage, dtype: str, licensed: dict | None = None) -> str:
-    """A Hub model card: metadata, the stage chain from base to this version, eval losses, deltas."""
+    """A Hub model card (huggingface_hub's ModelCard): metadata with the benchmark scores as its
+    model-index, the stage chain from base to this version, eval losses and scores, their changes."""
+    # lazy: huggingface_hub, only when a card is written (the CLI imports this module for --help)
+    from huggingface_hub import ModelCard, ModelCardData
+
     versions = list_versions(workdir)
     chain = [versions[v] for v in reversed(versions.ancestors(lineage.version))]
     start = ((versions[BASE_VERSION].model or {}) if BASE_VERSION in versions else {}).get("path")
-    hub_start = start if start and _hub_id(start) else None
-    datasets = _hub_datasets(workdir, chain)
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["mixloop", "continual-pretraining"],
+    scores = read_score_matrix(workdir).get(lineage.version, {})
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["mixloop", "continual-pretraining"],
+        base_model=start if start and _hub_id(start) else None,
+        datasets=_hub_datasets(workdir, chain) or None,
+        model_name=lineage.version if scores else None,
+        eval_results=_eval_results(scores) or None,
         **(licensed or {}),
-        **({"base_model": hub_start} if hub_start else {}),
-        **({"datasets": datasets} if datasets else {}),
-    }
+    )
     lines = [
-        "---",
-        *(f"{key}: {json.dumps(value)}" for key, value in metadata.items()),
-        "---",
-        "",
         f"# {lineage.version}",
         "",
         f"Version `{lineage.version}` of a model kept current with mixloop "
@@ -142,14 +143,52 @@ def model_card(workdir: str, lineage: Lineage, dtype: str, licensed: dict | None
         mixture = mixture_shares(step.stage.mixture) if step.stage else "-"
         peak = step.stage.lr.peak if step.stage else "-"
         lines.append(f"| {step.version} | {step.parent or '-'} | {mixture} | {step.trained_tokens:,.0f} | {peak} |")
-    lines += _evaluation(workdir, lineage.version)
+    lines += _evaluation(workdir, lineage.version) + _knowledge(workdir, lineage, scores)
     lines += [
         "",
         "Load it with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; "
         "`lineage.json` beside the weights records every setting of its stage.",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _eval_results(scores: dict[str, Score]) -> list:
+    """The version's benchmark scores as the Hub's model-index results (the standard error in the name)."""
+    from huggingface_hub import EvalResult  # lazy: huggingface_hub, as in model_card
+
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=score.metric,
+            metric_value=round(score.value, 4),
+            metric_name=f"{score.metric} ({score.text()}, {score.samples} questions)",
+        )
+        for task, score in sorted(scores.items())
+    ]
+
+
+def _knowledge(workdir: str, lineage: Lineage, scores: dict[str, Score]) -> list[str]:
+    if not scores:
+        return []
+    parent = read_score_matrix(workdir).get(lineage.parent or "", {})
+    lines = [
+        "",
+        "Benchmark scores (headline metric ± standard error; change against the parent ± its standard error):",
+        "",
+    ]
+    lines += ["| task | metric | score | change vs parent |", "|---|---|---|---|"]
+    for task, score in sorted(scores.items()):
+        moved = change(parent[task], score) if task in parent else None
+        delta = (
+            "-"
+            if moved is None
+            else f"{moved['change']:+.3f}" + (f" ± {moved['stderr']:.3f}" if moved["stderr"] is not None else "")
+        )
+        lines.append(f"| {task} | {score.metric} | {score.text()} | {delta} |")
+    return lines
 
 
 def _hub_datasets(workdir: str, chain: list[Lineage]) -> list[str]:
