@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mixloop.cli import main
@@ -38,7 +39,41 @@ MEDICAL_SFT = {
 }
 
 
-def spec_dict(workdir, stages):
+# Knowledge scored on every version: a local lm-eval task (multiple choice over JSON lines), a probe
+# file users write in one line a question, and the medical chats' eval questions answered in chat.
+TERMS = [
+    ("An inflammation of the liver is called", ["hepatitis", "arthritis", "gastritis"], 0),
+    ("High blood sugar over a long time is a sign of", ["diabetes", "asthma", "anemia"], 0),
+    ("The organ that pumps blood is the", ["heart", "lung", "kidney"], 0),
+    ("A broken bone is also called a", ["fracture", "sprain", "bruise"], 0),
+]
+TASK_YAML = """task: medical_terms
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
+"""
+
+
+def write_benchmarks(folder) -> dict:
+    """The spec's benchmarks section over a task folder and a probe file written here."""
+    tasks = folder / "tasks"
+    tasks.mkdir(parents=True)
+    rows = [{"question": q, "choices": c, "answer": a} for q, c, a in TERMS]
+    (tasks / "medical_terms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "medical_terms.yaml").write_text(TASK_YAML.format(data=tasks / "medical_terms.jsonl"))
+    probe = folder / "medical_mc.jsonl"
+    probe.write_text(
+        "".join(json.dumps({"prompt": q, "choices": [f" {x}" for x in c], "answer": a}) + "\n" for q, c, a in TERMS)
+    )
+    return {"tasks": ["medical_terms"], "include_path": str(tasks), "probes": {"medical_mc": str(probe)}, "limit": 4}
+
+
+def spec_dict(workdir, stages, benchmarks=None):
     data = SHARED_DATA
     return {
         "name": "shared-data",
@@ -66,8 +101,10 @@ def spec_dict(workdir, stages):
                 "kind": "chat",
                 "path": str(data / "sft/en_medical_medquad.jsonl"),
                 "eval": str(data / "eval/sft_medical_en.jsonl"),
+                "probes": "eval",  # its eval chats' questions, answered in chat
             },
         },
+        "benchmarks": benchmarks,
         "defaults": {
             "seq_len": 256,
             "global_batch_tokens": 8192,
@@ -87,7 +124,8 @@ def spec_dict(workdir, stages):
 
 def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     workdir = tmp_path / "run"
-    spec_path = write_spec(tmp_path, spec_dict(workdir, STAGES))
+    benchmarks = write_benchmarks(tmp_path / "bench")
+    spec_path = write_spec(tmp_path, spec_dict(workdir, STAGES, benchmarks))
     first = PipelineRunner(load_spec(spec_path), log=lambda line: None).run()
     assert first.trained == ["pretrain", "sft", "medical"]
     matrix = first.matrix
@@ -108,9 +146,28 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     asked = eval_prompts(str(SHARED_DATA / "eval/sft_en.jsonl"), 1)[0][-1]["content"]  # the first eval prompt
     assert gsm8k_health["examples"][0]["prompt"] == json.dumps(asked, ensure_ascii=False)[1:-1][:300]
 
+    # Every version is scored on the local task, the probe file and the eval split's questions, with
+    # standard errors, and the scores are kept beside the losses.
+    for version in ("base", "pretrain", "sft", "medical"):
+        metrics = {task: (s.metric, s.samples) for task, s in first.scores[version].items()}
+        assert metrics == {"medical_terms": ("acc", 4), "medical_mc": ("acc", 4), "medical_chat": ("exact_match", 4)}
+        assert all(s.stderr is not None and 0 <= s.value <= 1 for s in first.scores[version].values())
+    assert set(json.loads((workdir / "eval" / "scores.json").read_text())) == {"base", "pretrain", "sft", "medical"}
+    assert set(first.score_deltas["medical"]) == {"medical_terms", "medical_mc", "medical_chat"}
+
     # The report renders in a real browser with every plot loaded and no console error.
+    page = (workdir / "report" / "index.html").read_text()
+    assert "What each version knows: benchmark scores" in page and "<th>medical_terms</th>" in page
     images, errors = open_in_browser(workdir / "report" / "index.html")
-    assert {src for src, _ in images} == {"training.png", "eval_matrix.png", "uptake_forgetting.png", "lineage.png"}
+    plots = {
+        "training.png",
+        "eval_matrix.png",
+        "uptake_forgetting.png",
+        "lineage.png",
+        "scores.png",
+        "score_changes.png",
+    }
+    assert {src for src, _ in images} == plots
     assert all(loaded for _, loaded in images), images
     assert errors == []
 
@@ -139,12 +196,18 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     assert sorted(p.name for p in (workdir / "train").iterdir()) == trained_before
     assert (workdir / "cache" / "prepare.jsonl").read_text() == prepared_before, "a re-run tokenized again"
 
-    appended = write_spec(tmp_path, spec_dict(workdir, STAGES + [MEDICAL_SFT]))
+    appended = write_spec(tmp_path, spec_dict(workdir, STAGES + [MEDICAL_SFT], benchmarks))
     third = PipelineRunner(load_spec(appended), log=lambda line: None).run()
     assert third.trained == ["medical-sft"]
     assert list(list_versions(str(workdir))) == ["base", "pretrain", "sft", "medical", "medical-sft"]
     assert json.loads((workdir / "models" / "medical-sft" / "lineage.json").read_text())["parent"] == "medical"
     assert third.matrix["medical-sft"]["medical_chat"]["loss"] < third.matrix["medical"]["medical_chat"]["loss"]
+
+    # The exported model card carries the version's scores as its model-index.
+    assert main(["models", "export", str(workdir), "medical-sft", str(tmp_path / "exported")]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text()
+    index = yaml.safe_load(card.split("---\n")[1])["model-index"][0]
+    assert {r["dataset"]["name"] for r in index["results"]} == {"medical_terms", "medical_mc", "medical_chat"}
 
     # The run directory alone is enough to rebuild the report (its pipeline.yaml has absolute paths).
     (workdir / "report" / "index.html").unlink()

@@ -9,6 +9,8 @@ change within the noise of a few dozen questions is not called a gain or a loss.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -70,8 +72,11 @@ def _score_all(folders: list[str], benchmarks: Benchmarks, cache: str) -> None:
     from mixloop.evaluation.knowledge import score_version
 
     torch.set_num_threads(1)  # as the loss matrix's tasks: one core each
-    for folder in folders:
-        score_version(folder, benchmarks, cache)
+    # lm-eval draws progress bars on stderr (per request type and task, some it cannot be told to keep
+    # off): noise among the pipeline's lines for work of a second. An error still raises as it is.
+    with contextlib.redirect_stderr(io.StringIO()):
+        for folder in folders:
+            score_version(folder, benchmarks, cache)
 
 
 def headlines(scores: dict[str, VersionScores]) -> ScoreMatrix:

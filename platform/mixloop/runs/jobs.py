@@ -342,6 +342,11 @@ def _this_run(logs: str, info) -> str:
 def _local_paths(data: dict) -> list[str]:
     sections = (data["tokenizer"], data["model"], *data["corpora"].values())
     paths = [data["workdir"]] + [section[key] for section in sections for key in path_keys(section)]
+    benchmarks = data.get("benchmarks") or {}  # probe files and task YAMLs are read where versions are scored
+    paths += [
+        *benchmarks.get("probes", {}).values(),
+        *([benchmarks["include_path"]] if benchmarks.get("include_path") else []),
+    ]
     return [p for p in paths if "://" not in p]
 
 
