@@ -329,3 +329,20 @@ def test_generated_probes_ask_exactly_what_the_generated_corpora_state(topic):
         assert len(completions) == 4 and stated == [i == question["answer"] for i in range(4)], question
     facts = [{"question": q, "answer": a} for _, q, a in _world_facts(topic)]
     assert answer_questions(topic) == facts and len(choice_questions(topic)) == len(facts)
+
+
+def test_validate_names_an_uncached_hub_task_offline_before_any_ray_work(tmp_path, monkeypatch, capsys):
+    """One clear problem with the fetch command, exit code 2, and nothing started: validation reads
+    lm-eval's task index and the datasets cache only."""
+    from mixloop.cli import main
+    from support import generated_spec, write_spec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    spec = generated_spec(tmp_path / "run", [{"name": "s", "mixture": {"facts": 1.0}, "tokens": 2048}])
+    path = write_spec(tmp_path, spec | {"benchmarks": {"tasks": ["arc_easy"]}})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    (problem,) = [line for line in err.splitlines() if line.lstrip("- ").startswith("benchmarks.tasks")]
+    assert "arc_easy needs the hub dataset allenai/ai2_arc" in problem and "datasets.load_dataset(" in problem
+    assert not (tmp_path / "run").exists()
