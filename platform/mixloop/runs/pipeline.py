@@ -173,7 +173,7 @@ class PipelineRunner:
             if not trained:
                 self.log("every stage is done; nothing to train")
             evaluation = self.report(prepared, judge=True)
-            return RunResult(trained=trained, **dataclasses.asdict(evaluation))
+            return RunResult(trained=trained, **vars(evaluation))  # the records as they are, not as dicts
 
     def train(self, until: str | None = None, extra_stages: Iterable[ResolvedStage] = ()) -> Trained:
         """Train the missing stages in order, up to and including `until` (all by default).
