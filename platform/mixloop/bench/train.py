@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from mixloop.config import BASE_VERSION, load_spec, stage_hash
+from mixloop.console import quiet
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.storage.fs import join
@@ -84,6 +85,7 @@ def train_spec(data: Path, workdir: Path, model: dict, steps: int, seq_lens: dic
     }
 
 
+@quiet()  # the pipeline's lines are not the benchmark's
 def train_benchmark(
     data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int], address: str | None = None
 ) -> dict:
@@ -97,7 +99,7 @@ def train_benchmark(
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-train.yaml"
     path.write_text(yaml.safe_dump(train_spec(data, workdir, model, steps, seq_lens, use_gpu), sort_keys=False))
-    pipeline = PipelineRunner(load_spec(path), log=lambda line: None, address=address)
+    pipeline = PipelineRunner(load_spec(path), address=address)
     prepared = pipeline.train(until=BASE_VERSION).prepared  # tokenizer, packed corpora and base: no stage
     base = read_lineage(str(workdir), BASE_VERSION)
     runner = StageRunner(pipeline.spec, prepared)

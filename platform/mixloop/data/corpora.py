@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mixloop.config import BUILTIN_DEFAULTS, CorpusConfig, ResolvedStage, Spec
@@ -39,7 +40,7 @@ from mixloop.storage.fs import (
 from mixloop.storage.hub import dataset_files
 from mixloop.storage.layout import Workdir
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class PreparedCorpora:
 
 
 class Corpora:
-    def __init__(self, spec: Spec, log: Log = print, address: str | None = None, progress_bar: bool = False):
-        self.spec, self.log, self.address, self.progress_bar = spec, log, address, progress_bar
+    def __init__(self, spec: Spec, address: str | None = None, progress_bar: bool = False):
+        self.spec, self.address, self.progress_bar = spec, address, progress_bar
         self.workdir = spec.workdir
 
     @functools.cache  # noqa: B019 (one Corpora per command: the cache lives as long as it should)
@@ -180,7 +181,7 @@ class Corpora:
             if folder:
                 tokenizer = load_tokenizer(folder)
             else:
-                self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
+                logger.info(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 tokenizer = train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size)
             if template is not None:
                 tokenizer.chat_template = template

@@ -13,7 +13,8 @@ holds the workdir's lock and calls them in order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,7 +51,7 @@ from mixloop.versioning.registry import (
     verified_version,
 )
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class Trained(NamedTuple):
@@ -134,7 +135,6 @@ class PipelineRunner:
     def __init__(
         self,
         spec: Spec,
-        log: Log = print,
         address: str | None = None,
         lock=None,
         hooks: StepHooks | None = None,
@@ -142,17 +142,16 @@ class PipelineRunner:
     ):
         self.spec = spec
         self.workdir = spec.workdir
-        self.log = log
         self.lock = lock  # the workdir's lock while this pipeline holds it
         self.hooks = hooks  # tests' way into the step loop; none in production
-        self.corpora = Corpora(spec, log, address, progress_bar)
-        self.trackers = Trackers.of(spec, log)
+        self.corpora = Corpora(spec, address, progress_bar)
+        self.trackers = Trackers.of(spec)
         self.progress_bar = progress_bar  # live bars (preparation, stages, evaluation) instead of lines
 
     @contextmanager
     def locked(self, command: str):
         """Hold the workdir's lock (one run per workdir); nested calls share the outer hold."""
-        with workdir_lock(self.workdir, command, self.log, held=self.lock) as lock:
+        with workdir_lock(self.workdir, command, held=self.lock) as lock:
             outer, self.lock = self.lock, lock
             try:
                 yield lock
@@ -164,7 +163,7 @@ class PipelineRunner:
         with self.locked("mixloop run"):
             trained, prepared = self.train()
             if not trained:
-                self.log("every stage is done; nothing to train")
+                logger.info("every stage is done; nothing to train")
             evaluation = self.report(prepared, judge=True)
             return RunResult(trained=trained, **dataclasses.asdict(evaluation))
 
@@ -180,11 +179,11 @@ class PipelineRunner:
             raise StageConflictError("\n".join(conflicts))
         with self.locked("mixloop run"):
             for leftover in remove_partial_publishes(self.workdir):
-                self.log(f"removed {leftover}, left by a publish that was interrupted")
+                logger.info(f"removed {leftover}, left by a publish that was interrupted")
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
-            ensure_base(self.spec, prepared.tokenizer_dir, self.log)
+            ensure_base(self.spec, prepared.tokenizer_dir)
             write_text(Workdir(self.workdir).pipeline_copy, yaml.safe_dump(self.spec.portable(), sort_keys=False))
-            runner = StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar)
+            runner = StageRunner(self.spec, prepared, self.hooks, self.lock, self.trackers, self.progress_bar)
             return Trained(self._train_stages(runner, until), prepared)
 
     def _train_stages(self, runner: StageRunner, until: str | None) -> list[str]:
@@ -192,7 +191,7 @@ class PipelineRunner:
         for group in self._groups(until):
             run = runner.run_name(group[0].stage, group[0].digest)
             for block in _blocks(group):
-                self.log(self._pipeline_line(block[0].index, trained))
+                logger.info(self._pipeline_line(block[0].index, trained))
                 parent = read_lineage(self.workdir, block[0].parent)
                 trained += runner.train([(member.stage, member.digest) for member in block], parent, run)
         return [lineage.version for lineage in trained]
@@ -210,7 +209,7 @@ class PipelineRunner:
             existing = read_lineage(self.workdir, stage.name)
             hashes[stage.name] = existing.stage_hash if existing else stage_hash(resolved, hashes[parent])
             if existing is not None and not beyond:
-                self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
+                logger.info(f"stage {stage.name}: done (version {stage.name}), skipping")
             member = Member(index, resolved, hashes[stage.name], parent, train=existing is None and not beyond)
             if groups and groups[-1][-1].stage.name == parent and same_workers(groups[-1][-1].stage, resolved):
                 groups[-1].append(member)
@@ -260,12 +259,12 @@ class PipelineRunner:
             self.trackers.log_versions(matrix, deltas, lineages)
             self.trackers.close(Workdir(self.workdir).report)
         if any(matrix.values()):
-            self.log("eval loss (token mean; chat sets on assistant tokens):\n" + table)
+            logger.info("eval loss (token mean; chat sets on assistant tokens):\n" + table)
         if deltas:
-            self.log(format_deltas(deltas))
+            logger.info(format_deltas(deltas))
         if unmeasured:
-            self.log(no_eval_note(unmeasured))
-        self.log(f"report: {page}")
+            logger.info(no_eval_note(unmeasured))
+        logger.info(f"report: {page}")
         return Evaluation(matrix=matrix, deltas=deltas, health=health, report=page)
 
     def _judge_last(self, matrix: dict, health: dict, lineages: Lineages) -> Lineages:
@@ -277,9 +276,9 @@ class PipelineRunner:
         verdict = gate.judge(self.spec.config.gate, last, current, matrix, health, lineages)
         lineages = lineages.with_lineage(gate.record(self.workdir, last, verdict))
         if verdict.passed:
-            self.log(f"gate: {last} is now the current version ({verdict.summary()})")
+            logger.info(f"gate: {last} is now the current version ({verdict.summary()})")
         else:
-            self.log(
+            logger.info(
                 f"gate: {last} {verdict.summary()}; {current} stays the current version. "
                 f"Override with `mixloop models promote {self.workdir} {last}`."
             )

@@ -10,6 +10,10 @@ plan. The batch is cut into micro-batches; worker r of W takes micro-batches
 r, r+W, ... and accumulates, so the trajectory does not depend on W. The
 loop's position is the step alone: a restart at any world size reads the same
 rows from the plan (see docs/ARCHITECTURE.md, "Determinism").
+
+Rank 0's lines (progress, resume, preemption) are printed, not logged as the driver's are (console.py):
+this runs in a Ray worker process, which has none of the driver's handlers, and Ray forwards a
+worker's stdout to the driver, which shows each line with the worker's prefix, at once.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class StageWorker:
 
     def run(self) -> None:
         if self.rank == 0 and self.state.resumed_from is not None:
-            print(_resume_line(self.job, self.state.step), flush=True)
+            print(_resume_line(self.job, self.state.step), flush=True)  # a worker prints: see the docstring
         stage, total = self.stage, self.stage.total_steps
         for step in range(self.state.step, total):
             self.hooks.before_step(step)
@@ -141,7 +145,7 @@ class StageWorker:
             if self.rank == 0:
                 append_metrics(self.job.metrics_path, record)
                 if self.job.progress_lines:
-                    print(_progress_line(record), flush=True)
+                    print(_progress_line(record), flush=True)  # a worker prints: see the docstring
             noticed = self.preemption.noticed(step)  # a collective: every rank, every report
             if step % self.stage.checkpoint_every == 0 or last or noticed:
                 metrics = record.model_dump()  # what Ray Train (and a tuning trial's Tune) receives
@@ -201,7 +205,7 @@ class PreemptionCheck:
         self.seen |= nodes
         if self.rank == 0:
             deadline = max(info.deadline_ms / 1000 - time.time(), 0) if info.deadline_ms else None
-            print(
+            print(  # a worker prints: see the module's docstring
                 f"[{self.stage}] preemption notice for node(s) {', '.join(sorted(n[:8] for n in nodes))}"
                 + (f", {deadline:.0f} s left" if deadline is not None else "")
                 + f": checkpointing at step {step}",

@@ -10,8 +10,8 @@ created from scratch gets mixloop's own, apache-2.0; `--license` says it outrigh
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -31,6 +31,8 @@ LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub's card met
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
 REWRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
+logger = logging.getLogger(__name__)
+
 
 def export(
     workdir: str,
@@ -39,7 +41,6 @@ def export(
     dtype: str = "fp32",
     max_shard_size: str | None = None,
     license: str | None = None,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Write the version `version` of `workdir` into the new or empty folder `target`; its card's license
     is `license`, else the base model's (see card_license)."""
@@ -62,9 +63,9 @@ def export(
     loadable_everywhere(str(out))
     licensed, origin = card_license(workdir, license)
     if licensed:
-        log(f"license: {licensed['license']} ({origin})")
+        logger.info(f"license: {licensed['license']} ({origin})")
     else:
-        log(f"warning: the model card names no license: {origin}. Fix: export again with --license ID.")
+        logger.warning(f"warning: the model card names no license: {origin}. Fix: export again with --license ID.")
     (out / "README.md").write_text(model_card(workdir, lineage, dtype, licensed))
     # save_pretrained writes the weights private (0600) and copy2 keeps the version's modes: give every
     # file the modes the umask gives, as any other file the user writes.
