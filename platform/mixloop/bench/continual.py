@@ -171,7 +171,7 @@ def _write(path: Path, spec: dict) -> Path:
     return path
 
 
-def _run(path: Path, address: str | None) -> dict:
+def _run(path: Path, address: str | None) -> RunResult:
     from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     return PipelineRunner(load_spec(path), address=address).run()

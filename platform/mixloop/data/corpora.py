@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mixloop.config import BUILTIN_DEFAULTS, CorpusConfig, ResolvedStage, Spec
@@ -64,7 +64,7 @@ class Corpora:
         self.workdir = spec.workdir
 
     @functools.cache  # noqa: B019 (one Corpora per command: the cache lives as long as it should)
-    def files(self, name: str) -> dict[str, str | tuple[str, ...]]:
+    def files(self, name: str) -> Mapping[str, str | tuple[str, ...]]:
         """{'train': pattern, 'eval': pattern?} (a hub dataset's split: its files), generating the corpus
         first (once) if the spec asks for it."""
         corpus = self.spec.config.corpora[name]
@@ -74,8 +74,10 @@ class Corpora:
                 Workdir(self.workdir).generated(name), corpus.kind, g.topic, g.documents, g.eval_documents, g.seed
             )
         if corpus.dataset is not None:
-            splits = {"train": corpus.train_split, "eval": corpus.eval}
-            return {key: _hub_split(name, corpus, split) for key, split in splits.items() if split is not None}
+            dataset, splits = corpus.dataset, {"train": corpus.train_split, "eval": corpus.eval}
+            return {key: _hub_split(name, dataset, corpus, split) for key, split in splits.items() if split is not None}
+        if corpus.path is None:  # the spec's checks refuse a corpus without path, dataset or generate
+            raise MixloopError(f"corpora.{name}: no path. Fix: give it a path, a dataset or generate.")
         files = {"train": self.spec.path(corpus.path)}
         if corpus.eval:
             files["eval"] = self.spec.path(corpus.eval)
@@ -114,6 +116,7 @@ class Corpora:
             for name in stage.mixture
         }
         seq_len = self.spec.config.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
+        assert seq_len is not None  # BUILTIN_DEFAULTS sets every setting
         evals = {
             name: self._request(name, "eval", seq_len, True)
             for name in self.spec.config.corpora
@@ -153,6 +156,8 @@ class Corpora:
         # The folder it is copied from (None: trained here), and the name recorded for it: paths resolved,
         # so the workdir's own copy of the spec (absolute paths) matches the original; the model's own
         # tokenizer (neither path nor train) is named as the model is (a hub id, not its cache folder).
+        folder: str | None
+        named: str | None
         if spec.path:
             folder = named = self.spec.path(spec.path)
         elif spec.train:
@@ -181,6 +186,7 @@ class Corpora:
             if folder:
                 tokenizer = load_tokenizer(folder)
             else:
+                assert spec.train is not None  # folder is None only for a tokenizer trained here
                 logger.info(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 tokenizer = train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size)
             if template is not None:
@@ -209,9 +215,9 @@ class Corpora:
                 yield text
 
 
-def _hub_split(name: str, corpus: CorpusConfig, split: str) -> tuple[str, ...]:
+def _hub_split(name: str, dataset: str, corpus: CorpusConfig, split: str) -> tuple[str, ...]:
     try:
-        return dataset_files(corpus.dataset, corpus.revision, corpus.subset, split)
+        return dataset_files(dataset, corpus.revision, corpus.subset, split)
     except MixloopError as exc:
         raise MixloopError(f"corpora.{name}: {exc}") from None
 

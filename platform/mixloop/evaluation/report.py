@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _plot_matrix(matrix: dict, path: Path) -> None:
     values = [[(matrix[v].get(s) or {}).get("loss", float("nan")) for s in sets] for v in versions]
     fig, ax = plt.subplots(figsize=(1.6 * len(sets) + 2, 0.5 * len(versions) + 1.5))
     image = ax.imshow(values, cmap="viridis_r", aspect="auto")
-    middle = (image.norm.vmin + image.norm.vmax) / 2
+    middle = sum(image.get_clim()) / 2
     ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right")
     ax.set_yticks(range(len(versions)), versions)
     for i, row in enumerate(values):
@@ -148,7 +149,7 @@ def _plot_lineage(lineages: Lineages, path: Path) -> None:
 
 
 def write_report(
-    workdir: str, lineages: Lineages, matrix: dict, deltas: dict, health: dict, unmeasured: list[str] = ()
+    workdir: str, lineages: Lineages, matrix: dict, deltas: dict, health: dict, unmeasured: Sequence[str] = ()
 ) -> str:
     """Write <workdir>/report/index.html and its plots; returns the page's path or URI. `unmeasured`:
     the corpora without an eval split, which the page names with how to add one."""
@@ -169,7 +170,7 @@ def _write_pages(
     matrix: dict,
     deltas: dict,
     health: dict,
-    unmeasured: list[str],
+    unmeasured: Sequence[str],
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stages = [v for v, lineage in lineages.items() if lineage.stage is not None]

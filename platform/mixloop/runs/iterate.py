@@ -117,7 +117,8 @@ def count_tokens(spec: Spec, pattern: str) -> int:
     from mixloop.data.corpora import Corpora
     from mixloop.data.tokenizer import load_tokenizer
 
-    texts, count = [], 0
+    texts: list[str] = []
+    count = 0
     for chunk in list_chunks(expand_files(pattern), None):
         for _, record in iter_records(chunk):
             try:
@@ -199,6 +200,7 @@ def _tuned(
     replace_validated(path, append_entries(path, {"corpora": corpora}), f"adding corpus {new.name}")
     stage, rest = stages[0], stages[1:]
     peak = stage.get("lr", {}).get("peak") or spec.config.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
+    assert peak is not None  # BUILTIN_DEFAULTS sets every setting
     measured = [name for name in stage["mixture"] if name != new.name and spec.config.corpora[name].eval]
     search = {
         "name": new.name,

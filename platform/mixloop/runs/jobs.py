@@ -298,7 +298,7 @@ class JobClient:
         offset = int((info.metadata or {}).get("log_offset", 0))
 
         async def tail():
-            held = ""  # the first `offset` characters, until it is known whether they are an earlier run's
+            held: str | None = ""  # the first `offset` characters, until it is known whether they are an earlier run's
             async for chunk in self.sdk.tail_job_logs(job):
                 if offset and held is not None:
                     held += chunk

@@ -48,6 +48,7 @@ from mixloop.versioning.registry import (
     list_versions,
     read_lineage,
     remove_partial_publishes,
+    require_lineage,
     verified_version,
 )
 
@@ -64,8 +65,8 @@ class Trained(NamedTuple):
 class Member(NamedTuple):
     """A stage of a group (see PipelineRunner._groups)."""
 
-    index: int
-    """Its position in the spec."""
+    position: int
+    """Its index in the spec's stages."""
     stage: ResolvedStage
     digest: str
     parent: str
@@ -191,8 +192,8 @@ class PipelineRunner:
         for group in self._groups(until):
             run = runner.run_name(group[0].stage, group[0].digest)
             for block in _blocks(group):
-                logger.info(self._pipeline_line(block[0].index, trained))
-                parent = read_lineage(self.workdir, block[0].parent)
+                logger.info(self._pipeline_line(block[0].position, trained))
+                parent = require_lineage(self.workdir, block[0].parent)
                 trained += runner.train([(member.stage, member.digest) for member in block], parent, run)
         return [lineage.version for lineage in trained]
 
@@ -202,7 +203,7 @@ class PipelineRunner:
         so its Ray Train run (named after all its stages) resumes after an interruption. Stages after
         `until` are marked not to train."""
         groups: list[list[Member]] = []
-        hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION).stage_hash}
+        hashes = {BASE_VERSION: require_lineage(self.workdir, BASE_VERSION).stage_hash}
         previous, beyond = BASE_VERSION, until == BASE_VERSION
         for index, stage in enumerate(self.spec.config.stages):
             resolved, parent = resolve_stage(self.spec.config, stage), stage.start_from or previous

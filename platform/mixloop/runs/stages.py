@@ -22,7 +22,15 @@ from mixloop.train.job import StageJob, stage_job
 from mixloop.train.metrics import last_metrics
 from mixloop.train.schedule import final_lr
 from mixloop.versioning.lineage import Lineage, VersionMetrics
-from mixloop.versioning.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
+from mixloop.versioning.registry import (
+    list_versions,
+    now,
+    publish,
+    read_lineage,
+    require_lineage,
+    verified_version,
+    version_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ def ensure_base(spec: Spec, tokenizer_dir: str) -> Lineage:
         )
         publish(workdir, folder, tokenizer_dir, lineage)
     logger.info(f"published version {BASE_VERSION} ({lineage.parameters:,} parameters)")
-    return read_lineage(workdir, BASE_VERSION)
+    return require_lineage(workdir, BASE_VERSION)
 
 
 def edited_stages(spec: Spec) -> list[str]:
@@ -226,7 +234,7 @@ class StageRunner:
             self.lock.ensure_held()
         publish(self.workdir, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
         logger.info(f"stage {stage.name}: published version {stage.name}")
-        return read_lineage(self.workdir, stage.name)
+        return require_lineage(self.workdir, stage.name)
 
 
 class Publisher:
@@ -240,7 +248,7 @@ class Publisher:
     def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: Lineage):
         self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
         self.lineages: list[Lineage] = []
-        self.started, self.warned = time.time(), set()
+        self.started, self.warned = time.time(), set[str]()
 
     @contextmanager
     def while_training(self):
@@ -264,9 +272,14 @@ class Publisher:
         # lazy: transformers' model code (through train.model), which `mixloop validate` does without
         from mixloop.train.checkpoint import STATE_FILE
 
-        while self.pending and exists(join(self.pending[0][0].final_dir, STATE_FILE)):
+        while self.pending:
             job, digest = self.pending[0]
+            assert job.final_dir is not None  # StageRunner.train gives every stage of a group its final_dir
+            if not exists(join(job.final_dir, STATE_FILE)):
+                return
             last = last_metrics(job.metrics_path, job.stage.name)
+            if last is None:  # (its last line is written before its final weights)
+                raise MixloopError(f"stage {job.stage.name}: final weights, but no line in {job.metrics_path}")
             wall_seconds = round(max(last.time - self.started, 0.0), 1)
             metrics = VersionMetrics(**last.model_dump(), final_lr=last.lr, wall_seconds=wall_seconds)
             plan = stage_plan(job.stage, job.corpus_dirs)

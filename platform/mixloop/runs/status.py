@@ -42,7 +42,8 @@ def status_lines(spec: Spec) -> list[str]:
         )
     )
     current = current_version(workdir)
-    lines.append("current: " + (f"{current} ({gate_summary(done[current])})" if current in done else "none yet"))
+    shown = f"{current} ({gate_summary(done[current])})" if current is not None and current in done else "none yet"
+    lines.append(f"current: {shown}")
     return lines
 
 

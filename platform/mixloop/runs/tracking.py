@@ -54,7 +54,7 @@ class Trackers:
     def of(cls, spec) -> Trackers:
         """The trackers a spec's `tracking:` names."""
         tracking, workdir, name = spec.config.tracking, spec.workdir, spec.config.name
-        sinks = [TensorBoard(workdir)] if tracking.tensorboard else []
+        sinks: list[TrackerSink] = [TensorBoard(workdir)] if tracking.tensorboard else []
         if tracking.mlflow is not None:
             sinks.append(MLflow(tracking.mlflow.tracking_uri, tracking.mlflow.experiment or name, name))
         if tracking.wandb is not None:
@@ -101,7 +101,7 @@ class Trackers:
             self._each(lambda sink, stage=stage: sink.params(stage.name, stage.as_json()))
         names = [stage.name for stage in stages]
         metrics = MetricsFollower(Workdir(self.workdir).metrics)
-        axis, bars = TokenAxis(names, tokens_before), {}
+        axis, bars = TokenAxis(names, tokens_before), dict[str, ProgressBar]()
 
         def forward_new() -> None:
             try:
@@ -221,7 +221,8 @@ class TokenAxis:
     the first stage, those each earlier stage trained (as its latest line says), and the line's own."""
 
     def __init__(self, stages: list[str], tokens_before: float):
-        self.stages, self.tokens_before, self.trained = stages, tokens_before, {}
+        self.stages, self.tokens_before = stages, tokens_before
+        self.trained: dict[str, float] = {}  # stage -> tokens its latest line says it trained
 
     def at(self, record: MetricsRecord) -> int:
         stage = record.stage

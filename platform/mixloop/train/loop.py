@@ -63,7 +63,7 @@ def run_stages(jobs: list[StageJob], session: TrainingSession, hooks: StepHooks)
         del worker  # its optimizer and DistributedDataParallel wrapper go before the next stage's
 
 
-def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple[int, Start | None]:
+def _resume_point(jobs: list[StageJob], latest: Start | None, run: str | None) -> tuple[int, Start | None]:
     """The stage to start with, and where from. The latest checkpoint of the Ray run `run` decides: the
     stages before its stage are done. A checkpoint of none of these stages is of one the driver
     published already, or of a stage since edited: the first stage then starts from its parent
@@ -71,7 +71,7 @@ def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple
     runs = [job.run for job in jobs]
     if latest is None:
         return 0, None
-    stage = latest.state.run or run
+    stage = (latest.state.run if latest.state is not None else None) or run
     return (runs.index(stage), latest) if stage in runs else (0, None)
 
 
@@ -96,7 +96,8 @@ class StageWorker:
         self.loader = StepLoader(plan, corpora, geometry, total, mine, pin_memory=self.device.type == "cuda")
         self.progress, self.timer = Progress(len(self.names), self.device), StepTimer()
         self.preemption = PreemptionCheck(self.stage.name, session)
-        self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
+        self.window_start, self.window_step = time.time(), self.state.step
+        self.row_hashes: dict[int, str] = {}  # step -> the hash of the rows it trained, in this window
 
     def run(self) -> None:
         if self.rank == 0 and self.state.resumed_from is not None:
@@ -116,7 +117,7 @@ class StageWorker:
         optimizer and the wrapper go first, so the copy is the only thing held twice."""
         model = unwrapped(self.model)
         model.zero_grad(set_to_none=True)
-        self.model = self.trainer = self.optimizer = None
+        del self.model, self.trainer, self.optimizer
         gc.collect()
         return copy.deepcopy(model)
 
@@ -195,7 +196,8 @@ class PreemptionCheck:
     the group when the node goes, and the restart loses no step."""
 
     def __init__(self, stage: str, session: TrainingSession):
-        self.stage, self.session, self.rank, self.seen = stage, session, session.rank, set()
+        self.stage, self.session, self.rank = stage, session, session.rank
+        self.seen: set[str] = set()  # the preempted nodes already noticed
 
     def noticed(self, step: int) -> bool:
         info = self.session.preemption()  # a broadcast from rank 0: every rank calls it

@@ -29,7 +29,8 @@ class BaselinesFirst(Searcher):
 
     def __init__(self, optuna: OptunaSearch, baselines: list[dict], points: list[dict | None]):
         super().__init__(metric=optuna.metric, mode=optuna.mode)
-        self.optuna, self.waiting, self.baseline_points = optuna, list(zip(baselines, points)), {}
+        self.optuna, self.waiting = optuna, list(zip(baselines, points))
+        self.baseline_points: dict[str, dict | None] = {}  # trial id -> its point, for the baselines handed out
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.optuna.set_search_properties(metric, mode, config, **spec)

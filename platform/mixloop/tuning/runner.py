@@ -51,7 +51,7 @@ from mixloop.tuning.results import append_stage, report, stage_note
 from mixloop.tuning.search import Search, load_search
 from mixloop.tuning.trials import TrialContext, run_trial
 from mixloop.versioning.lineage import VersionMetrics
-from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version
+from mixloop.versioning.registry import list_versions, now, require_lineage, verified_version
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
         folder=Workdir(workdir).search(search.config.name),
         prepared=prepared,
         corpus_dirs=prepared.for_stage(candidates),
-        parent=read_lineage(workdir, search.start_from),
+        parent=require_lineage(workdir, search.start_from),
         eval_dirs=prepared.eval,
         eval_rows=rows,
         start_losses={c: r["loss"] for c, r in start.items()},
@@ -242,7 +242,8 @@ def _trial_resources(context: TrialContext) -> dict[str, float]:
 def _check_fingerprint(search: Search, folder: SearchFolder) -> None:
     record = folder.record
     fingerprint = search.fingerprint()
-    if exists(record) and read_json(record)["fingerprint"] != fingerprint:
+    stored = read_json(record)
+    if stored is not None and stored["fingerprint"] != fingerprint:
         raise StageConflictError(
             f"search {search.config.name!r} in {folder.root} ran with other settings; its trials are not comparable with "
             "these. Fix: give the changed search a new name, or delete that folder to start it again."

@@ -23,7 +23,13 @@ from mixloop.storage.hub import model_card_text
 from mixloop.storage.layout import Workdir
 from mixloop.version import __version__
 from mixloop.versioning.lineage import Lineage, mixture_shares
-from mixloop.versioning.registry import list_versions, loadable_everywhere, read_lineage, verified_version
+from mixloop.versioning.registry import (
+    list_versions,
+    loadable_everywhere,
+    read_lineage,
+    require_lineage,
+    verified_version,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
 SCRATCH_LICENSE = "apache-2.0"  # of weights mixloop itself initialised: its own license
@@ -53,7 +59,7 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise MixloopError(f"{target} exists and is not empty. Fix: export into a new or empty folder.")
     source = Path(local_copy(verified_version(workdir, version)))  # names a missing version too
-    lineage = read_lineage(workdir, version)
+    lineage = require_lineage(workdir, version)
     out.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
         if file.is_file() and not file.name.startswith(".") and file.name not in REWRITTEN:
@@ -85,7 +91,7 @@ def card_license(workdir: str, given: str | None) -> tuple[dict, str]:
     if not start:
         return {"license": SCRATCH_LICENSE}, "mixloop's own, for a model it created from scratch"
     if _hub_id(start):
-        text = model_card_text(start, base.model_commit or base.model.get("revision"))
+        text = model_card_text(start, base.model_commit or (base.model or {}).get("revision"))
     else:
         text = read_text(join(start, "README.md")) if exists(join(start, "README.md")) else None
     declared = _card_metadata(text or "")

@@ -21,6 +21,7 @@ from mixloop.versioning.registry import (
     current_version,
     now,
     read_lineage,
+    require_lineage,
     set_current,
     write_lineage,
 )
@@ -78,7 +79,7 @@ def _bound(setting, corpus: str, reference: float) -> float | None:
 
 def record(workdir: str, version: str, verdict: GateVerdict) -> Lineage:
     """Keep the verdict in the version's lineage and make the version current if it passed; its lineage."""
-    lineage = read_lineage(workdir, version).model_copy(update={"gate": verdict})
+    lineage = require_lineage(workdir, version).model_copy(update={"gate": verdict})
     write_lineage(workdir, lineage)
     if verdict.passed:
         against = verdict.against
