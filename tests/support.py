@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.cloudpickle
@@ -18,6 +21,31 @@ from mixloop.train.step import StepHooks
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextmanager
+def logged_lines() -> Iterator[list[str]]:
+    """The messages mixloop's loggers log at INFO and above during the block, in order: caplog for a
+    fixture of wider scope than a test (caplog's are per test), or a block in a script."""
+    lines: list[str] = []
+    logger, handler = logging.getLogger("mixloop"), _Lines(lines)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class NanLoss(StepHooks):

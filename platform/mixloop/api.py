@@ -10,12 +10,13 @@
 A spec can also come from a dict shaped like the YAML (`mixloop.from_dict`). Every function
 validates first and raises `mixloop.errors.MixloopError` subclasses for what a user can fix
 (`SpecError` lists every problem). Ray starts on the first call that needs it: a private local
-Ray, or the cluster at `address`.
+Ray, or the cluster at `address`. Progress goes to the "mixloop" loggers (`logging`): configure
+logging to see it (`logging.basicConfig(level=logging.INFO)`); warnings show without.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mixloop.config import Spec, load_spec, spec_from_data
@@ -26,8 +27,6 @@ from mixloop.versioning.registry import list_versions
 
 if TYPE_CHECKING:  # the runner pulls in torch and Ray: imported when a call needs it
     from mixloop.runs.pipeline import CorpusPreview, Evaluation, RunResult
-
-Log = Callable[[str], None]
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> Spec:
@@ -40,29 +39,29 @@ def from_dict(data: dict, base_dir: str = ".", overrides: Sequence[str] = ()) ->
     return spec_from_data(data, base_dir, overrides)
 
 
-def run(spec: Spec, address: str | None = None, log: Log = print, progress_bar: bool = False) -> RunResult:
+def run(spec: Spec, address: str | None = None, progress_bar: bool = False) -> RunResult:
     """Train every missing stage, then evaluate and report. Holds the workdir's lock, taken before anything heavy so a second run is refused at once.
     `progress_bar`: a live bar per stage instead of the workers' progress lines (for a terminal)."""
-    with workdir_lock(spec.workdir, "mixloop run", log) as lock:
+    with workdir_lock(spec.workdir, "mixloop run") as lock:
         from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers; once the lock is held
 
-        return PipelineRunner(spec, log, address, lock, progress_bar=progress_bar).run()
+        return PipelineRunner(spec, address, lock, progress_bar=progress_bar).run()
 
 
-def evaluate(spec: Spec, address: str | None = None, log: Log = print) -> Evaluation:
+def evaluate(spec: Spec, address: str | None = None) -> Evaluation:
     """Evaluate what is missing and write the report."""
     from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
-    return PipelineRunner(spec, log, address).report()
+    return PipelineRunner(spec, address).report()
 
 
-def preview(spec: Spec, stage: str | None = None, address: str | None = None, log: Log = print) -> list[CorpusPreview]:
+def preview(spec: Spec, stage: str | None = None, address: str | None = None) -> list[CorpusPreview]:
     """Per stage and corpus, before training: documents, tokens, rows, rejects, blank lines, share, passes."""
     from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
     if stage is not None and stage not in spec.stage_names():
         raise MixloopError(f"no stage {stage!r}; stages: {', '.join(spec.stage_names())}")
-    return PipelineRunner(spec, log, address).preview(stage)
+    return PipelineRunner(spec, address).preview(stage)
 
 
 def versions(spec_or_workdir: Spec | str) -> list[Lineage]:

@@ -10,6 +10,7 @@ import io
 import sys
 
 from mixloop import subcommands
+from mixloop.console import cli_output
 from mixloop.errors import MixloopError, StorageError
 from mixloop.version import __version__
 
@@ -53,17 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("mixloop: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        user_error = as_user_error(exc)
-        if user_error is None or args.debug:
-            raise
-        print(f"mixloop: error: {user_error}", file=sys.stderr)
-        return user_error.exit_code
+    # The library logs its progress and warnings; a command shows them as lines on stdout (console.py).
+    with cli_output():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("mixloop: interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            user_error = as_user_error(exc)
+            if user_error is None or args.debug:
+                raise
+            print(f"mixloop: error: {user_error}", file=sys.stderr)
+            return user_error.exit_code
 
 
 def as_user_error(exc: BaseException) -> MixloopError | None:

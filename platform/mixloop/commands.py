@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import overload
 
 from mixloop import api
 from mixloop.config import format_problems, load_spec
@@ -21,7 +22,7 @@ from mixloop.storage.lock import workdir_lock
 from mixloop.version import __version__
 from mixloop.versioning.export import export
 from mixloop.versioning.gate import gate_summary, promote, rollback
-from mixloop.versioning.lineage import diff_lineages
+from mixloop.versioning.lineage import Lineage, diff_lineages
 from mixloop.versioning.registry import current_version, read_lineage, verified_version
 
 
@@ -105,22 +106,21 @@ def cmd_models_rollback(args) -> int:
     return 0
 
 
-def cmd_models_show(args) -> int:
-    lineage = read_lineage(_workdir(args.target), args.version)
+def _lineage(target: str, workdir: str, version: str) -> Lineage:
+    lineage = read_lineage(workdir, version)
     if lineage is None:
-        raise MixloopError(f"no version {args.version!r} in {args.target}. See `mixloop models list {args.target}`.")
-    print(json.dumps(lineage.to_json(), indent=2))
+        raise MixloopError(f"no version {version!r} in {target}. See `mixloop models list {target}`.")
+    return lineage
+
+
+def cmd_models_show(args) -> int:
+    print(json.dumps(_lineage(args.target, _workdir(args.target), args.version).to_json(), indent=2))
     return 0
 
 
 def cmd_models_diff(args) -> int:
-
     workdir = _workdir(args.target)
-    lineages = [read_lineage(workdir, v) for v in (args.a, args.b)]
-    for version, lineage in zip((args.a, args.b), lineages):
-        if lineage is None:
-            raise MixloopError(f"no version {version!r} in {args.target}. See `mixloop models list {args.target}`.")
-    differences = diff_lineages(*lineages)
+    differences = diff_lineages(*(_lineage(args.target, workdir, version) for version in (args.a, args.b)))
     matrix = read_json(Workdir(workdir).eval_matrix) or {}
     losses = [matrix.get(v) or {} for v in (args.a, args.b)]
     corpora = sorted(set(losses[0]) | set(losses[1]))
@@ -248,11 +248,21 @@ def _shapes(formats: dict[str, int]) -> str:
 def cmd_add(args) -> int:
     from mixloop.runs.iterate import NewCorpus, add  # lazy: keeps `mixloop --help` fast
 
-    files = {role: _from_here(args.spec, getattr(args, role)) for role in ("text", "chat", "eval")}
-    add(args.spec, NewCorpus(args.name, **files), dry_run=args.dry_run, tune=args.tune, address=args.address)
+    text, chat, eval_split = (_from_here(args.spec, value) for value in (args.text, args.chat, args.eval))
+    add(
+        args.spec,
+        NewCorpus(args.name, text, chat, eval_split),
+        dry_run=args.dry_run,
+        tune=args.tune,
+        address=args.address,
+    )
     return 0
 
 
+@overload
+def _from_here(spec_path: str, value: str) -> str: ...
+@overload
+def _from_here(spec_path: str, value: None) -> None: ...
 def _from_here(spec_path: str, value: str | None) -> str | None:
     """A path given on the command line (relative to here), as the spec names it: relative to its folder."""
     if value is None or "://" in value:

@@ -38,6 +38,8 @@ class WorkdirLockedError(MixloopError):
     (host, pid, command, since when, last heartbeat) and says how to proceed."""
 
     exit_code = 3
+    holder: dict[str, object] | None = None
+    """The holder's lock record, when the lock was read (storage.lock)."""
 
 
 class StorageError(MixloopError):

@@ -72,7 +72,7 @@ def test_a_stage_trains_on_one_gpu_in_bf16(ray_address, tmp_path):
 
     stage = {"name": "gpu", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 20480}
     spec = write_spec(tmp_path, generated_spec(tmp_path / "run", [stage], workers=1, use_gpu=True))
-    PipelineRunner(load_spec(spec), log=print).run()
+    PipelineRunner(load_spec(spec)).run()
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 20 and logged[-1]["loss"] < logged[0]["loss"]
     assert logged[-1]["peak_memory_mb"] > 0  # torch.cuda.max_memory_allocated on the worker

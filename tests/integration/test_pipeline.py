@@ -126,7 +126,7 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
     workdir = tmp_path / "run"
     benchmarks = write_benchmarks(tmp_path / "bench")
     spec_path = write_spec(tmp_path, spec_dict(workdir, STAGES, benchmarks))
-    first = PipelineRunner(load_spec(spec_path), log=lambda line: None).run()
+    first = PipelineRunner(load_spec(spec_path)).run()
     assert first.trained == ["pretrain", "sft", "medical"]
     matrix = first.matrix
     for version in ("pretrain", "sft", "medical"):
@@ -191,13 +191,13 @@ def test_continual_pipeline_on_shared_corpora(ray_address, tmp_path):
 
     trained_before = sorted(p.name for p in (workdir / "train").iterdir())
     prepared_before = (workdir / "cache" / "prepare.jsonl").read_text()
-    again = PipelineRunner(load_spec(spec_path), log=lambda line: None).run()
+    again = PipelineRunner(load_spec(spec_path)).run()
     assert again.trained == []
     assert sorted(p.name for p in (workdir / "train").iterdir()) == trained_before
     assert (workdir / "cache" / "prepare.jsonl").read_text() == prepared_before, "a re-run tokenized again"
 
     appended = write_spec(tmp_path, spec_dict(workdir, STAGES + [MEDICAL_SFT], benchmarks))
-    third = PipelineRunner(load_spec(appended), log=lambda line: None).run()
+    third = PipelineRunner(load_spec(appended)).run()
     assert third.trained == ["medical-sft"]
     assert list(list_versions(str(workdir))) == ["base", "pretrain", "sft", "medical", "medical-sft"]
     assert json.loads((workdir / "models" / "medical-sft" / "lineage.json").read_text())["parent"] == "medical"

@@ -11,6 +11,7 @@ Prints one JSON line: when each event happened and when training went on afterwa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -103,10 +104,14 @@ def main(spec_path: str) -> None:
     workdir = Path(spec.workdir)
     outcome: dict = {}
 
+    # The pipeline's lines on stderr: stdout is for the JSON line.
+    logging.getLogger("mixloop").addHandler(logging.StreamHandler(sys.stderr))
+    logging.getLogger("mixloop").setLevel(logging.INFO)
+
     def run() -> None:
         try:
             # Steps slowed down, so the cluster changes while the stage trains.
-            PipelineRunner(spec, log=lambda line: print(line, file=sys.stderr, flush=True), hooks=SlowSteps(0.3)).run()
+            PipelineRunner(spec, hooks=SlowSteps(0.3)).run()
             outcome["finished"] = True
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(exc)

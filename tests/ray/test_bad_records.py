@@ -65,7 +65,7 @@ def spec_for(tmp_path, max_bad_fraction):
 
 def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, tmp_path):
     spec, text_lines, chat_lines = spec_for(tmp_path, max_bad_fraction=0.5)
-    PipelineRunner(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages())
+    PipelineRunner(spec).corpora.prepare(spec.resolved_stages())
     for corpus, expected, good in (("text", text_lines, GOOD_TEXT), ("chat", chat_lines, GOOD_CHAT)):
         rejects = [
             json.loads(line)
@@ -85,7 +85,7 @@ def test_every_bad_record_is_quarantined_with_its_line_and_reason(ray_address, t
 def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
     spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.1)
     with pytest.raises(DataError) as error:
-        PipelineRunner(spec, log=lambda line: None).run()
+        PipelineRunner(spec).run()
     message = str(error.value)
     assert "corpus 'text'" in message or "corpus 'chat'" in message
     assert "max_bad_fraction" in message and "rejects" in message
@@ -95,9 +95,9 @@ def test_too_many_bad_records_stop_before_training(ray_address, tmp_path):
     # The limit is checked on every run, also when the packed corpus comes from the cache.
     spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.1)
     with pytest.raises(DataError):
-        PipelineRunner(spec, log=lambda line: None).run()
+        PipelineRunner(spec).run()
     spec, _, _ = spec_for(tmp_path, max_bad_fraction=0.5)
-    PipelineRunner(spec, log=lambda line: None).corpora.prepare(spec.resolved_stages())
+    PipelineRunner(spec).corpora.prepare(spec.resolved_stages())
     assert len((tmp_path / "run" / "cache" / "prepare.jsonl").read_text().splitlines()) == 2, "tokenized twice"
 
 
@@ -124,11 +124,7 @@ def long_document_spec(tmp_path, long_text):
 def test_long_documents_are_split_or_dropped_as_the_spec_says(ray_address, tmp_path):
     long_text = " ".join(f"word{i}" for i in range(60))
     spec = long_document_spec(tmp_path, long_text)
-    packed = (
-        PipelineRunner(spec, log=lambda line: None)
-        .corpora.prepare(spec.resolved_stages())
-        .for_stage(spec.resolved_stages()[0])
-    )
+    packed = PipelineRunner(spec).corpora.prepare(spec.resolved_stages()).for_stage(spec.resolved_stages()[0])
     manifests = {name: read_manifest(packed[name]) for name in ("whole", "split", "dropped")}
     long_tokens = manifests["whole"]["tokens"] - manifests["dropped"]["tokens"]
     assert long_tokens > 40, "the long document must be well over the limit for this test to mean anything"
@@ -175,7 +171,7 @@ def test_empty_or_all_bad_corpus_stops_and_leaves_the_workdir_as_it_was(ray_addr
     (tmp_path / "empty.jsonl").unlink()
     spec = load_spec(spec_with([b"", b"   ", b'{"conversations": []}', b""]))
     with pytest.raises(DataError, match="corpus 'empty' .*no usable document"):
-        PipelineRunner(spec, log=lambda line: None).run()
+        PipelineRunner(spec).run()
     run = tmp_path / "run"
     leftovers = {p.name for p in run.iterdir()} - {"cache", "rejects", "generated"}
     assert leftovers == set(), leftovers  # no tokenizer, no models/base, no pipeline.yaml, no lock
@@ -199,7 +195,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_stops_before_training(tmp_
         )
     )
     with pytest.raises(MixloopError, match="tokenizer has .* tokens but the model's vocabulary holds 100"):
-        PipelineRunner(spec, log=lambda line: None).run()
+        PipelineRunner(spec).run()
     assert not (tmp_path / "run" / "models").exists() and not (tmp_path / "run" / "train").exists()
 
 

@@ -232,7 +232,7 @@ def test_second_submit_is_refused_while_running_and_stop_stops_it(mixloop, head,
     assert "already ended: STOPPED" in capsys.readouterr().out
 
     # A workdir that another run holds is refused before a job is made for it.
-    with workdir_lock(str(tmp_path / "run"), "mixloop tune search.yaml", log=lambda line: None):
+    with workdir_lock(str(tmp_path / "run"), "mixloop tune search.yaml"):
         assert mixloop(["submit", str(spec), "--no-wait"]) == 3
     err = capsys.readouterr().err
     assert f"workdir {tmp_path / 'run'} is in use by 'mixloop tune search.yaml' (pid {os.getpid()}" in err

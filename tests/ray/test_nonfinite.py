@@ -18,7 +18,7 @@ FIRST = {"name": "first", "mixture": {"chats": 1.0}, "tokens": 5120}  # 5 steps:
 
 def run(tmp_path, nonfinite, nan_steps, stages=(STAGE,)):
     spec = generated_spec(tmp_path / "run", list(stages), workers=1, nonfinite=nonfinite, max_failures=0)
-    return PipelineRunner(load_spec(write_spec(tmp_path, spec)), log=lambda line: None, hooks=NanLoss(nan_steps)).run()
+    return PipelineRunner(load_spec(write_spec(tmp_path, spec)), hooks=NanLoss(nan_steps)).run()
 
 
 def test_nan_batches_are_skipped_and_counted(ray_address, tmp_path):

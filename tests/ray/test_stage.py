@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mixloop.cli import main
 from mixloop.config import load_spec
 from mixloop.runs.pipeline import PipelineRunner
-from support import SlowSteps, generated_spec, write_spec
+from support import SlowSteps, generated_spec, logged_lines, write_spec
 
 MIXED = {"name": "mixed", "mixture": {"facts": 0.75, "chats": 0.25}, "tokens": 40960}  # 40 steps
 # The second stage, on the same workers: the group that trained `mixed` trains it next.
@@ -35,7 +36,9 @@ sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from support import SlowSteps
 from mixloop.runs.pipeline import PipelineRunner
 from mixloop.config import load_spec
-PipelineRunner(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
+from mixloop.console import cli_output
+with cli_output():  # the driver's lines as `mixloop run` shows them
+    PipelineRunner(load_spec(sys.argv[1]), address=sys.argv[2], hooks=SlowSteps({STEP_DELAY_S})).run()
 """
 
 
@@ -91,9 +94,11 @@ def registered_steps(workdir: Path) -> set[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def uninterrupted(ray_address, tmp_path_factory):
     """Two stages run start to finish by one group of two workers: (workdir, run result, log lines)."""
-    folder, lines = tmp_path_factory.mktemp("uninterrupted"), []
+    folder = tmp_path_factory.mktemp("uninterrupted")
     spec = load_spec(write_spec(folder, generated_spec(folder / "run", [MIXED, AFTER])))
-    return folder / "run", PipelineRunner(spec, log=lines.append).run(), lines
+    with logged_lines() as lines:
+        result = PipelineRunner(spec).run()
+    return folder / "run", result, lines
 
 
 def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
@@ -155,13 +160,14 @@ def test_two_stages_in_turn_on_one_group_of_two_workers(uninterrupted, capsys):
     assert isinstance(tokenizer.decode(output[0]), str)
 
 
-def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninterrupted, tmp_path):
+def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninterrupted, tmp_path, caplog):
     """The group hands `after` the model `mixed` ended with, in memory: the same as loading the version."""
     reference = uninterrupted[0]
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir, ignore=lambda folder, names: {"after", "train", "metrics.jsonl"} & set(names))
-    lines = []
-    PipelineRunner(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER]))), log=lines.append).train()
+    caplog.set_level(logging.INFO, logger="mixloop")
+    PipelineRunner(load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER])))).train()
+    lines = caplog.messages
     assert "stage mixed: done (version mixed), skipping" in lines and not any(
         "one worker group" in line for line in lines
     )
@@ -169,7 +175,9 @@ def test_a_stage_trained_alone_from_its_parents_version_matches_the_group(uninte
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_address, uninterrupted, tmp_path, capsys):
+def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(
+    ray_address, uninterrupted, tmp_path, capsys, caplog
+):
     """Killed in the group's second stage, after the first was published. Also: while the first run
     trains, a second run of the spec is refused at once (one run per workdir); after its kill -9 the next
     run takes its lock over; its output, written to a file, is only mixloop's lines (no colour codes,
@@ -208,8 +216,9 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(ray_addres
     assert "\x1b[" not in output and "Traceback" not in output
     assert not [line for line in output.splitlines() if " E " in line[:40] or "ERROR" in line or "WARNING" in line]
 
-    lines = []
-    PipelineRunner(load_spec(spec_path), log=lines.append).run()
+    caplog.set_level(logging.INFO, logger="mixloop")
+    PipelineRunner(load_spec(spec_path)).run()
+    lines = caplog.messages
     assert any(
         f"took over the lock {interrupted / '.lock'}" in line and f"pid {driver.pid}" in line for line in lines
     ), lines
@@ -230,7 +239,7 @@ def test_killed_worker_restarts_the_group_and_changes_nothing(ray_address, unint
     workdir = tmp_path / "run"
     spec = load_spec(write_spec(tmp_path, generated_spec(workdir, [MIXED, AFTER])))
     outcome = {}
-    pipeline = PipelineRunner(spec, log=lambda line: None, hooks=SlowSteps(STEP_DELAY_S))
+    pipeline = PipelineRunner(spec, hooks=SlowSteps(STEP_DELAY_S))
     runner = threading.Thread(target=lambda: outcome.update(result=pipeline.run()))
     runner.start()
     wait_for_checkpoint(workdir, "mixed", 15, runner.is_alive)

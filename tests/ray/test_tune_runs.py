@@ -159,7 +159,7 @@ def test_best_stage_round_trips_into_the_pipeline_as_the_trials_model(search):
         best["stage"]
     ]
 
-    result = PipelineRunner(spec, log=lambda line: None).run()
+    result = PipelineRunner(spec).run()
     assert result.trained == []
     lineage = json.loads((search["workdir"] / "models" / "mixed-tuned" / "lineage.json").read_text())
     assert lineage["parent"] == "pretrain" and lineage["stage"]["mixture"] == best["mixture"]

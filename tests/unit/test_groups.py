@@ -16,7 +16,7 @@ def groups(tmp_path, stages, done=(), until=None) -> list[list[list[str]]]:
     """The blocks of each group, by stage name, with the versions in `done` published."""
     spec = load_spec(write_spec(tmp_path, generated_spec(tmp_path / "run", stages)))
     write_lineage(spec.workdir, lineage_of("base", stage_hash="b"))
-    pipeline = PipelineRunner(spec, log=lambda line: None)
+    pipeline = PipelineRunner(spec)
     for name in done:
         member = next(m for group in pipeline._groups(None) for m in group if m.stage.name == name)
         write_lineage(spec.workdir, lineage_of(name, member.parent, ["facts"], stage_hash=member.digest))

@@ -117,8 +117,8 @@ def test_a_hub_model_loads_offline_and_packed_documents_never_see_each_other(hub
 
 def test_the_base_version_copies_the_hub_model_with_its_tokenizer_and_commit(hub, tmp_path):
     spec = load_spec(spec_file(tmp_path, {"path": "tiny-org/qwen2", "revision": "main"}))
-    corpora = Corpora(spec, log=lambda line: None)
-    lineage = ensure_base(spec, corpora.tokenizer(), log=lambda line: None)
+    corpora = Corpora(spec)
+    lineage = ensure_base(spec, corpora.tokenizer())
     assert lineage.model["path"] == "tiny-org/qwen2" and lineage.model_commit == COMMIT
     copy_path = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's own copy names the model by its id
     copy_path.parent.mkdir()
@@ -161,11 +161,11 @@ def test_a_pipeline_chat_template_goes_into_the_workdirs_tokenizer_and_cannot_ch
     path.write_text(
         yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "template.jinja"})
     )
-    tokenizer_dir = Corpora(load_spec(path), log=lambda line: None).tokenizer()
+    tokenizer_dir = Corpora(load_spec(path)).tokenizer()
     assert load_tokenizer(tokenizer_dir).chat_template == template.read_text()
     template.write_text("{{ messages }}")
     with pytest.raises(StageConflictError, match="was made from another tokenizer spec or files"):
-        Corpora(load_spec(path), log=lambda line: None).tokenizer()
+        Corpora(load_spec(path)).tokenizer()
     path.write_text(
         yaml.safe_dump({**data, "tokenizer": {"train": {"vocab_size": 300}}, "chat_template": "none.jinja"})
     )
@@ -229,7 +229,7 @@ def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dat
     from mixloop.data.records import checked
     from mixloop.storage.fs import expand_files
 
-    corpora = Corpora(load_spec(dataset_spec(tmp_path, {"subset": "main", "eval": "test"})), log=lambda line: None)
+    corpora = Corpora(load_spec(dataset_spec(tmp_path, {"subset": "main", "eval": "test"})))
     files = corpora.files("gsm")
     assert files == {
         "train": tuple(str(hub_dataset / f"main/train-0000{i}-of-00002.parquet") for i in (0, 1)),
@@ -247,8 +247,8 @@ def test_a_hub_dataset_split_is_read_from_the_cache_by_its_subsets_files(hub_dat
     copy = tmp_path / "elsewhere" / "pipeline.yaml"  # the workdir's copy keeps the split's name
     copy.parent.mkdir()
     copy.write_text(yaml.safe_dump(corpora.spec.portable()))
-    assert Corpora(load_spec(copy), log=lambda line: None).files("gsm") == files
-    assert Corpora(load_spec(dataset_spec(tmp_path, {"subset": "socratic"})), log=lambda line: None).files("gsm") == {
+    assert Corpora(load_spec(copy)).files("gsm") == files
+    assert Corpora(load_spec(dataset_spec(tmp_path, {"subset": "socratic"}))).files("gsm") == {
         "train": (str(hub_dataset / "socratic/train.jsonl"),)
     }
 

@@ -4,6 +4,7 @@ and rollback, `mixloop add --dry-run` and its refusals, and how the inbox is rea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -352,7 +353,7 @@ def test_an_edit_that_would_drop_a_comment_is_refused(tmp_path):
     assert spec_path.read_text() == before
 
 
-def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_path):
+def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_path, caplog):
     inbox = tmp_path / "inbox"
     for name, files in (
         ("Zoo Law", {"text.jsonl": ""}),
@@ -377,12 +378,13 @@ def test_the_inbox_yields_ready_corpora_in_arrival_order_with_their_files(tmp_pa
     )
     (inbox / "broken").mkdir()
     (inbox / "broken" / "_READY").write_text("")
-    logged = []  # a ready folder without a text file is named, and the others still come
-    assert [uri for uri, _ in ready_corpora(str(inbox), logged.append)] == [
+    caplog.set_level(logging.INFO, logger="mixloop")  # a ready folder without a text file is named, the others come
+    assert [uri for uri, _ in ready_corpora(str(inbox))] == [
         str(inbox / "Zoo Law"),
         str(inbox / "alpha"),
     ]
-    assert len(logged) == 1 and "broken: no text file" in logged[0]
+    assert len(caplog.records) == 1 and "broken: no text file" in caplog.messages[0]
+    assert caplog.records[0].levelno == logging.WARNING
 
 
 def test_a_corpus_that_fails_in_watch_is_recorded_with_why_and_left_out_of_the_spec(tmp_path):
@@ -393,7 +395,7 @@ def test_a_corpus_that_fails_in_watch_is_recorded_with_why_and_left_out_of_the_s
     before = spec_path.read_text()
     state = tmp_path / "run" / "inbox.json"
     empty = NewCorpus("empty", str(write_lines(tmp_path / "empty.jsonl", [])))
-    assert not _take(str(spec_path), str(state), "inbox/empty", empty, None, lambda line: None, None)
+    assert not _take(str(spec_path), str(state), "inbox/empty", empty, None, None)
     entry = json.loads(state.read_text())["corpora"]["inbox/empty"]
     assert entry["status"] == "failed" and "no text records" in entry["error"]
     assert spec_path.read_text() == before  # a later start adds it again instead of finishing an iteration

@@ -3,6 +3,8 @@ fails warns once and never stops training."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -28,7 +30,7 @@ def events(folder) -> EventAccumulator:
 
 def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    trackers = Trackers(str(tmp_path), log=lambda line: None)
+    trackers = Trackers(str(tmp_path))
     with trackers.follow(stages("sft"), tokens_before=1000):
         lines = [
             r.model_dump_json()
@@ -56,22 +58,24 @@ def test_a_stage_is_followed_while_it_trains_on_the_pipelines_token_axis(tmp_pat
     assert evaluation.Scalars("forgetting/web")[0].value == pytest.approx(-0.1)
 
 
-def test_a_failing_tracker_warns_once_and_is_tried_again(tmp_path):
+def test_a_failing_tracker_warns_once_and_is_tried_again(tmp_path, caplog):
     (tmp_path / "tensorboard").write_text("not a folder")  # every write there fails
-    notes = []
-    trackers = Trackers(str(tmp_path), log=notes.append)
+    caplog.set_level(logging.INFO, logger="mixloop")
+    trackers = Trackers(str(tmp_path))
     for step in (1, 2):
         trackers.forward("s", [(scalars(record("s", step, 2.0, 10.0 * step)), step)])
+    notes = caplog.messages
     assert len(notes) == 1 and notes[0].startswith("warning: tracker TensorBoard failed")
+    assert caplog.records[0].levelno == logging.WARNING and caplog.records[0].name == "mixloop.runs.tracking"
     (tmp_path / "tensorboard").unlink()  # the disk is fixed: the same trackers write again
     trackers.forward("s", [(scalars(record("s", 3, 1.0, 30.0)), 3)])
-    assert len(notes) == 1 and events(tmp_path / "tensorboard" / "s").Scalars("train/loss")[0].value == 1.0
+    assert len(caplog.messages) == 1 and events(tmp_path / "tensorboard" / "s").Scalars("train/loss")[0].value == 1.0
 
 
 def test_a_group_of_stages_is_followed_on_one_token_axis(tmp_path):
     """Each stage's points start where the stage before it ended (its latest line's tokens)."""
     metrics = tmp_path / "metrics.jsonl"
-    trackers = Trackers(str(tmp_path), log=lambda line: None)
+    trackers = Trackers(str(tmp_path))
     with trackers.follow(stages("pretrain", "sft"), tokens_before=500):
         lines = [record("pretrain", 2, 3.0, 1000), record("pretrain", 4, 2.5, 2000), record("sft", 2, 2.0, 200)]
         metrics.write_text("\n".join(r.model_dump_json() for r in lines) + "\n")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mixloop.config import load_spec
+from mixloop.console import quiet
 from mixloop.runs.iterate import NewCorpus, add, count_tokens
 from mixloop.runs.ray_setup import init_ray
 from mixloop.versioning.registry import list_versions, set_current
@@ -72,6 +73,8 @@ def continual_spec(data: Path, workdir: Path) -> dict:
     }
 
 
+# The pipelines' lines are not the benchmark's; the search's trial lines show how far it got.
+@quiet("mixloop.tuning.plugins")
 def continual(data: Path, workdir: Path, address: str | None = None, trials: int = TRIALS) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-continual.yaml"
@@ -89,7 +92,7 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
             "lr": {"peak": 0.001, "warmup_from": "zero"},
         }
     )
-    medical = count_tokens(load_spec(_write(path, spec)), spec["corpora"]["medical"]["path"], lambda line: None)
+    medical = count_tokens(load_spec(_write(path, spec)), spec["corpora"]["medical"]["path"])
     spec["iterate"] = {"passes": round(DOMAIN / medical, 4)}  # (c) and (d) see DOMAIN medical tokens, as (b)
     _run(_write(path, spec), address)
     walls = {}
@@ -101,7 +104,6 @@ def continual(data: Path, workdir: Path, address: str | None = None, trials: int
             NewCorpus(NEW[strategy], spec["corpora"]["medical"]["path"], eval=spec["corpora"]["medical"]["eval"]),
             tune=tune,
             address=address,
-            log=lambda line: None,
         )
         walls[strategy] = time.time() - started
     spec = yaml.safe_load(path.read_text())
@@ -134,7 +136,7 @@ def _pretrain_until_flat(path: Path, spec: dict, address: str | None) -> dict:
 
     losses = []
     while True:  # training and evaluation only: chat health and the report wait for the strategies
-        pipeline = PipelineRunner(load_spec(_write(path, spec)), log=lambda line: None, address=address)
+        pipeline = PipelineRunner(load_spec(_write(path, spec)), address=address)
         with pipeline.locked("mixloop bench continual"):
             matrix = pipeline.evaluate(pipeline.train().prepared)
         losses.append(matrix[spec["stages"][-1]["name"]]["general"]["loss"])
@@ -169,10 +171,10 @@ def _write(path: Path, spec: dict) -> Path:
     return path
 
 
-def _run(path: Path, address: str | None) -> dict:
+def _run(path: Path, address: str | None) -> RunResult:
     from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
-    return PipelineRunner(load_spec(path), log=lambda line: None, address=address).run()
+    return PipelineRunner(load_spec(path), address=address).run()
 
 
 def _summary(workdir: Path, result: RunResult, flattening: dict, last_chunk: str, walls: dict, total_s: float) -> dict:

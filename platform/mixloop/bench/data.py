@@ -198,7 +198,7 @@ def loader_vs_training(folders: dict[str, str], steps: int = 200) -> dict:
     model = new_model(config, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [load(step) for step in range(5)]
-    started, trained = None, 0
+    started, trained = time.perf_counter(), 0  # (again at step 2)
     for step, micro_batches in enumerate(batches * 3):
         if step == 2:  # the first steps warm up allocators and kernels
             started, trained = time.perf_counter(), 0

@@ -31,12 +31,14 @@ from pathlib import Path
 import yaml
 
 from mixloop.config import BASE_VERSION, load_spec, stage_hash
+from mixloop.console import quiet
 from mixloop.data.mixplan import MixPlan
 from mixloop.data.store import PackedCorpus, read_manifest
 from mixloop.storage.fs import join
 from mixloop.storage.layout import Workdir
 from mixloop.train.metrics import read_metrics
-from mixloop.versioning.registry import read_lineage, version_dir
+from mixloop.versioning.lineage import Lineage
+from mixloop.versioning.registry import require_lineage, version_dir
 
 WORKLOADS = {"text": ("pretrain", "text", "pretraining text"), "sft": ("sft", "chat", "SFT chats")}
 VARIANTS = ("plain", "packed", "padded", "in-process")
@@ -84,6 +86,7 @@ def train_spec(data: Path, workdir: Path, model: dict, steps: int, seq_lens: dic
     }
 
 
+@quiet()  # the pipeline's lines are not the benchmark's
 def train_benchmark(
     data: Path, workdir: Path, model: dict, steps: int, seq_lens: dict[str, int], address: str | None = None
 ) -> dict:
@@ -97,9 +100,9 @@ def train_benchmark(
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "bench-train.yaml"
     path.write_text(yaml.safe_dump(train_spec(data, workdir, model, steps, seq_lens, use_gpu), sort_keys=False))
-    pipeline = PipelineRunner(load_spec(path), log=lambda line: None, address=address)
+    pipeline = PipelineRunner(load_spec(path), address=address)
     prepared = pipeline.train(until=BASE_VERSION).prepared  # tokenizer, packed corpora and base: no stage
-    base = read_lineage(str(workdir), BASE_VERSION)
+    base = require_lineage(str(workdir), BASE_VERSION)
     runner = StageRunner(pipeline.spec, prepared)
     stages = {stage.name: stage for stage in pipeline.spec.resolved_stages()}
     parameters, threads = base.parameters, pipeline.spec.resolved_stages()[0].cpus_per_worker
@@ -124,7 +127,7 @@ def train_benchmark(
             "packed_over_padded": packed["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"],
             "ray_overhead": (packed["step_seconds"] - local["step_seconds"]) / packed["step_seconds"],
             "data_wait_share": packed["data_s"] / packed["step_seconds"],
-            "mfu": 6 * parameters * packed["useful_tokens_per_s"] / peak if peak else None,
+            "mfu": 6 * parameters * packed["useful_tokens_per_s"] / peak if peak and parameters else None,
         }
     return {
         "machine": machine,
@@ -135,7 +138,7 @@ def train_benchmark(
     }
 
 
-def _run_stage(runner, stage, base: dict, workdir: Path, variant: str, in_process: bool) -> dict:
+def _run_stage(runner, stage, base: Lineage, workdir: Path, variant: str, in_process: bool) -> dict:
     from mixloop.train.launch import fit_stages  # lazy: ray, torch
 
     metrics_path = join(str(workdir), f"metrics-{variant}.jsonl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -48,7 +49,7 @@ def resolve_path(base_dir: str, value: str) -> str:
     return value if "://" in value or Path(value).is_absolute() else str((Path(base_dir) / value).resolve())
 
 
-def portable_benchmarks(section: dict, path: Callable[[str], str]) -> dict:
+def portable_benchmarks(section: dict[str, Any], path: Callable[[str], str]) -> dict[str, Any]:
     """The section (as data) with its paths made absolute by `path` (Spec.path), for the workdir's copy."""
     return section | {
         "probes": {name: path(value) for name, value in section.get("probes", {}).items()},

@@ -8,11 +8,21 @@ import functools
 import importlib.util
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from mixloop.config.data_checks import corpus_problems, template_problems, workdir_problems
 from mixloop.config.resolve import ResolvedStage, Spec, resolve_stage
-from mixloop.config.schema import BASE_VERSION, BUILTIN_DEFAULTS, CURRENT_ALIAS, StageConfig, StageSettings
+from mixloop.config.schema import (
+    BASE_VERSION,
+    BUILTIN_DEFAULTS,
+    CURRENT_ALIAS,
+    GateConfig,
+    IterateConfig,
+    StageConfig,
+    StageSettings,
+    TrackingConfig,
+)
 from mixloop.config.sources import MODEL_PRESETS, PRESET_POSITIONS, QWEN3_DEFAULT_POSITIONS, CorpusConfig
 from mixloop.config.strict import as_number, is_whole
 from mixloop.evaluation.knowledge_checks import benchmark_problems
@@ -63,7 +73,7 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
         problems += _iterate_problems(pipeline.iterate, pipeline.corpora) if _ok(pipeline.iterate) else []
     if _ok(pipeline.benchmarks):  # a Broken corpus has no probes to check
         problems += benchmark_problems(
-            pipeline.benchmarks, spec.base_dir, _ok(pipeline.corpora) and pipeline.corpora, files=files
+            pipeline.benchmarks, spec.base_dir, pipeline.corpora if _ok(pipeline.corpora) else None, files=files
         )
     return problems
 
@@ -71,7 +81,7 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
 SHARE = re.compile(r"\d+(\.\d*)?%")
 
 
-def _gate_problems(gate, corpora: dict[str, CorpusConfig]) -> list[str]:
+def _gate_problems(gate: GateConfig, corpora: dict[str, CorpusConfig]) -> list[str]:
     """Bounds that are numbers or shares ("5%"), per-corpus bounds that name corpora."""
     problems = []
     for key in ("max_forgetting", "min_uptake"):
@@ -88,7 +98,7 @@ def _gate_problems(gate, corpora: dict[str, CorpusConfig]) -> list[str]:
     return problems
 
 
-def _iterate_problems(iterate, corpora: dict[str, CorpusConfig]) -> list[str]:
+def _iterate_problems(iterate: IterateConfig, corpora: dict[str, CorpusConfig]) -> list[str]:
     named = [
         ("iterate.replay_from", iterate.replay_from or [], "text"),
         ("iterate.finetune.chats", iterate.finetune.chats or [], "chat"),
@@ -155,7 +165,7 @@ def _defaults_problems(spec: Spec, files: bool) -> list[str]:
     return problems + _positions_problems(spec, "defaults.seq_len", seq_len, files)
 
 
-def _tracker_problems(tracking) -> list[str]:
+def _tracker_problems(tracking: TrackingConfig) -> list[str]:
     """A tracker the spec names whose client is not installed."""
     return [
         f"tracking.{name}: the {name} client is not installed. Fix: pip install 'mixloop[{name}]'."
@@ -165,7 +175,7 @@ def _tracker_problems(tracking) -> list[str]:
 
 
 def stage_problems(
-    spec: Spec, where: str, stage: StageConfig, earlier: list[str | None], *, files: bool = True
+    spec: Spec, where: str, stage: StageConfig, earlier: Sequence[str | None], *, files: bool = True
 ) -> list[str]:
     """What is wrong with `stage` (at YAML path `where`) as the next stage of the spec's pipeline.
     `spec` may be a partial pipeline: checks that need one of its Broken parts are left out."""
@@ -201,7 +211,7 @@ def stage_problems(
             problems.append(
                 f"{where}.loss_weights.{corpus}: not in this stage's mixture. Fix: remove it or add the corpus to the mixture."
             )
-    if stage.start_from is not None and stage.start_from not in earlier + [BASE_VERSION]:
+    if stage.start_from is not None and stage.start_from not in [*earlier, BASE_VERSION]:
         named = ", ".join(name for name in earlier if name) or "(none)"
         problems.append(
             f"{where}.from: {stage.start_from!r} is not an earlier stage. Fix: use base or one of: {named}."
@@ -253,9 +263,9 @@ def _resolved_problems(where: str, stage: StageConfig, resolved: ResolvedStage) 
     return problems
 
 
-def _positions_problems(spec: Spec, where: str, seq_len: int, files: bool) -> list[str]:
+def _positions_problems(spec: Spec, where: str, seq_len: int | None, files: bool) -> list[str]:
     positions = max_positions(spec, files)
-    if positions is None or seq_len <= positions[0]:
+    if positions is None or seq_len is None or seq_len <= positions[0]:
         return []
     limit, source = positions
     more = (

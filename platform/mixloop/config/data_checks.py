@@ -119,6 +119,8 @@ def corpus_problems(spec: Spec, name: str, corpus: CorpusConfig, files: bool) ->
 
 def _dataset_problems(where: str, corpus: CorpusConfig) -> list[str]:
     """A hub dataset's splits, resolved without downloading data (offline: in the cache)."""
+    if corpus.dataset is None:
+        return []
     for key, split in (("split", corpus.train_split), ("eval", corpus.eval)):
         try:
             paths = split_paths(corpus.dataset, corpus.revision, corpus.subset, split) if split else ()

@@ -11,17 +11,21 @@ import io
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import yaml as pyyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.representer import RoundTripRepresenter
+from ruamel.yaml.tokens import CommentToken
 
 from mixloop.config.load import load_spec
 from mixloop.errors import MixloopError, SpecError
 
 Collection = CommentedMap | CommentedSeq
+Entries = dict[str, Any] | list[Any]  # a section's new entries: a mapping for `corpora`, a list for `stages`
 STR = "tag:yaml.org,2002:str"
 
 
@@ -29,11 +33,11 @@ class _Representer(RoundTripRepresenter):
     """ruamel writes YAML 1.2; the spec is read with PyYAML (YAML 1.1), so new values are written as both
     read them the same way."""
 
-    def _str(self, value: str):
+    def _str(self, value: str) -> ScalarNode:
         plain_is_str = pyyaml.resolver.Resolver().resolve(pyyaml.ScalarNode, value, (True, False)) == STR
         return self.represent_scalar(STR, value, style=None if plain_is_str else "'")  # `no`, `on`: not booleans
 
-    def _float(self, value: float):
+    def _float(self, value: float) -> ScalarNode:
         text = repr(value)
         if "e" in text and "." not in text:  # PyYAML reads 1e-05 as a string, 1.0e-05 as a number
             return self.represent_scalar("tag:yaml.org,2002:float", text.replace("e", ".0e", 1))
@@ -44,7 +48,7 @@ _Representer.add_representer(str, _Representer._str)
 _Representer.add_representer(float, _Representer._float)
 
 
-def append_entries(pipeline_path: Path, additions: dict[str, dict | list], note: str | None = None) -> str:
+def append_entries(pipeline_path: Path, additions: dict[str, Entries], note: str | None = None) -> str:
     """The file's text with `additions` (section name -> its new entries: a list for `stages`, a mapping
     for `corpora`) at the end of each section, styled as the section's last entry is; `note`, if given,
     a comment line before each block-style section's new entries."""
@@ -76,16 +80,19 @@ def append_entries(pipeline_path: Path, additions: dict[str, dict | list], note:
     return out.getvalue()
 
 
-def _append(node: Collection, entries: dict | list, note: str | None, column: int) -> None:
+def _append(node: Collection, entries: Entries, note: str | None, column: int) -> None:
     """Add the entries after the section's last one; the comment lines that followed the section (they
     belong to its last line in ruamel's model) move down to follow the new last line."""
     trailing = _take_trailing_comment(node)
-    if isinstance(node, CommentedMap):
+    first: object
+    if isinstance(node, CommentedMap) and isinstance(entries, dict):
         model, first = node[list(node)[-1]], next(iter(entries))
         node.update((key, _styled_like(value, model)) for key, value in entries.items())
-    else:
+    elif isinstance(node, CommentedSeq) and isinstance(entries, list):
         model, first = node[-1], len(node)
         node.extend(_styled_like(value, model) for value in entries)
+    else:
+        raise TypeError(f"entries {type(entries).__name__} for a section {type(node).__name__}")
     if note and not node.fa.flow_style():  # inside brackets it would be a comment the next edit cannot keep
         node.yaml_set_comment_before_after_key(first, before=note, indent=column)
     if trailing is not None:
@@ -94,12 +101,13 @@ def _append(node: Collection, entries: dict | list, note: str | None, column: in
         slots[_comment_slot(container)] = trailing
 
 
-def _styled_like(value, model):
+def _styled_like(value: Any, model: Any) -> Any:
     """`value` as ruamel nodes, in flow style where `model` (the existing entry it follows, or its part
     under the same key) is, in block style elsewhere."""
     if not isinstance(value, dict | list):
         return value
     flow = isinstance(model, Collection) and bool(model.fa.flow_style())
+    node: Collection
     if isinstance(value, dict):
         parts = model if isinstance(model, dict) else {}
         node = CommentedMap((key, _styled_like(part, parts.get(key))) for key, part in value.items())
@@ -125,17 +133,19 @@ def _comment_slot(container: Collection) -> int:
     return 2 if isinstance(container, CommentedMap) else 0  # ruamel's place for a comment after an entry
 
 
-def _take_trailing_comment(node: Collection):
+def _take_trailing_comment(node: Collection) -> CommentToken | None:
     """Remove the comment lines after the section's last line (its end-of-line comment stays) and return
     them, or None. A flow-style section keeps them after its closing bracket without help."""
     if node.fa.flow_style():
         return None
     container, key = _last_line(node)
     slots = container.ca.items.get(key)
-    token = slots[_comment_slot(container)] if slots else None
-    end_of_line, _, rest = token.value.partition("\n") if token is not None else ("", "", "")
+    token: CommentToken | None = slots[_comment_slot(container)] if slots else None
+    if token is None:
+        return None
+    end_of_line, _, rest = token.value.partition("\n")
     if not rest:
-        return None  # no token, or only an end-of-line comment
+        return None  # only an end-of-line comment
     moved = copy.copy(token)
     moved.value = "\n" + rest
     if end_of_line.strip():

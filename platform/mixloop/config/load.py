@@ -34,7 +34,12 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, files: bool = 
 
 
 def spec_from_data(
-    data: dict, base_dir: str = ".", overrides: Sequence[str] = (), *, files: bool = True, source: str = "spec"
+    data: dict[str, Any],
+    base_dir: str = ".",
+    overrides: Sequence[str] = (),
+    *,
+    files: bool = True,
+    source: str = "spec",
 ) -> Spec:
     """A validated Spec from data shaped like the YAML (relative paths start at `base_dir`); SpecError
     naming `source` and listing every problem."""
@@ -46,7 +51,7 @@ def spec_from_data(
     return spec
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, list[str]]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """A copy of `data` with each `KEY.PATH=VALUE` set (VALUE read as YAML; a list item as `stages[1]`
     or, in stages, by name: `stages.sft.tokens=2e5`), and a problem for each one that names no place."""
     data, problems = copy.deepcopy(data), []
@@ -67,16 +72,16 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, list[st
     return data, problems
 
 
-def _set(data: dict, keys: list, value: Any, override: str) -> list[str]:
+def _set(data: dict[str, Any], keys: list[int | str], value: Any, override: str) -> list[str]:
     if keys[0] == "stages" and len(keys) > 2 and isinstance(keys[1], str) and isinstance(data.get("stages"), list):
         names = {stage.get("name"): index for index, stage in enumerate(data["stages"]) if isinstance(stage, dict)}
         if keys[1] not in names:
             return [f"{override!r}: no stage named {keys[1]!r}. Fix: use one of {', '.join(map(str, names))}."]
         keys[1] = names[keys[1]]
-    node = data
+    node: Any = data  # any YAML value on the way: a mapping, a list, or what the override cannot enter
     for depth, key in enumerate(keys[:-1]):
         try:
-            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+            node = node[key] if isinstance(node, list) and isinstance(key, int) else node.setdefault(key, {})
         except (IndexError, TypeError, AttributeError):
             return [f"{override!r}: {'.'.join(map(str, keys[: depth + 1]))} holds no {key!r}. Fix: check the key path."]
     try:
@@ -86,13 +91,13 @@ def _set(data: dict, keys: list, value: Any, override: str) -> list[str]:
     return []
 
 
-def check_spec_data(data: dict, base_dir: str, files: bool = True) -> list[str]:
+def check_spec_data(data: dict[str, Any], base_dir: str, files: bool = True) -> list[str]:
     """Every problem of a pipeline spec given as data, structural and semantic, without raising.
     Relative paths start at base_dir; files=False leaves out the checks that read files or folders."""
     return _checked_spec(data, base_dir, files)[1]
 
 
-def _checked_spec(data: dict, base_dir: str, files: bool) -> tuple[Spec, list[str]]:
+def _checked_spec(data: dict[str, Any], base_dir: str, files: bool) -> tuple[Spec, list[str]]:
     """The spec and all its problems. After a structural error, the semantic checks run on a partial
     pipeline made of the parts that validate on their own (see _partial_pipeline)."""
     try:
@@ -104,7 +109,7 @@ def _checked_spec(data: dict, base_dir: str, files: bool) -> tuple[Spec, list[st
     return spec, problems + _semantic_problems(spec, files)
 
 
-def read_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> dict:
+def read_yaml(path: str | Path, model: type[BaseModel], what: str, examples: str) -> dict[str, Any]:
     """The mapping in a YAML file (path or URI); SpecError when there is no such file or no mapping."""
     remote = "://" in str(path)
     if not (exists(str(path)) if remote else Path(path).is_file()):
@@ -129,7 +134,7 @@ def validate_yaml(path: str | Path, model: type[BaseModel], what: str, examples:
         raise SpecError(format_problems(path, problems, what)) from None
 
 
-def _partial_pipeline(data: dict) -> PipelineConfig:
+def _partial_pipeline(data: dict[str, Any]) -> PipelineConfig:
     """A PipelineConfig built, unvalidated as a whole, from the parts of `data` that validate alone:
     each top-level field, each corpus and each stage; any other part is Broken."""
     parts: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel
+from pydantic_core import ErrorDetails
 
 from mixloop.config.schema import BUILTIN_DEFAULTS, STAGE_NAME_PATTERN, LRConfig, StageSettings
 from mixloop.config.strict import unwrap_optional
@@ -21,6 +22,9 @@ def format_problems(path: str | Path, problems: list[str], what: str = "pipeline
     return "\n".join(lines)
 
 
+Loc = tuple[int | str, ...]  # a YAML path, as pydantic's errors give it
+
+
 class _Place(typing.NamedTuple):
     """What a YAML path leads to in the spec models."""
 
@@ -28,17 +32,17 @@ class _Place(typing.NamedTuple):
     name: str | None = None  # the last model field on the way, its FieldInfo and its model
     field: Any = None
     owner: type | None = None
-    bounds: tuple = ()  # annotated_types constraints on the value: Gt, Ge, Lt, Le
+    bounds: tuple[Any, ...] = ()  # annotated_types constraints on the value: Gt, Ge, Lt, Le
 
 
-def _yaml_path(loc: tuple) -> str:
+def _yaml_path(loc: Loc) -> str:
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "(top level)"
 
 
-def _describe(error: dict, root: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails, root: type[BaseModel]) -> str:
     loc, kind = tuple(error["loc"]), error["type"]
     where = _yaml_path(loc)
     if kind == "extra_forbidden":
@@ -73,7 +77,7 @@ _BOUND_ERRORS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": 
 _PATTERN_WORDS = {STAGE_NAME_PATTERN: "a name of lowercase letters, digits, '_', '.' and '-'"}
 
 
-def _expected(error: dict, place: _Place) -> tuple[str, str] | None:
+def _expected(error: ErrorDetails, place: _Place) -> tuple[str, str] | None:
     """What the value should be and what to write instead, from pydantic's error type; None: unknown type."""
     kind, ctx = error["type"], error.get("ctx") or {}
     whole = place.annotation is int or kind.startswith("int")
@@ -118,7 +122,7 @@ def _example(place: _Place, whole: bool) -> Any:
     return int(value) if value is not None and whole else value
 
 
-def _bounds_text(bounds: tuple) -> str:
+def _bounds_text(bounds: tuple[Any, ...]) -> str:
     return " and ".join(
         f"{words} {_number(getattr(bound, key))}"
         for bound in bounds
@@ -160,7 +164,7 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def _walk(loc: tuple, root: type[BaseModel]) -> _Place:
+def _walk(loc: Loc, root: type[BaseModel]) -> _Place:
     """Follow a YAML path through the spec models to what it leads to."""
     current: Any = root
     place = _Place()
@@ -183,13 +187,13 @@ def _walk(loc: tuple, root: type[BaseModel]) -> _Place:
     return place._replace(annotation=unwrap_optional(current))
 
 
-def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
+def _allowed_keys(loc: Loc, root: type[BaseModel]) -> list[str]:
     model = _walk(loc, root).annotation
     if isinstance(model, type) and issubclass(model, BaseModel):
         return [field.alias or name for name, field in model.model_fields.items()]
     return []
 
 
-def _field_doc(loc: tuple, root: type[BaseModel]) -> str | None:
+def _field_doc(loc: Loc, root: type[BaseModel]) -> str | None:
     field = _walk(loc, root).field
     return " ".join(field.description.split()) if field is not None and field.description else None

@@ -18,7 +18,7 @@ from mixloop.storage.fs import read_text
 from mixloop.storage.hub import is_hub_id, local_model
 
 
-def path_keys(section: dict) -> list[str]:
+def path_keys(section: dict[str, Any]) -> list[str]:
     """The keys of a tokenizer or corpus section (as data) that hold file paths; a hub dataset's `eval`
     names one of its splits, and `probes: eval` or `generated` no file."""
     named = ("dataset" in section) * ["eval"] + (section.get("probes") in PROBE_KEYWORDS) * ["probes"]  # no files
@@ -57,15 +57,20 @@ class Spec:
 
     def model_folder(self) -> tuple[str, str | None]:
         """(local folder, hub commit or None) of model.path, downloaded first when it is a hub id."""
-        model = self.config.model
-        return local_model(model.path, self.path(model.path), model.revision)
+        path = self._model_path()
+        return local_model(path, self.path(path), self.config.model.revision)
 
     def model_source(self) -> str:
         """model.path as the workdir records it: a hub id as it is, a folder made absolute."""
-        path = self.config.model.path
+        path = self._model_path()
         return path if is_hub_id(path, self.path(path)) else self.path(path)
 
-    def portable(self) -> dict:
+    def _model_path(self) -> str:
+        if self.config.model.path is None:  # callers ask only for a model that has a path
+            raise ValueError("the spec's model has no path: a preset or a config makes it")
+        return self.config.model.path
+
+    def portable(self) -> dict[str, Any]:
         """The spec as data with every path absolute, valid wherever it is written (the workdir's copy)."""
         data = self.config.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["workdir"] = self.workdir
@@ -176,7 +181,7 @@ class ResolvedStage(Frozen):
     def total_steps(self) -> int:
         return self.geometry.steps_for(self.tokens)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
 
@@ -243,6 +248,6 @@ def base_hash(seed: int, tokenizer_fingerprint: str) -> str:
     return _content_hash({"seed": seed}, tokenizer_fingerprint)
 
 
-def _content_hash(trajectory: dict, parent_hash: str) -> str:
+def _content_hash(trajectory: dict[str, Any], parent_hash: str) -> str:
     payload = json.dumps({"stage": trajectory, "parent": parent_hash}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

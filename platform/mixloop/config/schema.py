@@ -154,11 +154,11 @@ class TrackingConfig(Strict):
     """Weights & Biases (install mixloop[wandb]): a run per stage, grouped by the pipeline's name."""
 
 
-REWARM_LR = {"warmup": 0.05, "warmup_from": "zero", "decay": "cosine"}
-FINETUNE_LR = {"peak": 3e-4, **REWARM_LR}
+REWARM_LR: dict[str, Any] = {"warmup": 0.05, "warmup_from": "zero", "decay": "cosine"}
+FINETUNE_LR: dict[str, Any] = {"peak": 3e-4, **REWARM_LR}
 
 
-def _over(template: dict, value: Any) -> Any:
+def _over(template: dict[str, Any], value: Any) -> Any:
     """An LR setting of the iteration template over its own defaults, so {peak: 0.002} keeps the re-warm."""
     return {**template, **value} if isinstance(value, dict) else value
 

@@ -7,7 +7,7 @@ import re
 import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 # A number in exponent notation. YAML 1.1 (PyYAML) reads 2e9, 2.0e9 and 1e-3 as strings: it wants a dot
 # and a signed exponent (2.0e+9). Numeric fields take them as numbers; the YAML itself is left alone,
@@ -55,5 +55,5 @@ class Strict(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _exponent_numbers(cls, value: Any, info) -> Any:
-        return numbers_where_numeric(value, cls.model_fields[info.field_name].annotation)
+    def _exponent_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return numbers_where_numeric(value, cls.model_fields[info.field_name or ""].annotation)

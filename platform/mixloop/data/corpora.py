@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mixloop.config import BUILTIN_DEFAULTS, CorpusConfig, ResolvedStage, Spec
@@ -39,7 +40,7 @@ from mixloop.storage.fs import (
 from mixloop.storage.hub import dataset_files
 from mixloop.storage.layout import Workdir
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class PreparedCorpora:
 
 
 class Corpora:
-    def __init__(self, spec: Spec, log: Log = print, address: str | None = None, progress_bar: bool = False):
-        self.spec, self.log, self.address, self.progress_bar = spec, log, address, progress_bar
+    def __init__(self, spec: Spec, address: str | None = None, progress_bar: bool = False):
+        self.spec, self.address, self.progress_bar = spec, address, progress_bar
         self.workdir = spec.workdir
 
     @functools.cache  # noqa: B019 (one Corpora per command: the cache lives as long as it should)
-    def files(self, name: str) -> dict[str, str | tuple[str, ...]]:
+    def files(self, name: str) -> Mapping[str, str | tuple[str, ...]]:
         """{'train': pattern, 'eval': pattern?} (a hub dataset's split: its files), generating the corpus
         first (once) if the spec asks for it."""
         corpus = self.spec.config.corpora[name]
@@ -73,8 +74,10 @@ class Corpora:
                 Workdir(self.workdir).generated(name), corpus.kind, g.topic, g.documents, g.eval_documents, g.seed
             )
         if corpus.dataset is not None:
-            splits = {"train": corpus.train_split, "eval": corpus.eval}
-            return {key: _hub_split(name, corpus, split) for key, split in splits.items() if split is not None}
+            dataset, splits = corpus.dataset, {"train": corpus.train_split, "eval": corpus.eval}
+            return {key: _hub_split(name, dataset, corpus, split) for key, split in splits.items() if split is not None}
+        if corpus.path is None:  # the spec's checks refuse a corpus without path, dataset or generate
+            raise MixloopError(f"corpora.{name}: no path. Fix: give it a path, a dataset or generate.")
         files = {"train": self.spec.path(corpus.path)}
         if corpus.eval:
             files["eval"] = self.spec.path(corpus.eval)
@@ -113,6 +116,7 @@ class Corpora:
             for name in stage.mixture
         }
         seq_len = self.spec.config.defaults.seq_len or BUILTIN_DEFAULTS.seq_len
+        assert seq_len is not None  # BUILTIN_DEFAULTS sets every setting
         evals = {
             name: self._request(name, "eval", seq_len, True)
             for name in self.spec.config.corpora
@@ -152,6 +156,8 @@ class Corpora:
         # The folder it is copied from (None: trained here), and the name recorded for it: paths resolved,
         # so the workdir's own copy of the spec (absolute paths) matches the original; the model's own
         # tokenizer (neither path nor train) is named as the model is (a hub id, not its cache folder).
+        folder: str | None
+        named: str | None
         if spec.path:
             folder = named = self.spec.path(spec.path)
         elif spec.train:
@@ -180,7 +186,8 @@ class Corpora:
             if folder:
                 tokenizer = load_tokenizer(folder)
             else:
-                self.log(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
+                assert spec.train is not None  # folder is None only for a tokenizer trained here
+                logger.info(f"training a byte-level BPE tokenizer ({spec.train.vocab_size} tokens)")
                 tokenizer = train_tokenizer(self._texts(spec.train.sample_bytes), spec.train.vocab_size)
             if template is not None:
                 tokenizer.chat_template = template
@@ -208,9 +215,9 @@ class Corpora:
                 yield text
 
 
-def _hub_split(name: str, corpus: CorpusConfig, split: str) -> tuple[str, ...]:
+def _hub_split(name: str, dataset: str, corpus: CorpusConfig, split: str) -> tuple[str, ...]:
     try:
-        return dataset_files(corpus.dataset, corpus.revision, corpus.subset, split)
+        return dataset_files(dataset, corpus.revision, corpus.subset, split)
     except MixloopError as exc:
         raise MixloopError(f"corpora.{name}: {exc}") from None
 

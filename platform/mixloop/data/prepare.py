@@ -21,7 +21,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import IO, Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from mixloop.data import records
 from mixloop.data.files import BLANK_LINE, iter_records, list_chunks
 from mixloop.data.packing import Packer
-from mixloop.data.store import MANIFEST, read_manifest, write_shard
+from mixloop.data.store import MANIFEST, find_manifest, read_manifest, write_shard
 from mixloop.data.tokenizer import encode_chats, encode_texts, load_tokenizer, tokenizer_fingerprint
 from mixloop.errors import DataError
 from mixloop.runs.tracking import counted
@@ -199,7 +199,9 @@ class RejectWriter:
     """Streams bad records with their place and reason to a jsonl file, opened at the first one."""
 
     def __init__(self, path: str):
-        self.path, self.file, self.count, self.first = path, None, 0, []
+        self.path, self.count = path, 0
+        self.file: IO[str] | None = None
+        self.first: list[dict[str, Any]] = []  # the first three, for the error message
 
     def add(self, where: str, record: object, reason: str) -> None:
         entry = {"where": where, "reason": reason, "record": _preview(record)}
@@ -260,7 +262,7 @@ def prepare_corpora(
             raise DataError(f"corpus {request.name!r} ({request.split}): no file matches {request.pattern!r}")
         key = corpus_key(files, request, tokenizer_fp)
         folders[request] = Workdir(workdir).packed(request.name, request.split, key)
-        manifest = read_manifest(folders[request])
+        manifest = find_manifest(folders[request])
         if manifest is None:
             todo[request] = (key, files)
         else:  # the limit may have changed since the corpus was prepared
@@ -319,7 +321,9 @@ def _run_packers(chunks: list[dict], tokenizer_dir: str, progress_bar: bool) -> 
 
     parallel = max(1, min(len(chunks), int(ray.available_resources().get("CPU", 1))))
     dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        pack_chunks,
+        # Ray's type for fn takes the batch alone and returns a DataBatch; map_batches passes fn_kwargs and
+        # takes a dict of lists too (2.60).
+        pack_chunks,  # type: ignore[arg-type]
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir),
         batch_size=1,
         num_cpus=1,

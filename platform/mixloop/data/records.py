@@ -38,6 +38,9 @@ SHAREGPT_ROLES = {
 class BadRecord(ValueError):
     """A record that cannot be trained on; the message is the reason written to rejects/."""
 
+    raw: str | None = None
+    """The line as it was read, when a reader of JSON lines could not parse it (data.files)."""
+
 
 def parse_json_line(raw: bytes) -> Any:
     try:
@@ -121,7 +124,9 @@ def _sharegpt_turn(turn: Any, index: int) -> Any:
 
 def _alpaca_turns(record: dict, columns: dict[str, str]) -> list[dict]:
     """Alpaca's instruction (and input) as the user's turn, its output as the assistant's."""
-    get = {key: record.get(columns.get(key, key)) for key in ("instruction", "input", "output", "system")}
+    get: dict[str, Any] = {
+        key: record.get(columns.get(key, key)) for key in ("instruction", "input", "output", "system")
+    }
     for key in ("instruction", "output"):
         if not isinstance(get[key], str):
             raise BadRecord(

@@ -8,6 +8,8 @@ order; a folder without it is an unfinished preparation and is never read.
 
 from __future__ import annotations
 
+from typing import Any
+
 import fsspec
 import numpy as np
 
@@ -25,8 +27,17 @@ def write_shard(folder: str, shard: str, rows: list[tuple[np.ndarray, ...]]) -> 
             np.save(out, np.stack([row[index] for row in rows]))
 
 
-def read_manifest(folder: str) -> dict | None:
+def find_manifest(folder: str) -> dict[str, Any] | None:
+    """A packed corpus's manifest, or None while the folder holds none (not packed, or not finished)."""
     return read_json(join(folder, MANIFEST))
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of a finished packed corpus; FileNotFoundError when the folder holds none."""
+    manifest = find_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{folder} holds no finished packed corpus ({MANIFEST} missing)")
+    return manifest
 
 
 class PackedCorpus:
@@ -34,8 +45,6 @@ class PackedCorpus:
 
     def __init__(self, folder: str):
         manifest = read_manifest(folder)
-        if manifest is None:
-            raise FileNotFoundError(f"{folder} holds no finished packed corpus ({MANIFEST} missing)")
         self.manifest = manifest
         self.folder = local_copy(folder)
         self.seq_len = manifest["seq_len"]
@@ -64,4 +73,4 @@ class PackedCorpus:
             shard = self.manifest["shards"][shard_index]["name"]
             for target, name in zip(out, ARRAYS):
                 target[picked] = self._array(name, shard)[local]
-        return tuple(out)
+        return out[0], out[1], out[2]

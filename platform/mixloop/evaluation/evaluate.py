@@ -23,7 +23,7 @@ from mixloop.storage.layout import Workdir
 from mixloop.train.heldout import evaluate_model
 from mixloop.train.model import load_model
 from mixloop.versioning.lineage import Lineages
-from mixloop.versioning.registry import read_lineage, version_dir
+from mixloop.versioning.registry import require_lineage, version_dir
 
 
 def _evaluate_version(model_dir: str, eval_dirs: dict[str, str], max_rows: int) -> dict[str, dict]:
@@ -75,7 +75,7 @@ def evaluate_versions(
 def _model_key(workdir: str, version: str) -> str:
     """What a stored result belongs to: the version's weights (their hashes), or, for versions
     published before hashes were recorded, its stage and publication time."""
-    lineage = read_lineage(workdir, version)
+    lineage = require_lineage(workdir, version)
     weights = lineage.weights_sha256
     return (
         ",".join(weights[name][:16] for name in sorted(weights))

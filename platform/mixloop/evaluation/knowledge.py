@@ -69,11 +69,12 @@ class Benchmarks:
     def identity(self) -> dict:
         """Everything that decides the scores, file contents included (as their SHA-256)."""
         probes = [asdict(p) | {"sha256": [file_sha256(f) for f in expand_files(p.files)]} for p in self.probes]
-        local_tasks = sorted(Path(self.include_path).rglob("*")) if self.include_path else []
+        folder = Path(self.include_path) if self.include_path else None
+        local_tasks = sorted(folder.rglob("*")) if folder else []
         return asdict(self) | {
             "probes": probes,
             "include_path": {
-                str(p.relative_to(self.include_path)): file_sha256(str(p)) for p in local_tasks if p.is_file()
+                str(p.relative_to(folder)): file_sha256(str(p)) for p in local_tasks if folder and p.is_file()
             },
         }
 
@@ -105,7 +106,7 @@ def benchmarks_of(spec: Spec, corpora=None) -> Benchmarks | None:
     if own and corpora is None:
         from mixloop.data.corpora import Corpora  # lazy: Ray and transformers come with it
 
-        corpora = Corpora(spec, log=lambda line: None)
+        corpora = Corpora(spec)
     sources = tuple(_corpus_probe(spec, corpora, name, corpus) for name, corpus in own.items())
     return Benchmarks.from_config(config, spec.base_dir, sources)
 
@@ -151,9 +152,9 @@ def _measure(folder: str, benchmarks: Benchmarks, device: str) -> tuple[list[Tas
             p.name: probe_task(p, write_task_data(p, scratch), join(scratch, "datasets"), benchmarks.max_new_tokens)
             for p in probes
         }
-        choice = [configs[p.name] for p in probes if p.kind == "choice"]
-        questions = [configs[p.name] for p in probes if p.kind == "question"]
-        for tasks, chat in (([*benchmarks.tasks, *choice], False), (questions, True)):
+        choice: list[str | dict] = [*benchmarks.tasks, *(configs[p.name] for p in probes if p.kind == "choice")]
+        questions: list[str | dict] = [configs[p.name] for p in probes if p.kind == "question"]
+        for tasks, chat in ((choice, False), (questions, True)):
             if not tasks:
                 continue
             manager = harness.manager_for(() if chat else benchmarks.tasks, benchmarks.include_path)

@@ -112,7 +112,7 @@ def _item(record: Any, source: ProbeSource) -> tuple[ProbeKind, ChoiceQuestion |
         return "choice", _choice(record)
     if isinstance(record, dict) and "question" in record:
         question, answer = record.get("question"), record.get("answer")
-        if not _text(question) or not _text(answer):
+        if not isinstance(question, str) or not isinstance(answer, str) or not _text(question) or not _text(answer):
             raise BadRecord('"question" and "answer" must be non-empty strings')
         return "question", Question(question, answer)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def _plot_matrix(matrix: dict, path: Path) -> None:
     values = [[(matrix[v].get(s) or {}).get("loss", float("nan")) for s in sets] for v in versions]
     fig, ax = plt.subplots(figsize=(1.6 * len(sets) + 2, 0.5 * len(versions) + 1.5))
     image = ax.imshow(values, cmap="viridis_r", aspect="auto")
-    middle = (image.norm.vmin + image.norm.vmax) / 2
+    middle = sum(image.get_clim()) / 2
     ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right")
     ax.set_yticks(range(len(versions)), versions)
     for i, row in enumerate(values):
@@ -155,7 +156,7 @@ def write_report(
     matrix: dict,
     deltas: dict,
     health: dict,
-    unmeasured: list[str] = (),
+    unmeasured: Sequence[str] = (),
     scores: ScoreMatrix | None = None,
     score_deltas: dict | None = None,
 ) -> str:
@@ -180,7 +181,7 @@ def _write_pages(
     matrix: dict,
     deltas: dict,
     health: dict,
-    unmeasured: list[str],
+    unmeasured: Sequence[str],
     knowledge: tuple[ScoreMatrix, dict],
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def score_deltas(matrix: ScoreMatrix, lineages: Lineages) -> dict[str, dict[str,
 
 def change(before: Score, after: Score) -> dict:
     """after - before, with the standard error of the difference (None when either has none)."""
-    stderr = math.hypot(before.stderr, after.stderr) if None not in (before.stderr, after.stderr) else None
+    stderr = math.hypot(before.stderr, after.stderr) if before.stderr is not None and after.stderr is not None else None
     difference = after.value - before.value
     return {"change": difference, "stderr": stderr, "significant": stderr is not None and abs(difference) > 2 * stderr}
 

@@ -15,10 +15,10 @@ cut short. It holds the workdir's lock while it works, so no other run or watch 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +36,7 @@ from mixloop.storage.layout import Workdir
 from mixloop.storage.lock import workdir_lock
 from mixloop.versioning.registry import current_version, list_versions
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 READY = "_READY"
 MANIFEST = "manifest.json"  # {"text": FILE, "chat": FILE, "eval": FILE}, relative to the corpus's folder
 ROLES = ("text", "chat", "eval")
@@ -110,14 +110,15 @@ def _lr(lr) -> dict:
     return {"lr": settings} if settings else {}
 
 
-def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
+def count_tokens(spec: Spec, pattern: str) -> int:
     """Tokens of a text corpus's documents under the workdir's tokenizer: every record counted, the
     first SAMPLE_RECORDS tokenized, the rest estimated at their mean."""
     # lazy: transformers
     from mixloop.data.corpora import Corpora
     from mixloop.data.tokenizer import load_tokenizer
 
-    texts, count = [], 0
+    texts: list[str] = []
+    count = 0
     for chunk in list_chunks(expand_files(pattern), None):
         for _, record in iter_records(chunk):
             try:
@@ -131,7 +132,7 @@ def count_tokens(spec: Spec, pattern: str, log: Log) -> int:
         raise MixloopError(
             f"{pattern}: no text records. Fix: point --text at JSON lines, Parquet or CSV files with a `text` field."
         )
-    tokenizer = load_tokenizer(Corpora(spec, log).tokenizer())
+    tokenizer = load_tokenizer(Corpora(spec).tokenizer())
     sampled = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     return int(sampled * count / len(texts))
 
@@ -142,7 +143,6 @@ def add(
     dry_run: bool = False,
     tune: int = 0,
     address: str | None = None,
-    log: Log = print,
     lock=None,
 ) -> RunResult | None:
     """Add `new` to the spec file as an iteration and run the pipeline (the run's result); with
@@ -156,20 +156,20 @@ def add(
             f"--tune {tune}: a search scores at least 3 trials (the template's stage and the stratified "
             "mix among them) on the new corpus's eval split. Fix: give --tune 3 or more, and --eval."
         )
-    with workdir_lock(spec.workdir, f"mixloop add {new.name}", log, held=lock) as lock:  # reads current, edits, trains
-        corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text), log), *_start(spec))
+    with workdir_lock(spec.workdir, f"mixloop add {new.name}", held=lock) as lock:  # reads current, edits, trains
+        corpora, stages = plan(spec, new, count_tokens(spec, _resolved(path, new.text)), *_start(spec))
         text = append_entries(path, {"corpora": corpora, "stages": stages})
-        log(
+        logger.info(
             f"iteration {new.name}: adds to {path}\n"
             + yaml.safe_dump({"corpora": corpora, "stages": stages}, sort_keys=False).rstrip()
         )
         replace_validated(path, text, f"adding iteration {new.name}", write=not (dry_run or tune))
         if dry_run:
-            log(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
+            logger.info(f"{path}: valid with the iteration (dry run: nothing written, nothing trained)")
             return None
         if tune:
-            _tuned(path, spec, new, corpora, stages, tune, address, log, lock)
-        return _run(path, address, log, lock)
+            _tuned(path, spec, new, corpora, stages, tune, address, lock)
+        return _run(path, address, lock)
 
 
 def _start(spec: Spec) -> tuple[set[str], str | None]:
@@ -191,7 +191,6 @@ def _tuned(
     stages: list[dict],
     trials: int,
     address: str | None,
-    log: Log,
     lock,
 ) -> None:
     """Search the continued-pretraining stage's replay share and re-warm (`trials` trials, the template's
@@ -201,6 +200,7 @@ def _tuned(
     replace_validated(path, append_entries(path, {"corpora": corpora}), f"adding corpus {new.name}")
     stage, rest = stages[0], stages[1:]
     peak = stage.get("lr", {}).get("peak") or spec.config.defaults.lr.peak or BUILTIN_DEFAULTS.lr.peak
+    assert peak is not None  # BUILTIN_DEFAULTS sets every setting
     measured = [name for name in stage["mixture"] if name != new.name and spec.config.corpora[name].eval]
     search = {
         "name": new.name,
@@ -218,7 +218,7 @@ def _tuned(
     search_path = path.with_name(f".{path.stem}.{new.name}.tune.yaml")  # next to the spec: `pipeline:` resolves
     search_path.write_text(yaml.safe_dump(search, sort_keys=False))
     try:
-        run_search(str(search_path), address, apply=True, log=log, lock=lock)
+        run_search(str(search_path), address, apply=True, lock=lock)
     finally:
         search_path.unlink()
     if rest:
@@ -244,19 +244,19 @@ def _resolved(spec_path: Path, value: str) -> str:
     return value if "://" in value or os.path.isabs(value) else str((spec_path.parent / value).resolve())
 
 
-def _run(spec_path: Path, address: str | None, log: Log, lock) -> RunResult:
+def _run(spec_path: Path, address: str | None, lock) -> RunResult:
     from mixloop.runs.pipeline import PipelineRunner  # lazy: torch, transformers
 
-    return PipelineRunner(load_spec(spec_path), log, address, lock).run()
+    return PipelineRunner(load_spec(spec_path), address, lock).run()
 
 
 # ---------------------------------------------------------------- watch
 
 
-def ready_corpora(inbox: str, log: Log = print) -> list[tuple[str, NewCorpus]]:
+def ready_corpora(inbox: str) -> list[tuple[str, NewCorpus]]:
     """(folder URI, corpus) of every corpus folder in the inbox that is ready, in arrival order: the
     time its _READY marker (or manifest) was written, then its name. A ready folder that is no corpus
-    is named in the log and left out."""
+    is named in a warning and left out."""
     fs, root = fsspec.core.url_to_fs(inbox)
     protocol = inbox.split("://", 1)[0] + "://" if "://" in inbox else ""
     found = []
@@ -268,7 +268,7 @@ def ready_corpora(inbox: str, log: Log = print) -> list[tuple[str, NewCorpus]]:
         try:
             found.append((_modified(fs, marker), uri, _corpus_of(fs, folder, uri)))
         except MixloopError as exc:
-            log(f"watch: skipping {exc}")
+            logger.warning(f"watch: skipping {exc}")
     return [(uri, corpus) for _, uri, corpus in sorted(found, key=lambda item: (item[0], item[1]))]
 
 
@@ -298,7 +298,7 @@ def _corpus_of(fs, folder: str, uri: str) -> NewCorpus:
 
 
 def watch(
-    spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False, log: Log = print
+    spec_path: str, inbox: str, address: str | None = None, poll_s: float = 30.0, once: bool = False
 ) -> list[str]:
     """Add the inbox's ready corpora one at a time, polling every `poll_s` (with `once`: those ready now,
     then return); the corpora added by this call. The workdir's lock is held while there is work, not
@@ -310,15 +310,15 @@ def watch(
     while True:
         pending = [
             (uri, corpus)
-            for uri, corpus in ready_corpora(inbox, log)
+            for uri, corpus in ready_corpora(inbox)
             if uri not in failed and _entry(state_path, uri).get("status") != "done"
         ]
         if pending or first:
-            with workdir_lock(workdir, f"mixloop watch {inbox}", log) as lock:
+            with workdir_lock(workdir, f"mixloop watch {inbox}") as lock:
                 if first:
-                    _run(Path(spec_path), address, log, lock)  # the pipeline as it stands: a cut-short run resumes
+                    _run(Path(spec_path), address, lock)  # the pipeline as it stands: a cut-short run resumes
                 for uri, corpus in pending:
-                    if _take(spec_path, state_path, uri, corpus, address, log, lock):
+                    if _take(spec_path, state_path, uri, corpus, address, lock):
                         added.append(corpus.name)
                     else:
                         failed.add(uri)
@@ -328,7 +328,7 @@ def watch(
         time.sleep(poll_s)
 
 
-def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address: str | None, log: Log, lock) -> bool:
+def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address: str | None, lock) -> bool:
     """Add one inbox corpus as an iteration, or finish the iteration a cut-short watch added for it;
     whether it is done (a failure is recorded in the state with its reason)."""
     entry = _entry(state_path, uri)
@@ -336,14 +336,14 @@ def _take(spec_path: str, state_path: str, uri: str, corpus: NewCorpus, address:
         return False
     try:
         if entry and corpus.name in load_spec(spec_path).stage_names():
-            log(f"watch: finishing iteration {corpus.name} ({uri})")
-            _run(Path(spec_path), address, log, lock)
+            logger.info(f"watch: finishing iteration {corpus.name} ({uri})")
+            _run(Path(spec_path), address, lock)
         else:
-            log(f"watch: {uri} is ready; adding it as corpus {corpus.name}")
+            logger.info(f"watch: {uri} is ready; adding it as corpus {corpus.name}")
             _record(state_path, uri, corpus=corpus.name, status="started", at=time.time())
-            add(spec_path, corpus, address=address, log=log, lock=lock)
+            add(spec_path, corpus, address=address, lock=lock)
     except MixloopError as exc:
-        log(f"watch: {uri} failed, left for the next start: {exc}")
+        logger.warning(f"watch: {uri} failed, left for the next start: {exc}")
         _record(state_path, uri, corpus=corpus.name, status="failed", error=str(exc))
         return False
     _record(state_path, uri, corpus=corpus.name, status="done", finished=time.time())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -28,11 +29,14 @@ import yaml
 
 from mixloop.config import load_spec
 from mixloop.config.resolve import path_keys
+from mixloop.console import TO_STDERR
 from mixloop.errors import MixloopError, SpecError, WorkdirLockedError
 from mixloop.storage.fs import exists
 from mixloop.storage.layout import Workdir
 from mixloop.storage.lock import describe, live_holder
 from mixloop.version import __version__
+
+logger = logging.getLogger(__name__)
 
 JOB_PREFIX = "mixloop-"
 AGENT_WAIT_S = 60
@@ -54,10 +58,10 @@ def _with_added_iterations(spec) -> dict | None:
     names = spec.stage_names()
     if copy is None or copy.stage_names()[: len(names)] != names or len(copy.stage_names()) == len(names):
         return None
-    print(
+    logger.warning(
         f"note: {copy_path} holds stages a watch added ({', '.join(copy.stage_names()[len(names) :])}); the job "
         "watches from that copy",
-        file=sys.stderr,
+        extra=TO_STDERR,
     )
     return copy.portable()
 
@@ -197,10 +201,10 @@ class JobClient:
         data = (_with_added_iterations(spec) if inbox else None) or spec.portable()
         host = self.address.split("://", 1)[1].split(":")[0].split("/")[0]
         if host not in ("127.0.0.1", "localhost", "::1") and _local_paths(data):
-            print(
+            logger.warning(
                 f"note: {', '.join(_local_paths(data))}: local path(s); every node of the cluster must see them "
                 "(use s3:// or gs:// for the workdir and corpora of a remote cluster)",
-                file=sys.stderr,
+                extra=TO_STDERR,
             )
         spec_source = spec_path if "://" in str(spec_path) else str(Path(spec_path).resolve())
         with tempfile.TemporaryDirectory(prefix="mixloop-submit-") as folder:
@@ -294,7 +298,7 @@ class JobClient:
         offset = int((info.metadata or {}).get("log_offset", 0))
 
         async def tail():
-            held = ""  # the first `offset` characters, until it is known whether they are an earlier run's
+            held: str | None = ""  # the first `offset` characters, until it is known whether they are an earlier run's
             async for chunk in self.sdk.tail_job_logs(job):
                 if offset and held is not None:
                     held += chunk

@@ -13,7 +13,8 @@ holds the workdir's lock and calls them in order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,10 +51,11 @@ from mixloop.versioning.registry import (
     list_versions,
     read_lineage,
     remove_partial_publishes,
+    require_lineage,
     verified_version,
 )
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class Trained(NamedTuple):
@@ -66,8 +68,8 @@ class Trained(NamedTuple):
 class Member(NamedTuple):
     """A stage of a group (see PipelineRunner._groups)."""
 
-    index: int
-    """Its position in the spec."""
+    position: int
+    """Its index in the spec's stages."""
     stage: ResolvedStage
     digest: str
     parent: str
@@ -141,7 +143,6 @@ class PipelineRunner:
     def __init__(
         self,
         spec: Spec,
-        log: Log = print,
         address: str | None = None,
         lock=None,
         hooks: StepHooks | None = None,
@@ -149,17 +150,16 @@ class PipelineRunner:
     ):
         self.spec = spec
         self.workdir = spec.workdir
-        self.log = log
         self.lock = lock  # the workdir's lock while this pipeline holds it
         self.hooks = hooks  # tests' way into the step loop; none in production
-        self.corpora = Corpora(spec, log, address, progress_bar)
-        self.trackers = Trackers.of(spec, log)
+        self.corpora = Corpora(spec, address, progress_bar)
+        self.trackers = Trackers.of(spec)
         self.progress_bar = progress_bar  # live bars (preparation, stages, evaluation) instead of lines
 
     @contextmanager
     def locked(self, command: str):
         """Hold the workdir's lock (one run per workdir); nested calls share the outer hold."""
-        with workdir_lock(self.workdir, command, self.log, held=self.lock) as lock:
+        with workdir_lock(self.workdir, command, held=self.lock) as lock:
             outer, self.lock = self.lock, lock
             try:
                 yield lock
@@ -171,7 +171,7 @@ class PipelineRunner:
         with self.locked("mixloop run"):
             trained, prepared = self.train()
             if not trained:
-                self.log("every stage is done; nothing to train")
+                logger.info("every stage is done; nothing to train")
             evaluation = self.report(prepared, judge=True)
             return RunResult(trained=trained, **vars(evaluation))  # the records as they are, not as dicts
 
@@ -187,11 +187,11 @@ class PipelineRunner:
             raise StageConflictError("\n".join(conflicts))
         with self.locked("mixloop run"):
             for leftover in remove_partial_publishes(self.workdir):
-                self.log(f"removed {leftover}, left by a publish that was interrupted")
+                logger.info(f"removed {leftover}, left by a publish that was interrupted")
             prepared = self.corpora.prepare([*self.spec.resolved_stages(), *extra_stages])
-            ensure_base(self.spec, prepared.tokenizer_dir, self.log)
+            ensure_base(self.spec, prepared.tokenizer_dir)
             write_text(Workdir(self.workdir).pipeline_copy, yaml.safe_dump(self.spec.portable(), sort_keys=False))
-            runner = StageRunner(self.spec, prepared, self.log, self.hooks, self.lock, self.trackers, self.progress_bar)
+            runner = StageRunner(self.spec, prepared, self.hooks, self.lock, self.trackers, self.progress_bar)
             return Trained(self._train_stages(runner, until), prepared)
 
     def _train_stages(self, runner: StageRunner, until: str | None) -> list[str]:
@@ -199,8 +199,8 @@ class PipelineRunner:
         for group in self._groups(until):
             run = runner.run_name(group[0].stage, group[0].digest)
             for block in _blocks(group):
-                self.log(self._pipeline_line(block[0].index, trained))
-                parent = read_lineage(self.workdir, block[0].parent)
+                logger.info(self._pipeline_line(block[0].position, trained))
+                parent = require_lineage(self.workdir, block[0].parent)
                 trained += runner.train([(member.stage, member.digest) for member in block], parent, run)
         return [lineage.version for lineage in trained]
 
@@ -210,14 +210,14 @@ class PipelineRunner:
         so its Ray Train run (named after all its stages) resumes after an interruption. Stages after
         `until` are marked not to train."""
         groups: list[list[Member]] = []
-        hashes = {BASE_VERSION: read_lineage(self.workdir, BASE_VERSION).stage_hash}
+        hashes = {BASE_VERSION: require_lineage(self.workdir, BASE_VERSION).stage_hash}
         previous, beyond = BASE_VERSION, until == BASE_VERSION
         for index, stage in enumerate(self.spec.config.stages):
             resolved, parent = resolve_stage(self.spec.config, stage), stage.start_from or previous
             existing = read_lineage(self.workdir, stage.name)
             hashes[stage.name] = existing.stage_hash if existing else stage_hash(resolved, hashes[parent])
             if existing is not None and not beyond:
-                self.log(f"stage {stage.name}: done (version {stage.name}), skipping")
+                logger.info(f"stage {stage.name}: done (version {stage.name}), skipping")
             member = Member(index, resolved, hashes[stage.name], parent, train=existing is None and not beyond)
             if groups and groups[-1][-1].stage.name == parent and same_workers(groups[-1][-1].stage, resolved):
                 groups[-1].append(member)
@@ -294,15 +294,17 @@ class PipelineRunner:
 
     def _print(self, evaluation: Evaluation) -> None:
         if any(evaluation.matrix.values()):
-            self.log("eval loss (token mean; chat sets on assistant tokens):\n" + format_matrix(evaluation.matrix))
+            logger.info("eval loss (token mean; chat sets on assistant tokens):\n" + format_matrix(evaluation.matrix))
         if evaluation.deltas:
-            self.log(format_deltas(evaluation.deltas))
+            logger.info(format_deltas(evaluation.deltas))
         if evaluation.scores:
-            self.log("knowledge (headline metric per task, ± its standard error):\n" + format_scores(evaluation.scores))
+            logger.info(
+                "knowledge (headline metric per task, ± its standard error):\n" + format_scores(evaluation.scores)
+            )
         unmeasured = self.corpora.without_eval()
         if unmeasured:
-            self.log(no_eval_note(unmeasured))
-        self.log(f"report: {evaluation.report}")
+            logger.info(no_eval_note(unmeasured))
+        logger.info(f"report: {evaluation.report}")
 
     def _judge_last(self, evaluation: Evaluation, lineages: Lineages) -> Lineages:
         """The gate's verdict on the pipeline's last version, unless it has one; the lineages with it."""
@@ -314,9 +316,9 @@ class PipelineRunner:
         verdict = gate.judge(self.spec.config.gate, last, current, e.matrix, e.health, lineages, e.scores)
         lineages = lineages.with_lineage(gate.record(self.workdir, last, verdict))
         if verdict.passed:
-            self.log(f"gate: {last} is now the current version ({verdict.summary()})")
+            logger.info(f"gate: {last} is now the current version ({verdict.summary()})")
         else:
-            self.log(
+            logger.info(
                 f"gate: {last} {verdict.summary()}; {current} stays the current version. "
                 f"Override with `mixloop models promote {self.workdir} {last}`."
             )

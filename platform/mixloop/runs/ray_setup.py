@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 # A custom resource that tuning trials' drivers take, so they never hold the CPUs training workers need.
 TRIAL_RESOURCE = "mixloop_trial"
@@ -67,17 +69,22 @@ def _drop_noise_from_worker_lines() -> None:
 
     dispatcher = worker.global_worker_stdstream_dispatcher
     handler = dict(getattr(dispatcher, "handlers", [])).get("ray_print_logs")
-    if handler is None or getattr(handler, "mixloop_filtered", False):
+    if handler is None or isinstance(handler, _WithoutNoise):
         return
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", _WithoutNoise(handler))
 
-    def filtered(data: dict) -> None:
+
+class _WithoutNoise:
+    """Ray's handler of the lines forwarded from workers, the known noise dropped first."""
+
+    def __init__(self, handler: Callable[[dict[str, Any]], None]):
+        self.handler = handler
+
+    def __call__(self, data: dict[str, Any]) -> None:
         lines = [line for line in data.get("lines", []) if not any(noise in line for noise in NOISE)]
         if lines:
-            handler({**data, "lines": lines})
-
-    filtered.mixloop_filtered = True
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+            self.handler({**data, "lines": lines})
 
 
 def _free_port() -> int:

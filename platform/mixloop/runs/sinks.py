@@ -14,10 +14,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from mixloop.storage.fs import LOCAL_CACHE, is_local, local_copy, upload
 from mixloop.storage.layout import Workdir
+
+if TYPE_CHECKING:  # optional dependencies (mixloop[mlflow], mixloop[wandb]): imported where a tracker starts
+    from mlflow.entities import RunInfo
+    from mlflow.tracking import MlflowClient
+    from wandb import Run
 
 
 class TrackerSink(Protocol):
@@ -94,9 +99,12 @@ class MLflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracking_uri, self.experiment, self.pipeline = tracking_uri, experiment, pipeline
-        self.client, self.parent, self.runs = None, None, {}
+        self.client: MlflowClient | None = None
+        self.parent: RunInfo | None = None
+        self.runs: dict[str, str] = {}  # run name -> MLflow run id
 
-    def _run(self, name: str) -> str:
+    def _run(self, name: str) -> tuple[MlflowClient, str]:
+        """The client and the id of the run `name`, both made at their first use."""
         from mlflow.tracking import MlflowClient  # lazy: optional dependency, mixloop[mlflow]
 
         if self.client is None:
@@ -113,25 +121,25 @@ class MLflow:
                 run_name=name,
                 tags={"mlflow.parentRunId": self.parent.run_id, "mixloop.pipeline": self.pipeline},
             ).info.run_id
-        return self.runs[name]
+        return self.client, self.runs[name]
 
     def params(self, run: str, params: dict) -> None:
         from mlflow.entities import Param  # lazy: optional dependency, mixloop[mlflow]
 
-        run_id = self._run(run)
-        self.client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in flat(params).items()])
+        client, run_id = self._run(run)
+        client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in flat(params).items()])
 
     def log(self, run: str, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric  # lazy: optional dependency, mixloop[mlflow]
 
-        run_id, now = self._run(run), int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
+        (client, run_id), now = self._run(run), int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
 
     def flush(self) -> None:
         pass
 
     def close(self, report_dir: str | None) -> None:
-        if self.parent is None:
+        if self.client is None or self.parent is None:
             return
         if report_dir is not None:
             self.client.log_artifacts(self.parent.run_id, local_copy(report_dir), "report")
@@ -143,11 +151,14 @@ class MLflow:
 class WandB:
     """A run per stage or version, grouped by pipeline; offline runs are written under <workdir>/wandb/."""
 
-    def __init__(self, project: str, mode: str, entity: str | None, pipeline: str, workdir: str):
+    def __init__(
+        self, project: str, mode: Literal["online", "offline"], entity: str | None, pipeline: str, workdir: str
+    ):
         self.project, self.mode, self.entity, self.pipeline = project, mode, entity, pipeline
-        self.dir, self.runs = _local_folder(Workdir(workdir).wandb), {}
+        self.dir = _local_folder(Workdir(workdir).wandb)
+        self.runs: dict[str, Run] = {}
 
-    def _run(self, name: str, params: dict | None = None):
+    def _run(self, name: str, params: dict[str, Any] | None = None) -> Run:
         import wandb  # lazy: optional dependency, mixloop[wandb]
 
         if name not in self.runs:

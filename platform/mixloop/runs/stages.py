@@ -3,9 +3,9 @@ as its version, and the check that no finished stage was edited (versions are im
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,12 +22,20 @@ from mixloop.train.job import StageJob, stage_job
 from mixloop.train.metrics import last_metrics
 from mixloop.train.schedule import final_lr
 from mixloop.versioning.lineage import Lineage, VersionMetrics
-from mixloop.versioning.registry import list_versions, now, publish, read_lineage, verified_version, version_dir
+from mixloop.versioning.registry import (
+    list_versions,
+    now,
+    publish,
+    read_lineage,
+    require_lineage,
+    verified_version,
+    version_dir,
+)
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
-def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> Lineage:
+def ensure_base(spec: Spec, tokenizer_dir: str) -> Lineage:
     """The lineage of version `base`, the starting weights (a seeded new model, or a copy of
     model.path), published first if the workdir lacks it."""
     # lazy: transformers' model code, which `mixloop validate` (it imports this module) does without
@@ -64,8 +72,8 @@ def ensure_base(spec: Spec, tokenizer_dir: str, log: Log = print) -> Lineage:
             metrics=VersionMetrics(final_lr=0.0),
         )
         publish(workdir, folder, tokenizer_dir, lineage)
-    log(f"published version {BASE_VERSION} ({lineage.parameters:,} parameters)")
-    return read_lineage(workdir, BASE_VERSION)
+    logger.info(f"published version {BASE_VERSION} ({lineage.parameters:,} parameters)")
+    return require_lineage(workdir, BASE_VERSION)
 
 
 def edited_stages(spec: Spec) -> list[str]:
@@ -115,7 +123,6 @@ class StageRunner:
         self,
         spec: Spec,
         prepared: PreparedCorpora,
-        log: Log = print,
         hooks=None,
         lock=None,
         trackers: Trackers | None = None,
@@ -124,7 +131,7 @@ class StageRunner:
         """`lock`: the workdir's lock, checked before each publish; `hooks`: see train.step.StepHooks;
         `trackers`: where the stage's metrics are forwarded while it trains; `progress_bar`: show a
         live bar instead of the workers' progress lines (in a terminal)."""
-        self.spec, self.prepared, self.log, self.hooks, self.lock = spec, prepared, log, hooks, lock
+        self.spec, self.prepared, self.hooks, self.lock = spec, prepared, hooks, lock
         self.progress_bar = progress_bar
         self.trackers = trackers or Trackers(spec.workdir, sinks=[])
         self.workdir = spec.workdir
@@ -171,7 +178,7 @@ class StageRunner:
             self._announce(stage, version, stage_plan(stage, jobs[-1].corpus_dirs))
             version, lr = stage.name, final_lr(stage.total_steps, stage.lr, jobs[-1].start_lr)
         if len(jobs) > 1:
-            self.log(f"stages {', '.join(job.stage.name for job in jobs)}: one worker group trains them in turn")
+            logger.info(f"stages {', '.join(job.stage.name for job in jobs)}: one worker group trains them in turn")
         before = list_versions(self.workdir).tokens_through(parent.version)
         publisher = Publisher(self, jobs, [digest for _, digest in stages], parent)
         with self.trackers.follow([job.stage for job in jobs], before, bar=self.progress_bar):
@@ -180,12 +187,12 @@ class StageRunner:
         return publisher.lineages
 
     def _announce(self, stage: ResolvedStage, parent: str, plan: MixPlan) -> None:
-        self.log(
+        logger.info(
             f"stage {stage.name}: training {stage.total_steps} steps of {stage.global_batch_tokens} tokens "
             f"from version {parent} on {stage.max_workers} worker(s)"
         )
         for warning in repeat_warnings(stage, plan.epochs()):
-            self.log(f"warning: {warning}")
+            logger.warning(f"warning: {warning}")
 
     def publish(
         self,
@@ -226,8 +233,8 @@ class StageRunner:
         if self.lock is not None:
             self.lock.ensure_held()
         publish(self.workdir, checkpoint_dir, self.prepared.tokenizer_dir, lineage)
-        self.log(f"stage {stage.name}: published version {stage.name}")
-        return read_lineage(self.workdir, stage.name)
+        logger.info(f"stage {stage.name}: published version {stage.name}")
+        return require_lineage(self.workdir, stage.name)
 
 
 class Publisher:
@@ -241,7 +248,7 @@ class Publisher:
     def __init__(self, runner: StageRunner, jobs: list[StageJob], digests: list[str], parent: Lineage):
         self.runner, self.pending, self.parent = runner, list(zip(jobs, digests)), parent
         self.lineages: list[Lineage] = []
-        self.started, self.warned = time.time(), set()
+        self.started, self.warned = time.time(), set[str]()
 
     @contextmanager
     def while_training(self):
@@ -258,16 +265,21 @@ class Publisher:
         line = f"warning: publishing failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); tried again in a second"
         if line not in self.warned:  # once per error, not every second of an outage
             self.warned.add(line)
-            self.runner.log(line)
+            logger.warning(line)
 
     def publish_ready(self) -> None:
         """Publish the pending stages, in order, whose final weights are there."""
         # lazy: transformers' model code (through train.model), which `mixloop validate` does without
         from mixloop.train.checkpoint import STATE_FILE
 
-        while self.pending and exists(join(self.pending[0][0].final_dir, STATE_FILE)):
+        while self.pending:
             job, digest = self.pending[0]
+            assert job.final_dir is not None  # StageRunner.train gives every stage of a group its final_dir
+            if not exists(join(job.final_dir, STATE_FILE)):
+                return
             last = last_metrics(job.metrics_path, job.stage.name)
+            if last is None:  # (its last line is written before its final weights)
+                raise MixloopError(f"stage {job.stage.name}: final weights, but no line in {job.metrics_path}")
             wall_seconds = round(max(last.time - self.started, 0.0), 1)
             metrics = VersionMetrics(**last.model_dump(), final_lr=last.lr, wall_seconds=wall_seconds)
             plan = stage_plan(job.stage, job.corpus_dirs)

@@ -45,7 +45,14 @@ def status_lines(spec: Spec) -> list[str]:
     current = current_version(workdir)
     known = score_summary(read_score_matrix(workdir).get(current or "", {}))
     known = f"; knows {known}" if known else ""
-    lines.append("current: " + (f"{current} ({gate_summary(done[current])}{known})" if current in done else "none yet"))
+    lines.append(
+        "current: "
+        + (
+            f"{current} ({gate_summary(done[current])}{known})"
+            if current is not None and current in done
+            else "none yet"
+        )
+    )
     return lines
 
 

@@ -9,6 +9,7 @@ is down) never stops training: the failure is logged once, and it is tried again
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from mixloop.storage.layout import Workdir
 from mixloop.train.metrics import MetricsFollower, MetricsRecord
 from mixloop.versioning.lineage import Lineages
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 FOLLOW_EVERY_S = 2.0
 
 
@@ -44,21 +45,21 @@ class Trackers:
     trains; `log_versions` forwards each version's eval losses, uptake and forgetting; `close` ends the
     runs (and gives MLflow the report)."""
 
-    def __init__(self, workdir: str, sinks: list[TrackerSink] | None = None, log: Log = print):
-        self.workdir, self.log = workdir, log
+    def __init__(self, workdir: str, sinks: list[TrackerSink] | None = None):
+        self.workdir = workdir
         self.sinks = [TensorBoard(workdir)] if sinks is None else sinks
         self.failing: set[str] = set()
 
     @classmethod
-    def of(cls, spec, log: Log = print) -> Trackers:
+    def of(cls, spec) -> Trackers:
         """The trackers a spec's `tracking:` names."""
         tracking, workdir, name = spec.config.tracking, spec.workdir, spec.config.name
-        sinks = [TensorBoard(workdir)] if tracking.tensorboard else []
+        sinks: list[TrackerSink] = [TensorBoard(workdir)] if tracking.tensorboard else []
         if tracking.mlflow is not None:
             sinks.append(MLflow(tracking.mlflow.tracking_uri, tracking.mlflow.experiment or name, name))
         if tracking.wandb is not None:
             sinks.append(WandB(tracking.wandb.project, tracking.wandb.mode, tracking.wandb.entity, name, workdir))
-        return cls(workdir, sinks, log)
+        return cls(workdir, sinks)
 
     def _each(self, call: Callable) -> None:
         for sink in self.sinks:
@@ -83,7 +84,7 @@ class Trackers:
     def _warn(self, name: str, exc: Exception) -> None:
         if name not in self.failing:
             self.failing.add(name)
-            self.log(
+            logger.warning(
                 f"warning: tracker {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
                 "training goes on, and it is tried again at the next report"
             )
@@ -100,7 +101,7 @@ class Trackers:
             self._each(lambda sink, stage=stage: sink.params(stage.name, stage.as_json()))
         names = [stage.name for stage in stages]
         metrics = MetricsFollower(Workdir(self.workdir).metrics)
-        axis, bars = TokenAxis(names, tokens_before), {}
+        axis, bars = TokenAxis(names, tokens_before), dict[str, ProgressBar]()
 
         def forward_new() -> None:
             try:
@@ -225,7 +226,8 @@ class TokenAxis:
     the first stage, those each earlier stage trained (as its latest line says), and the line's own."""
 
     def __init__(self, stages: list[str], tokens_before: float):
-        self.stages, self.tokens_before, self.trained = stages, tokens_before, {}
+        self.stages, self.tokens_before = stages, tokens_before
+        self.trained: dict[str, float] = {}  # stage -> tokens its latest line says it trained
 
     def at(self, record: MetricsRecord) -> int:
         stage = record.stage

@@ -160,7 +160,8 @@ class LogFollower:
     """
 
     def __init__(self, path: str):
-        self.path, self.offset, self.read = path, 0, set()
+        self.path, self.offset = path, 0
+        self.read: set[str] = set()
 
     def new_lines(self) -> list[str]:
         fs, inner = fsspec.core.url_to_fs(self.path)

@@ -16,12 +16,13 @@ clock, so hosts sharing a workdir need clocks that agree to a few seconds (NTP).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -35,6 +36,8 @@ HEARTBEAT_S = 5.0  # how often a holder rewrites its heartbeat
 STALE_AFTER_S = 30.0  # a heartbeat older than this: the holder is dead and its lock is taken over
 TIMEOUT_ENV = "MIXLOOP_LOCK_TIMEOUT_S"  # overrides STALE_AFTER_S, read when a lock is taken
 SETTLE_S = 0.5  # pause before reading back a lock written without an atomic create
+
+logger = logging.getLogger(__name__)
 
 
 def lock_path(workdir: str) -> str:
@@ -77,8 +80,8 @@ class WorkdirLock:
     """A held workdir lock. ``lost`` turns True when the lock turns out deleted or someone else's
     (then release leaves it alone); ``took_over_from`` is the dead holder's record after a takeover."""
 
-    def __init__(self, workdir: str, command: str, timeout_s: float, log: Callable[[str], object]):
-        self.workdir, self.path, self.timeout_s, self.log = str(workdir), lock_path(workdir), timeout_s, log
+    def __init__(self, workdir: str, command: str, timeout_s: float):
+        self.workdir, self.path, self.timeout_s = str(workdir), lock_path(workdir), timeout_s
         self.every_s = min(HEARTBEAT_S, timeout_s / 3)  # a short (test) timeout needs faster beats
         self.lost = False
         self.took_over_from: dict | None = None
@@ -109,7 +112,7 @@ class WorkdirLock:
                 raise self._locked(holder)
             if self._take_over(holder):
                 self.took_over_from = holder
-                self.log(f"took over the lock {self.path} from {describe(holder)}: {reason}")
+                logger.info(f"took over the lock {self.path} from {describe(holder)}: {reason}")
                 return self._start()
         holder = _read(self.path)
         raise (
@@ -130,9 +133,9 @@ class WorkdirLock:
                 fs.rm_file(inner)
             elif not self.lost:
                 self.lost = True
-                self.log(f"left the lock {self.path} alone: it is no longer this process's")
+                logger.warning(f"left the lock {self.path} alone: it is no longer this process's")
         except Exception as exc:  # noqa: BLE001 -- must not hide the error that ends the run
-            self.log(
+            logger.warning(
                 f"could not remove the lock {self.path} ({exc}); "
                 f"it is taken over {self.timeout_s:g} s after its last heartbeat"
             )
@@ -193,7 +196,7 @@ class WorkdirLock:
                 current = _read(self.path)
                 if (current or {}).get("token") != self.record["token"]:
                     self.lost = True
-                    self.log(
+                    logger.warning(
                         f"lost the lock {self.path}: "
                         + (f"it is now held by {describe(current)}" if current else "it was deleted")
                     )
@@ -201,7 +204,7 @@ class WorkdirLock:
                 self.record["heartbeat"] = time.time()
                 write_text(self.path, json.dumps(self.record, indent=2))
             except Exception as exc:  # noqa: BLE001 -- a storage blip: the next beat tries again
-                self.log(f"could not refresh the lock {self.path}: {exc}")
+                logger.warning(f"could not refresh the lock {self.path}: {exc}")
 
     def _locked(self, holder: dict) -> WorkdirLockedError:
         stop = "" if holder.get("unreadable") else f"stop it (kill {holder['pid']} on {holder['host']}), "
@@ -218,7 +221,6 @@ class WorkdirLock:
 def workdir_lock(
     workdir: str,
     command: str = "mixloop run",
-    log: Callable[[str], object] = print,
     timeout_s: float | None = None,
     held: WorkdirLock | None = None,
 ) -> Iterator[WorkdirLock]:
@@ -228,7 +230,7 @@ def workdir_lock(
     if held is not None:
         yield held
         return
-    lock = WorkdirLock(workdir, command, _timeout(timeout_s), log)
+    lock = WorkdirLock(workdir, command, _timeout(timeout_s))
     lock.acquire()
     try:
         yield lock

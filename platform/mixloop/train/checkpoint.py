@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from mixloop.config import ResolvedStage
 from mixloop.storage.fs import upload
@@ -121,7 +122,7 @@ class Checkpointer:
         if start is None:
             start = Start(load_model(self.job.parent_dir, self.job.trust_remote_code).to(self.device))
         optimizer = optimizer_for(start.model, self.job.stage, self.device)
-        if start.state is None:
+        if start.state is None or start.optimizer_state is None or start.rng is None:  # (a checkpoint has all three)
             return start.model, optimizer, TrainState.fresh(self.job, self.job.start_lr)
         optimizer.load_state_dict(start.optimizer_state)
         torch.set_rng_state(start.rng["cpu"])
@@ -153,6 +154,9 @@ class Checkpointer:
             self.session.report(metrics, folder, checkpoint_dir_name(self.job.run, state.step))
 
 
-def unwrapped(model) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model)."""
-    return model.module if hasattr(model, "module") else model
+def unwrapped(model: torch.nn.Module) -> PreTrainedModel:
+    """The model inside a DistributedDataParallel wrapper (or the model): a transformers model."""
+    inner = model.module if hasattr(model, "module") else model
+    if not isinstance(inner, PreTrainedModel):
+        raise TypeError(f"a transformers model was expected, not {type(inner).__name__}")
+    return inner

@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 
 import ray.train
-from ray.train.torch import TorchTrainer
+
+# Train V2's names, which ray.train and ray.train.torch export at run time (2.60); their static types
+# are V1's (no elastic or logging settings), which Ray keeps for V2 turned off.
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from mixloop.errors import MixloopError
 from mixloop.storage.fs import train_storage
@@ -44,28 +49,28 @@ def fit_stages(
     trainer = TorchTrainer(
         train_stages,
         train_loop_config={"jobs": [job.as_json() for job in jobs], "hooks": hooks},
-        scaling_config=ray.train.ScalingConfig(
+        scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=stage.use_gpu,
             resources_per_worker={"CPU": stage.cpus_per_worker, **stage.resources_per_worker},
             elastic_resize_monitor_interval_s=stage.resize_every_s,
         ),
-        run_config=ray.train.RunConfig(
+        run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=stage.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=stage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (one per report and rank) would drown the progress lines,
             # and its print patch would show each of them twice.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=callbacks,
         ),
     )
     try:
         return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
+    except TrainingFailedError as exc:
         for failure in getattr(exc, "worker_failures", {}).values():
             user_error = _find_user_error(failure)
             if user_error is not None:

@@ -10,6 +10,10 @@ plan. The batch is cut into micro-batches; worker r of W takes micro-batches
 r, r+W, ... and accumulates, so the trajectory does not depend on W. The
 loop's position is the step alone: a restart at any world size reads the same
 rows from the plan (see docs/ARCHITECTURE.md, "Determinism").
+
+Rank 0's lines (progress, resume, preemption) are printed, not logged as the driver's are (console.py):
+this runs in a Ray worker process, which has none of the driver's handlers, and Ray forwards a
+worker's stdout to the driver, which shows each line with the worker's prefix, at once.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def run_stages(jobs: list[StageJob], session: TrainingSession, hooks: StepHooks)
         del worker  # its optimizer and DistributedDataParallel wrapper go before the next stage's
 
 
-def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple[int, Start | None]:
+def _resume_point(jobs: list[StageJob], latest: Start | None, run: str | None) -> tuple[int, Start | None]:
     """The stage to start with, and where from. The latest checkpoint of the Ray run `run` decides: the
     stages before its stage are done. A checkpoint of none of these stages is of one the driver
     published already, or of a stage since edited: the first stage then starts from its parent
@@ -67,7 +71,7 @@ def _resume_point(jobs: list[StageJob], latest: Start | None, run: str) -> tuple
     runs = [job.run for job in jobs]
     if latest is None:
         return 0, None
-    stage = latest.state.run or run
+    stage = (latest.state.run if latest.state is not None else None) or run
     return (runs.index(stage), latest) if stage in runs else (0, None)
 
 
@@ -92,11 +96,12 @@ class StageWorker:
         self.loader = StepLoader(plan, corpora, geometry, total, mine, pin_memory=self.device.type == "cuda")
         self.progress, self.timer = Progress(len(self.names), self.device), StepTimer()
         self.preemption = PreemptionCheck(self.stage.name, session)
-        self.window_start, self.window_step, self.row_hashes = time.time(), self.state.step, {}
+        self.window_start, self.window_step = time.time(), self.state.step
+        self.row_hashes: dict[int, str] = {}  # step -> the hash of the rows it trained, in this window
 
     def run(self) -> None:
         if self.rank == 0 and self.state.resumed_from is not None:
-            print(_resume_line(self.job, self.state.step), flush=True)
+            print(_resume_line(self.job, self.state.step), flush=True)  # a worker prints: see the docstring
         stage, total = self.stage, self.stage.total_steps
         for step in range(self.state.step, total):
             self.hooks.before_step(step)
@@ -112,7 +117,7 @@ class StageWorker:
         optimizer and the wrapper go first, so the copy is the only thing held twice."""
         model = unwrapped(self.model)
         model.zero_grad(set_to_none=True)
-        self.model = self.trainer = self.optimizer = None
+        del self.model, self.trainer, self.optimizer
         gc.collect()
         return copy.deepcopy(model)
 
@@ -141,7 +146,7 @@ class StageWorker:
             if self.rank == 0:
                 append_metrics(self.job.metrics_path, record)
                 if self.job.progress_lines:
-                    print(_progress_line(record), flush=True)
+                    print(_progress_line(record), flush=True)  # a worker prints: see the docstring
             noticed = self.preemption.noticed(step)  # a collective: every rank, every report
             if step % self.stage.checkpoint_every == 0 or last or noticed:
                 metrics = record.model_dump()  # what Ray Train (and a tuning trial's Tune) receives
@@ -191,7 +196,8 @@ class PreemptionCheck:
     the group when the node goes, and the restart loses no step."""
 
     def __init__(self, stage: str, session: TrainingSession):
-        self.stage, self.session, self.rank, self.seen = stage, session, session.rank, set()
+        self.stage, self.session, self.rank = stage, session, session.rank
+        self.seen: set[str] = set()  # the preempted nodes already noticed
 
     def noticed(self, step: int) -> bool:
         info = self.session.preemption()  # a broadcast from rank 0: every rank calls it
@@ -201,7 +207,7 @@ class PreemptionCheck:
         self.seen |= nodes
         if self.rank == 0:
             deadline = max(info.deadline_ms / 1000 - time.time(), 0) if info.deadline_ms else None
-            print(
+            print(  # a worker prints: see the module's docstring
                 f"[{self.stage}] preemption notice for node(s) {', '.join(sorted(n[:8] for n in nodes))}"
                 + (f", {deadline:.0f} s left" if deadline is not None else "")
                 + f": checkpointing at step {step}",

@@ -7,6 +7,8 @@ safetensors only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as transformers_logging
@@ -58,7 +60,7 @@ PRESETS: dict[str, dict] = {
 
 def model_config(preset: str | None, overrides: dict | None, tokenizer) -> Qwen3Config:
     """The Qwen3 config of a preset plus overrides, with the tokenizer's vocabulary and special ids."""
-    fields = dict(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attention_dropout=0.0)
+    fields: dict[str, Any] = dict(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attention_dropout=0.0)
     fields.update(PRESETS[preset] if preset else {})
     fields.update(overrides or {})
     fields.setdefault("vocab_size", len(tokenizer))

@@ -86,7 +86,8 @@ class TuneTrial:
                 "the trial asks for a GPU (use_gpu) but its process sees none. Fix: run the search "
                 "on a cluster with GPUs, or set use_gpu: false."
             )
-        self.row, self.last = row, None
+        self.row = row
+        self.last: dict | None = None
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -30,7 +30,7 @@ def objective_value(expression: str, losses: dict[str, float], start_losses: dic
             return _OPERATORS[type(node.op)](value(node.left), value(node.right))
         if isinstance(node, ast.UnaryOp):
             return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
-        if isinstance(node, ast.Constant):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):  # the only constants allowed
             return float(node.value)
         kind, corpus = _term(node)
         return terms[kind][corpus]

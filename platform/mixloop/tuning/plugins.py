@@ -4,6 +4,7 @@ interrupted pickled them with its state by their names in mixloop.tuning.runner,
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -18,6 +19,8 @@ from mixloop.tuning.objectives import objective_keys
 from mixloop.tuning.results import describe_changes
 from mixloop.tuning.search import Search
 
+logger = logging.getLogger(__name__)
+
 
 class BaselinesFirst(Searcher):
     """Hands out the baseline trials first, then Optuna's proposals. Optuna learns from the baselines
@@ -26,7 +29,8 @@ class BaselinesFirst(Searcher):
 
     def __init__(self, optuna: OptunaSearch, baselines: list[dict], points: list[dict | None]):
         super().__init__(metric=optuna.metric, mode=optuna.mode)
-        self.optuna, self.waiting, self.baseline_points = optuna, list(zip(baselines, points)), {}
+        self.optuna, self.waiting = optuna, list(zip(baselines, points))
+        self.baseline_points: dict[str, dict | None] = {}  # trial id -> its point, for the baselines handed out
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.optuna.set_search_properties(metric, mode, config, **spec)
@@ -82,25 +86,23 @@ class SparingBaselines(ASHAScheduler):
 
 
 class ProgressLines(tune.Callback):
-    """One line per trial start, eval and end, instead of Tune's status tables. (Tune pickles its
-    callbacks with the search, so this one prints instead of holding a log function.)"""
+    """One line per trial start, eval and end, instead of Tune's status tables, to this module's
+    logger: Tune calls its callbacks in the driver."""
 
     def __init__(self, search: Search):
         self.search = search
 
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
-
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: started, {describe_changes(self.search.decode(trial.config), trial.config)}")
+        logger.info(
+            f"trial {trial.trial_id}: started, {describe_changes(self.search.decode(trial.config), trial.config)}"
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         values = " ".join(f"{key} {result[key]:.4f}" for key in objective_keys(len(self.search.objectives)))
-        self.log(f"trial {trial.trial_id}: step {result['step']}/{result['total_steps']} {values}")
+        logger.info(f"trial {trial.trial_id}: step {result['step']}/{result['total_steps']} {values}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: ended")
+        logger.info(f"trial {trial.trial_id}: ended")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"trial {trial.trial_id}: failed; see {trial.path}/error.txt")
+        logger.warning(f"trial {trial.trial_id}: failed; see {trial.path}/error.txt")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -26,12 +26,10 @@ from mixloop.storage.layout import OBJECTIVE_PLOT, SearchFolder
 from mixloop.tuning.objectives import objective_keys  # noqa: E402
 from mixloop.tuning.search import Search  # noqa: E402
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
-def report(
-    search: Search, folder: SearchFolder, grid, start_losses: dict, chosen: str | None = None, log: Log = print
-) -> dict:
+def report(search: Search, folder: SearchFolder, grid, start_losses: dict, chosen: str | None = None) -> dict:
     """Write results.csv, results.json, objective.png and the best (or `chosen`) trial's stage as
     best-stage.yaml under `folder`; print the table and the verdict."""
 
@@ -58,11 +56,11 @@ def report(
     )
     write_text(folder.results_csv, to_csv(rows, keys))
     _plot(rows, keys, search.objectives, folder)
-    log(format_table(rows, keys, search.objectives))
-    log(verdict)
+    logger.info(format_table(rows, keys, search.objectives))
+    logger.info(verdict)
     if best is not None:
         write_text(folder.best_stage, stage_yaml(search, best))
-        log(f"best stage: {folder.best_stage}")
+        logger.info(f"best stage: {folder.best_stage}")
     return {"rows": rows, "best": best, "verdict": verdict, "interrupted": interrupted}
 
 

@@ -17,8 +17,8 @@ are not trained again, and unfinished ones resume from their last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -51,28 +51,26 @@ from mixloop.tuning.results import append_stage, report, stage_note
 from mixloop.tuning.search import Search, load_search
 from mixloop.tuning.trials import TrialContext, run_trial
 from mixloop.versioning.lineage import VersionMetrics
-from mixloop.versioning.registry import list_versions, now, read_lineage, verified_version
+from mixloop.versioning.registry import list_versions, now, require_lineage, verified_version
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
-def run_search(
-    path: str, address: str | None = None, apply: bool = False, trial: str | None = None, log: Log = print, lock=None
-) -> dict:
+def run_search(path: str, address: str | None = None, apply: bool = False, trial: str | None = None, lock=None) -> dict:
     """Run or resume a search, then write and print its results (and append the best stage). `lock`: the
     workdir's lock when the caller holds it already."""
     search = load_search(path)
     if apply:
         _check_apply(search, trial)
-    pipeline = PipelineRunner(search.spec, log, address, lock)
+    pipeline = PipelineRunner(search.spec, address, lock)
     with pipeline.locked(f"mixloop tune {path}"):  # trials train from, and write into, the pipeline's workdir
         init_ray(address)
         context = _prepare(search, pipeline)
-        grid = _tuner(search, context, log).fit()
-        results = report(search, context.folder, grid, context.start_losses, chosen=trial, log=log)
+        grid = _tuner(search, context).fit()
+        results = report(search, context.folder, grid, context.start_losses, chosen=trial)
         _track_trials(search, context, results["rows"], pipeline.trackers)
         if apply:
-            _apply(search, context, results, log, pipeline.lock)
+            _apply(search, context, results, pipeline.lock)
     return results
 
 
@@ -113,7 +111,7 @@ def _check_apply(search: Search, trial: str | None) -> None:
         )
 
 
-def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock) -> None:
+def _apply(search: Search, context: TrialContext, results: dict, lock) -> None:
     """Publish the chosen trial's final checkpoint as the stage's version, then append the stage to the
     pipeline file. The stage resolves to the trial's trajectory (the same stage hash), so `mixloop run`
     finds it done instead of training it again."""
@@ -133,7 +131,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     records = read_metrics(trial.metrics)
     tuned_by = {"search": search.path, "trial": best["trial"]}
     metrics = VersionMetrics(**records[-1].model_dump(), final_lr=records[-1].lr, tuned_by=tuned_by)
-    runner = StageRunner(search.spec, context.prepared, log, lock=lock)
+    runner = StageRunner(search.spec, context.prepared, lock=lock)
     job = runner.job(stage, context.parent.version, context.parent.metrics.final_lr)
     runner.publish(
         job,
@@ -147,7 +145,7 @@ def _apply(search: Search, context: TrialContext, results: dict, log: Log, lock)
     # One append: the report's training curves then show the stage like any other.
     append_line(Workdir(search.spec.workdir).metrics, as_lines(records))
     append_stage(Path(search.pipeline_path), best["stage"], stage_note(search, best))
-    log(
+    logger.info(
         f"appended stage {best['stage']['name']} to {search.pipeline_path}; its version is trial {best['trial']}'s model"
     )
 
@@ -167,7 +165,7 @@ def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
         folder=Workdir(workdir).search(search.config.name),
         prepared=prepared,
         corpus_dirs=prepared.for_stage(candidates),
-        parent=read_lineage(workdir, search.start_from),
+        parent=require_lineage(workdir, search.start_from),
         eval_dirs=prepared.eval,
         eval_rows=rows,
         start_losses={c: r["loss"] for c, r in start.items()},
@@ -176,7 +174,7 @@ def _prepare(search: Search, pipeline: PipelineRunner) -> TrialContext:
     )
 
 
-def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
+def _tuner(search: Search, context: TrialContext) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (refused if the search spec changed since)."""
     _check_fingerprint(search, context.folder)
     _check_trial_resource()
@@ -187,7 +185,7 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     storage, filesystem = train_storage(Workdir(search.spec.workdir).tune)
     experiment = os.path.join(storage, search.config.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
-        log(f"search {search.config.name}: resuming from {context.folder.root}")
+        logger.info(f"search {search.config.name}: resuming from {context.folder.root}")
         # A failed trial stays failed (Ray Train already retried its workers): it would fail again.
         return tune.Tuner.restore(
             experiment,
@@ -201,7 +199,7 @@ def _tuner(search: Search, context: TrialContext, log: Log) -> tune.Tuner:
     manifests = {c: read_manifest(d)["tokens"] for c, d in context.corpus_dirs.items()}
     baselines = search.baselines(manifests)
     searcher = BaselinesFirst(_optuna(search), baselines, [search.encode(search.trial_stage(b)) for b in baselines])
-    log(
+    logger.info(
         f"search {search.config.name}: {search.config.trials.count} trials from version {search.start_from}, "
         f"{concurrency} at a time, {context.workers} worker(s) each"
     )
@@ -244,7 +242,8 @@ def _trial_resources(context: TrialContext) -> dict[str, float]:
 def _check_fingerprint(search: Search, folder: SearchFolder) -> None:
     record = folder.record
     fingerprint = search.fingerprint()
-    if exists(record) and read_json(record)["fingerprint"] != fingerprint:
+    stored = read_json(record)
+    if stored is not None and stored["fingerprint"] != fingerprint:
         raise StageConflictError(
             f"search {search.config.name!r} in {folder.root} ran with other settings; its trials are not comparable with "
             "these. Fix: give the changed search a new name, or delete that folder to start it again."

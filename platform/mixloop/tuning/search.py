@@ -264,6 +264,7 @@ def _default_start(config: SearchConfig, spec: Spec) -> str:
     names = spec.stage_names()
     if config.new_stage is not None:
         return names[-1]
+    assert config.stage is not None  # a search names its stage or a new stage (_search_problems)
     index = names.index(config.stage)
     return spec.config.stages[index].start_from or (names[index - 1] if index else BASE_VERSION)
 

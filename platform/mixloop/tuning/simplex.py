@@ -26,6 +26,6 @@ def simplex_draws(weights: dict[str, float], min_share: float) -> dict[str, floa
 def rounded_weights(weights: dict[str, float]) -> dict[str, float]:
     """Three decimals that still sum to 1 (the largest weight absorbs the rounding)."""
     rounded = {c: round(w, 3) for c, w in weights.items()}
-    largest = max(rounded, key=rounded.get)
+    largest = max(rounded, key=lambda corpus: rounded[corpus])
     rounded[largest] = round(1.0 - sum(w for c, w in rounded.items() if c != largest), 3)
     return rounded

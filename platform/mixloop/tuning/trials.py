@@ -109,13 +109,18 @@ def _train_here(job: StageJob, row: Callable[[dict], dict]) -> dict:
     """Train a one-worker trial in this process: its final metrics."""
     session = TuneTrial(row, job.stage.use_gpu)
     run_stages([job], session, StepHooks())
+    if session.last is None:  # a stage reports at its last step
+        raise RuntimeError(f"trial stage {job.stage.name} ended without a report")
     return session.last
 
 
 def _train_on_group(job: StageJob, context: TrialContext, trial_id: str, row: Callable[[dict], dict]) -> dict:
     """Train a trial on a Ray Train worker group of its own: its final metrics."""
     callback = ReportObjectives(row)
-    return fit_stages([job], context.folder.train, trial_id, callbacks=[callback]).metrics
+    metrics = fit_stages([job], context.folder.train, trial_id, callbacks=[callback]).metrics
+    if metrics is None:  # a stage reports at its last step
+        raise RuntimeError(f"trial stage {job.stage.name} ended without a report")
+    return metrics
 
 
 def objective_row(metrics: dict, objectives: list[str], start_losses: dict[str, float], checkpoint_every: int) -> dict:

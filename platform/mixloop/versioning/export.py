@@ -9,8 +9,8 @@ created from scratch gets mixloop's own, apache-2.0; `--license` says it outrigh
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -23,13 +23,21 @@ from mixloop.storage.hub import model_card_text
 from mixloop.storage.layout import Workdir
 from mixloop.version import __version__
 from mixloop.versioning.lineage import Lineage, mixture_shares
-from mixloop.versioning.registry import list_versions, loadable_everywhere, read_lineage, verified_version
+from mixloop.versioning.registry import (
+    list_versions,
+    loadable_everywhere,
+    read_lineage,
+    require_lineage,
+    verified_version,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's name
 SCRATCH_LICENSE = "apache-2.0"  # of weights mixloop itself initialised: its own license
 LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub's card metadata ("other" + name, link)
 # Written again by save_pretrained, in the chosen dtype and shards; everything else is copied.
 REWRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+logger = logging.getLogger(__name__)
 
 
 def export(
@@ -39,7 +47,6 @@ def export(
     dtype: str = "fp32",
     max_shard_size: str | None = None,
     license: str | None = None,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Write the version `version` of `workdir` into the new or empty folder `target`; its card's license
     is `license`, else the base model's (see card_license)."""
@@ -52,7 +59,7 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise MixloopError(f"{target} exists and is not empty. Fix: export into a new or empty folder.")
     source = Path(local_copy(verified_version(workdir, version)))  # names a missing version too
-    lineage = read_lineage(workdir, version)
+    lineage = require_lineage(workdir, version)
     out.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
         if file.is_file() and not file.name.startswith(".") and file.name not in REWRITTEN:
@@ -62,9 +69,9 @@ def export(
     loadable_everywhere(str(out))
     licensed, origin = card_license(workdir, license)
     if licensed:
-        log(f"license: {licensed['license']} ({origin})")
+        logger.info(f"license: {licensed['license']} ({origin})")
     else:
-        log(f"warning: the model card names no license: {origin}. Fix: export again with --license ID.")
+        logger.warning(f"warning: the model card names no license: {origin}. Fix: export again with --license ID.")
     (out / "README.md").write_text(model_card(workdir, lineage, dtype, licensed))
     # save_pretrained writes the weights private (0600) and copy2 keeps the version's modes: give every
     # file the modes the umask gives, as any other file the user writes.
@@ -84,7 +91,7 @@ def card_license(workdir: str, given: str | None) -> tuple[dict, str]:
     if not start:
         return {"license": SCRATCH_LICENSE}, "mixloop's own, for a model it created from scratch"
     if _hub_id(start):
-        text = model_card_text(start, base.model_commit or base.model.get("revision"))
+        text = model_card_text(start, base.model_commit or (base.model or {}).get("revision"))
     else:
         text = read_text(join(start, "README.md")) if exists(join(start, "README.md")) else None
     declared = _card_metadata(text or "")

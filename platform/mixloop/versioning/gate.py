@@ -28,6 +28,7 @@ from mixloop.versioning.registry import (
     current_version,
     now,
     read_lineage,
+    require_lineage,
     set_current,
     write_lineage,
 )
@@ -70,6 +71,7 @@ def _loss_checks(verdict, gate: GateConfig, z: float, rows: dict, lineages: Line
             verdict.check(False, f"uptake on {corpus}: not measured (it has no eval split)")
             continue
         floor = _bound(gate.min_uptake, corpus, loss[against][corpus]["loss"])
+        assert floor is not None  # min_uptake is set: one bound for every corpus
         rise, stderr = _difference(loss[against][corpus], loss[candidate][corpus], "loss")
         _check(verdict, f"uptake on {corpus}", -rise, stderr, f"at least {floor:.4f}", floor + rise, z)
 
@@ -139,7 +141,7 @@ def _bound(setting, corpus: str, reference: float) -> float | None:
 
 def record(workdir: str, version: str, verdict: GateVerdict) -> Lineage:
     """Keep the verdict in the version's lineage and make the version current if it passed; its lineage."""
-    lineage = read_lineage(workdir, version).model_copy(update={"gate": verdict})
+    lineage = require_lineage(workdir, version).model_copy(update={"gate": verdict})
     write_lineage(workdir, lineage)
     if verdict.passed:
         against = verdict.against

@@ -10,6 +10,7 @@ walks the raw JSON itself.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,13 +80,13 @@ class Lineage(BaseModel):
     """The packed folders' names per corpus (their content keys)."""
     overrides: list[str] = Field(default_factory=list)
     weights_sha256: dict[str, str] = Field(default_factory=dict)
-    model: dict | None = None
+    model: dict[str, Any] | None = None
     """base only: the spec's `model` section it was made from."""
     model_commit: str | None = None
     """base only, for a hub model: the snapshot it was copied from."""
     parameters: int | None = None
     gate: GateVerdict | None = None
-    promotions: list[dict] = Field(default_factory=list)
+    promotions: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def trained_tokens(self) -> float:
@@ -102,7 +103,7 @@ class Lineage(BaseModel):
         """The corpora its stage mixed (none for base)."""
         return list(self.stage.mixture) if self.stage is not None else []
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
 
@@ -176,7 +177,7 @@ def diff_lineages(a: Lineage, b: Lineage) -> list[tuple[str, object, object]]:
     ]
 
 
-def _flatten(data, prefix: str = "") -> dict[str, object]:
+def _flatten(data: object, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}, for comparing nested records key by key."""
     if not isinstance(data, dict):
         return {prefix: data}

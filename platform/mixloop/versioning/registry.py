@@ -43,6 +43,14 @@ def read_lineage(workdir: str, version: str) -> Lineage | None:
     return load_lineage(Workdir(workdir).lineage(resolve(workdir, version)))
 
 
+def require_lineage(workdir: str, version: str) -> Lineage:
+    """The lineage of a version that must be there (a parent, one just published); MixloopError if not."""
+    lineage = read_lineage(workdir, version)
+    if lineage is None:
+        raise MixloopError(f"no version {version!r} in {workdir}. See `mixloop models list {workdir}`.")
+    return lineage
+
+
 def write_lineage(workdir: str, lineage: Lineage) -> None:
     """Rewrite a version's lineage (a gate's verdict, a promotion); its weights never change."""
     save_lineage(Workdir(workdir).lineage(lineage.version), lineage)
