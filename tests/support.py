@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -266,4 +267,4 @@ def metrics_line(stage: str, step: int, tokens: dict, loss_per_corpus: dict, **f
         "tokens_per_s": 100.0, "step_seconds": 1.0, "tokens": tokens, "time": 0.0, "peak_memory_mb": 1.0,
         "row_hashes": {}, "workers": 1, **fields,
     }  # fmt: skip
-    return MetricsRecord(**values).model_dump_json()
+    return json.dumps(MetricsRecord(**values).model_dump(mode="json"))

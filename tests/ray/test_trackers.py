@@ -146,8 +146,8 @@ def test_stages_reach_mlflow_and_wandb_and_a_server_gone_mid_stage_stops_nothing
     runner = threading.Thread(target=lambda: outcome.update(result=pipeline.run()))
     runner.start()
     deadline = time.time() + 240
-    while '"stage": "s2"' not in (tmp_path / "run" / "metrics.jsonl").read_text():
-        assert runner.is_alive() and time.time() < deadline
+    while '"stage": "s2"' not in (tmp_path / "run" / "metrics.jsonl").read_text():  # the log's own spacing
+        assert runner.is_alive() and time.time() < deadline, "the run ended before s2 logged a step"
         time.sleep(0.2)
     os.killpg(mlflow_server["process"].pid, signal.SIGKILL)
     mlflow_server["process"].wait()

@@ -4,6 +4,8 @@ what is derived from a line (its ETA, a stage's last line) is the record's own."
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict
 
 from mixloop.storage.fs import LogFollower, append_line, read_lines
@@ -60,7 +62,12 @@ def format_eta(seconds: float) -> str:
 
 
 def append_metrics(path: str, record: MetricsRecord) -> None:
-    append_line(path, record.model_dump_json())
+    append_line(path, _line(record))
+
+
+def _line(record: MetricsRecord) -> str:
+    # json.dumps's spacing ({"stage": "s1", ...}), as the log has always been written: people grep it.
+    return json.dumps(record.model_dump(mode="json"))
 
 
 def parse_metrics(lines: list[str]) -> list[MetricsRecord]:
@@ -101,4 +108,4 @@ class MetricsFollower:
 
 def as_lines(records: list[MetricsRecord]) -> str:
     """Records as the log holds them (to copy one log's lines into another)."""
-    return "\n".join(r.model_dump_json() for r in records)
+    return "\n".join(_line(r) for r in records)
