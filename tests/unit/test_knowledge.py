@@ -259,6 +259,22 @@ def test_validation_names_every_benchmark_problem_with_its_fix(tmp_path):
         assert expected in message, message
 
 
+def test_score_bounds_must_name_what_the_spec_scores(tmp_path):
+    """A typo in a gate's score bound is found before training, not as a failed gate after it."""
+    data = spec_data(tmp_path, gate={"min_score": {"fatcs": 0.8, "chats": 0.5}, "max_score_drop": {"chat": 0.1}})
+    with pytest.raises(SpecError) as error:
+        spec_from_data(data, str(tmp_path))
+    problems = [line for line in str(error.value).splitlines() if "gate." in line]
+    assert len(problems) == 2, problems
+    assert (
+        "gate.min_score.fatcs: the spec scores no benchmark task or probe named 'fatcs'. Fix: use one of chats, facts"
+        in problems[0]
+    )
+    assert "gate.max_score_drop.chat:" in problems[1]
+    data["gate"] = {"min_score": {"facts": 0.8, "chats": 0.5}, "max_score_drop": 0.1}
+    assert spec_from_data(data, str(tmp_path)).config.gate.min_score == {"facts": 0.8, "chats": 0.5}
+
+
 def hub_task(folder: Path) -> Path:
     """A local lm-eval task over a hub dataset, as task YAMLs name them."""
     folder.mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from mixloop.config.benchmarks import BenchmarksConfig
 from mixloop.config.data_checks import corpus_problems, template_problems, workdir_problems
 from mixloop.config.resolve import ResolvedStage, Spec, resolve_stage
 from mixloop.config.schema import (
@@ -70,6 +71,8 @@ def _semantic_problems(spec: Spec, files: bool = True) -> list[str]:
         seen.append(stage.name)
     if _ok(pipeline.corpora):
         problems += _gate_problems(pipeline.gate, pipeline.corpora) if _ok(pipeline.gate) and pipeline.gate else []
+        if _ok(pipeline.gate) and pipeline.gate and _ok(pipeline.benchmarks):
+            problems += _score_bound_problems(pipeline.gate, pipeline.benchmarks, pipeline.corpora)
         problems += _iterate_problems(pipeline.iterate, pipeline.corpora) if _ok(pipeline.iterate) else []
     if _ok(pipeline.benchmarks):  # a Broken corpus has no probes to check
         problems += benchmark_problems(
@@ -96,6 +99,23 @@ def _gate_problems(gate: GateConfig, corpora: dict[str, CorpusConfig]) -> list[s
                     'or "5%" (of the current version\'s loss).'
                 )
     return problems
+
+
+def _score_bound_problems(
+    gate: GateConfig, benchmarks: BenchmarksConfig | None, corpora: dict[str, CorpusConfig]
+) -> list[str]:
+    """Score bounds that name what the spec scores: a probe, a corpus with probes, or a named task. With
+    named lm-eval tasks, a bound may also name one of a group's subtasks, which only lm-eval knows."""
+    scored = {*(benchmarks.probes if benchmarks else {}), *(n for n, c in corpora.items() if c.probes)}
+    tasks = set(benchmarks.tasks) if benchmarks else set()
+    drops = gate.max_score_drop if isinstance(gate.max_score_drop, dict) else {}
+    named = [("min_score", n) for n in gate.min_score or {}] + [("max_score_drop", n) for n in drops]
+    return [
+        f"gate.{key}.{name}: the spec scores no benchmark task or probe named {name!r}. Fix: use one of "
+        f"{', '.join(sorted(scored | tasks)) or '(none: add a benchmarks section or a corpus with probes)'}."
+        for key, name in named
+        if name not in scored | tasks and not tasks
+    ]
 
 
 def _iterate_problems(iterate: IterateConfig, corpora: dict[str, CorpusConfig]) -> list[str]:
